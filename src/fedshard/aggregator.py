@@ -1,0 +1,75 @@
+"""Rank 0: assign -> send -> collect -> assemble -> evaluate -> log, once per round.
+
+The round loop is written once; the strategy decides how the model is split
+and combined. Only the aggregator logs per-round metrics.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import data, strategies, tracking, transport
+from .config import ExperimentConfig
+from .model import AlexNet
+from .training import DeviceData, evaluate, resolve_device
+
+
+def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The starting model: seeded random init, or the `init_from` weights (checked to fit)."""
+    torch.manual_seed(cfg.seed)
+    model = AlexNet()
+    if cfg.init_from:
+        path = tracking.resolve_weights(cfg.init_from)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ValueError(f"init_from={cfg.init_from!r}: {path} is not a fedshard AlexNet state dict: "
+                             f"{str(exc).splitlines()[0]}") from exc
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -> None:
+    device = resolve_device(cfg.device)
+    store = transport.connect(metaserver, run_id, secret, timeout=cfg.round_timeout)
+    # Trainers read the one frozen config from here, so every process runs the same experiment.
+    store.set("config", cfg.to_json())
+    images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
+    test = DeviceData.from_numpy(images, labels, device)
+    weights = load_initial_weights(cfg)
+    model = AlexNet().to(device)
+    strategy = strategies.get(cfg.strategy)
+    print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
+    transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout)
+
+    def evaluate_and_log(round_: int, extra: dict[str, float]) -> None:
+        model.load_state_dict(weights)
+        start = time.perf_counter()
+        loss, acc = evaluate(model, test, cfg.eval_batch_size, cfg.amp)
+        metrics = {"test_loss": loss, "test_accuracy": acc, "eval_seconds": time.perf_counter() - start, **extra}
+        tracking.log_round(run_id, round_, metrics)
+        train = f" train_loss={extra['train_loss']:.4f} ({extra['round_seconds']:.1f}s)" if extra else ""
+        print(f"round {round_}/{cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
+
+    evaluate_and_log(0, {})
+    for round_ in range(1, cfg.rounds + 1):
+        start = time.perf_counter()
+        parts = strategy.assignment(cfg, round_)
+        reports = transport.run_round(round_, parts, strategy.split(weights, cfg, parts))
+        samples = [r.samples for r in reports]
+        weights = strategy.combine([r.state for r in reports], samples, parts)
+        extra = {
+            "train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
+            "round_seconds": time.perf_counter() - start,
+        }
+        for r in reports:
+            extra[f"trainer_{r.trainer}_train_loss"] = r.train_loss
+            extra[f"trainer_{r.trainer}_slice"] = r.part
+            extra[f"trainer_{r.trainer}_seconds"] = r.seconds
+        evaluate_and_log(round_, extra)
+    transport.stop_trainers(cfg.world_size)
+    tracking.log_weights(run_id, weights)
+    transport.leave()
+    print("aggregator: all rounds complete", flush=True)

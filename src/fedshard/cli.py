@@ -1,0 +1,161 @@
+"""The `fedshard` command: the only code that parses argv.
+
+`fedshard run` takes one option per ExperimentConfig field, generated from the
+config itself so that no knob can be forgotten; the roles (`metaserver`,
+`aggregator`, `trainer`) are what the launcher starts, and what a person starts
+by hand to put a role on another machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, ExperimentConfig
+
+HELP = {
+    "world_size": "number of trainers (tensor_parallel: 1..96)",
+    "learning_rate": "Adam learning rate of local training",
+    "enable_swapping": "rotate slices between trainers every swap_every rounds (true/false)",
+    "rounds": "federated rounds",
+    "seed": "seed of initialisation, partition, shuffling, augmentation and dropout",
+    "local_epochs": "passes over its partition a trainer makes per round",
+    "batch_size": "local training batch size",
+    "swap_every": "rounds between slice rotations when swapping",
+    "strategy": "tensor_parallel (slices) or fedavg (whole model per trainer)",
+    "partition": "how training images are divided: iid, contiguous or dirichlet",
+    "dirichlet_alpha": "concentration of the dirichlet partition (smaller = more skewed)",
+    "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
+    "max_train_samples": "use only the first N training images (0 = all)",
+    "max_test_samples": "evaluate on the first N test images only (0 = all)",
+    "init_from": "start from these weights: a file or an MLflow URI such as runs:/<id>/model",
+    "eval_batch_size": "evaluation batch size",
+    "round_timeout": "seconds a round's exchange may take before the experiment fails",
+    "device": "auto (cuda when available), cpu or cuda",
+    "amp": "bf16 autocast on CUDA (ignored on CPU)",
+    "deterministic": "bit-for-bit reproducible CUDA kernels (slower)",
+}
+
+_TYPES = {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL, "str": click.STRING}
+
+
+def config_options(func):
+    """One typed option per config field, e.g. --world-size, --enable-swapping [true|false]."""
+    for f in reversed(fields(ExperimentConfig)):
+        default = f.default if f.default is not MISSING else None
+        extra = {"is_flag": False, "flag_value": True} if f.type == "bool" else {}
+        func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=_TYPES[f.type], default=default,
+                            show_default=True, help=HELP[f.name], **extra)(func)
+    return func
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"fedshard: error: {message}", err=True)
+    sys.exit(code)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main():
+    """Federated learning of AlexNet slices on CIFAR-100, tracked in MLflow."""
+
+
+@main.command()
+@config_options
+@click.option("--experiment-name", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or Default)")
+def run(experiment_name, **values):
+    """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
+    from . import launcher, tracking
+
+    try:
+        cfg = ExperimentConfig.from_mapping(values)
+    except ConfigError as exc:
+        _fail_outer_run(str(exc))
+    if values["enable_swapping"] and not cfg.enable_swapping:
+        click.echo(f"fedshard: note: swapping does not apply to world_size={cfg.world_size} "
+                   f"with strategy={cfg.strategy}; running without it (enable_swapping=false)")
+    try:
+        tracking.ensure_store()
+        launcher.check(cfg)
+        run_id = tracking.start_run(cfg, experiment_name)
+    except (launcher.CheckFailed, tracking.TrackingError) as exc:
+        _fail_outer_run(str(exc))
+    sys.exit(launcher.run(cfg, run_id, echo=click.echo))
+
+
+def _fail_outer_run(message: str):
+    """Bad input: say so, and never leave the run `mlflow run` created RUNNING."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        from . import tracking
+
+        try:
+            tracking.end_run(run_id, "FAILED", message)
+        except Exception:
+            pass  # the store itself may be what is broken; the message below says so
+    fail(message)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", help="address to bind; loopback unless you open it on purpose")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="0 = chosen by the OS")
+@click.option("--address-file", default=None, help="also write HOST:PORT to this file once listening")
+@click.option("--threads", default=1, type=int, hidden=True)
+def metaserver(host, port, address_file, threads):
+    """The rendezvous service that aggregator and trainers meet at."""
+    from . import metaserver as role
+
+    role.serve(host, port, address_file)
+
+
+_ROLE_OPTIONS = [
+    click.option("--metaserver", "address", required=True, help="HOST:PORT of the metaserver"),
+    click.option("--run-id", required=True, help="MLflow run id of the experiment"),
+    click.option("--secret", envvar="FEDSHARD_SECRET", default="", show_default=False,
+                 help="the experiment's secret (or $FEDSHARD_SECRET)"),
+    click.option("--threads", default=None, type=click.IntRange(1), help="torch threads of this process"),
+]
+
+
+def role_options(func):
+    for option in reversed(_ROLE_OPTIONS):
+        func = option(func)
+    return func
+
+
+@main.command()
+@role_options
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+def aggregator(address, run_id, secret, threads, config_path):
+    """Rank 0: send slices, collect them, assemble, evaluate and log every round."""
+    from . import aggregator as role
+
+    set_threads(threads)
+    role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret)
+
+
+@main.command()
+@role_options
+@click.option("--rank", "trainer_index", required=True, type=click.IntRange(0),
+              help="trainer index k (0-based; its process-group rank is k+1)")
+@click.option("--timeout", default=600.0, help="seconds to wait for the aggregator to publish the experiment")
+def trainer(address, run_id, secret, threads, trainer_index, timeout):
+    """Rank k+1: train the slice received each round on this trainer's own partition."""
+    from . import trainer as role
+
+    set_threads(threads)
+    role.run(address, run_id, trainer_index, secret, timeout)
+
+
+if __name__ == "__main__":
+    main()

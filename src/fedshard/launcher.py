@@ -1,0 +1,222 @@
+"""Start, watch and tear down the processes of one experiment.
+
+This is the only code that creates processes. Every child is the leader of its
+own process group and is told by the kernel to die with the launcher
+(PR_SET_PDEATHSIG), so whatever ends the experiment - success, a failing child,
+Ctrl-C, SIGTERM from `mlflow run`, even SIGKILL of the launcher - leaves no
+process behind. The MLflow run ends FINISHED only when every round was logged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import tracking
+from .config import ExperimentConfig
+
+POLL_SECONDS = 0.2
+STARTUP_TIMEOUT = 60.0
+GRACE_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class CheckFailed(Exception):
+    """The experiment cannot start (data, init_from, partition); nothing was started."""
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """Everything that can be wrong with the inputs, found before any process or run exists."""
+    from . import aggregator, data
+
+    try:
+        _, test_labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
+        _, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
+        data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
+        if cfg.init_from:
+            aggregator.load_initial_weights(cfg)
+    except (data.DataError, ValueError, FileNotFoundError) as exc:
+        raise CheckFailed(str(exc)) from exc
+
+
+class ExperimentFailed(Exception):
+    """A child failed; the message is the reason recorded on the run."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def cpu_budget() -> int:
+    """Cores this experiment may use: FEDSHARD_CPUS (set by a sweep running several at once) or all."""
+    available = len(os.sched_getaffinity(0))
+    return max(1, min(available, int(os.environ.get("FEDSHARD_CPUS", available))))
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    _offset: int = field(default=0)
+
+    def last_lines(self, n: int = 5) -> str:
+        with suppress(OSError):
+            lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+            return " | ".join(lines[-n:])
+        return ""
+
+    def new_lines(self) -> list[str]:
+        with suppress(OSError), self.log.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+            end = chunk.rfind(b"\n") + 1
+            self._offset += end
+            return chunk[:end].decode(errors="replace").splitlines()
+        return []
+
+
+class Experiment:
+    """One experiment's processes, from start to a clean end."""
+
+    def __init__(self, cfg: ExperimentConfig, run_id: str, workdir: Path, echo=print):
+        self.cfg, self.run_id, self.workdir, self.echo = cfg, run_id, workdir, echo
+        self.children: list[Child] = []
+        self.secret = secrets.token_hex(16)
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "config.json"
+        self.config_path.write_text(cfg.to_json())
+
+    def spawn(self, name: str, args: list[str], threads: int) -> Child:
+        log = self.workdir / "logs" / f"{name}.log"
+        env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), FEDSHARD_SECRET=self.secret,
+                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        env.pop("MLFLOW_RUN_ID", None)  # children log to the run they are given, explicitly
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedshard", *args, "--threads", str(threads)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                process_group=0, preexec_fn=_die_with_parent,
+            )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def start(self) -> None:
+        cores = cpu_budget()
+        address_file = self.workdir / "metaserver.address"
+        meta = self.spawn("metaserver", ["metaserver", "--address-file", str(address_file)], 1)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not address_file.exists():
+            if meta.proc.poll() is not None:
+                raise ExperimentFailed(f"metaserver {describe_exit(meta.proc.returncode)}: {meta.last_lines()}")
+            if time.monotonic() > deadline:
+                raise ExperimentFailed(f"metaserver did not start within {STARTUP_TIMEOUT:.0f}s")
+            time.sleep(0.05)
+        self.address = address_file.read_text().strip()
+        common = ["--metaserver", self.address, "--run-id", self.run_id]
+        self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path)], cores)
+        # Trainers train at the same time and share the cores; the aggregator
+        # mostly works while they wait (evaluation), so it may use all of them.
+        per_trainer = max(1, cores // self.cfg.world_size)
+        self.trainers = [
+            self.spawn(f"trainer_{k}", ["trainer", *common, "--rank", str(k)], per_trainer)
+            for k in range(self.cfg.world_size)
+        ]
+
+    def watch(self) -> None:
+        """Return when the aggregator completed; raise ExperimentFailed as soon as any child fails."""
+        while True:
+            for line in self.aggregator.new_lines():
+                self.echo(line)
+            for child in self.children:
+                code = child.proc.poll()
+                if code is None or (code == 0 and child is not self.aggregator and child.name != "metaserver"):
+                    continue  # a trainer exits 0 once told to stop; the aggregator is the judge of success
+                if child is self.aggregator and code == 0:
+                    return
+                who = child.name.replace("_", " ")
+                raise ExperimentFailed(f"{who} died ({describe_exit(code)}): {child.last_lines()}")
+            time.sleep(POLL_SECONDS)
+
+    def teardown(self) -> None:
+        """SIGTERM every child's process group, SIGKILL what is still there after a grace period."""
+        for child in self.children:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_SECONDS
+        for child in self.children:
+            with suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for child in self.children:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            child.proc.wait()
+
+
+def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
+    """Run the experiment logged to `run_id` and end that run; returns the process exit code."""
+    workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        if not stopping:  # a second Ctrl-C must not interrupt the teardown
+            stopping = True
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    exp = Experiment(cfg, run_id, workdir, echo)
+    status, reason, code = "FAILED", None, 1
+    try:
+        tracking.log_artifact(run_id, exp.config_path)
+        exp.start()
+        echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
+             f"trainer pids {[t.proc.pid for t in exp.trainers]}")
+        exp.watch()
+        logged = len(tracking.client().get_metric_history(run_id, "test_accuracy"))
+        if logged != cfg.rounds + 1:
+            raise ExperimentFailed(f"aggregator exited but logged {logged} of {cfg.rounds + 1} evaluations")
+        status, code = "FINISHED", 0
+    except Interrupted as exc:
+        status, reason, code = "KILLED", f"interrupted by {exc}", 128 + exc.signum
+    except ExperimentFailed as exc:
+        reason = str(exc)
+    except Exception as exc:  # anything else in the launcher itself is still a failed run, not a RUNNING one
+        reason = f"launcher error: {type(exc).__name__}: {exc}"
+    finally:
+        stopping = True
+        exp.teardown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for line in exp.aggregator.new_lines() if hasattr(exp, "aggregator") else []:
+        echo(line)
+    with suppress(Exception):
+        tracking.log_artifact(run_id, workdir / "logs")
+    tracking.end_run(run_id, status, reason)
+    shutil.rmtree(workdir, ignore_errors=True)
+    echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
+    return code

@@ -1,0 +1,147 @@
+"""The only module that talks to MLflow.
+
+Runs are addressed by id through an MlflowClient, so that the launcher (which
+owns the run's lifecycle) and the aggregator (which logs the rounds) can write
+to the same run from different processes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from .config import ExperimentConfig
+
+DEFAULT_EXPERIMENT = "Default"
+FAILURE_TAG = "fedshard.failure_reason"
+WEIGHTS_DIR = "model"
+WEIGHTS_FILE = "weights.pt"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names the URI."""
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri())
+
+
+def ensure_store() -> str:
+    """Open (and, for a new SQLite file, create) the store once, before any parallel work."""
+    uri = tracking_uri()
+    try:
+        client().search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many types for an unusable store
+        raise TrackingError(f"cannot use the MLflow tracking store {uri}: {str(exc).splitlines()[0]}") from exc
+    return uri
+
+
+def experiment_id(name: str, create: bool = True) -> str | None:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name) if create else None
+
+
+def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """The run this experiment logs to: the one `mlflow run` made (MLFLOW_RUN_ID), or a new one."""
+    c = client()
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        run = c.get_run(run_id)
+        if run.info.status != "RUNNING":
+            raise TrackingError(f"MLFLOW_RUN_ID={run_id} is {run.info.status}, not RUNNING: refusing to log into it")
+    else:
+        name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        run_name = f"ws{cfg.world_size}-lr{cfg.params()['learning_rate']}-swap{cfg.params()['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
+        run_id = c.create_run(experiment_id(name), run_name=run_name, tags=tags or {}).info.run_id
+    if tags and os.environ.get("MLFLOW_RUN_ID"):
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+    log_params(run_id, cfg)
+    return run_id
+
+
+def log_params(run_id: str, cfg: ExperimentConfig) -> None:
+    """Log every config field canonically. `mlflow run` has already logged its parameters as
+    typed (MLflow forbids changing a param), so those are only checked to mean the same value."""
+    c = client()
+    existing = c.get_run(run_id).data.params
+    ours = cfg.params()
+    mismatched = []
+    for name, value in existing.items():
+        if name in ours and ExperimentConfig.from_mapping({name: value}).params()[name] != ours[name]:
+            mismatched.append(f"{name}: logged {value!r}, running with {ours[name]!r}")
+    # Swapping that does not apply is switched off by the config; that is no mismatch.
+    mismatched = [m for m in mismatched if not (m.startswith("enable_swapping") and not cfg.swapping_applies)]
+    if mismatched:
+        raise TrackingError(f"run {run_id} already has different params: " + "; ".join(mismatched))
+    missing = [Param(k, v) for k, v in ours.items() if k not in existing]
+    if missing:
+        c.log_batch(run_id, params=missing)
+
+
+def log_round(run_id: str, step: int, metrics: dict[str, float]) -> None:
+    ts = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_weights(run_id: str, state: dict) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS_FILE
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+        log_artifact(run_id, path, WEIGHTS_DIR)
+
+
+def end_run(run_id: str, status: str, reason: str | None = None) -> None:
+    """Mark the run FINISHED, FAILED or KILLED, recording why when it did not finish."""
+    c = client()
+    if reason:
+        c.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    c.set_terminated(run_id, status)
+
+
+def run_status(run_id: str) -> str:
+    return client().get_run(run_id).info.status
+
+
+def resolve_weights(uri: str) -> Path:
+    """A local weights file for `init_from`: a path, or an MLflow artifact URI (runs:/<id>/model)."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and not uri.startswith("runs:"):
+        path = Path(urlparse(uri).path if scheme == "file" else uri).expanduser()
+    else:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri()))
+        except Exception as exc:
+            raise FileNotFoundError(f"init_from={uri!r}: cannot download: {str(exc).splitlines()[0]}") from exc
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={uri!r}: no weights file at {path}")
+    return path
+
+
+__all__ = [
+    "RunStatus", "TrackingError", "client", "end_run", "ensure_store", "log_artifact",
+    "log_params", "log_round", "log_weights", "resolve_weights", "run_status", "start_run",
+    "tracking_uri",
+]

@@ -1,0 +1,58 @@
+"""Rank k+1: receive a slice -> train it on this trainer's own partition -> send it back.
+
+A trainer knows only the metaserver, the experiment and its index; the config
+comes from the aggregator through the store. Its partition stays with it for
+the whole experiment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from . import data, strategies, transport
+from .config import ExperimentConfig
+from .model import AlexNet
+from .training import DeviceData, resolve_device, train_local
+
+
+def round_seed(seed: int, trainer: int, round_: int) -> int:
+    """Independent, reproducible randomness per (experiment seed, trainer, round)."""
+    return int(np.random.SeedSequence([seed, trainer, round_]).generate_state(1)[0])
+
+
+def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: float = 600.0) -> None:
+    store = transport.connect(metaserver, run_id, secret, timeout=timeout)
+    cfg = ExperimentConfig.from_json(store.get("config").decode())
+    if not 0 <= trainer < cfg.world_size:
+        raise ValueError(f"--rank {trainer}: this experiment has trainers 0..{cfg.world_size - 1}")
+    device = resolve_device(cfg.device)
+    images, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
+    mine = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)[trainer]
+    own = DeviceData.from_numpy(images[mine], labels[mine], device)
+    del images, labels
+    print(f"trainer {trainer}: {len(own)} training images on {device}", flush=True)
+    transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout)
+    strategy = strategies.get(cfg.strategy)
+    models: dict[int, AlexNet] = {}
+    while True:
+        command, round_, part = transport.receive_header()
+        if command == transport.STOP:
+            break
+        if part not in models:
+            models[part] = AlexNet(strategy.widths(cfg, part)).to(device)
+        model = models[part]
+        flat = transport.receive_weights(sum(p.numel() for p in model.parameters()))
+        vector_to_parameters(flat.to(device), model.parameters())
+        seed = round_seed(cfg.seed, trainer, round_)
+        torch.manual_seed(seed)  # dropout
+        generator = torch.Generator(device).manual_seed(seed)  # shuffling and augmentation
+        result = train_local(model, own, learning_rate=cfg.learning_rate, epochs=cfg.local_epochs,
+                             batch_size=cfg.batch_size, generator=generator, amp=cfg.amp)
+        print(f"trainer {trainer}: round {round_} slice {part} loss={result.mean_loss:.4f} "
+              f"({result.samples} images, {result.seconds:.1f}s)", flush=True)
+        transport.send_result(parameters_to_vector(model.parameters()).cpu(), part,
+                              result.samples, result.mean_loss, result.seconds)
+    transport.leave()
+    print(f"trainer {trainer}: done", flush=True)

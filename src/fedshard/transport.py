@@ -1,0 +1,128 @@
+"""Rendezvous and the weight exchange between the aggregator (rank 0) and trainers (ranks 1..n).
+
+Only tensors cross the wire: each message is a small int64/float64 header and
+one flat, contiguous float32 buffer holding every tensor of a (sliced) state
+dict, so a round costs two sends per trainer and direction whatever the number
+of layers. Nothing received is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+AGGREGATOR = 0
+STOP, TRAIN = 0, 1
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"metaserver address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:29500")
+    return host.strip("[]"), int(port)
+
+
+def namespace(run_id: str, secret: str = "") -> str:
+    """Store key prefix of one experiment: only processes that know run id and secret meet there."""
+    digest = hashlib.sha256(f"{run_id}\0{secret}".encode()).hexdigest()[:24]
+    return f"fedshard/{run_id}/{digest}/"
+
+
+def connect(address: str, run_id: str, secret: str = "", timeout: float = 60.0) -> dist.Store:
+    """A client of the metaserver's TCPStore, confined to this experiment's keys."""
+    host, port = parse_address(address)
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+    return dist.PrefixStore(namespace(run_id, secret), store)
+
+
+def join(store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
+    """Form the gloo process group of the experiment; `timeout` bounds every later send/recv."""
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One contiguous float32 CPU buffer of all tensors, in order (the only copy made to send)."""
+    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views into `flat` shaped like the tensors of `like` (no copies)."""
+    sizes = [t.numel() for t in like.values()]
+    return {name: part.view(t.shape) for (name, t), part in zip(like.items(), flat.split(sizes))}
+
+
+# --- aggregator side ----------------------------------------------------------------
+
+
+@dataclass
+class TrainerReport:
+    trainer: int
+    part: int
+    samples: int
+    train_loss: float
+    seconds: float
+    state: dict[str, torch.Tensor]
+
+
+def run_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[TrainerReport]:
+    """Send trainer k its part `parts[k]` and weights `payloads[k]`, then gather what each trained."""
+    sends = []
+    for k, (part, payload) in enumerate(zip(parts, payloads)):
+        header = torch.tensor([TRAIN, round_, part], dtype=torch.int64)
+        sends += [dist.isend(header, k + 1), dist.isend(flatten(list(payload.values())), k + 1)]
+    for work in sends:
+        work.wait()
+    receives, buffers = [], []
+    for k, payload in enumerate(payloads):
+        stats = torch.empty(4, dtype=torch.float64)
+        flat = torch.empty(sum(t.numel() for t in payload.values()), dtype=torch.float32)
+        receives += [dist.irecv(stats, k + 1), dist.irecv(flat, k + 1)]
+        buffers.append((stats, flat))
+    for work in receives:
+        work.wait()
+    reports = []
+    for k, ((stats, flat), payload) in enumerate(zip(buffers, payloads)):
+        samples, loss, seconds, part = stats.tolist()
+        if int(part) != parts[k]:
+            raise RuntimeError(f"trainer {k} returned slice {int(part)}, expected {parts[k]}")
+        reports.append(TrainerReport(k, int(part), int(samples), loss, seconds, unflatten(flat, payload)))
+    return reports
+
+
+def stop_trainers(n: int) -> None:
+    works = [dist.isend(torch.tensor([STOP, 0, 0], dtype=torch.int64), k + 1) for k in range(n)]
+    for work in works:
+        work.wait()
+
+
+# --- trainer side -------------------------------------------------------------------
+
+
+def receive_header() -> tuple[int, int, int]:
+    """(command, round, part) from the aggregator; blocks until it arrives."""
+    header = torch.empty(3, dtype=torch.int64)
+    dist.recv(header, AGGREGATOR)
+    command, round_, part = header.tolist()
+    return command, round_, part
+
+
+def receive_weights(numel: int) -> torch.Tensor:
+    flat = torch.empty(numel, dtype=torch.float32)
+    dist.recv(flat, AGGREGATOR)
+    return flat
+
+
+def send_result(flat: torch.Tensor, part: int, samples: int, train_loss: float, seconds: float) -> None:
+    stats = torch.tensor([samples, train_loss, seconds, part], dtype=torch.float64)
+    dist.send(stats, AGGREGATOR)
+    dist.send(flat.contiguous(), AGGREGATOR)

@@ -1,0 +1,64 @@
+"""Shared fixtures: small learnable data in the official CIFAR-100 layout, a private MLflow
+store per test, and helpers to run the real `fedshard` command and look for leftover processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedshard.synthetic import write_synthetic_cifar100
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """128 training and 64 test images of 4 colour classes (labels 0, 25, 50, 75)."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_synthetic_cifar100(root, n_train=128, n_test=64, n_classes=4, seed=0)
+    return root
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store, created once before any process uses it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    from fedshard import tracking
+
+    tracking.ensure_store()
+    return uri
+
+
+def fedshard(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI as a user would, in its own process."""
+    return subprocess.run([sys.executable, "-m", "fedshard", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def fedshard_processes(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line contains `marker` (a run id or a test directory)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return [p for p in found if p.pid != os.getpid()]
+
+
+def experiment_args(data_dir: Path, **params) -> list[str]:
+    base = {"max_test_samples": 64, "batch_size": 16, "learning_rate": 1e-4}
+    base.update(params)
+    args = ["--data-dir", str(data_dir)]
+    for name, value in base.items():
+        args += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args

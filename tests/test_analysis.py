@@ -1,0 +1,199 @@
+"""Tests for fedshard.analysis: loading/validation, aggregation, ranking, plots."""
+
+import collections
+import os
+import pickle
+
+import matplotlib.pyplot as plt
+import pytest
+
+from fedshard.analysis import (
+    ResultsError,
+    load_results,
+    make_plots,
+    ranking_lines,
+    report,
+    summarize,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def curve(accs, losses=None):
+    """A run's entries: rounds 0..len(accs)-1 with the given accuracies."""
+    losses = losses or [4.6 - 0.5 * r for r in range(len(accs))]
+    return [(r, float(l), float(a)) for r, (l, a) in enumerate(zip(losses, accs))]
+
+
+# Hand-computed (sample std, ddof=1):
+#   A (2, 0.001, True, 3):  final 0.4, 0.5, 0.6 -> 0.5000 ± 0.1000, n=3; losses 2.0, 2.2, 2.4
+#   C (1, 1e-05, False, 3): final 0.45 (best 0.47)   -> 0.4500 ± 0.0000, n=1
+#   B (2, 0.001, False, 3): final 0.30, 0.34         -> 0.3200 ± 0.0283, n=2
+#   D (1, 0.0001, False, 5): final 0.10, 0.20        -> 0.1500 ± 0.0707, n=2
+RESULTS = {
+    (2, 0.001, True, 3, 1): curve([0.01, 0.2, 0.3, 0.4], [4.6, 3.0, 2.5, 2.0]),
+    (2, 0.001, True, 3, 2): curve([0.01, 0.2, 0.3, 0.5], [4.6, 3.0, 2.5, 2.2]),
+    (2, 0.001, True, 3, 3): curve([0.01, 0.2, 0.3, 0.6], [4.6, 3.0, 2.5, 2.4]),
+    (2, 0.001, False, 3, 1): curve([0.01, 0.1, 0.2, 0.30]),
+    (2, 0.001, False, 3, 2): curve([0.01, 0.1, 0.2, 0.34]),
+    (1, 1e-05, False, 3, 1): curve([0.01, 0.3, 0.47, 0.45]),
+    (1, 0.0001, False, 5, 1): curve([0.01, 0.02, 0.03, 0.04, 0.05, 0.10]),
+    (1, 0.0001, False, 5, 2): curve([0.01, 0.02, 0.03, 0.04, 0.05, 0.20]),
+}
+
+EXPECTED_RANKING = [
+    "Top 3 Configurations by Final Accuracy:",
+    "1. World Size: 2, LR: 0.001, Swap: True, Rounds: 3, Accuracy: 0.5000 ± 0.1000 (n=3)",
+    "2. World Size: 1, LR: 1e-05, Swap: False, Rounds: 3, Accuracy: 0.4500 ± 0.0000 (n=1)",
+    "3. World Size: 2, LR: 0.001, Swap: False, Rounds: 3, Accuracy: 0.3200 ± 0.0283 (n=2)",
+]
+
+
+def write(path, obj, protocol=pickle.HIGHEST_PROTOCOL):
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_load_round_trips_valid_results(tmp_path, protocol):
+    results = dict(RESULTS)
+    results[(1, 0.01, False, 1, 7)] = [(0, 5, 0), (1, 4.0, 1)]  # ints allowed for loss/acc
+    assert load_results(write(tmp_path / "r.pkl", results, protocol)) == results
+
+
+def test_ranking_lines_exact_order_and_format():
+    assert ranking_lines(RESULTS, top=3) == EXPECTED_RANKING
+    full = ranking_lines(RESULTS)
+    assert full[0] == "Top 5 Configurations by Final Accuracy:"
+    assert full[4] == (
+        "4. World Size: 1, LR: 0.0001, Swap: False, Rounds: 5, Accuracy: 0.1500 ± 0.0707 (n=2)"
+    )
+    assert len(full) == 5  # only 4 configurations exist
+
+
+def test_summarize_matches_hand_computed_values():
+    table = summarize(RESULTS)
+    configs = list(table[["world_size", "learning_rate", "enable_swapping", "rounds"]]
+                   .itertuples(index=False, name=None))
+    assert configs == [(2, 0.001, True, 3), (1, 1e-05, False, 3),
+                       (2, 0.001, False, 3), (1, 0.0001, False, 5)]
+    assert table["final_accuracy_mean"].tolist() == pytest.approx([0.5, 0.45, 0.32, 0.15])
+    assert table["final_accuracy_std"].tolist() == pytest.approx(
+        [0.1, 0.0, 0.02 * 2**0.5, 0.05 * 2**0.5])
+    assert table["n"].tolist() == [3, 1, 2, 2]
+    assert table["best_accuracy_mean"].tolist() == pytest.approx([0.5, 0.47, 0.32, 0.15])
+    assert table["final_loss_mean"].iloc[0] == pytest.approx(2.2)
+    assert table["final_loss_mean"].iloc[1] == pytest.approx(4.6 - 1.5)
+
+
+def test_make_plots_writes_valid_pngs(tmp_path):
+    out = tmp_path / "nested" / "plots"
+    paths = make_plots(RESULTS, out)
+    assert [p.name for p in paths] == [
+        "learning_curves.png", "accuracy_vs_lr.png",
+        "swap_comparison.png", "best_accuracy_vs_rounds.png",
+    ]
+    for path in paths:
+        data = path.read_bytes()
+        assert path.parent == out
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, path
+    assert plt.get_fignums() == []  # every figure closed
+
+
+def test_swap_plot_skipped_without_world_size_above_one(tmp_path):
+    only_centralised = {k: v for k, v in RESULTS.items() if k[0] == 1}
+    names = [p.name for p in make_plots(only_centralised, tmp_path)]
+    assert names == ["learning_curves.png", "accuracy_vs_lr.png",
+                     "best_accuracy_vs_rounds.png"]
+    assert not (tmp_path / "swap_comparison.png").exists()
+
+
+def test_report_prints_counts_table_and_ranking(tmp_path):
+    path = write(tmp_path / "r.pkl", RESULTS)
+    lines = []
+    report(path, output_dir=tmp_path / "plots", top=3, plots=False, echo=lines.append)
+    text = "\n".join(lines)
+    assert lines[0] == f"Loaded 8 experiments (4 configurations) from {path}"
+    assert "0.5000 ± 0.1000" in text and "0.0707" in text
+    assert lines[-4:] == EXPECTED_RANKING
+    assert not (tmp_path / "plots").exists()
+
+
+def test_report_raises_on_bad_input(tmp_path):
+    with pytest.raises(ResultsError, match="no such results file"):
+        report(tmp_path / "missing.pkl", plots=False, echo=lambda *_: None)
+
+
+GOOD_KEY = (2, 0.001, True, 3, 1)
+GOOD_RUN = curve([0.01, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({}, "results dict is empty"),
+        ([GOOD_RUN], "holds a list, expected a dict"),
+        ({(2, "0.001", True, 3, 1): GOOD_RUN}, "learning_rate is str '0.001', expected float"),
+        ({(2, 0.001, 1, 3, 1): GOOD_RUN}, "enable_swapping is int 1, expected bool"),
+        ({(True, 0.001, True, 3, 1): GOOD_RUN}, "world_size is bool True, expected int"),
+        ({(2, 0.001, True, 3): GOOD_RUN}, "is not a 5-tuple"),
+        ({GOOD_KEY: []}, "expected a non-empty list"),
+        ({GOOD_KEY: [(1, 4.0, 0.1), (2, 3.0, 0.2)]}, "round 1, expected round 0"),
+        ({GOOD_KEY: [(0, 4.0, 0.1), (2, 3.0, 0.2), (2, 2.0, 0.3)]},
+         "round 2 after round 2, expected rounds strictly increasing"),
+        ({GOOD_KEY: [(0, 4.0, 0.1), (1, "3.0", 0.2)]}, r"entry 1 is \(1, '3.0', 0.2\)"),
+        ({GOOD_KEY: [(0, 4.0, 0.1, 9)]}, "expected a tuple"),
+    ],
+)
+def test_bad_content_is_refused_with_a_clear_message(tmp_path, content, message):
+    path = write(tmp_path / "bad.pkl", content)
+    with pytest.raises(ResultsError, match=message) as info:
+        load_results(path)
+    assert str(path) in str(info.value)
+
+
+def test_first_offending_key_is_named(tmp_path):
+    path = write(tmp_path / "r.pkl", {GOOD_KEY: GOOD_RUN, (2, 0.1, "yes", 3, 1): GOOD_RUN})
+    with pytest.raises(ResultsError, match=r"key \(2, 0.1, 'yes', 3, 1\)"):
+        load_results(path)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(ResultsError, match="no such results file"):
+        load_results(tmp_path / "nope.pkl")
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    with pytest.raises(ResultsError, match=r"empty \(0 bytes\)"):
+        load_results(empty)
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(pickle.dumps(RESULTS)[:50])
+    with pytest.raises(ResultsError, match="cannot unpickle"):
+        load_results(corrupt)
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_global_is_refused_without_executing_it(tmp_path):
+    # Control: the payload really does run under a plain unpickler...
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Evil(control)))
+    assert control.exists()
+    # ...but load_results refuses it before anything is called.
+    marker = tmp_path / "pwned"
+    path = write(tmp_path / "evil.pkl", {GOOD_KEY: Evil(marker)})
+    with pytest.raises(ResultsError, match=r"global (os|posix|nt)\.system") as info:
+        load_results(path)
+    assert not marker.exists()
+    assert str(path) in str(info.value)
+
+
+def test_ordered_dict_global_is_refused(tmp_path):
+    path = write(tmp_path / "od.pkl", collections.OrderedDict(RESULTS))
+    with pytest.raises(ResultsError, match=r"global collections\.OrderedDict"):
+        load_results(path)

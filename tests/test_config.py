@@ -1,0 +1,62 @@
+"""ExperimentConfig: validation messages, canonical params, JSON round trip."""
+
+import pytest
+
+from fedshard.config import ConfigError, ExperimentConfig, canonical
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"world_size": 0}, "world_size=0: must be an integer >= 1"),
+        ({"world_size": 97}, r"world_size=97: tensor_parallel slicing allows 1\.\.96"),
+        ({"learning_rate": 0}, "learning_rate=0.0: must be a finite number > 0"),
+        ({"learning_rate": -1e-3}, "learning_rate=-0.001"),
+        ({"learning_rate": "fast"}, "learning_rate='fast': must be a number"),
+        ({"rounds": 0}, "rounds=0: must be an integer >= 1"),
+        ({"rounds": 2.5}, "rounds=2.5: must be an integer"),
+        ({"strategy": "ring"}, "strategy='ring': must be one of tensor_parallel, fedavg"),
+        ({"partition": "random"}, "partition='random': must be one of iid, contiguous, dirichlet"),
+        ({"dirichlet_alpha": 0}, "dirichlet_alpha=0.0"),
+        ({"enable_swapping": "maybe"}, "enable_swapping='maybe': must be true or false"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"max_train_samples": -1}, "max_train_samples=-1: must be >= 0"),
+        ({"seed": -5}, "seed=-5"),
+        ({"device": "tpu"}, "device='tpu': must be one of auto, cpu, cuda"),
+    ],
+)
+def test_invalid_values_are_named_with_what_is_valid(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig(**changes)
+
+
+def test_fedavg_is_not_limited_by_slice_widths():
+    assert ExperimentConfig(world_size=200, strategy="fedavg").world_size == 200
+
+
+def test_strings_are_parsed_and_params_are_canonical():
+    a = ExperimentConfig.from_mapping({"learning_rate": "0.00001", "enable_swapping": "True", "rounds": "30"})
+    b = ExperimentConfig(learning_rate=1e-5, enable_swapping=True, rounds=30)
+    assert a == b
+    assert a.params()["learning_rate"] == "1e-05"
+    assert a.params()["enable_swapping"] == "true"
+    assert canonical(0.001) == "0.001" and canonical(False) == "false"
+
+
+def test_key_has_the_pickle_types():
+    key = ExperimentConfig(world_size=2, learning_rate="1e-3", rounds="50", seed="456").key()
+    assert key == (2, 0.001, True, 50, 456)
+    assert [type(v) for v in key] == [int, float, bool, int, int]
+
+
+def test_swapping_is_switched_off_where_it_does_not_apply():
+    assert ExperimentConfig(world_size=1, enable_swapping=True).enable_swapping is False
+    assert ExperimentConfig(world_size=2, strategy="fedavg", enable_swapping=True).enable_swapping is False
+    assert ExperimentConfig(world_size=2, enable_swapping=True).enable_swapping is True
+
+
+def test_json_round_trip_and_unknown_keys():
+    cfg = ExperimentConfig(world_size=3, learning_rate=1e-4, partition="dirichlet", init_from="runs:/x/model")
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="unknown experiment parameter.*wrold_size"):
+        ExperimentConfig.from_mapping({"wrold_size": 2})

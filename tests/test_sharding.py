@@ -1,0 +1,116 @@
+"""Slicing, assembly, rotation and the two strategies: pure math checked against numpy."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedshard import sharding, strategies
+from fedshard.config import ExperimentConfig
+from fedshard.model import FULL_WIDTHS, SPLIT_DIM, AlexNet, slice_widths
+
+
+@pytest.fixture(scope="module")
+def full_state():
+    torch.manual_seed(0)
+    return AlexNet().state_dict()
+
+
+def test_full_model_matches_the_reference_size():
+    assert sum(p.numel() for p in AlexNet().parameters()) == 55_063_268  # ~55.1M, DESIGN §2 (layer by layer: 4,309,632 conv + 50,753,636 fc)
+    out = AlexNet()(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 100)
+    assert torch.allclose(out.exp().sum(1), torch.ones(2))  # log-softmax
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 96])
+def test_assemble_inverts_slice_exactly(full_state, n):
+    slices = sharding.slice_state(full_state, n)
+    assert len(slices) == n
+    back = sharding.assemble(slices, weights=list(range(1, n + 1)))
+    assert list(back) == list(full_state)
+    for name, tensor in full_state.items():
+        assert torch.equal(back[name], tensor), name
+
+
+@pytest.mark.parametrize("n,index", [(2, 0), (2, 1), (3, 2), (5, 4)])
+def test_each_slice_is_the_weights_of_a_narrower_alexnet(full_state, n, index):
+    piece = sharding.slice_state(full_state, n)[index]
+    model = AlexNet.for_slice(n, index)
+    model.load_state_dict(piece)  # shapes must match exactly
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_slice_follows_the_table_and_numpy(full_state):
+    n = 3
+    slices = sharding.slice_state(full_state, n)
+    for name, tensor in full_state.items():
+        layer, kind = name.split(".")
+        dim = SPLIT_DIM[layer]
+        if kind == "bias" and dim == 1:
+            expected = [tensor.numpy()] * n  # input-split layers keep their bias whole
+        else:
+            expected = np.array_split(tensor.numpy(), n, axis=dim)
+        for s, e in zip(slices, expected):
+            np.testing.assert_array_equal(s[name].numpy(), e)
+
+
+def test_whole_kept_biases_are_sample_weighted_means():
+    torch.manual_seed(1)
+    parts = [AlexNet.for_slice(2, i).state_dict() for i in range(2)]
+    merged = sharding.assemble(parts, weights=[30, 10])
+    for layer in ("conv2", "conv4", "conv6", "fc2", "fc4"):
+        b0, b1 = parts[0][f"{layer}.bias"].numpy(), parts[1][f"{layer}.bias"].numpy()
+        np.testing.assert_allclose(merged[f"{layer}.bias"].numpy(), 0.75 * b0 + 0.25 * b1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        merged["fc1.weight"].numpy(), np.concatenate([parts[0]["fc1.weight"], parts[1]["fc1.weight"]], 0)
+    )
+    np.testing.assert_array_equal(
+        merged["fc2.weight"].numpy(), np.concatenate([parts[0]["fc2.weight"], parts[1]["fc2.weight"]], 1)
+    )
+
+
+def test_uneven_widths_use_tensor_split_sizes():
+    assert slice_widths(5, 0)["conv1"] == 20 and slice_widths(5, 4)["conv1"] == 19
+    for n in (1, 2, 5, 7, 96):
+        for layer, width in FULL_WIDTHS.items():
+            assert sum(slice_widths(n, i)[layer] for i in range(n)) == width
+
+
+def test_rotation_schedule_matches_design():
+    # trainer k trains slice (k + r // swap_every) % n in round r, rounds from 1
+    n, every = 3, 2
+    table = {r: sharding.assignment(r, n, True, every) for r in range(1, 7)}
+    assert table == {1: [0, 1, 2], 2: [1, 2, 0], 3: [1, 2, 0], 4: [2, 0, 1], 5: [2, 0, 1], 6: [0, 1, 2]}
+    assert sharding.assignment(5, n, False, every) == [0, 1, 2]
+    assert sharding.assignment(3, 2, True, 1) == [1, 0]
+    for r in range(1, 20):
+        assert sorted(sharding.assignment(r, 4, True, 3)) == [0, 1, 2, 3]
+
+
+def test_tensor_parallel_strategy_round_trips_through_split_and_combine(full_state):
+    cfg = ExperimentConfig(world_size=3, enable_swapping=True)
+    tp = strategies.get("tensor_parallel")
+    parts = tp.assignment(cfg, 2)  # a rotated round
+    assert parts == [1, 2, 0]
+    payloads = tp.split(full_state, cfg, parts)
+    assert payloads[0]["conv1.weight"].shape[0] == slice_widths(3, 1)["conv1"]
+    back = tp.combine(payloads, [5, 5, 5], parts)
+    for name in full_state:
+        assert torch.equal(back[name], full_state[name])
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    torch.manual_seed(2)
+    models = [AlexNet().state_dict() for _ in range(3)]
+    cfg = ExperimentConfig(world_size=3, strategy="fedavg")
+    fa = strategies.get("fedavg")
+    assert fa.assignment(cfg, 4) == [0, 0, 0]
+    merged = fa.combine(models, [1, 2, 5], [0, 0, 0])
+    for name in ("conv1.weight", "fc4.bias"):
+        expected = sum(w * m[name].double().numpy() for w, m in zip([1, 2, 5], models)) / 8
+        np.testing.assert_allclose(merged[name].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_strategy_is_named():
+    with pytest.raises(ValueError, match="'ring'.*tensor_parallel, fedavg"):
+        strategies.get("ring")
