@@ -56,7 +56,7 @@ def fedshard_processes(marker: str) -> list[psutil.Process]:
 
 
 def experiment_args(data_dir: Path, **params) -> list[str]:
-    base = {"max_test_samples": 64, "batch_size": 16, "learning_rate": 1e-4}
+    base = {"max_train_samples": 64, "max_test_samples": 32, "batch_size": 16, "learning_rate": 1e-4}
     base.update(params)
     args = ["--data-dir", str(data_dir)]
     for name, value in base.items():

@@ -157,5 +157,109 @@ def trainer(address, run_id, secret, threads, trainer_index, timeout):
     role.run(address, run_id, trainer_index, secret, timeout)
 
 
+# --- the grid, the results pickle, the analysis ------------------------------------------
+
+_GRID_HELP = "comma-separated values [default: {}]"
+
+
+@main.command(context_settings={"show_default": False, "help_option_names": ["-h", "--help"]})
+@click.option("--world-sizes", default=None, help=_GRID_HELP.format("1,2"))
+@click.option("--learning-rates", default=None, help=_GRID_HELP.format("1e-5,1e-4,1e-3"))
+@click.option("--swap", default=None, help=_GRID_HELP.format("false,true") + "; only where world_size > 1")
+@click.option("--rounds", default=None, help=_GRID_HELP.format("30,50"))
+@click.option("--seeds", default=None, help=_GRID_HELP.format("123,456,789"))
+@click.option("-P", "--param", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="fix another experiment parameter for every run, e.g. -P data_dir=/data (repeatable)")
+@click.option("--params", "params_text", default="", metavar="'K=V K=V'",
+              help="the same as -P, several at once, space-separated (used by MLproject)")
+@click.option("--grid-file", default=None, help="YAML with world_sizes, learning_rates, swap, rounds, seeds, "
+              "params; options given here win over it")
+@click.option("--experiment-name", default=None,
+              help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or Default]")
+@click.option("--parallel", default=1, type=click.IntRange(1), show_default=True, help="experiments at once")
+@click.option("--max-retries", default=1, type=click.IntRange(0), show_default=True,
+              help="extra attempts for a failed experiment")
+@click.option("--dry-run", is_flag=True, help="print what would run and what is skipped; run nothing")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
+          experiment_name, parallel, max_retries, dry_run, no_progress):
+    """Run the grid (DESIGN 1): every configuration without a FINISHED run, as child runs of one sweep run.
+
+    Ctrl-C stops the running experiments (their runs end KILLED); running the same sweep again
+    continues with what is left.
+    """
+    import shlex
+
+    from . import sweep as sweeping, tracking
+
+    options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
+               "rounds": rounds, "seeds": seeds}
+    try:
+        extra = shlex.split(params_text or "")
+    except ValueError as exc:
+        fail(f"--params {params_text!r}: {exc}")
+    try:
+        grid = sweeping.make_grid(options, [*extra, *assignments], grid_file or None)
+        code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
+                             progress=not no_progress)
+    except (sweeping.SweepError, ConfigError) as exc:
+        fail(str(exc))
+    except tracking.TrackingError as exc:
+        fail(str(exc), 1)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--experiment-name", default=None,
+              help="MLflow experiment to export [default: $MLFLOW_EXPERIMENT_NAME, the `mlflow run` "
+              "experiment, or Default]")
+@click.option("--output", "-o", default=None,
+              help="file to write [default: experiment_results.pkl, or experiment_results.csv with --format csv]")
+@click.option("--format", "fmt", type=click.Choice(["pickle", "csv"]), default="pickle",
+              help="pickle: {(world_size, learning_rate, enable_swapping, rounds, seed): [(round, test_loss, "
+              "test_accuracy), ...]}; csv: one row per run and round")
+def export(experiment_name, output, fmt):
+    """Rebuild the results pickle (or a CSV) from the FINISHED runs of an experiment."""
+    from . import export as exporter, tracking
+
+    output = output or exporter.DEFAULT_OUTPUT[fmt]
+    try:
+        name = tracking.default_experiment_name(experiment_name or None)
+        path, exported = exporter.export(name, output, fmt, warn=lambda m: click.echo(m, err=True))
+    except (exporter.ExportError, tracking.TrackingError) as exc:
+        fail(str(exc), 1)
+    configs = len({key[:4] for key in exported})
+    click.echo(f"Exported {len(exported)} finished runs ({configs} configurations) of experiment {name!r} "
+               f"to {path}")
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:  # under `mlflow run -e export`: keep the file with that run too
+        tracking.log_artifact(run_id, path)
+
+
+@main.command()
+@click.option("--results-file", default="experiment_results.pkl", show_default=True,
+              help="a results pickle {(world_size, learning_rate, enable_swapping, rounds, seed): "
+              "[(round, test_loss, test_accuracy), ...]}")
+@click.option("--no-plots", "no_plots", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              show_default=True, help="print the tables only")
+@click.option("--output-dir", default="plots", show_default=True, help="where the plots go")
+@click.option("--top", default=5, type=click.IntRange(1), show_default=True, help="configurations in the ranking")
+def analyze(results_file, no_plots, output_dir, top):
+    """Summary statistics, best-configuration ranking and plots from a results pickle (no MLflow needed)."""
+    from . import analysis
+
+    try:
+        analysis.report(results_file, output_dir, top, plots=not no_plots, echo=click.echo)
+    except analysis.ResultsError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the plots to {output_dir}: {exc.strerror or exc}", 1)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and not no_plots:  # under `mlflow run -e analyze`: keep the plots with that run
+        from . import tracking
+
+        tracking.log_artifact(run_id, output_dir, "plots")
+
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ import pickle
 
 import numpy as np
 from numpy._core import multiarray as _multiarray
-from torchvision.datasets.utils import download_and_extract_archive
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
@@ -45,6 +44,14 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,
 }
+
+
+def download_and_extract_archive(*args, **kwargs):
+    """torchvision's downloader, imported only when a download is needed: importing
+    torchvision costs every trainer over a second of startup."""
+    from torchvision.datasets.utils import download_and_extract_archive as download
+
+    return download(*args, **kwargs)
 
 
 class DataError(Exception):

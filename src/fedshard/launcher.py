@@ -48,7 +48,10 @@ def check(cfg: ExperimentConfig) -> None:
     try:
         _, test_labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
         _, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
-        data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
+        try:
+            data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
+        except data.DataError as exc:
+            raise CheckFailed(f"world_size={cfg.world_size}: {exc}") from exc
         if cfg.init_from:
             aggregator.load_initial_weights(cfg)
     except (data.DataError, ValueError, FileNotFoundError) as exc:

@@ -1,0 +1,172 @@
+"""The user-facing entry points: MLproject forwards every parameter, `mlflow run` works, and bad
+input fails fast with a clear message, no process started and no run left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, experiment_args, fedshard, fedshard_processes
+from fedshard.cli import run as run_command
+from fedshard.config import ExperimentConfig, field_names
+
+
+def mlproject():
+    return yaml.safe_load((REPO / "MLproject").read_text())
+
+
+def test_mlproject_forwards_every_parameter_to_the_cli():
+    main = mlproject()["entry_points"]["main"]
+    command = main["command"]
+    options = {opt for p in run_command.params for opt in p.opts}
+    defaults = ExperimentConfig()
+    for name, spec in main["parameters"].items():
+        flag = f"--{name.replace('_', '-')}"
+        assert f"{flag} {{{name}}}" in command, f"{name} is not forwarded"
+        assert flag in options, f"{flag} is not an option of fedshard run"
+        assert name in field_names()
+        if spec["default"] != "":
+            parsed = ExperimentConfig.from_mapping({name: spec["default"]})
+            assert parsed.params()[name] == defaults.params()[name], f"{name}: MLproject default differs"
+    # every {placeholder} in the command is a declared parameter
+    assert set(re.findall(r"\{(\w+)\}", command)) == set(main["parameters"])
+    required = {"world_size", "learning_rate", "enable_swapping", "rounds", "seed", "local_epochs", "batch_size",
+                "swap_every", "strategy", "partition", "dirichlet_alpha", "data_dir", "max_train_samples",
+                "max_test_samples", "init_from"}
+    assert required <= set(main["parameters"])
+
+
+def test_every_config_field_is_an_option_of_fedshard_run():
+    options = {p.name for p in run_command.params}
+    assert set(field_names()) <= options
+
+
+def test_mlflow_run_resumes_its_run_with_canonical_params(tmp_path, data_dir, store):
+    params = ["-P", f"data_dir={data_dir}", "-P", "world_size=1", "-P", "rounds=1", "-P", "learning_rate=0.00001",
+              "-P", "max_train_samples=16", "-P", "max_test_samples=16", "-P", "batch_size=16"]
+    mlflow = Path(sys.executable).with_name("mlflow")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run([str(mlflow), "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlp",
+                             *params], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("mlp").experiment_id])
+    assert len(runs) == 1  # fedshard logged into the run `mlflow run` made, not a second one
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert ExperimentConfig.from_mapping({"learning_rate": run.data.params["learning_rate"]}).learning_rate == 1e-5
+    assert run.data.params["amp"] == "true"  # fields MLproject does not declare are logged canonically
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")]
+    assert steps == [0, 1]
+
+
+BAD_INPUTS = [
+    ({"world_size": 0}, "world_size=0: must be an integer >= 1"),
+    ({"world_size": 97}, "world_size=97: tensor_parallel slicing allows 1..96"),
+    ({"learning_rate": 0}, "learning_rate=0.0: must be a finite number > 0"),
+    ({"learning_rate": -0.1}, "learning_rate=-0.1: must be a finite number > 0"),
+    ({"rounds": 0}, "rounds=0: must be an integer >= 1"),
+    ({"strategy": "gossip"}, "strategy='gossip': must be one of tensor_parallel, fedavg"),
+    ({"partition": "random"}, "partition='random': must be one of iid, contiguous, dirichlet"),
+    ({"world_size": 65, "max_train_samples": 64}, "world_size=65: cannot split N=64 samples into n=65"),
+]
+
+
+@pytest.mark.parametrize("params,message", BAD_INPUTS, ids=[m.split(":")[0] for _, m in BAD_INPUTS])
+def test_bad_input_is_refused_with_the_value_and_what_is_valid(tmp_path, data_dir, store, params, message):
+    from click.testing import CliRunner
+
+    from fedshard.cli import main
+
+    result = CliRunner().invoke(main, ["run", *experiment_args(data_dir, **params), "--experiment-name", "bad"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "aggregator pid" not in result.stdout  # no process was started
+    exp = MlflowClient().get_experiment_by_name("bad")
+    assert exp is None or MlflowClient().search_runs([exp.experiment_id]) == []
+
+
+def test_bad_input_from_the_shell_exits_within_seconds_without_traceback(tmp_path, data_dir, store):
+    start = time.monotonic()
+    result = fedshard("run", *experiment_args(data_dir, learning_rate=0), "--experiment-name", "bad", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "fedshard: error: invalid experiment configuration" in result.stderr
+    assert "learning_rate=0.0: must be a finite number > 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - start < 30
+    assert fedshard_processes(str(tmp_path)) == []
+    assert MlflowClient().get_experiment_by_name("bad") is None
+
+
+def write_corrupt_dataset(root: Path) -> Path:
+    from fedshard.synthetic import write_synthetic_cifar100
+
+    folder = write_synthetic_cifar100(root, n_train=16, n_test=16)
+    train = folder / "train"
+    train.write_bytes(train.read_bytes()[:500])  # truncated, as by an interrupted copy
+    return root
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "init_from_missing", "init_from_not_weights"])
+def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, store, case):
+    args = {"world_size": 1}
+    expect = {
+        "missing": "place cifar-100-python.tar.gz",
+        "corrupt": "not a valid CIFAR-100 python file",
+        "init_from_missing": "init_from=",
+        "init_from_not_weights": "is not a fedshard AlexNet state dict",
+    }[case]
+    if case == "missing":
+        args["data_dir"] = tmp_path / "nowhere"
+    elif case == "corrupt":
+        args["data_dir"] = write_corrupt_dataset(tmp_path / "corrupt")
+    elif case == "init_from_missing":
+        args["init_from"] = tmp_path / "no-such-weights.pt"
+    else:
+        bad = tmp_path / "other.pt"
+        torch.save({"layer.weight": torch.zeros(3)}, bad)
+        args["init_from"] = bad
+    data = args.pop("data_dir", data_dir)
+    result = fedshard("run", *experiment_args(data, **args), "--experiment-name", "bad", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expect.lower() in result.stderr.lower(), result.stderr
+    assert "Traceback" not in result.stderr
+    exp = MlflowClient().get_experiment_by_name("bad")
+    assert exp is None or MlflowClient().search_runs([exp.experiment_id]) == []
+
+
+def test_bad_input_under_mlflow_run_marks_its_run_failed(tmp_path, data_dir, store):
+    """`mlflow run` creates the run before fedshard starts: bad input must not leave it RUNNING."""
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("outer")).info.run_id
+    env = dict(os.environ, MLFLOW_RUN_ID=run_id)
+    result = subprocess.run([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, rounds=0)],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "rounds=0" in run.data.tags["fedshard.failure_reason"]
+
+
+def test_init_from_a_previous_run_starts_from_its_weights(tmp_path, data_dir, store):
+    first = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), "--experiment-name", "init",
+                     cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_id = re.search(r"run ([0-9a-f]{32})", first.stdout).group(1)
+    second = fedshard("run", *experiment_args(data_dir, world_size=2, rounds=1, init_from=f"runs:/{run_id}/model"),
+                      "--experiment-name", "init", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    client = MlflowClient()
+    second_id = re.search(r"run ([0-9a-f]{32})", second.stdout).group(1)
+    before = {m.step: m.value for m in client.get_metric_history(second_id, "test_loss")}[0]
+    after = {m.step: m.value for m in client.get_metric_history(run_id, "test_loss")}[1]
+    assert before == pytest.approx(after, rel=1e-6)  # round 0 of the second is the end of the first
