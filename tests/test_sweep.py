@@ -290,25 +290,31 @@ def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, da
 
 
 def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, data_dir, store):
-    grid = ["--world-sizes", "1", "--learning-rates", "1e-4", "--rounds", "1", "--seeds", "1,2,3",
-            *tiny(linked_data(tmp_path, data_dir)), "--experiment-name", "sig"]
+    data = linked_data(tmp_path, data_dir)
+    grid = ["--world-sizes", "1", "--learning-rates", "1e-4", "--rounds", "1", "--seeds", "1,2,3", *tiny(data),
+            "--experiment-name", "sig"]
+    # Seed 1 finished earlier (logged as `mlflow run -P learning_rate=0.00010` would): skipped, never touched.
+    earlier = ExperimentConfig(world_size=1, learning_rate=1e-4, rounds=1, seed=1, data_dir=str(data),
+                               max_train_samples=16, max_test_samples=16, batch_size=16)
+    done = fake_finished_run("sig", **{**earlier.params(), "learning_rate": "0.00010"})
+    before = MlflowClient().get_run(done).info
+
     log = (tmp_path / "sweep.log").open("w")
     proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--parallel", "1"], cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT, env=sweep_env(tmp_path))
     try:
-        # Wait until the first experiment finished and the second one's processes are up.
-        deadline = time.monotonic() + 180
+        # Wait until the first experiment's processes (metaserver, aggregator, trainer) are up.
+        deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, (tmp_path / "sweep.log").read_text()
             assert time.monotonic() < deadline, (tmp_path / "sweep.log").read_text()
             _, children = split_runs("sig")
-            finished = [r for r in children if r.info.status == "FINISHED"]
             running = [r for r in children if r.info.status == "RUNNING"]
-            if finished and running and fedshard_processes(running[0].info.run_id):
+            if running and len(fedshard_processes(running[0].info.run_id)) >= 2:
                 break
             time.sleep(0.1)
         family = psutil.Process(proc.pid).children(recursive=True)
-        assert len(family) >= 3  # fedshard run, and its metaserver, aggregator, trainer
+        assert len(family) >= 3  # fedshard run, and the processes it started
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=45)
     finally:
@@ -323,11 +329,11 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
 
     (parent,), children = split_runs("sig")
     assert parent.info.status == "KILLED"
-    by_status = {r.info.status: r for r in children}
-    assert len(children) == 2 and set(by_status) == {"FINISHED", "KILLED"}  # the third never started
-    assert "interrupted" in by_status["KILLED"].data.tags["fedshard.failure_reason"]
+    (killed,) = [r for r in children if r.info.run_id != done]  # the third configuration never started
+    assert killed.info.status == "KILLED" and killed.data.params["seed"] == "2"
+    assert "interrupted by SIG" in killed.data.tags["fedshard.failure_reason"]
+    assert "Total experiments to run: 2 (1 already finished)" in out
     assert "Interrupted: 1 (marked KILLED)" in out and "Not started: 1" in out
-    kept = by_status["FINISHED"]
 
     again = run_sweep(tmp_path, *grid, "--parallel", "2")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -335,8 +341,8 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
     _, children = split_runs("sig")
     assert sorted(int(r.data.params["seed"]) for r in children if r.info.status == "FINISHED") == [1, 2, 3]
     assert not [r for r in all_runs("sig") if r.info.status == "RUNNING"]
-    same = MlflowClient().get_run(kept.info.run_id).info
-    assert (same.status, same.end_time) == ("FINISHED", kept.info.end_time)  # a finished run is never touched
+    after = MlflowClient().get_run(done).info
+    assert (after.status, after.end_time) == ("FINISHED", before.end_time)  # a finished run is never touched
 
 
 def test_a_failing_configuration_is_retried_then_reported_with_reason_and_run_id(tmp_path, data_dir, store):

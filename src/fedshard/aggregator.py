@@ -53,11 +53,21 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -
         train = f" train_loss={extra['train_loss']:.4f} ({extra['round_seconds']:.1f}s)" if extra else ""
         print(f"round {round_}/{cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
 
+    def dispatch(round_: int):
+        """Send round `round_`'s work; returns what collect needs."""
+        parts = strategy.assignment(cfg, round_)
+        payloads = strategy.split(weights, cfg, parts)
+        transport.send_round(round_, parts, payloads)
+        return parts, payloads
+
+    # Pipelined: the model of round r is evaluated while the trainers already
+    # train round r+1 from it, so evaluation adds no time to a round.
+    start = time.perf_counter()
+    sent = dispatch(1)
     evaluate_and_log(0, {})
     for round_ in range(1, cfg.rounds + 1):
-        start = time.perf_counter()
-        parts = strategy.assignment(cfg, round_)
-        reports = transport.run_round(round_, parts, strategy.split(weights, cfg, parts))
+        reports = transport.collect_round(*sent)
+        parts = sent[0]
         samples = [r.samples for r in reports]
         weights = strategy.combine([r.state for r in reports], samples, parts)
         extra = {
@@ -68,6 +78,9 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -
             extra[f"trainer_{r.trainer}_train_loss"] = r.train_loss
             extra[f"trainer_{r.trainer}_slice"] = r.part
             extra[f"trainer_{r.trainer}_seconds"] = r.seconds
+        start = time.perf_counter()
+        if round_ < cfg.rounds:
+            sent = dispatch(round_ + 1)
         evaluate_and_log(round_, extra)
     transport.stop_trainers(cfg.world_size)
     tracking.log_weights(run_id, weights)

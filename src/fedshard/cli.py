@@ -229,11 +229,15 @@ def export(experiment_name, output, fmt):
     except (exporter.ExportError, tracking.TrackingError) as exc:
         fail(str(exc), 1)
     configs = len({key[:4] for key in exported})
-    click.echo(f"Exported {len(exported)} finished runs ({configs} configurations) of experiment {name!r} "
-               f"to {path}")
+    click.echo(f"Exported {_count(len(exported), 'finished run')} ({_count(configs, 'configuration')}) "
+               f"of experiment {name!r} to {path}")
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:  # under `mlflow run -e export`: keep the file with that run too
         tracking.log_artifact(run_id, path)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @main.command()

@@ -31,6 +31,10 @@ CSV_COLUMNS = ("world_size", "learning_rate", "enable_swapping", "rounds", "seed
 PICKLE_PROTOCOL = 4
 
 
+# What the key is made of; strategy too, as it decides whether swapping applies.
+KEY_PARAMS = ("world_size", "learning_rate", "enable_swapping", "rounds", "seed", "strategy")
+
+
 class ExportError(Exception):
     """Nothing to export (no such experiment, no FINISHED run) or the file cannot be written."""
 
@@ -82,7 +86,7 @@ def collect(runs, histories, warn=print) -> dict[tuple, ExportedRun]:
     for run in sorted((r for r in runs if r.status == "FINISHED" and r.is_experiment),
                       key=lambda r: (r.start_time, r.run_id)):
         try:
-            cfg = run.config()
+            cfg = run.config(only=KEY_PARAMS)
             entries = entries_from_history(histories(run.run_id, "test_loss"),
                                            histories(run.run_id, "test_accuracy"), cfg.rounds)
         except (ConfigError, ValueError) as exc:

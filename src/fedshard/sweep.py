@@ -304,7 +304,7 @@ class Sweep:
         status, error = "FAILED", None
         try:
             self._prepare()
-            self.echo(f"Sweep run {self.parent_run_id} in experiment {self.experiment_name!r} "
+            self.say(f"Sweep run {self.parent_run_id} in experiment {self.experiment_name!r} "
                       f"({tracking.tracking_uri()}); logs in {self.logs}")
             self._loop()
             status = "KILLED" if self.stop_signal else ("FAILED" if self.failed else "FINISHED")

@@ -185,10 +185,11 @@ class RunRecord:
         """An experiment run (not a sweep's parent run, nor any other run without a world_size)."""
         return "world_size" in self.params and self.tags.get(SWEEP_TAG) != "true"
 
-    def config(self) -> ExperimentConfig:
+    def config(self, only=None) -> ExperimentConfig:
         """The run's configuration, parsed from its params whatever their spelling ('0.00001' and
-        '1e-05' are one learning rate); raises ConfigError for params no config can have."""
-        known = set(ExperimentConfig.__dataclass_fields__)
+        '1e-05' are one learning rate); `only` restricts it to those params (others default).
+        Raises ConfigError for params no config can have."""
+        known = set(only or ExperimentConfig.__dataclass_fields__)
         return ExperimentConfig.from_mapping({k: _unquote(v) for k, v in self.params.items() if k in known})
 
 

@@ -74,14 +74,18 @@ class TrainerReport:
     state: dict[str, torch.Tensor]
 
 
-def run_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[TrainerReport]:
-    """Send trainer k its part `parts[k]` and weights `payloads[k]`, then gather what each trained."""
+def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Send trainer k its part `parts[k]` and the weights `payloads[k]` of that part."""
     sends = []
     for k, (part, payload) in enumerate(zip(parts, payloads)):
         header = torch.tensor([TRAIN, round_, part], dtype=torch.int64)
         sends += [dist.isend(header, k + 1), dist.isend(flatten(list(payload.values())), k + 1)]
     for work in sends:
         work.wait()
+
+
+def collect_round(parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[TrainerReport]:
+    """Receive what each trainer trained; `payloads` (what was sent) gives the shapes."""
     receives, buffers = [], []
     for k, payload in enumerate(payloads):
         stats = torch.empty(4, dtype=torch.float64)

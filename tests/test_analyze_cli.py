@@ -1,0 +1,106 @@
+"""`fedshard analyze`: any results pickle in the classic format, no MLflow at all; a bad file is a
+clear error (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO
+from fedshard import cli
+from fedshard.analysis import PLOT_FILES
+
+
+def curve(final_accs, rounds=3):
+    """Rounds 0..rounds, accuracy rising linearly to `final`."""
+    return [(r, 4.6 - r * 0.5, final_accs * r / rounds) for r in range(rounds + 1)]
+
+
+# Mean final accuracy per configuration (seeds averaged), written down by hand:
+#   (2, 0.001, True, 3)   0.50, 0.60 -> 0.55
+#   (1, 0.0001, False, 3) 0.40       -> 0.40
+#   (2, 0.001, False, 3)  0.30, 0.40 -> 0.35
+#   (2, 1e-05, True, 3)   0.10       -> 0.10
+RESULTS = {
+    (2, 1e-05, True, 3, 123): curve(0.10),
+    (2, 0.001, False, 3, 123): curve(0.30),
+    (2, 0.001, False, 3, 456): curve(0.40),
+    (1, 0.0001, False, 3, 123): curve(0.40),
+    (2, 0.001, True, 3, 123): curve(0.50),
+    (2, 0.001, True, 3, 456): curve(0.60),
+}
+
+
+def analyze(*args, cwd):
+    """The real command, in its own process, with no MLflow store anywhere in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run([sys.executable, "-m", "fedshard", "analyze", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_analyze_ranks_a_hand_made_pickle_and_writes_the_plots(tmp_path):
+    results = tmp_path / "hand_made.pkl"
+    results.write_bytes(pickle.dumps(RESULTS))
+    result = analyze("--results-file", str(results), "--output-dir", "figs", "--top", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranking = result.stdout.split("Top 3 Configurations by Final Accuracy:\n")[1].splitlines()[:4]
+    assert [line.split(", Accuracy")[0] for line in ranking[:3]] == [
+        "1. World Size: 2, LR: 0.001, Swap: True, Rounds: 3",
+        "2. World Size: 1, LR: 0.0001, Swap: False, Rounds: 3",
+        "3. World Size: 2, LR: 0.001, Swap: False, Rounds: 3",
+    ]
+    assert "Accuracy: 0.5500 ± 0.0707 (n=2)" in ranking[0]
+    assert ranking[3] == "" or not ranking[3].startswith("4.")
+    for name in PLOT_FILES:
+        assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "mlruns").exists()
+
+
+def test_no_plots_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiment_results.pkl").write_bytes(pickle.dumps(RESULTS))
+    for args in (["--no-plots"], ["--no-plots", "true"]):  # the flag, and MLproject's form
+        result = CliRunner().invoke(cli.main, ["analyze", *args])
+        assert result.exit_code == 0, result.output
+        assert "Top 5 Configurations by Final Accuracy:" in result.stdout
+        assert not (tmp_path / "plots").exists()
+
+
+BAD = {
+    "empty": (b"", "the file is empty"),
+    "not a pickle": (b"key,value\n1,2\n", "not a results pickle"),
+    "empty dict": (pickle.dumps({}), "the results dict is empty"),
+    "wrong key types": (pickle.dumps({("2", 0.001, True, 3, 1): curve(0.1)}), "world_size is str '2', expected int"),
+    "rounds out of order": (pickle.dumps({(2, 0.001, True, 3, 1): curve(0.1)[::-1]}), "expected round 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_pickle_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, case):
+    content, message = BAD[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.pkl").write_bytes(content)
+    result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "bad.pkl"])
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("fedshard: error: bad.pkl: ") and message in result.stderr
+    assert not (tmp_path / "plots").exists()
+
+
+def test_a_missing_file_through_the_real_command(tmp_path):
+    result = analyze("--results-file", "nowhere.pkl", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fedshard: error: nowhere.pkl: no such results file"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_mlproject_analyze_uses_the_same_command():
+    import yaml
+
+    entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["analyze"]
+    assert entry["command"].split()[:2] == ["fedshard", "analyze"]

@@ -1,0 +1,142 @@
+"""`fedshard export`: the classic results pickle (and a tidy CSV) from FINISHED runs only, with
+exact Python types, rounds in order, newest run winning, and atomic writes. Runs are made
+directly in a real SQLite store here; test_sweep.py exports runs made by real experiments."""
+
+from __future__ import annotations
+
+import pickle
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from fedshard import cli, export, tracking
+
+
+def make_run(experiment, status="FINISHED", losses=(), accs=(), steps=None, start_time=None, tags=None,
+             **params) -> str:
+    """A run as fedshard logs one; metrics are logged last round first, to check the ordering."""
+    client = MlflowClient()
+    run_id = client.create_run(tracking.experiment_id(experiment), start_time=start_time, tags=tags or {}).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    steps = list(range(len(losses))) if steps is None else steps
+    metrics = [Metric(name, value, 1000 + step, step) for step, loss, acc in zip(steps, losses, accs)
+               for name, value in (("test_loss", loss), ("test_accuracy", acc))]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics[::-1])
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, ["export", *args])
+
+
+KEY = dict(world_size=2, learning_rate="0.00001", enable_swapping="True", rounds=2, seed=123)
+
+
+def test_export_builds_the_classic_pickle_from_finished_runs_only(tmp_path, store):
+    make_run("exp", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    # world_size 1: swapping does not apply, so it is False in the key whatever was logged
+    make_run("exp", losses=[4.6, 4], accs=[0.0, 0.5], world_size=1, learning_rate="1e-3", enable_swapping="true",
+             rounds=1, seed=7, data_dir="'/my data'")
+    make_run("exp", "KILLED", losses=[4.6], accs=[0.0], **{**KEY, "seed": 1})
+    make_run("exp", "FAILED", **{**KEY, "seed": 2})
+    make_run("exp", tags={"fedshard.sweep": "true"}, world_sizes="1,2", rounds="30,50")  # a sweep's parent
+    incomplete = make_run("exp", losses=[4.6, 3.0], accs=[0.0, 0.1], **{**KEY, "rounds": 3})
+    output = tmp_path / "out" / "results.pkl"
+
+    result = invoke("--experiment-name", "exp", "--output", str(output))
+    assert result.exit_code == 0, result.output
+    assert "Exported 2 finished runs (2 configurations) of experiment 'exp'" in result.stdout
+    assert f"warning: run {incomplete} left out: test_loss has rounds 0, 1, expected 0..3 (missing 2, 3)" \
+        in result.stderr
+
+    results = pickle.loads(output.read_bytes())
+    assert results == {
+        (1, 0.001, False, 1, 7): [(0, 4.6, 0.0), (1, 4.0, 0.5)],
+        (2, 1e-05, True, 2, 123): [(0, 4.6, 0.01), (1, 3.0, 0.2), (2, 2.5, 0.3)],
+    }
+    assert type(results) is dict
+    for key, entries in results.items():
+        assert [type(v) for v in key] == [int, float, bool, int, int]
+        assert type(entries) is list
+        for entry in entries:
+            assert type(entry) is tuple and [type(v) for v in entry] == [int, float, float]
+        assert [r for r, _, _ in entries] == list(range(key[3] + 1))
+
+
+def test_newest_finished_run_wins_with_a_warning(tmp_path, store):
+    old = make_run("dup", losses=[4.6, 3.0, 2.0], accs=[0.0, 0.1, 0.2], start_time=1_000, **KEY)
+    new = make_run("dup", losses=[4.6, 2.9, 1.9], accs=[0.0, 0.3, 0.4], start_time=2_000,
+                   **{**KEY, "learning_rate": "1e-05", "enable_swapping": "true"})
+    make_run("dup", "FAILED", start_time=3_000, **KEY)  # newer still, but not finished
+    result = invoke("--experiment-name", "dup", "--output", str(tmp_path / "r.pkl"))
+    assert result.exit_code == 0, result.output
+    assert f"using the newest, {new} (replaces {old})" in result.stderr
+    assert pickle.loads((tmp_path / "r.pkl").read_bytes()) == {
+        (2, 1e-05, True, 2, 123): [(0, 4.6, 0.0), (1, 2.9, 0.3), (2, 1.9, 0.4)]}
+
+
+def test_csv_is_one_tidy_row_per_run_and_round(tmp_path, store, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = make_run("tidy", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    b = make_run("tidy", losses=[4.6, 4.0], accs=[0.0, 0.5], world_size=1, learning_rate="1e-3",
+                 enable_swapping="false", rounds=1, seed=7)
+    result = invoke("--experiment-name", "tidy", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "experiment_results.csv")
+    assert list(frame.columns) == ["world_size", "learning_rate", "enable_swapping", "rounds", "seed", "run_id",
+                                   "round", "test_loss", "test_accuracy"]
+    assert len(frame) == 5
+    assert frame["enable_swapping"].dtype == bool and frame["learning_rate"].dtype == float
+    rows = frame.sort_values(["run_id", "round"])
+    assert rows[rows.run_id == a]["test_accuracy"].tolist() == [0.01, 0.2, 0.3]
+    assert rows[rows.run_id == b][["world_size", "learning_rate", "round"]].values.tolist() == [[1, 0.001, 0], [1, 0.001, 1]]
+
+
+@pytest.mark.parametrize("breaks", ["replace", "write"])
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_path, store, monkeypatch, breaks):
+    make_run("atomic", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    output = tmp_path / "experiment_results.pkl"
+    output.write_bytes(b"the previous results")
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export.os, "replace" if breaks == "replace" else "fsync", broken)
+        result = invoke("--experiment-name", "atomic", "--output", str(output))
+    assert result.exit_code == 1
+    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
+    assert output.read_bytes() == b"the previous results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_results.pkl", "mlflow.db"]
+
+    assert invoke("--experiment-name", "atomic", "--output", str(output)).exit_code == 0
+    assert list(pickle.loads(output.read_bytes())) == [(2, 1e-05, True, 2, 123)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_results.pkl", "mlflow.db"]
+
+
+def test_nothing_finished_is_an_error_and_writes_nothing(tmp_path, store):
+    make_run("none", "FAILED", **KEY)
+    make_run("none", "KILLED", losses=[4.6], accs=[0.0], **KEY)
+    output = tmp_path / "r.pkl"
+    result = invoke("--experiment-name", "none", "--output", str(output))
+    assert result.exit_code == 1
+    assert "experiment 'none' has no FINISHED experiment run to export; nothing written" in result.stderr
+    assert not output.exists()
+
+    result = invoke("--experiment-name", "typo", "--output", str(output))
+    assert result.exit_code == 1
+    assert "no experiment 'typo'" in result.stderr and "Default, none" in result.stderr
+    assert not output.exists()
+
+
+def test_entries_keep_the_last_value_logged_for_a_round():
+    loss = [(0, 4.6, 1), (1, 3.0, 2), (1, 2.8, 3)]
+    acc = [(1, 0.2, 3), (0, 0.0, 1)]
+    assert export.entries_from_history(loss, acc, 1) == [(0, 4.6, 0.0), (1, 2.8, 0.2)]
+    with pytest.raises(ValueError, match="test_accuracy has rounds 0, 1, 5, expected 0..1"):
+        export.entries_from_history(loss, acc + [(5, 0.3, 4)], 1)
