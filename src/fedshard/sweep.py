@@ -387,6 +387,8 @@ class Sweep:
             for job in [j for j in self.running if j.proc.poll() is not None]:
                 self.running.remove(job)
                 self._finish(job)
+            if self.bar is not None and not self.bar.disable:
+                self.bar.refresh()  # keeps the elapsed time ticking between completions
             time.sleep(POLL_SECONDS)
 
     # -- one experiment -------------------------------------------------------------------

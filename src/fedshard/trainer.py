@@ -7,6 +7,8 @@ the whole experiment.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -36,6 +38,7 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
     transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout)
     strategy = strategies.get(cfg.strategy)
     models: dict[int, AlexNet] = {}
+    rounds_trained = 0
     while True:
         command, round_, part = transport.receive_header()
         if command == transport.STOP:
@@ -48,6 +51,10 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
         seed = round_seed(cfg.seed, trainer, round_)
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device).manual_seed(seed)  # shuffling and augmentation
+        if not rounds_trained:
+            # Wall-clock time of the first training step, for startup measurements (benchmarks/bench.py).
+            print(f"trainer {trainer}: first training step at unix time {time.time():.3f}", flush=True)
+        rounds_trained += 1
         result = train_local(model, own, learning_rate=cfg.learning_rate, epochs=cfg.local_epochs,
                              batch_size=cfg.batch_size, generator=generator, amp=cfg.amp)
         print(f"trainer {trainer}: round {round_} slice {part} loss={result.mean_loss:.4f} "
