@@ -33,7 +33,7 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
 
 def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -> None:
     device = resolve_device(cfg.device)
-    store = transport.connect(metaserver, run_id, secret, timeout=cfg.round_timeout)
+    store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
     # Trainers read the one frozen config from here, so every process runs the same experiment.
     store.set("config", cfg.to_json())
     images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
@@ -58,7 +58,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -
         parts = strategy.assignment(cfg, round_)
         payloads = strategy.split(weights, cfg, parts)
         transport.send_round(round_, parts, payloads)
-        return parts, payloads
+        return round_, parts, payloads
 
     # Pipelined: the model of round r is evaluated while the trainers already
     # train round r+1 from it, so evaluation adds no time to a round.
@@ -66,8 +66,8 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -
     sent = dispatch(1)
     evaluate_and_log(0, {})
     for round_ in range(1, cfg.rounds + 1):
-        reports = transport.collect_round(*sent)
-        parts = sent[0]
+        reports = transport.collect_round(*sent, timeout=cfg.round_timeout)
+        parts = sent[1]
         samples = [r.samples for r in reports]
         weights = strategy.combine([r.state for r in reports], samples, parts)
         extra = {

@@ -8,8 +8,10 @@ by hand to put a role on another machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -127,6 +129,17 @@ _ROLE_OPTIONS = [
 ]
 
 
+@contextlib.contextmanager
+def role_errors(role: str):
+    """A role that fails says why in one line (the launcher records its last lines) and exits 1."""
+    try:
+        yield
+    except Exception as exc:
+        traceback.print_exc()
+        click.echo(f"{role}: error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+
+
 def role_options(func):
     for option in reversed(_ROLE_OPTIONS):
         func = option(func)
@@ -141,7 +154,8 @@ def aggregator(address, run_id, secret, threads, config_path):
     from . import aggregator as role
 
     set_threads(threads)
-    role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret)
+    with role_errors("aggregator"):
+        role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret)
 
 
 @main.command()
@@ -154,7 +168,8 @@ def trainer(address, run_id, secret, threads, trainer_index, timeout):
     from . import trainer as role
 
     set_threads(threads)
-    role.run(address, run_id, trainer_index, secret, timeout)
+    with role_errors(f"trainer {trainer_index}"):
+        role.run(address, run_id, trainer_index, secret, timeout)
 
 
 # --- the grid, the results pickle, the analysis ------------------------------------------
@@ -245,7 +260,7 @@ def _count(n: int, noun: str) -> str:
               help="a results pickle {(world_size, learning_rate, enable_swapping, rounds, seed): "
               "[(round, test_loss, test_accuracy), ...]}")
 @click.option("--no-plots", "no_plots", type=click.BOOL, is_flag=False, flag_value=True, default=False,
-              show_default=True, help="print the tables only")
+              show_default=True, metavar="[true|false]", help="print the tables only, draw no plots")
 @click.option("--output-dir", default="plots", show_default=True, help="where the plots go")
 @click.option("--top", default=5, type=click.IntRange(1), show_default=True, help="configurations in the ranking")
 def analyze(results_file, no_plots, output_dir, top):

@@ -63,8 +63,7 @@ class ExperimentFailed(Exception):
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _die_with_parent_signal(signal.SIGKILL)
 
 
 def cpu_budget() -> int:
@@ -116,7 +115,9 @@ class Experiment:
     def spawn(self, name: str, args: list[str], threads: int) -> Child:
         log = self.workdir / "logs" / f"{name}.log"
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), FEDSHARD_SECRET=self.secret,
-                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                   # gloo would otherwise listen on the interface the hostname resolves to
+                   GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
         env.pop("MLFLOW_RUN_ID", None)  # children log to the run they are given, explicitly
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -155,21 +156,29 @@ class Experiment:
         while True:
             for line in self.aggregator.new_lines():
                 self.echo(line)
-            for child in self.children:
-                code = child.proc.poll()
-                if code is None or (code == 0 and child is not self.aggregator and child.name != "metaserver"):
-                    continue  # a trainer exits 0 once told to stop; the aggregator is the judge of success
-                if child is self.aggregator and code == 0:
-                    return
-                who = child.name.replace("_", " ")
-                raise ExperimentFailed(f"{who} died ({describe_exit(code)}): {child.last_lines()}")
+            if self.aggregator.proc.poll() == 0:
+                return
+            if any(self._failed(c) for c in self.children):
+                # One death brings others down (the aggregator loses its peer): give them a
+                # moment, then name the killed ones first, as the cause.
+                time.sleep(0.5)
+                failed = sorted((c for c in self.children if self._failed(c)), key=lambda c: c.proc.returncode >= 0)
+                raise ExperimentFailed("; ".join(
+                    f"{c.name.replace('_', ' ')} died ({describe_exit(c.proc.returncode)})"
+                    + (f": {c.last_lines(1)}" if c.proc.returncode > 0 else "") for c in failed))
             time.sleep(POLL_SECONDS)
+
+    def _failed(self, child: Child) -> bool:
+        code = child.proc.poll()
+        # A trainer exits 0 once told to stop; the metaserver must outlive the experiment.
+        return code is not None and (code != 0 or child.name == "metaserver")
 
     def teardown(self) -> None:
         """SIGTERM every child's process group, SIGKILL what is still there after a grace period."""
         for child in self.children:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.proc.pid, signal.SIGTERM)
+            for sig in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped process acts on SIGTERM
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.proc.pid, sig)
         deadline = time.monotonic() + GRACE_SECONDS
         for child in self.children:
             with suppress(subprocess.TimeoutExpired):
@@ -178,6 +187,20 @@ class Experiment:
             with suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)
             child.proc.wait()
+
+
+def die_with_parent() -> None:
+    """Under `mlflow run` or a sweep (MLFLOW_RUN_ID set), the launcher gets SIGTERM when the
+    process that started it dies, even by SIGKILL, and so tears its experiment down."""
+    parent = os.getppid()
+    _die_with_parent_signal(signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _die_with_parent_signal(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
 def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
@@ -192,6 +215,8 @@ def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    if os.environ.get("MLFLOW_RUN_ID"):
+        die_with_parent()
     exp = Experiment(cfg, run_id, workdir, echo)
     status, reason, code = "FAILED", None, 1
     try:

@@ -25,7 +25,7 @@ def round_seed(seed: int, trainer: int, round_: int) -> int:
 
 
 def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: float = 600.0) -> None:
-    store = transport.connect(metaserver, run_id, secret, timeout=timeout)
+    store = transport.enter_experiment(metaserver, run_id, secret, timeout=timeout)
     cfg = ExperimentConfig.from_json(store.get("config").decode())
     if not 0 <= trainer < cfg.world_size:
         raise ValueError(f"--rank {trainer}: this experiment has trainers 0..{cfg.world_size - 1}")

@@ -9,6 +9,7 @@ of layers. Nothing received is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,11 +34,35 @@ def namespace(run_id: str, secret: str = "") -> str:
     return f"fedshard/{run_id}/{digest}/"
 
 
-def connect(address: str, run_id: str, secret: str = "", timeout: float = 60.0) -> dist.Store:
-    """A client of the metaserver's TCPStore, confined to this experiment's keys."""
+def _verifier(run_id: str, secret: str) -> str:
+    # Published in the clear so a trainer with the wrong secret is told so at once;
+    # it reveals neither the secret nor the namespace digest above.
+    return hashlib.sha256(f"verify\0{run_id}\0{secret}".encode()).hexdigest()
+
+
+class Refused(RuntimeError):
+    """This process does not hold the experiment's secret."""
+
+
+def _client(address: str, timeout: float) -> dist.TCPStore:
     host, port = parse_address(address)
-    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
-    return dist.PrefixStore(namespace(run_id, secret), store)
+    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+
+
+def open_experiment(address: str, run_id: str, secret: str, timeout: float) -> dist.Store:
+    """Aggregator side: announce the experiment and return its private key space."""
+    base = _client(address, timeout)
+    dist.PrefixStore(f"fedshard/{run_id}/", base).set("verifier", _verifier(run_id, secret))
+    return dist.PrefixStore(namespace(run_id, secret), base)
+
+
+def enter_experiment(address: str, run_id: str, secret: str, timeout: float) -> dist.Store:
+    """Trainer side: wait for the experiment (up to `timeout`), prove the secret, enter its key space."""
+    base = _client(address, timeout)
+    announced = dist.PrefixStore(f"fedshard/{run_id}/", base).get("verifier").decode()
+    if announced != _verifier(run_id, secret):
+        raise Refused(f"refused: the secret given does not match experiment {run_id} at {address}")
+    return dist.PrefixStore(namespace(run_id, secret), base)
 
 
 def join(store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
@@ -84,16 +109,33 @@ def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str
         work.wait()
 
 
-def collect_round(parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[TrainerReport]:
-    """Receive what each trainer trained; `payloads` (what was sent) gives the shapes."""
+class RoundFailed(RuntimeError):
+    """A round's exchange did not complete: a trainer died, hung past the timeout or misbehaved."""
+
+
+def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]],
+                  timeout: float) -> list[TrainerReport]:
+    """Receive what each trainer trained within `timeout` seconds; `payloads` (what was sent)
+    gives the shapes. Raises RoundFailed naming every trainer whose result did not arrive."""
     receives, buffers = [], []
     for k, payload in enumerate(payloads):
         stats = torch.empty(4, dtype=torch.float64)
         flat = torch.empty(sum(t.numel() for t in payload.values()), dtype=torch.float32)
-        receives += [dist.irecv(stats, k + 1), dist.irecv(flat, k + 1)]
+        receives += [(k, dist.irecv(stats, k + 1)), (k, dist.irecv(flat, k + 1))]
         buffers.append((stats, flat))
-    for work in receives:
-        work.wait()
+    # One deadline for the whole round: the first wait may use all of it, later ones only
+    # what is left (a result that already arrived returns at once).
+    deadline = time.monotonic() + timeout
+    failures: dict[int, str] = {}
+    for k, work in receives:
+        try:
+            work.wait(timedelta(seconds=max(0.05, deadline - time.monotonic())))
+        except RuntimeError as exc:
+            failures.setdefault(k, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if failures:
+        first = next(iter(failures.values()))
+        raise RoundFailed(f"round {round_}: no result from trainer(s) {sorted(failures)} "
+                          f"within round_timeout={timeout:g}s: {first}")
     reports = []
     for k, ((stats, flat), payload) in enumerate(zip(buffers, payloads)):
         samples, loss, seconds, part = stats.tolist()

@@ -1,0 +1,191 @@
+"""Faults with real processes: whatever dies or hangs, the experiment ends within seconds, no
+process is left (checked by pid and process group), and the run records why."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import experiment_args, fedshard, fedshard_processes
+
+LEFTOVER_DEADLINE = 30.0
+
+
+class Launcher:
+    """`fedshard run` in the background, its output read line by line."""
+
+    def __init__(self, tmp_path, data_dir, **params):
+        args = experiment_args(data_dir, **params)
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedshard", "run", *args, "--experiment-name", "faults"],
+                                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        started = self.wait_for(r"fedshard: run ([0-9a-f]{32}): .* aggregator pid (\d+), trainer pids \[([\d, ]+)\]")
+        self.run_id = started.group(1)
+        self.aggregator = int(started.group(2))
+        self.trainers = [int(p) for p in started.group(3).split(",")]
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                assert self.proc.poll() is None, "launcher exited early:\n" + "".join(self.output)
+                continue
+            self.output.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.output))
+
+    def finish(self, timeout: float = LEFTOVER_DEADLINE) -> float:
+        start = time.monotonic()
+        self.proc.wait(timeout=timeout)
+        return time.monotonic() - start
+
+    def children(self):
+        return [self.aggregator, *self.trainers]
+
+
+def assert_gone(pids, run_id, deadline=LEFTOVER_DEADLINE):
+    """Every pid and its process group gone (zombies aside) within the deadline."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        groups = []
+        for p in pids:
+            try:
+                os.killpg(p, 0)
+                groups.append(p)
+            except ProcessLookupError:
+                pass
+        if not alive and not groups and not fedshard_processes(run_id):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"left behind: pids {alive}, groups {groups}, {fedshard_processes(run_id)}")
+
+
+def run_info(run_id):
+    run = MlflowClient().get_run(run_id)
+    return run.info.status, run.data.tags.get("fedshard.failure_reason", "")
+
+
+SLOW_ROUNDS = dict(world_size=2, rounds=20, max_train_samples=128)  # rounds of a few seconds each
+
+
+def test_trainer_killed_mid_round_fails_the_run(tmp_path, data_dir, store):
+    exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
+    exp.wait_for(r"round 0/")  # round 1 is being trained now
+    os.kill(exp.trainers[1], signal.SIGKILL)
+    elapsed = exp.finish()
+    assert exp.proc.returncode == 1
+    assert elapsed < 15, elapsed
+    status, reason = run_info(exp.run_id)
+    assert status == "FAILED"
+    assert reason.startswith("trainer 1 died (killed by SIGKILL)"), reason
+    assert_gone(exp.children(), exp.run_id)
+
+
+def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
+    # short rounds (16 images per trainer) so that only the stopped trainer misses the deadline
+    exp = Launcher(tmp_path, data_dir, world_size=2, rounds=20, max_train_samples=32, round_timeout=12)
+    exp.wait_for(r"round 0/")
+    os.kill(exp.trainers[0], signal.SIGSTOP)  # alive, but never answers
+    elapsed = exp.finish(timeout=60)
+    assert exp.proc.returncode == 1
+    assert elapsed < 40, elapsed
+    status, reason = run_info(exp.run_id)
+    assert status == "FAILED"
+    assert "no result from trainer(s) [0]" in reason, reason
+    assert_gone(exp.children(), exp.run_id)
+
+
+@pytest.mark.parametrize("victim", ["aggregator", "metaserver"])
+def test_aggregator_or_metaserver_killed_fails_the_run(tmp_path, data_dir, store, victim):
+    exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
+    exp.wait_for(r"round 0/")
+    if victim == "aggregator":
+        pid = exp.aggregator
+    else:
+        pid = next(p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == exp.proc.pid)
+    os.kill(pid, signal.SIGKILL)
+    elapsed = exp.finish()
+    assert exp.proc.returncode == 1 and elapsed < 15
+    status, reason = run_info(exp.run_id)
+    assert status == "FAILED" and reason.startswith(f"{victim} died (killed by SIGKILL)"), reason
+    assert_gone(exp.children() + [pid], exp.run_id)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_launcher_kills_the_run(tmp_path, data_dir, store, sig):
+    exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
+    exp.wait_for(r"round 0/")
+    exp.proc.send_signal(sig)
+    elapsed = exp.finish()
+    assert exp.proc.returncode == 128 + sig and elapsed < 15
+    status, reason = run_info(exp.run_id)
+    assert status == "KILLED" and reason == f"interrupted by {sig.name}"
+    assert_gone(exp.children(), exp.run_id)
+
+
+def test_launcher_sigkilled_takes_its_children_along(tmp_path, data_dir, store):
+    exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
+    exp.wait_for(r"round 0/")
+    meta = [p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == exp.proc.pid]
+    exp.proc.kill()
+    exp.finish()
+    assert_gone(exp.children() + meta, exp.run_id)
+
+
+def test_stray_trainer_with_the_wrong_secret_is_refused(tmp_path, data_dir, store):
+    exp = Launcher(tmp_path, data_dir, world_size=1, rounds=2)
+    exp.wait_for(r"round 0/")
+    address = re.search(r"metaserver (\S+),", "".join(exp.output)).group(1)
+    env = dict(os.environ, FEDSHARD_SECRET="not-the-secret")
+    stray = subprocess.run([sys.executable, "-m", "fedshard", "trainer", "--metaserver", address,
+                            "--run-id", exp.run_id, "--rank", "0", "--timeout", "20"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert stray.returncode == 1
+    assert f"refused: the secret given does not match experiment {exp.run_id}" in stray.stderr
+    exp.finish(timeout=300)
+    assert exp.proc.returncode == 0
+    assert run_info(exp.run_id)[0] == "FINISHED"
+
+
+def test_locked_store_is_a_clear_error_before_any_process(tmp_path, data_dir, store):
+    db = store.removeprefix("sqlite:///")
+    lock = sqlite3.connect(db)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        result = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), cwd=tmp_path)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert result.returncode == 2
+    assert f"cannot use the MLflow tracking store {store}: " in result.stderr and "locked" in result.stderr
+    assert "aggregator pid" not in result.stdout
+
+
+def test_unreachable_tracking_server_is_a_clear_error(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    start = time.monotonic()
+    result = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), cwd=tmp_path)
+    assert result.returncode == 2 and time.monotonic() - start < 30
+    assert "cannot use the MLflow tracking store http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
