@@ -37,6 +37,27 @@ def store(tmp_path, monkeypatch) -> str:
     return uri
 
 
+@pytest.fixture(scope="session")
+def _session_store_uri(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("shared-store") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        from fedshard import tracking
+
+        tracking.ensure_store()
+    return uri
+
+
+@pytest.fixture
+def shared_store(_session_store_uri, monkeypatch) -> str:
+    """One store for tests that must create no run at all (creating a store costs seconds)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _session_store_uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return _session_store_uri
+
+
 def fedshard(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI as a user would, in its own process."""
     return subprocess.run([sys.executable, "-m", "fedshard", *args], cwd=cwd, capture_output=True, text=True,

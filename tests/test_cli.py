@@ -78,11 +78,21 @@ BAD_INPUTS = [
     ({"strategy": "gossip"}, "strategy='gossip': must be one of tensor_parallel, fedavg"),
     ({"partition": "random"}, "partition='random': must be one of iid, contiguous, dirichlet"),
     ({"world_size": 65, "max_train_samples": 64}, "world_size=65: cannot split N=64 samples into n=65"),
+    ({"enable_swapping": "maybe"}, "Invalid value for '--enable-swapping': 'maybe' is not a valid boolean"),
+    ({"rounds": "ten"}, "Invalid value for '--rounds': 'ten' is not a valid integer"),
+    ({"dirichlet_alpha": 0}, "dirichlet_alpha=0.0: must be a finite number > 0"),
+    ({"batch_size": 0}, "batch_size=0: must be an integer >= 1"),
+    ({"local_epochs": 0}, "local_epochs=0: must be an integer >= 1"),
+    ({"swap_every": 0}, "swap_every=0: must be an integer >= 1"),
+    ({"seed": -1}, "seed=-1: must be an integer >= 0"),
+    ({"max_test_samples": -1}, "max_test_samples=-1: must be >= 0 (0 means all)"),
+    ({"round_timeout": 0}, "round_timeout=0.0: must be a number of seconds > 0"),
+    ({"device": "tpu"}, "device='tpu': must be one of auto, cpu, cuda"),
 ]
 
 
 @pytest.mark.parametrize("params,message", BAD_INPUTS, ids=[m.split(":")[0] for _, m in BAD_INPUTS])
-def test_bad_input_is_refused_with_the_value_and_what_is_valid(tmp_path, data_dir, store, params, message):
+def test_bad_input_is_refused_with_the_value_and_what_is_valid(tmp_path, data_dir, shared_store, params, message):
     from click.testing import CliRunner
 
     from fedshard.cli import main
@@ -117,7 +127,7 @@ def write_corrupt_dataset(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "init_from_missing", "init_from_not_weights"])
-def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, store, case):
+def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, case):
     args = {"world_size": 1}
     expect = {
         "missing": "place cifar-100-python.tar.gz",

@@ -39,7 +39,9 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -
     images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
     test = DeviceData.from_numpy(images, labels, device)
     weights = load_initial_weights(cfg)
-    model = AlexNet().to(device)
+    with torch.device("meta"):  # evaluation copy: every round loads the assembled weights into it
+        model = AlexNet()
+    model.to_empty(device=device)
     strategy = strategies.get(cfg.strategy)
     print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
     transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout)

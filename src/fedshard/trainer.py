@@ -44,7 +44,10 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
         if command == transport.STOP:
             break
         if part not in models:
-            models[part] = AlexNet(strategy.widths(cfg, part)).to(device)
+            # Built without initialising: the aggregator's weights overwrite every parameter.
+            with torch.device("meta"):
+                models[part] = AlexNet(strategy.widths(cfg, part))
+            models[part].to_empty(device=device)
         model = models[part]
         flat = transport.receive_weights(sum(p.numel() for p in model.parameters()))
         vector_to_parameters(flat.to(device), model.parameters())
