@@ -189,3 +189,37 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, data_dir, monkey
     assert result.returncode == 2 and time.monotonic() - start < 30
     assert "cannot use the MLflow tracking store http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path, data_dir, store):
+    """`mlflow run` dies on SIGTERM without telling its command; the launcher notices its parent
+    is gone (PR_SET_PDEATHSIG), tears the experiment down and marks the run KILLED."""
+    from conftest import REPO
+
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    params = [f"data_dir={data_dir}", "world_size=2", "rounds=20", "max_train_samples=128", "max_test_samples=32",
+              "batch_size=16"]
+    proc = subprocess.Popen([mlflow, "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlterm",
+                             *[a for p in params for a in ("-P", p)]], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+    deadline = time.monotonic() + 180
+    run_id, trainers = None, []
+    while time.monotonic() < deadline and not (run_id and len(trainers) == 2 and
+                                               client.get_metric_history(run_id, "test_accuracy")):
+        time.sleep(0.5)
+        exp = client.get_experiment_by_name("mlterm")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        run_id = runs[0].info.run_id if runs else None
+        trainers = [p.pid for p in fedshard_processes(f"--run-id {run_id}") if " trainer " in " ".join(p.cmdline())]
+    assert run_id and len(trainers) == 2, "experiment did not start under mlflow run"
+    children = [p.pid for p in fedshard_processes(f"--run-id {run_id}")]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert_gone(children, run_id)
+    end = time.monotonic() + 30
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < end:
+        time.sleep(0.2)
+    status, reason = run_info(run_id)
+    assert status == "KILLED" and reason == "interrupted by SIGTERM"
