@@ -197,3 +197,10 @@ def test_ordered_dict_global_is_refused(tmp_path):
     path = write(tmp_path / "od.pkl", collections.OrderedDict(RESULTS))
     with pytest.raises(ResultsError, match=r"global collections\.OrderedDict"):
         load_results(path)
+
+
+def test_plots_with_a_single_learning_rate(tmp_path):
+    """A grid over one learning rate is a valid grid (seaborn's dodge once divided by zero here)."""
+    results = {(1, 0.001, False, 2, seed): [(0, 4.6, 0.01), (1, 4.0, 0.1), (2, 3.5, 0.2)] for seed in (1, 2)}
+    paths = make_plots(results, tmp_path)
+    assert [p.name for p in paths] == ["learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png"]

@@ -94,7 +94,8 @@ def test_csv_is_one_tidy_row_per_run_and_round(tmp_path, store, monkeypatch):
     assert frame["enable_swapping"].dtype == bool and frame["learning_rate"].dtype == float
     rows = frame.sort_values(["run_id", "round"])
     assert rows[rows.run_id == a]["test_accuracy"].tolist() == [0.01, 0.2, 0.3]
-    assert rows[rows.run_id == b][["world_size", "learning_rate", "round"]].values.tolist() == [[1, 0.001, 0], [1, 0.001, 1]]
+    assert rows[rows.run_id == b][["world_size", "learning_rate", "round"]].values.tolist() == [
+        [1, 0.001, 0], [1, 0.001, 1]]
 
 
 @pytest.mark.parametrize("breaks", ["replace", "write"])

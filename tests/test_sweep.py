@@ -23,13 +23,15 @@ from fedshard import cli, tracking
 from fedshard.config import ExperimentConfig, field_names
 from fedshard.sweep import (
     AXES,
-    Grid,
     SweepError,
     child_command,
+    cpus_per_experiment,
     describe,
     expand,
     make_grid,
+    pick_gpu,
     plan,
+    visible_gpus,
 )
 
 SWEEP = str(REPO / "sweep.py")
@@ -111,6 +113,24 @@ def test_child_command_forwards_every_parameter_to_fedshard_run():
     values = {k: v for k, v in ctx.params.items() if k in field_names()}
     assert ExperimentConfig.from_mapping(values) == cfg
     assert len(values) == len(field_names())
+
+
+def test_parallel_experiments_share_cores_and_spread_over_gpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("FEDSHARD_CPUS", raising=False)
+    assert [cpus_per_experiment(n) for n in (1, 2, 3, 16, 40)] == [16, 8, 5, 1, 1]
+    monkeypatch.setenv("FEDSHARD_CPUS", "4")  # a sweep given 4 of the cores
+    assert [cpus_per_experiment(n) for n in (1, 2, 3)] == [4, 2, 1]
+    assert pick_gpu([], []) is None and pick_gpu(["0"], ["0"]) is None  # one GPU or none: left alone
+    gpus, running = ["0", "1", "2"], []
+    for _ in range(4):
+        running.append(pick_gpu(gpus, running))
+    assert running == ["0", "1", "2", "0"]
+    assert pick_gpu(gpus, ["0", "2", "0"]) == "1"  # the least busy, when experiments end out of order
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpus() == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
 
 
 # --------------------------------------------------------------------------- skip finished (no processes)

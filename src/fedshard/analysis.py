@@ -325,7 +325,8 @@ def make_plots(results, output_dir) -> list[Path]:
     grid = sns.catplot(
         data=runs, kind="point", x="rounds", y="best_accuracy",
         hue="LR", hue_order=lr_order, col="setting", col_order=settings,
-        errorbar="sd", dodge=0.3, height=3.5, aspect=1.0,
+        # seaborn divides the dodge width by the number of hues minus one
+        errorbar="sd", dodge=0.3 if len(lr_order) > 1 else False, height=3.5, aspect=1.0,
     )
     grid.set_axis_labels("rounds (setting)", "best test accuracy")
     grid.set_titles("{col_name}")

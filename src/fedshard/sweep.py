@@ -227,7 +227,16 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def pick_gpu(gpus: list[str], busy: list[str | None]) -> str | None:
+    """The GPU for the next experiment: the one running the fewest now (ties: the first), so
+    parallel experiments go round-robin over the GPUs; None with fewer than two GPUs."""
+    if len(gpus) < 2:
+        return None
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
+
+
 def cpus_per_experiment(parallel: int) -> int:
+    """Cores each of `parallel` experiments may use (FEDSHARD_CPUS), so they do not oversubscribe."""
     from .launcher import cpu_budget
 
     return max(1, cpu_budget() // parallel)
@@ -404,9 +413,8 @@ class Sweep:
         job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
                                                tags={"fedshard.sweep.attempt": str(job.attempt)})
         env = dict(self.env, MLFLOW_RUN_ID=job.run_id)
-        if len(self.gpus) > 1:  # spread over GPUs: the least busy one
-            busy = [j.gpu for j in self.running]
-            job.gpu = min(self.gpus, key=lambda g: (busy.count(g), self.gpus.index(g)))
+        job.gpu = pick_gpu(self.gpus, [j.gpu for j in self.running])
+        if job.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = job.gpu
         job.log = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.log"
         try:
