@@ -411,7 +411,8 @@ class Sweep:
             self.say(f"=== Retrying experiment {job.index}/{total} (attempt {job.attempt}/{self.max_retries + 1}) ===")
         self.say(f"Starting experiment: {describe(job.cfg)}")
         job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
-                                               tags={"fedshard.sweep.attempt": str(job.attempt)})
+                                               tags={"fedshard.sweep.attempt": str(job.attempt),
+                                                     **tracking.owner_tags()})
         env = dict(self.env, MLFLOW_RUN_ID=job.run_id)
         job.gpu = pick_gpu(self.gpus, [j.gpu for j in self.running])
         if job.gpu is not None:
@@ -573,9 +574,15 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         experiment_name = mine
     experiment_name = tracking.default_experiment_name(experiment_name)
     runs = tracking.list_runs(experiment_name)
+    stale = [] if dry_run else reap_stale(runs)
+    if stale:
+        echo(f"Marked {len(stale)} stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): "
+             + ", ".join(r.run_id for r in stale))
     todo, skipped = plan(configs, runs)
     echo(f"Total experiments to run: {len(todo)} ({len(skipped)} already finished)")
+    stale_ids = {r.run_id for r in stale}
     running_elsewhere = {r.config() for r in runs if r.status == "RUNNING" and r.is_experiment
+                         and r.run_id not in stale_ids
                          and _parses(r)} & set(todo)
     if running_elsewhere:
         echo(f"Note: {len(running_elsewhere)} of them have a RUNNING run (another sweep, or one that was "
@@ -594,6 +601,37 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         return 0
     _ensure_data(todo)
     return Sweep(todo, experiment_name, parallel, max_retries, skipped, grid, echo, progress).run()
+
+
+def reap_stale(runs) -> list:
+    """RUNNING runs owned by a process of this host that no longer exists (a sweep or launcher
+    killed outright, which could not end its run): mark them KILLED so they run again."""
+    import socket
+
+    from . import tracking
+
+    host = socket.gethostname()
+    stale = []
+    for run in runs:
+        if run.status != "RUNNING" or run.tags.get(tracking.HOST_TAG) != host:
+            continue
+        pid = int(run.tags.get(tracking.PID_TAG) or 0)
+        if pid and _is_fedshard_process(pid):
+            continue
+        tracking.end_run(run.run_id, "KILLED", f"stale: its owner (pid {pid} on {host}) is gone")
+        stale.append(run)
+    return stale
+
+
+def _is_fedshard_process(pid: int) -> bool:
+    """Alive, and still one of ours (not a new process that reuses the pid)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and any("fedshard" in a or "sweep" in a for a in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def _parses(run) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import tempfile
 import time
 from contextlib import suppress
@@ -82,11 +83,19 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
         name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         run_name = f"ws{cfg.world_size}-lr{cfg.params()['learning_rate']}-swap{cfg.params()['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
         run_id = c.create_run(experiment_id(name), run_name=run_name, tags=tags or {}).info.run_id
-    if tags and os.environ.get("MLFLOW_RUN_ID"):
-        for k, v in tags.items():
-            c.set_tag(run_id, k, v)
+    for k, v in {**(tags or {}), **owner_tags()}.items():
+        c.set_tag(run_id, k, v)
     log_params(run_id, cfg)
     return run_id
+
+
+HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process is responsible for ending a run: lets a later sweep recognise a RUNNING
+    run whose owner was killed outright (SIGKILL, OOM) as stale."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
 def log_params(run_id: str, cfg: ExperimentConfig) -> None:
@@ -253,7 +262,7 @@ def start_sweep_run(experiment_name: str, run_name: str, tags: dict[str, str]) -
     """The sweep's parent run and its experiment id: the run `mlflow run -e sweep` made
     (MLFLOW_RUN_ID, which must be RUNNING), or a new one."""
     c = client()
-    tags = {SWEEP_TAG: "true", **tags}
+    tags = {SWEEP_TAG: "true", **tags, **owner_tags()}
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         run = c.get_run(run_id)
