@@ -46,7 +46,7 @@ def check(cfg: ExperimentConfig) -> None:
     from . import aggregator, data
 
     try:
-        _, test_labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
+        data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
         _, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
         try:
             data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
@@ -107,6 +107,8 @@ class Experiment:
     def __init__(self, cfg: ExperimentConfig, run_id: str, workdir: Path, echo=print):
         self.cfg, self.run_id, self.workdir, self.echo = cfg, run_id, workdir, echo
         self.children: list[Child] = []
+        self.aggregator: Child | None = None
+        self.trainers: list[Child] = []
         self.secret = secrets.token_hex(16)
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "config.json"
@@ -215,11 +217,11 @@ def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    if os.environ.get("MLFLOW_RUN_ID"):
-        die_with_parent()
     exp = Experiment(cfg, run_id, workdir, echo)
     status, reason, code = "FAILED", None, 1
     try:
+        if os.environ.get("MLFLOW_RUN_ID"):
+            die_with_parent()
         tracking.log_artifact(run_id, exp.config_path)
         exp.start()
         echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
@@ -240,7 +242,7 @@ def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
         exp.teardown()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    for line in exp.aggregator.new_lines() if hasattr(exp, "aggregator") else []:
+    for line in exp.aggregator.new_lines() if exp.aggregator else []:
         echo(line)
     with suppress(Exception):
         tracking.log_artifact(run_id, workdir / "logs")
