@@ -74,6 +74,7 @@ def _write_pickle(path: pathlib.Path, obj) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a data set is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
