@@ -167,16 +167,23 @@ def test_bad_input_under_mlflow_run_marks_its_run_failed(tmp_path, data_dir, sto
     assert "rounds=0" in run.data.tags["fedshard.failure_reason"]
 
 
-def test_init_from_a_previous_run_starts_from_its_weights(tmp_path, data_dir, store):
-    first = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), "--experiment-name", "init",
-                     cwd=tmp_path)
-    assert first.returncode == 0, first.stdout + first.stderr
-    run_id = re.search(r"run ([0-9a-f]{32})", first.stdout).group(1)
-    second = fedshard("run", *experiment_args(data_dir, world_size=2, rounds=1, init_from=f"runs:/{run_id}/model"),
-                      "--experiment-name", "init", cwd=tmp_path)
-    assert second.returncode == 0, second.stdout + second.stderr
+def test_init_from_a_run_artifact_starts_from_those_weights(tmp_path, data_dir, store):
+    from fedshard import data, tracking
+    from fedshard.model import AlexNet
+    from fedshard.training import DeviceData, evaluate
+
+    torch.manual_seed(99)  # weights no seed of an experiment would produce
+    weights = AlexNet().state_dict()
     client = MlflowClient()
-    second_id = re.search(r"run ([0-9a-f]{32})", second.stdout).group(1)
-    before = {m.step: m.value for m in client.get_metric_history(second_id, "test_loss")}[0]
-    after = {m.step: m.value for m in client.get_metric_history(run_id, "test_loss")}[1]
-    assert before == pytest.approx(after, rel=1e-6)  # round 0 of the second is the end of the first
+    source = client.create_run(client.create_experiment("init")).info.run_id
+    tracking.log_weights(source, weights)  # as an experiment stores its final model
+    result = fedshard("run", *experiment_args(data_dir, world_size=2, rounds=1, init_from=f"runs:/{source}/model"),
+                      "--experiment-name", "init", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = re.search(r"run ([0-9a-f]{32})", result.stdout).group(1)
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "test_loss")}[0]
+    model = AlexNet()
+    model.load_state_dict(weights)
+    test = DeviceData.from_numpy(*data.load_split(data_dir, "test", 32), torch.device("cpu"))
+    expected, _ = evaluate(model, test)
+    assert logged == pytest.approx(expected, rel=1e-5)  # round 0 is the model it was told to start from

@@ -104,6 +104,6 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path, data_dir, store):
     (_, a, _), (_, b, _) = runs
     for metric in ("test_loss", "test_accuracy", "train_loss", "trainer_0_train_loss", "trainer_1_train_loss"):
         assert history(a, metric) == history(b, metric), metric
-    other, c, _ = run_experiment(tmp_path, data_dir, world_size=2, rounds=2, swap_every=1, max_train_samples=32,
-                                 max_test_samples=16, seed=7)
-    assert history(c, "train_loss") != history(a, "train_loss")
+    # not trivially equal: the two trainers (own data, own seeds) and the two rounds all differ
+    losses = history(a, "trainer_0_train_loss")
+    assert losses[1] != losses[2] and losses[1] != history(a, "trainer_1_train_loss")[1]

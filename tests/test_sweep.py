@@ -392,10 +392,10 @@ def test_sigkilled_sweep_leaves_no_process_and_the_next_sweep_reaps_stale_runs(t
     and end their runs KILLED; what stays RUNNING (the sweep's own run, or a run whose owner was
     killed outright) is recognised as stale by the next sweep, which then finishes the grid."""
     data = linked_data(tmp_path, data_dir)
-    grid = ["--world-sizes", "1", "--learning-rates", "1e-4", "--rounds", "1", "--seeds", "1,2", *tiny(data),
+    grid = ["--world-sizes", "1", "--learning-rates", "1e-4", "--rounds", "1", "--seeds", "1", *tiny(data),
             "--experiment-name", "hard"]
     # A run whose owner vanished without a trace: RUNNING, owned by a pid of this host that is gone.
-    ghost_cfg = ExperimentConfig(world_size=1, learning_rate=1e-4, rounds=1, seed=2, data_dir=str(data),
+    ghost_cfg = ExperimentConfig(world_size=1, learning_rate=1e-4, rounds=1, seed=1, data_dir=str(data),
                                  max_train_samples=16, max_test_samples=16, batch_size=16)
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -430,4 +430,4 @@ def test_sigkilled_sweep_leaves_no_process_and_the_next_sweep_reaps_stale_runs(t
     assert not [r for r in all_runs("hard") if r.info.status == "RUNNING"]
     assert MlflowClient().get_run(parent.info.run_id).info.status == "KILLED"
     _, children = split_runs("hard")
-    assert sorted(int(r.data.params["seed"]) for r in children if r.info.status == "FINISHED") == [1, 2]
+    assert [int(r.data.params["seed"]) for r in children if r.info.status == "FINISHED"] == [1]
