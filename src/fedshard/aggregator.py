@@ -31,7 +31,7 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -> None:
+def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", join_timeout: float = 600.0) -> None:
     device = resolve_device(cfg.device)
     store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
     # Trainers read the one frozen config from here, so every process runs the same experiment.
@@ -44,7 +44,8 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "") -
     model.to_empty(device=device)
     strategy = strategies.get(cfg.strategy)
     print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
-    transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout)
+    transport.await_trainers(store, cfg.world_size, join_timeout, report=lambda m: print(m, flush=True))
+    transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout, metaserver)
 
     def evaluate_and_log(round_: int, extra: dict[str, float]) -> None:
         model.load_state_dict(weights)

@@ -75,10 +75,20 @@ def main():
 @main.command()
 @config_options
 @click.option("--experiment-name", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or Default)")
-def run(experiment_name, **values):
+@click.option("--remote-trainers", is_flag=True,
+              help="start no trainers here: print the command that starts each on another machine, and wait")
+@click.option("--metaserver-host", default="127.0.0.1",
+              help="address the metaserver binds; with --remote-trainers one that the trainers' machines reach")
+@click.option("--metaserver-port", default=0, type=click.IntRange(0, 65535), help="0 = chosen by the OS")
+@click.option("--join-timeout", default=600.0, type=click.FloatRange(0, min_open=True),
+              help="seconds the aggregator waits for every trainer to join")
+def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join_timeout, **values):
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
     from . import launcher, tracking
 
+    if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
+        _fail_outer_run(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine that the "
+                        f"trainers' machines reach (not {metaserver_host or 'empty'})")
     try:
         cfg = ExperimentConfig.from_mapping(values)
     except ConfigError as exc:
@@ -92,7 +102,8 @@ def run(experiment_name, **values):
         run_id = tracking.start_run(cfg, experiment_name)
     except (launcher.CheckFailed, tracking.TrackingError) as exc:
         _fail_outer_run(str(exc))
-    sys.exit(launcher.run(cfg, run_id, echo=click.echo))
+    placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
+    sys.exit(launcher.run(cfg, run_id, echo=click.echo, placement=placement))
 
 
 def _fail_outer_run(message: str):
@@ -149,13 +160,15 @@ def role_options(func):
 @main.command()
 @role_options
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
-def aggregator(address, run_id, secret, threads, config_path):
+@click.option("--join-timeout", default=600.0, type=click.FloatRange(0, min_open=True),
+              help="seconds to wait for every trainer to join")
+def aggregator(address, run_id, secret, threads, config_path, join_timeout):
     """Rank 0: send slices, collect them, assemble, evaluate and log every round."""
     from . import aggregator as role
 
     set_threads(threads)
     with role_errors("aggregator"):
-        role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret)
+        role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout)
 
 
 @main.command()
@@ -163,13 +176,18 @@ def aggregator(address, run_id, secret, threads, config_path):
 @click.option("--rank", "trainer_index", required=True, type=click.IntRange(0),
               help="trainer index k (0-based; its process-group rank is k+1)")
 @click.option("--timeout", default=600.0, help="seconds to wait for the aggregator to publish the experiment")
-def trainer(address, run_id, secret, threads, trainer_index, timeout):
-    """Rank k+1: train the slice received each round on this trainer's own partition."""
+@click.option("--data-dir", default=None, help="where this machine keeps CIFAR-100 [default: the experiment's data_dir]")
+def trainer(address, run_id, secret, threads, trainer_index, timeout, data_dir):
+    """Rank k+1: train the slice received each round on this trainer's own partition.
+
+    On another machine: GLOO_SOCKET_IFNAME names the interface to use, by default the one
+    that reaches the metaserver.
+    """
     from . import trainer as role
 
     set_threads(threads)
     with role_errors(f"trainer {trainer_index}"):
-        role.run(address, run_id, trainer_index, secret, timeout)
+        role.run(address, run_id, trainer_index, secret, timeout, data_dir)
 
 
 # --- the grid, the results pickle, the analysis ------------------------------------------
@@ -196,8 +214,18 @@ _GRID_HELP = "comma-separated values [default: {}]"
               help="extra attempts for a failed experiment")
 @click.option("--dry-run", is_flag=True, help="print what would run and what is skipped; run nothing")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: child processes of this sweep; ray: Ray tasks on a cluster (pip install -e '.[ray]')")
+@click.option("--ray-address", default=None, metavar="HOST:PORT",
+              help="Ray cluster to use (ray start --head prints it) [default: $RAY_ADDRESS, else a local instance]")
+@click.option("--cpus-per-experiment", default=None, type=click.IntRange(1),
+              help="ray: CPUs each experiment asks for [default: world_size + 1]")
+@click.option("--gpus-per-experiment", default=None, type=click.FloatRange(0),
+              help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
+              "else 0]")
 def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
-          experiment_name, parallel, max_retries, dry_run, no_progress):
+          experiment_name, parallel, max_retries, dry_run, no_progress, executor, ray_address,
+          cpus_per_experiment, gpus_per_experiment):
     """Run the grid (DESIGN 1): every configuration without a FINISHED run, as child runs of one sweep run.
 
     Ctrl-C stops the running experiments (their runs end KILLED); running the same sweep again
@@ -205,7 +233,7 @@ def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_
     """
     import shlex
 
-    from . import sweep as sweeping, tracking
+    from . import executors, sweep as sweeping, tracking
 
     options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
                "rounds": rounds, "seeds": seeds}
@@ -214,10 +242,11 @@ def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_
     except ValueError as exc:
         fail(f"--params {params_text!r}: {exc}")
     try:
+        runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
         grid = sweeping.make_grid(options, [*extra, *assignments], grid_file or None)
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
-                             progress=not no_progress)
-    except (sweeping.SweepError, ConfigError) as exc:
+                             progress=not no_progress, executor=runner)
+    except (sweeping.SweepError, ConfigError, executors.ExecutorError) as exc:
         fail(str(exc))
     except tracking.TrackingError as exc:
         fail(str(exc), 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -101,11 +102,24 @@ class Child:
         return []
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the experiment's roles live. By default all on this machine, the metaserver on
+    loopback; with remote_trainers only metaserver and aggregator, the metaserver on an address
+    that the trainers' machines reach, and the trainers started there by hand."""
+
+    metaserver_host: str = "127.0.0.1"
+    metaserver_port: int = 0
+    remote_trainers: bool = False
+    join_timeout: float = 600.0
+
+
 class Experiment:
     """One experiment's processes, from start to a clean end."""
 
-    def __init__(self, cfg: ExperimentConfig, run_id: str, workdir: Path, echo=print):
-        self.cfg, self.run_id, self.workdir, self.echo = cfg, run_id, workdir, echo
+    def __init__(self, cfg: ExperimentConfig, run_id: str, workdir: Path, echo=print,
+                 placement: Placement = Placement()):
+        self.cfg, self.run_id, self.workdir, self.echo, self.placement = cfg, run_id, workdir, echo, placement
         self.children: list[Child] = []
         self.aggregator: Child | None = None
         self.trainers: list[Child] = []
@@ -116,10 +130,10 @@ class Experiment:
 
     def spawn(self, name: str, args: list[str], threads: int) -> Child:
         log = self.workdir / "logs" / f"{name}.log"
+        # gloo's interface: GLOO_SOCKET_IFNAME if set here, else the one towards the metaserver
+        # (transport.join), i.e. loopback for a local experiment.
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), FEDSHARD_SECRET=self.secret,
-                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-                   # gloo would otherwise listen on the interface the hostname resolves to
-                   GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         env.pop("MLFLOW_RUN_ID", None)  # children log to the run they are given, explicitly
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -134,7 +148,8 @@ class Experiment:
     def start(self) -> None:
         cores = cpu_budget()
         address_file = self.workdir / "metaserver.address"
-        meta = self.spawn("metaserver", ["metaserver", "--address-file", str(address_file)], 1)
+        where = ["--host", self.placement.metaserver_host, "--port", str(self.placement.metaserver_port)]
+        meta = self.spawn("metaserver", ["metaserver", *where, "--address-file", str(address_file)], 1)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not address_file.exists():
             if meta.proc.poll() is not None:
@@ -144,7 +159,10 @@ class Experiment:
             time.sleep(0.05)
         self.address = address_file.read_text().strip()
         common = ["--metaserver", self.address, "--run-id", self.run_id]
-        self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path)], cores)
+        self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path),
+                                                    "--join-timeout", str(self.placement.join_timeout)], cores)
+        if self.placement.remote_trainers:
+            return
         # Trainers train at the same time and share the cores; the aggregator
         # mostly works while they wait (evaluation), so it may use all of them.
         per_trainer = max(1, cores // self.cfg.world_size)
@@ -152,6 +170,11 @@ class Experiment:
             self.spawn(f"trainer_{k}", ["trainer", *common, "--rank", str(k)], per_trainer)
             for k in range(self.cfg.world_size)
         ]
+
+    def remote_trainer_commands(self) -> list[str]:
+        """What to run on each trainer machine. It carries the secret: pass it on privately."""
+        return [shlex.join(["fedshard", "trainer", "--metaserver", self.address, "--run-id", self.run_id,
+                            "--rank", str(k), "--secret", self.secret]) for k in range(self.cfg.world_size)]
 
     def watch(self) -> None:
         """Return when the aggregator completed; raise ExperimentFailed as soon as any child fails."""
@@ -205,7 +228,7 @@ def _die_with_parent_signal(sig: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
-def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
+def run(cfg: ExperimentConfig, run_id: str, echo=print, placement: Placement = Placement()) -> int:
     """Run the experiment logged to `run_id` and end that run; returns the process exit code."""
     workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
     stopping = False
@@ -217,15 +240,22 @@ def run(cfg: ExperimentConfig, run_id: str, echo=print) -> int:
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    exp = Experiment(cfg, run_id, workdir, echo)
+    exp = Experiment(cfg, run_id, workdir, echo, placement)
     status, reason, code = "FAILED", None, 1
     try:
         if os.environ.get("MLFLOW_RUN_ID"):
             die_with_parent()
         tracking.log_artifact(run_id, exp.config_path)
         exp.start()
-        echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
-             f"trainer pids {[t.proc.pid for t in exp.trainers]}")
+        if placement.remote_trainers:
+            echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
+                 f"waiting up to {placement.join_timeout:g}s for {cfg.world_size} remote trainer(s); on each "
+                 f"trainer machine run (with CIFAR-100 in {cfg.data_dir}, or add --data-dir DIR):")
+            for command in exp.remote_trainer_commands():
+                echo(f"  {command}")
+        else:
+            echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
+                 f"trainer pids {[t.proc.pid for t in exp.trainers]}")
         exp.watch()
         logged = len(tracking.client().get_metric_history(run_id, "test_accuracy"))
         if logged != cfg.rounds + 1:

@@ -4,8 +4,10 @@ A sweep is one MLflow parent run; each experiment is a child run that the sweep
 creates (params logged, tag mlflow.parentRunId) and hands to its own
 `fedshard run` process through MLFLOW_RUN_ID. That process is the launcher of
 the experiment: it owns the metaserver, aggregator and trainers, tears them
-down on SIGTERM and marks the run KILLED. The sweep only ever signals the
-launcher, and steps in itself (SIGKILL, mark KILLED) when one does not exit.
+down on SIGTERM and marks the run KILLED. The sweep only ever stops the
+launcher, and steps in itself (kill, mark KILLED) when one does not exit.
+Where launchers run - child processes here, or Ray tasks on a cluster - is the
+executor's business (executors.py).
 
 Nothing here is tied to the default grid: `expand` takes any axes, `plan`
 compares canonical configurations (so '0.00001' and '1e-05' are one learning
@@ -18,7 +20,6 @@ import itertools
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import executors
 from .config import ConfigError, ExperimentConfig, field_names
 
 # Grid axis (option / grid-file key) -> the experiment parameter it varies.
@@ -251,7 +253,7 @@ class Job:
     index: int  # 1-based position among the configurations to run
     attempt: int = 1
     run_id: str = ""
-    proc: subprocess.Popen | None = None
+    task: executors.LocalProcess | executors.RayTask | None = None
     log: Path | None = None
     gpu: str | None = None
     started: float = 0.0
@@ -263,14 +265,6 @@ class Outcome:
     run_id: str
     attempts: int
     reason: str = ""
-
-
-def _die_with_parent() -> None:
-    # A sweep killed with SIGKILL cannot tear down; the kernel then sends SIGTERM to its
-    # launchers, which tear their experiments down and mark them KILLED.
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _clock(seconds: float) -> str:
@@ -287,7 +281,7 @@ class Sweep:
     """Runs configurations `parallel` at a time, each as its own cancellable `fedshard run`."""
 
     def __init__(self, configs, experiment_name: str, parallel: int = 1, max_retries: int = 1,
-                 skipped=(), grid: Grid | None = None, echo=print, progress: bool = True):
+                 skipped=(), grid: Grid | None = None, echo=print, progress: bool = True, executor=None):
         self.configs, self.experiment_name = list(configs), experiment_name
         self.parallel, self.max_retries = parallel, max_retries
         self.skipped, self.grid, self.echo, self.progress = list(skipped), grid, echo, progress
@@ -301,6 +295,7 @@ class Sweep:
         self.gpus: list[str] = []
         self.env: dict[str, str] = {}
         self.bar = None  # the tqdm progress bar, on stderr
+        self.executor = executor or executors.LocalExecutor()
         self.t0 = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -308,6 +303,11 @@ class Sweep:
         """Run everything; return the exit code (0 all finished, 1 some failed, 128+signal)."""
         from . import tracking
 
+        try:  # first: ray.init installs a SIGTERM handler of its own, which ours must replace
+            self.executor.open(self.configs, self.say)
+        except executors.ExecutorError as exc:
+            self.executor.close()
+            raise SweepError(str(exc)) from exc
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         self.logs = Path(tempfile.mkdtemp(prefix="fedshard-sweep-"))
         status, error = "FAILED", None
@@ -323,6 +323,7 @@ class Sweep:
         finally:
             self._stop_all(f"interrupted by {signal.Signals(self.stop_signal).name}" if self.stop_signal
                            else f"sweep failed: {type(error).__name__}: {error}")
+            self.executor.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             if self.bar is not None:
@@ -350,12 +351,8 @@ class Sweep:
         from . import tracking
 
         per_cpu = cpus_per_experiment(self.parallel)
-        # Children import the same fedshard as this sweep, installed or not.
-        pkg_root = str(Path(__file__).resolve().parents[1])
-        path = os.environ.get("PYTHONPATH", "")
-        self.env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), FEDSHARD_CPUS=str(per_cpu),
-                        PYTHONPATH=os.pathsep.join([pkg_root] + ([path] if path else [])), PYTHONUNBUFFERED="1")
-        self.gpus = visible_gpus() if self.parallel > 1 else []
+        self.env = executors.child_env({"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "FEDSHARD_CPUS": str(per_cpu)})
+        self.gpus = visible_gpus() if self.parallel > 1 and self.executor.spreads_gpus else []
         tags = {"fedshard.sweep.experiments": str(len(self.configs)),
                 "fedshard.sweep.skipped": str(len(self.skipped))}
         if self.grid is not None:
@@ -393,7 +390,7 @@ class Sweep:
         while (self.pending or self.running) and not self.stop_signal:
             while self.pending and len(self.running) < self.parallel and not self.stop_signal:
                 self._start(self.pending.popleft())
-            for job in [j for j in self.running if j.proc.poll() is not None]:
+            for job in [j for j in self.running if j.task.done()]:
                 self.running.remove(job)
                 self._finish(job)
             if self.bar is not None and not self.bar.disable:
@@ -419,17 +416,14 @@ class Sweep:
             env["CUDA_VISIBLE_DEVICES"] = job.gpu
         job.log = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.log"
         try:
-            with job.log.open("wb") as out:
-                job.proc = subprocess.Popen(child_command(job.cfg), stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
-        except OSError as exc:
+            job.task = self.executor.start(job.cfg, child_command(job.cfg), env, job.log)
+        except Exception as exc:
             tracking.end_run(job.run_id, "FAILED", f"sweep could not start the experiment: {exc}")
             raise
         job.started = time.monotonic()
         self.running.append(job)
         self.say(f"  MLflow run {job.run_id}" + (f" on GPU {job.gpu}" if job.gpu is not None else "")
-                 + f", pid {job.proc.pid}, log {job.log}")
+                 + f", {job.task.where}, log {job.log}")
 
     def _finish(self, job: Job) -> None:
         from . import tracking
@@ -444,10 +438,8 @@ class Sweep:
             self._advance()
             return
         reason = record.tags.get(tracking.FAILURE_TAG) or self._log_tail(job)
-        from .launcher import describe_exit
-
-        reason = f"{describe_exit(job.proc.returncode)}: {reason}" if reason else describe_exit(job.proc.returncode)
-        if record.status == "RUNNING":  # the process died before it could end its run
+        reason = f"{job.task.outcome()}: {reason}" if reason else job.task.outcome()
+        if record.status == "RUNNING":  # the launcher died (or its node was lost) before it could end its run
             tracking.end_run(job.run_id, "FAILED", reason)
         outcome.reason = _one_line(reason)
         if job.attempt <= self.max_retries:
@@ -488,8 +480,9 @@ class Sweep:
 
     # -- stopping -------------------------------------------------------------------------
     def _stop_all(self, why: str) -> None:
-        """SIGTERM every launcher (each tears its experiment down and marks its run KILLED), SIGKILL
-        whatever is left after the grace period, and make sure no run stays RUNNING."""
+        """Stop every launcher (SIGTERM, or a Ray cancel that sends it; each tears its experiment down
+        and marks its run KILLED), kill whatever is left after the grace period, and make sure no
+        run stays RUNNING."""
         from . import tracking
 
         jobs, self.running = self.running, []
@@ -497,14 +490,12 @@ class Sweep:
             return
         self.say(f"Sweep {why}: stopping {len(jobs)} running experiment(s)...")
         for job in jobs:
-            with suppress(ProcessLookupError):
-                job.proc.send_signal(signal.SIGTERM)
+            job.task.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for job in jobs:
-            with suppress(subprocess.TimeoutExpired):
-                job.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            if job.proc.poll() is None:
-                _kill_tree(job.proc)
+            job.task.wait(max(0.0, deadline - time.monotonic()))
+            if not job.task.done():
+                job.task.kill()
             reason = f"sweep {why}"
             with suppress(Exception):
                 if tracking.run_status(job.run_id) == "RUNNING":
@@ -536,30 +527,11 @@ class Sweep:
             say(f"Logs of this sweep's experiments: {self.logs}")
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher that ignored SIGTERM, and every process below it."""
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        with suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
-        with suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait()
-    psutil.wait_procs(family, timeout=5)
-
-
 # --------------------------------------------------------------------------- the command
 
 
 def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: int, dry_run: bool,
-         echo=print, progress: bool = True) -> int:
+         echo=print, progress: bool = True, executor=None) -> int:
     """What `python sweep.py` does, after the options were parsed; returns the exit code."""
     from . import tracking
 
@@ -600,7 +572,7 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         echo(f"Nothing to run: every configuration already has a FINISHED run in {experiment_name!r}.")
         return 0
     _ensure_data(todo)
-    return Sweep(todo, experiment_name, parallel, max_retries, skipped, grid, echo, progress).run()
+    return Sweep(todo, experiment_name, parallel, max_retries, skipped, grid, echo, progress, executor).run()
 
 
 def reap_stale(runs) -> list:

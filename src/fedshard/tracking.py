@@ -22,6 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from .config import ExperimentConfig
 
+# With a tracking server MLflow prints links to a run whenever one ends; they would interleave
+# with the console output researchers know (set it to false to have them).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 DEFAULT_EXPERIMENT = "Default"
 FAILURE_TAG = "fedshard.failure_reason"
 WEIGHTS_DIR = "model"

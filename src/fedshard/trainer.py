@@ -7,6 +7,7 @@ the whole experiment.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -24,18 +25,23 @@ def round_seed(seed: int, trainer: int, round_: int) -> int:
     return int(np.random.SeedSequence([seed, trainer, round_]).generate_state(1)[0])
 
 
-def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: float = 600.0) -> None:
+def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: float = 600.0,
+        data_dir: str | None = None) -> None:
+    """`data_dir` overrides the experiment's, for a trainer on a machine that keeps CIFAR-100 elsewhere."""
     store = transport.enter_experiment(metaserver, run_id, secret, timeout=timeout)
     cfg = ExperimentConfig.from_json(store.get("config").decode())
     if not 0 <= trainer < cfg.world_size:
         raise ValueError(f"--rank {trainer}: this experiment has trainers 0..{cfg.world_size - 1}")
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
     device = resolve_device(cfg.device)
     images, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
     mine = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)[trainer]
     own = DeviceData.from_numpy(images[mine], labels[mine], device)
     del images, labels
     print(f"trainer {trainer}: {len(own)} training images on {device}", flush=True)
-    transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout)
+    transport.claim_rank(store, trainer)
+    transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout, metaserver)
     strategy = strategies.get(cfg.strategy)
     models: dict[int, AlexNet] = {}
     rounds_trained = 0

@@ -9,6 +9,9 @@ of layers. Nothing received is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,8 +68,56 @@ def enter_experiment(address: str, run_id: str, secret: str, timeout: float) -> 
     return dist.PrefixStore(namespace(run_id, secret), base)
 
 
-def join(store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
-    """Form the gloo process group of the experiment; `timeout` bounds every later send/recv."""
+def claim_rank(store: dist.Store, trainer: int) -> None:
+    """Trainer side: take trainer index `trainer`; a second process started with the same
+    --rank (a command pasted twice) is refused instead of breaking the process group."""
+    token = secrets.token_hex(8)
+    if store.compare_set(f"trainer/{trainer}", "", token).decode() != token:
+        raise Refused(f"refused: trainer {trainer} of this experiment has already joined")
+
+
+class TrainersMissing(RuntimeError):
+    """Not every trainer arrived within the join timeout."""
+
+
+def await_trainers(store: dist.Store, world_size: int, timeout: float, report=print) -> None:
+    """Aggregator side: wait until every trainer has claimed its index, naming each as it arrives
+    and, after `timeout` seconds, the ones still missing (on other machines they start by hand)."""
+    deadline = time.monotonic() + timeout
+    missing = list(range(world_size))
+    while missing:
+        for k in [k for k in missing if store.check([f"trainer/{k}"])]:
+            missing.remove(k)
+            report(f"aggregator: trainer {k} joined")
+        if missing and time.monotonic() > deadline:
+            raise TrainersMissing(f"trainer(s) {missing} did not join within join_timeout={timeout:g}s")
+        time.sleep(0.1)
+
+
+def interface_towards(host: str) -> str | None:
+    """The local network interface this machine reaches `host` through, or None if unknown."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # a UDP connect sends nothing: the kernel only picks the route
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.family == socket.AF_INET and a.address == local for a in addrs)), None)
+
+
+def join(store: dist.Store, rank: int, world_size: int, timeout: float, metaserver: str) -> None:
+    """Form the gloo process group of the experiment; `timeout` bounds every later send/recv.
+
+    gloo listens on, and tells its peers, the address of one interface: GLOO_SOCKET_IFNAME when
+    set, else the one this machine reaches the metaserver through (loopback for a local
+    experiment), which is also how peers on other machines reach this one."""
+    if not os.environ.get("GLOO_SOCKET_IFNAME"):
+        interface = interface_towards(parse_address(metaserver)[0])
+        if interface:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
 
 
