@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from . import data, strategies, tracking, transport
+from . import data, strategies, transport
 from .config import ExperimentConfig
 from .model import AlexNet
-from .training import DeviceData, evaluate, resolve_device
+from .training import DeviceData, configure_backends, evaluate, resolve_device
 
 
 def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
@@ -21,6 +21,8 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed)
     model = AlexNet()
     if cfg.init_from:
+        from . import tracking
+
         path = tracking.resolve_weights(cfg.init_from)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -33,9 +35,12 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
 
 def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", join_timeout: float = 600.0) -> None:
     device = resolve_device(cfg.device)
+    configure_backends(device, cfg.deterministic)
     store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
     # Trainers read the one frozen config from here, so every process runs the same experiment.
     store.set("config", cfg.to_json())
+    from . import tracking  # imported only now: importing MLflow takes seconds the trainers need not wait
+
     images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
     test = DeviceData.from_numpy(images, labels, device)
     weights = load_initial_weights(cfg)

@@ -184,14 +184,21 @@ class Experiment:
             if self.aggregator.proc.poll() == 0:
                 return
             if any(self._failed(c) for c in self.children):
-                # One death brings others down (the aggregator loses its peer): give them a
-                # moment, then name the killed ones first, as the cause.
-                time.sleep(0.5)
-                failed = sorted((c for c in self.children if self._failed(c)), key=lambda c: c.proc.returncode >= 0)
+                # One death brings others down. A process killed by a signal is the cause; when
+                # none was, the aggregator knows best what went wrong (a trainer that merely lost
+                # its peer may exit first), so wait a little for it. Name causes first.
+                deadline = time.monotonic() + (0.5 if self._killed() else GRACE_SECONDS)
+                while time.monotonic() < deadline and self.aggregator.proc.poll() is None:
+                    time.sleep(0.05)
+                failed = sorted((c for c in self.children if self._failed(c)),
+                                key=lambda c: (c.proc.returncode >= 0, c is not self.aggregator))
                 raise ExperimentFailed("; ".join(
                     f"{c.name.replace('_', ' ')} died ({describe_exit(c.proc.returncode)})"
                     + (f": {c.last_lines(1)}" if c.proc.returncode > 0 else "") for c in failed))
             time.sleep(POLL_SECONDS)
+
+    def _killed(self) -> bool:
+        return any((c.proc.poll() or 0) < 0 for c in self.children)
 
     def _failed(self, child: Child) -> bool:
         code = child.proc.poll()

@@ -17,7 +17,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from . import data, strategies, transport
 from .config import ExperimentConfig
 from .model import AlexNet
-from .training import DeviceData, resolve_device, train_local
+from .training import DeviceData, configure_backends, resolve_device, train_local
 
 
 def round_seed(seed: int, trainer: int, round_: int) -> int:
@@ -35,6 +35,7 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
     if data_dir:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     device = resolve_device(cfg.device)
+    configure_backends(device, cfg.deterministic)
     images, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
     mine = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)[trainer]
     own = DeviceData.from_numpy(images[mine], labels[mine], device)
