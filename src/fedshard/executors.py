@@ -8,7 +8,6 @@ only by the Ray executor, so the default needs no Ray.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import signal
@@ -20,17 +19,17 @@ from contextlib import suppress
 from pathlib import Path
 
 from .config import ExperimentConfig
+from .launcher import die_with_parent_signal  # no import may run between fork and exec
 
 POLL_SECONDS = 0.2
 # A launcher's output comes back with its Ray task; a few rounds' lines fit easily.
 OUTPUT_LIMIT = 1 << 20
-_PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     # Whoever started the launcher (a sweep, a Ray worker) may be killed outright; the kernel
     # then sends SIGTERM to the launcher, which tears its experiment down and marks it KILLED.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent_signal(signal.SIGTERM)
     # Ray's processes block SIGINT, and a signal mask survives exec: the launcher must get signals.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 

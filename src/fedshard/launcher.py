@@ -64,7 +64,7 @@ class ExperimentFailed(Exception):
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _die_with_parent_signal(signal.SIGKILL)
+    die_with_parent_signal(signal.SIGKILL)
 
 
 def cpu_budget() -> int:
@@ -225,12 +225,13 @@ def die_with_parent() -> None:
     """Under `mlflow run` or a sweep (MLFLOW_RUN_ID set), the launcher gets SIGTERM when the
     process that started it dies, even by SIGKILL, and so tears its experiment down."""
     parent = os.getppid()
-    _die_with_parent_signal(signal.SIGTERM)
+    die_with_parent_signal(signal.SIGTERM)
     if os.getppid() != parent:  # it died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _die_with_parent_signal(sig: int) -> None:
+def die_with_parent_signal(sig: int) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, sig)
 
