@@ -378,7 +378,7 @@ def bench_exchange(repeats: int) -> dict:
         times = []
         for r in range(repeats + 1):  # the first is a warm-up (buffers, connection)
             start = time.perf_counter()
-            transport.send_round(r + 1, [0], [state])
+            transport.send_round(r + 1, [0], [state], timeout=600)
             reports = _collect(r + 1, [0], [state])
             times.append(time.perf_counter() - start)
         back = reports[0].state

@@ -112,7 +112,7 @@ def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
     assert elapsed < 40, elapsed
     status, reason = run_info(exp.run_id)
     assert status == "FAILED"
-    assert "no result from trainer(s) [0]" in reason, reason
+    assert "trainer(s) [0] did not answer within round_timeout=12s" in reason, reason
     assert_gone(exp.children(), exp.run_id)
 
 
@@ -168,10 +168,15 @@ def test_stray_trainer_with_the_wrong_secret_is_refused(tmp_path, data_dir, stor
     assert run_info(exp.run_id)[0] == "FINISHED"
 
 
-def test_locked_store_is_a_clear_error_before_any_process(tmp_path, data_dir, store):
+def metaservers() -> set[int]:
+    return {p.pid for p in fedshard_processes("fedshard metaserver")}
+
+
+def test_locked_store_is_a_clear_error_and_starts_no_experiment(tmp_path, data_dir, store):
     db = store.removeprefix("sqlite:///")
     lock = sqlite3.connect(db)
     lock.execute("BEGIN EXCLUSIVE")
+    before = metaservers()
     try:
         result = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), cwd=tmp_path)
     finally:
@@ -180,15 +185,18 @@ def test_locked_store_is_a_clear_error_before_any_process(tmp_path, data_dir, st
     assert result.returncode == 2
     assert f"cannot use the MLflow tracking store {store}: " in result.stderr and "locked" in result.stderr
     assert "aggregator pid" not in result.stdout
+    assert metaservers() <= before  # the metaserver started alongside the store check is gone again
 
 
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    before = metaservers()
     start = time.monotonic()
     result = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), cwd=tmp_path)
     assert result.returncode == 2 and time.monotonic() - start < 30
     assert "cannot use the MLflow tracking store http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+    assert metaservers() <= before
 
 
 def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path, data_dir, store):

@@ -39,7 +39,6 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
     # Trainers read the one frozen config from here, so every process runs the same experiment.
     store.set("config", cfg.to_json())
-    from . import tracking  # imported only now: importing MLflow takes seconds the trainers need not wait
 
     images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
     test = DeviceData.from_numpy(images, labels, device)
@@ -65,13 +64,15 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         """Send round `round_`'s work; returns what collect needs."""
         parts = strategy.assignment(cfg, round_)
         payloads = strategy.split(weights, cfg, parts)
-        transport.send_round(round_, parts, payloads)
+        transport.send_round(round_, parts, payloads, cfg.round_timeout)
         return round_, parts, payloads
 
     # Pipelined: the model of round r is evaluated while the trainers already
     # train round r+1 from it, so evaluation adds no time to a round.
     start = time.perf_counter()
     sent = dispatch(1)
+    from . import tracking  # imported only now: importing MLflow takes seconds the trainers need not wait
+
     evaluate_and_log(0, {})
     for round_ in range(1, cfg.rounds + 1):
         reports = transport.collect_round(*sent, timeout=cfg.round_timeout)

@@ -84,7 +84,7 @@ def main():
               help="seconds the aggregator waits for every trainer to join")
 def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join_timeout, **values):
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
-    from . import launcher, tracking
+    from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
 
     if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
         _fail_outer_run(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine that the "
@@ -97,13 +97,21 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
         click.echo(f"fedshard: note: swapping does not apply to world_size={cfg.world_size} "
                    f"with strategy={cfg.strategy}; running without it (enable_swapping=false)")
     try:
-        tracking.ensure_store()
         launcher.check(cfg)
-        run_id = tracking.start_run(cfg, experiment_name)
-    except (launcher.CheckFailed, tracking.TrackingError) as exc:
+    except launcher.CheckFailed as exc:
         _fail_outer_run(str(exc))
+
+    def open_run() -> str:
+        from . import tracking
+
+        try:
+            tracking.ensure_store()
+            return tracking.start_run(cfg, experiment_name)
+        except tracking.TrackingError as exc:
+            _fail_outer_run(str(exc))  # exits; the launcher stops the metaserver it started
+
     placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
-    sys.exit(launcher.run(cfg, run_id, echo=click.echo, placement=placement))
+    sys.exit(launcher.run(cfg, open_run, echo=click.echo, placement=placement))
 
 
 def _fail_outer_run(message: str):
@@ -128,7 +136,8 @@ def metaserver(host, port, address_file, threads):
     """The rendezvous service that aggregator and trainers meet at."""
     from . import metaserver as role
 
-    role.serve(host, port, address_file)
+    with role_process("metaserver"):
+        role.serve(host, port, address_file)
 
 
 _ROLE_OPTIONS = [
@@ -141,14 +150,21 @@ _ROLE_OPTIONS = [
 
 
 @contextlib.contextmanager
-def role_errors(role: str):
-    """A role that fails says why in one line (the launcher records its last lines) and exits 1."""
+def role_process(role: str):
+    """Run a role to its end. A failure is said in one line (the launcher records a role's last
+    lines) and exits 1. Either way the process then ends at once with os._exit, as the children
+    of multiprocessing do: its results are sent and logged, its output is flushed, and the
+    interpreter's teardown of PyTorch and MLflow would add about a second to every experiment."""
+    code = 0
     try:
         yield
     except Exception as exc:
         traceback.print_exc()
         click.echo(f"{role}: error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def role_options(func):
@@ -167,7 +183,7 @@ def aggregator(address, run_id, secret, threads, config_path, join_timeout):
     from . import aggregator as role
 
     set_threads(threads)
-    with role_errors("aggregator"):
+    with role_process("aggregator"):
         role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout)
 
 
@@ -186,7 +202,7 @@ def trainer(address, run_id, secret, threads, trainer_index, timeout, data_dir):
     from . import trainer as role
 
     set_threads(threads)
-    with role_errors(f"trainer {trainer_index}"):
+    with role_process(f"trainer {trainer_index}"):
         role.run(address, run_id, trainer_index, secret, timeout, data_dir)
 
 

@@ -19,11 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import tracking
 from .config import ExperimentConfig
 
 POLL_SECONDS = 0.2
@@ -44,7 +44,7 @@ class CheckFailed(Exception):
 
 def check(cfg: ExperimentConfig) -> None:
     """Everything that can be wrong with the inputs, found before any process or run exists."""
-    from . import aggregator, data
+    from . import data
 
     try:
         data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
@@ -54,6 +54,8 @@ def check(cfg: ExperimentConfig) -> None:
         except data.DataError as exc:
             raise CheckFailed(f"world_size={cfg.world_size}: {exc}") from exc
         if cfg.init_from:
+            from . import aggregator  # imports PyTorch: only when there are weights to check
+
             aggregator.load_initial_weights(cfg)
     except (data.DataError, ValueError, FileNotFoundError) as exc:
         raise CheckFailed(str(exc)) from exc
@@ -117,10 +119,11 @@ class Placement:
 class Experiment:
     """One experiment's processes, from start to a clean end."""
 
-    def __init__(self, cfg: ExperimentConfig, run_id: str, workdir: Path, echo=print,
-                 placement: Placement = Placement()):
-        self.cfg, self.run_id, self.workdir, self.echo, self.placement = cfg, run_id, workdir, echo, placement
+    def __init__(self, cfg: ExperimentConfig, workdir: Path, echo=print, placement: Placement = Placement()):
+        self.cfg, self.workdir, self.echo, self.placement = cfg, workdir, echo, placement
+        self.run_id: str | None = None
         self.children: list[Child] = []
+        self.metaserver: Child | None = None
         self.aggregator: Child | None = None
         self.trainers: list[Child] = []
         self.secret = secrets.token_hex(16)
@@ -128,12 +131,12 @@ class Experiment:
         self.config_path = workdir / "config.json"
         self.config_path.write_text(cfg.to_json())
 
-    def spawn(self, name: str, args: list[str], threads: int) -> Child:
+    def spawn(self, name: str, args: list[str], threads: int, **env_extra: str) -> Child:
         log = self.workdir / "logs" / f"{name}.log"
         # gloo's interface: GLOO_SOCKET_IFNAME if set here, else the one towards the metaserver
         # (transport.join), i.e. loopback for a local experiment.
-        env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), FEDSHARD_SECRET=self.secret,
-                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, FEDSHARD_SECRET=self.secret, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                   **env_extra)
         env.pop("MLFLOW_RUN_ID", None)  # children log to the run they are given, explicitly
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -145,22 +148,32 @@ class Experiment:
         self.children.append(child)
         return child
 
-    def start(self) -> None:
-        cores = cpu_budget()
-        address_file = self.workdir / "metaserver.address"
+    def start_metaserver(self) -> None:
+        """Start the metaserver; it needs no run, so it imports PyTorch (seconds) while the
+        launcher opens the MLflow run."""
+        self.address_file = self.workdir / "metaserver.address"
         where = ["--host", self.placement.metaserver_host, "--port", str(self.placement.metaserver_port)]
-        meta = self.spawn("metaserver", ["metaserver", *where, "--address-file", str(address_file)], 1)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not address_file.exists():
+        self.metaserver = self.spawn("metaserver", ["metaserver", *where, "--address-file", str(self.address_file)], 1)
+        self.metaserver_deadline = time.monotonic() + STARTUP_TIMEOUT
+
+    def start(self, run_id: str) -> None:
+        """Once the metaserver listens, start the aggregator and the trainers of run `run_id`."""
+        self.run_id = run_id
+        cores = cpu_budget()
+        meta = self.metaserver
+        while not self.address_file.exists():
             if meta.proc.poll() is not None:
                 raise ExperimentFailed(f"metaserver {describe_exit(meta.proc.returncode)}: {meta.last_lines()}")
-            if time.monotonic() > deadline:
+            if time.monotonic() > self.metaserver_deadline:
                 raise ExperimentFailed(f"metaserver did not start within {STARTUP_TIMEOUT:.0f}s")
-            time.sleep(0.05)
-        self.address = address_file.read_text().strip()
-        common = ["--metaserver", self.address, "--run-id", self.run_id]
+            time.sleep(0.02)
+        self.address = self.address_file.read_text().strip()
+        common = ["--metaserver", self.address, "--run-id", run_id]
+        from . import tracking
+
         self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path),
-                                                    "--join-timeout", str(self.placement.join_timeout)], cores)
+                                                    "--join-timeout", str(self.placement.join_timeout)], cores,
+                                     MLFLOW_TRACKING_URI=tracking.tracking_uri())
         if self.placement.remote_trainers:
             return
         # Trainers train at the same time and share the cores; the aggregator
@@ -236,9 +249,26 @@ def die_with_parent_signal(sig: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
-def run(cfg: ExperimentConfig, run_id: str, echo=print, placement: Placement = Placement()) -> int:
-    """Run the experiment logged to `run_id` and end that run; returns the process exit code."""
+def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement()) -> int:
+    """Run one experiment and end its MLflow run; returns the process exit code.
+
+    `open_run` opens the run and returns its id. It is called once the metaserver is starting,
+    so that the two start-ups (seconds of imports each) overlap; if it raises, the metaserver is
+    stopped again and the exception propagates, with no run to end.
+    """
+    if os.environ.get("MLFLOW_RUN_ID"):
+        die_with_parent()
     workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
+    exp = Experiment(cfg, workdir, echo, placement)
+    exp.start_metaserver()
+    try:
+        run_id = open_run()
+    except BaseException:
+        exp.teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    from . import tracking  # already imported by open_run
+
     stopping = False
 
     def on_signal(signum, _frame):
@@ -248,13 +278,10 @@ def run(cfg: ExperimentConfig, run_id: str, echo=print, placement: Placement = P
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    exp = Experiment(cfg, run_id, workdir, echo, placement)
     status, reason, code = "FAILED", None, 1
     try:
-        if os.environ.get("MLFLOW_RUN_ID"):
-            die_with_parent()
         tracking.log_artifact(run_id, exp.config_path)
-        exp.start()
+        exp.start(run_id)
         if placement.remote_trainers:
             echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
                  f"waiting up to {placement.join_timeout:g}s for {cfg.world_size} remote trainer(s); on each "

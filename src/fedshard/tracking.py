@@ -47,7 +47,7 @@ def client() -> MlflowClient:
 def ensure_store() -> str:
     """Open (and, for a new SQLite file, create) the store once, before any parallel work."""
     uri = tracking_uri()
-    # Fail within seconds, before any process starts, instead of MLflow's minutes of retries.
+    # Fail within seconds, before any run exists, instead of MLflow's minutes of retries.
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)

@@ -150,18 +150,34 @@ class TrainerReport:
     state: dict[str, torch.Tensor]
 
 
-def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]]) -> None:
+class RoundFailed(RuntimeError):
+    """A round's exchange did not complete: a trainer died, hung past the timeout or misbehaved."""
+
+
+def _wait_all(works: Sequence[tuple[int, dist.Work]], timeout: float, round_: int, doing: str) -> None:
+    """Wait for every (trainer, work) within one deadline of `timeout` seconds: the first wait may
+    use all of it, later ones only what is left (finished work returns at once). Raises
+    RoundFailed naming every trainer whose transfer did not complete."""
+    deadline = time.monotonic() + timeout
+    failures: dict[int, str] = {}
+    for k, work in works:
+        try:
+            work.wait(timedelta(seconds=max(0.05, deadline - time.monotonic())))
+        except RuntimeError as exc:
+            failures.setdefault(k, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if failures:
+        raise RoundFailed(f"round {round_}: trainer(s) {sorted(failures)} did not answer within "
+                          f"round_timeout={timeout:g}s ({doing}): {next(iter(failures.values()))}")
+
+
+def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]],
+               timeout: float) -> None:
     """Send trainer k its part `parts[k]` and the weights `payloads[k]` of that part."""
     sends = []
     for k, (part, payload) in enumerate(zip(parts, payloads)):
         header = torch.tensor([TRAIN, round_, part], dtype=torch.int64)
-        sends += [dist.isend(header, k + 1), dist.isend(flatten(list(payload.values())), k + 1)]
-    for work in sends:
-        work.wait()
-
-
-class RoundFailed(RuntimeError):
-    """A round's exchange did not complete: a trainer died, hung past the timeout or misbehaved."""
+        sends += [(k, dist.isend(header, k + 1)), (k, dist.isend(flatten(list(payload.values())), k + 1))]
+    _wait_all(sends, timeout, round_, "taking their weights")
 
 
 def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]],
@@ -174,19 +190,7 @@ def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[
         flat = torch.empty(sum(t.numel() for t in payload.values()), dtype=torch.float32)
         receives += [(k, dist.irecv(stats, k + 1)), (k, dist.irecv(flat, k + 1))]
         buffers.append((stats, flat))
-    # One deadline for the whole round: the first wait may use all of it, later ones only
-    # what is left (a result that already arrived returns at once).
-    deadline = time.monotonic() + timeout
-    failures: dict[int, str] = {}
-    for k, work in receives:
-        try:
-            work.wait(timedelta(seconds=max(0.05, deadline - time.monotonic())))
-        except RuntimeError as exc:
-            failures.setdefault(k, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    if failures:
-        first = next(iter(failures.values()))
-        raise RoundFailed(f"round {round_}: no result from trainer(s) {sorted(failures)} "
-                          f"within round_timeout={timeout:g}s: {first}")
+    _wait_all(receives, timeout, round_, "sending their results")
     reports = []
     for k, ((stats, flat), payload) in enumerate(zip(buffers, payloads)):
         samples, loss, seconds, part = stats.tolist()
