@@ -3,7 +3,10 @@ store per test, and helpers to run the real `fedshard` command and look for left
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -24,29 +27,42 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """One empty SQLite MLflow store, made once: creating a store runs MLflow's migrations, which
+    takes over a second each time."""
+    root = tmp_path_factory.mktemp("empty-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        from fedshard import tracking
+
+        tracking.ensure_store()
+    return root / "mlflow.db"
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store, created once before any process uses it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(_empty_store, tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store of this test's own (a copy of the empty one), in place before
+    any process uses it. The test runs in its own directory, so artifacts land there as well."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_store, db)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # the copy's Default experiment is ours too
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                     (str(tmp_path / "mlruns" / "0"),))
+    uri = f"sqlite:///{db}"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    from fedshard import tracking
-
-    tracking.ensure_store()
     return uri
 
 
 @pytest.fixture(scope="session")
-def _session_store_uri(tmp_path_factory) -> str:
+def _session_store_uri(_empty_store, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("shared-store") / "mlflow.db"
-    uri = f"sqlite:///{path}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        from fedshard import tracking
-
-        tracking.ensure_store()
-    return uri
+    shutil.copyfile(_empty_store, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture

@@ -52,55 +52,65 @@ def expected_slice(k, r, n, every):  # DESIGN §2, written out independently of 
     return (k + r // every) % n
 
 
+def assert_rises_above_chance(run_id):
+    acc = history(run_id, "test_accuracy")
+    assert acc[0] <= CHANCE and max(acc[r] for r in acc if r > 0) > CHANCE, acc
+
+
+# DESIGN §7: plain AlexNet needs dozens of small steps to leave chance. With these settings (the
+# grid's largest learning rate, batch 8, 16 steps per trainer and round) each of the three learning
+# tests below measured 0.5 to 0.75 test accuracy in round 2; with 1e-4, world size 1 was still at
+# chance after 48 steps. Determinism is checked with fedavg, whose two trainers each train the
+# whole model from the same seeds (tensor-parallel splitting and assembly are pure functions,
+# tested exactly in test_sharding.py).
+LEARNS = dict(max_train_samples=128, max_test_samples=64, batch_size=8, learning_rate=1e-3)
+
+
 def test_world_size_one_is_centralised_training_and_learns(tmp_path, data_dir, store):
-    # DESIGN §7: plain AlexNet needs ~100 small steps to leave chance; this is the one test that pays for them.
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=1, rounds=3, enable_swapping=True,
-                                          batch_size=8, local_epochs=2, max_train_samples=128)
-    run = check_finished_run(result, run_id, 3)
+    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=1, rounds=2, enable_swapping=True,
+                                          **LEARNS)
+    run = check_finished_run(result, run_id, 2)
     assert run.data.params["enable_swapping"] == "false"  # does not apply, switched off with a notice
     assert "swapping does not apply" in result.stdout
-    assert run.data.params["learning_rate"] == "0.0001"
-    acc = history(run_id, "test_accuracy")
-    assert acc[0] <= CHANCE and max(acc.values()) >= 2 * CHANCE and acc[3] > CHANCE, acc
-    assert history(run_id, "trainer_0_slice") == {1: 0, 2: 0, 3: 0}
+    assert run.data.params["learning_rate"] == "0.001"
+    assert_rises_above_chance(run_id)
+    assert history(run_id, "trainer_0_slice") == {1: 0, 2: 0}
     assert_nothing_left(run_id, pids)
 
 
-def test_world_size_two_with_swapping_trains_the_prescribed_slices(tmp_path, data_dir, store):
-    rounds, every = 3, 1
+def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tmp_path, data_dir, store):
+    rounds, every = 2, 1
     result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=rounds, swap_every=every,
-                                          enable_swapping=True)
+                                          enable_swapping=True, local_epochs=2, **LEARNS)
     check_finished_run(result, run_id, rounds)
     for k in range(2):
         trained = history(run_id, f"trainer_{k}_slice")
         assert trained == {r: expected_slice(k, r, 2, every) for r in range(1, rounds + 1)}
         assert len(history(run_id, f"trainer_{k}_train_loss")) == rounds
+    assert_rises_above_chance(run_id)
     assert_nothing_left(run_id, pids)
 
 
-def test_world_size_two_without_swapping_keeps_slices(tmp_path, data_dir, store):
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=2, enable_swapping=False)
+def test_world_size_two_without_swapping_keeps_slices_and_learns(tmp_path, data_dir, store):
+    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=2, enable_swapping=False,
+                                          local_epochs=2, **LEARNS)
     check_finished_run(result, run_id, 2)
     assert history(run_id, "trainer_0_slice") == {1: 0, 2: 0}
     assert history(run_id, "trainer_1_slice") == {1: 1, 2: 1}
+    assert_rises_above_chance(run_id)
     assert_nothing_left(run_id, pids)
 
 
-def test_fedavg_trains_whole_models(tmp_path, data_dir, store):
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=2, strategy="fedavg")
-    run = check_finished_run(result, run_id, 2)
-    assert run.data.params["strategy"] == "fedavg" and run.data.params["enable_swapping"] == "false"
-    for k in range(2):
-        assert history(run_id, f"trainer_{k}_slice") == {1: 0, 2: 0}  # everyone trains the whole model
-    assert_nothing_left(run_id, pids)
-
-
-def test_same_config_and_seed_give_identical_metrics(tmp_path, data_dir, store):
-    runs = [run_experiment(tmp_path, data_dir, world_size=2, rounds=2, swap_every=1, max_train_samples=32,
+def test_fedavg_trains_whole_models_and_same_config_and_seed_give_identical_metrics(tmp_path, data_dir, store):
+    runs = [run_experiment(tmp_path, data_dir, world_size=2, rounds=2, strategy="fedavg", max_train_samples=32,
                            max_test_samples=16)
             for _ in range(2)]
-    for result, run_id, _ in runs:
-        check_finished_run(result, run_id, 2)
+    for result, run_id, pids in runs:
+        run = check_finished_run(result, run_id, 2)
+        assert run.data.params["strategy"] == "fedavg" and run.data.params["enable_swapping"] == "false"
+        for k in range(2):
+            assert history(run_id, f"trainer_{k}_slice") == {1: 0, 2: 0}  # everyone trains the whole model
+        assert_nothing_left(run_id, pids)
     (_, a, _), (_, b, _) = runs
     for metric in ("test_loss", "test_accuracy", "train_loss", "trainer_0_train_loss", "trainer_1_train_loss"):
         assert history(a, metric) == history(b, metric), metric

@@ -87,11 +87,12 @@ def run_info(run_id):
 
 
 SLOW_ROUNDS = dict(world_size=2, rounds=20, max_train_samples=128)  # rounds of a few seconds each
+ALL_UP = r"aggregator: trainer 1 joined"  # every process is up; round 1 is starting
 
 
 def test_trainer_killed_mid_round_fails_the_run(tmp_path, data_dir, store):
     exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
-    exp.wait_for(r"round 0/")  # round 1 is being trained now
+    exp.wait_for(ALL_UP)  # round 1 is under way
     os.kill(exp.trainers[1], signal.SIGKILL)
     elapsed = exp.finish()
     assert exp.proc.returncode == 1
@@ -105,7 +106,7 @@ def test_trainer_killed_mid_round_fails_the_run(tmp_path, data_dir, store):
 def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
     # short rounds (16 images per trainer) so that only the stopped trainer misses the deadline
     exp = Launcher(tmp_path, data_dir, world_size=2, rounds=20, max_train_samples=32, round_timeout=12)
-    exp.wait_for(r"round 0/")
+    exp.wait_for(r"round 0/")  # in a round: every process group member is connected
     os.kill(exp.trainers[0], signal.SIGSTOP)  # alive, but never answers
     elapsed = exp.finish(timeout=60)
     assert exp.proc.returncode == 1
@@ -119,7 +120,7 @@ def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
 @pytest.mark.parametrize("victim", ["aggregator", "metaserver"])
 def test_aggregator_or_metaserver_killed_fails_the_run(tmp_path, data_dir, store, victim):
     exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
-    exp.wait_for(r"round 0/")
+    exp.wait_for(ALL_UP)
     if victim == "aggregator":
         pid = exp.aggregator
     else:
@@ -135,7 +136,7 @@ def test_aggregator_or_metaserver_killed_fails_the_run(tmp_path, data_dir, store
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_the_launcher_kills_the_run(tmp_path, data_dir, store, sig):
     exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
-    exp.wait_for(r"round 0/")
+    exp.wait_for(ALL_UP)
     exp.proc.send_signal(sig)
     elapsed = exp.finish()
     assert exp.proc.returncode == 128 + sig and elapsed < 15
@@ -146,7 +147,7 @@ def test_signal_to_the_launcher_kills_the_run(tmp_path, data_dir, store, sig):
 
 def test_launcher_sigkilled_takes_its_children_along(tmp_path, data_dir, store):
     exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
-    exp.wait_for(r"round 0/")
+    exp.wait_for(ALL_UP)
     meta = [p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == exp.proc.pid]
     exp.proc.kill()
     exp.finish()
@@ -155,7 +156,7 @@ def test_launcher_sigkilled_takes_its_children_along(tmp_path, data_dir, store):
 
 def test_stray_trainer_with_the_wrong_secret_is_refused(tmp_path, data_dir, store):
     exp = Launcher(tmp_path, data_dir, world_size=1, rounds=2)
-    exp.wait_for(r"round 0/")
+    exp.wait_for(r"aggregator: trainer 0 joined")
     address = re.search(r"metaserver (\S+),", "".join(exp.output)).group(1)
     env = dict(os.environ, FEDSHARD_SECRET="not-the-secret")
     stray = subprocess.run([sys.executable, "-m", "fedshard", "trainer", "--metaserver", address,

@@ -111,7 +111,7 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
             _fail_outer_run(str(exc))  # exits; the launcher stops the metaserver it started
 
     placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
-    sys.exit(launcher.run(cfg, open_run, echo=click.echo, placement=placement))
+    exit_now(launcher.run(cfg, open_run, echo=click.echo, placement=placement))
 
 
 def _fail_outer_run(message: str):
@@ -149,12 +149,19 @@ _ROLE_OPTIONS = [
 ]
 
 
+def exit_now(code: int):
+    """End this process with `code` at once, its output flushed: for when every result is sent and
+    logged and every child is gone. The interpreter's teardown of PyTorch and MLflow would add
+    about a second to each process of every experiment; multiprocessing ends its children so too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @contextlib.contextmanager
 def role_process(role: str):
-    """Run a role to its end. A failure is said in one line (the launcher records a role's last
-    lines) and exits 1. Either way the process then ends at once with os._exit, as the children
-    of multiprocessing do: its results are sent and logged, its output is flushed, and the
-    interpreter's teardown of PyTorch and MLflow would add about a second to every experiment."""
+    """Run a role to its end, then exit_now. A failure is said in one line (the launcher records
+    a role's last lines) and exits 1."""
     code = 0
     try:
         yield
@@ -162,9 +169,7 @@ def role_process(role: str):
         traceback.print_exc()
         click.echo(f"{role}: error: {type(exc).__name__}: {exc}", err=True)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 def role_options(func):
