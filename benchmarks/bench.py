@@ -245,7 +245,9 @@ def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, dev
                "--data-dir", str(data_dir), "--max-train-samples", str(n_train), "--max-test-samples", "32",
                "--batch-size", "64", "--experiment-name", "bench", "--device", device]
     out_path, err_path = workdir / "run.out", workdir / "run.err"
-    spawned: dict[str, float] = {}  # role -> unix time its process was created (startup breakdown)
+    # role -> unix time its process was first seen (startup breakdown), polled every 50 ms: psutil's
+    # create_time is derived from the boot time in whole seconds and can be off by up to a second.
+    spawned: dict[str, float] = {}
     with out_path.open("w") as out, err_path.open("w") as err:
         t0 = time.time()
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -258,7 +260,7 @@ def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, dev
                         cmd = child.cmdline()
                         role = next((a for a in cmd if a in ("metaserver", "aggregator", "trainer")), None)
                         if role and role not in spawned:
-                            spawned[role] = child.create_time()
+                            spawned[role] = time.time()
             time.sleep(0.05 if time.time() - t0 < 30 else 0.5)
     stdout = out_path.read_text()
     if proc.returncode != 0:
