@@ -53,8 +53,10 @@ def expected_slice(k, r, n, every):  # DESIGN §2, written out independently of 
 
 
 def assert_rises_above_chance(run_id):
+    """Round 0 at or below chance, and at least twice chance in some later round (at least two of
+    the four classes told apart)."""
     acc = history(run_id, "test_accuracy")
-    assert acc[0] <= CHANCE and max(acc[r] for r in acc if r > 0) > CHANCE, acc
+    assert acc[0] <= CHANCE and max(acc[r] for r in acc if r > 0) >= 2 * CHANCE, acc
 
 
 # DESIGN §7: plain AlexNet needs dozens of small steps to leave chance. With these settings (the
