@@ -21,18 +21,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, fedshard, fedshard_processes
 from fedshard import cli, tracking
 from fedshard.config import ExperimentConfig, field_names
-from fedshard.sweep import (
-    AXES,
-    SweepError,
-    child_command,
-    cpus_per_experiment,
-    describe,
-    expand,
-    make_grid,
-    pick_gpu,
-    plan,
-    visible_gpus,
-)
+from fedshard.planning import AXES, SweepError, describe, expand, make_grid, plan
+from fedshard.sweep import child_command, cpus_per_experiment, pick_gpu, visible_gpus
 
 SWEEP = str(REPO / "sweep.py")
 
@@ -158,9 +148,10 @@ def test_only_finished_runs_are_skipped_comparing_canonical_values():
         record(tags={"fedshard.sweep": "true"}, rounds="3"),
         record(world_size="1", learning_rate="1e-3", enable_swapping="false", batch_size="16", **base),
     ]
-    todo, skipped = plan(configs, runs)
-    assert [c.key() for c in todo] == [(1, 1e-3, False, 3, 1), (2, 1e-5, True, 3, 1)]
-    assert [(c.key(), run_id) for c, run_id in skipped] == [
+    work = plan(configs, runs)
+    assert [t.cfg.key() for t in work.tasks] == [(1, 1e-3, False, 3, 1), (2, 1e-5, True, 3, 1)]
+    assert all(t.start == 0 for t in work.tasks)  # no checkpoint, no shorter twin: from round 0
+    assert [(c.key(), run_id) for c, run_id in work.skipped] == [
         ((1, 1e-5, False, 3, 1), runs[0].run_id), ((2, 1e-3, True, 3, 1), runs[1].run_id)]
 
 

@@ -7,10 +7,11 @@ and combined. Only the aggregator logs per-round metrics.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from . import data, strategies, transport
+from . import checkpoint, data, strategies, transport
 from .config import ExperimentConfig
 from .model import AlexNet
 from .training import DeviceData, configure_backends, evaluate, resolve_device
@@ -33,7 +34,31 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", join_timeout: float = 600.0) -> None:
+class Committer:
+    """Makes rounds durable in the background, one at a time and in order (tracking.commit_round:
+    checkpoint, then metrics), so that storing a 220 MB checkpoint overlaps the next round's
+    training as evaluation does. A failed commit is raised at the next call, failing the run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self.pending: Future | None = None
+
+    def submit(self, round_: int, metrics: dict[str, float], weights: dict | None) -> None:
+        from . import tracking
+
+        self.wait()  # at most one round in flight: bounded memory, errors surface a round later at most
+        self.pending = self.pool.submit(tracking.commit_round, self.run_id, round_, metrics, weights)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+
+def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", join_timeout: float = 600.0,
+        start_from: str | None = None) -> None:
+    """Run rounds 1..cfg.rounds, or, with `start_from` (a checkpoint file), the rounds after its round."""
     device = resolve_device(cfg.device)
     configure_backends(device, cfg.deterministic)
     store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
@@ -42,7 +67,11 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
 
     images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
     test = DeviceData.from_numpy(images, labels, device)
-    weights = load_initial_weights(cfg)
+    if start_from:
+        begin = checkpoint.load(start_from)
+        first, weights = begin.round, begin.weights
+    else:
+        first, weights = 0, load_initial_weights(cfg)
     with torch.device("meta"):  # evaluation copy: every round loads the assembled weights into it
         model = AlexNet()
     model.to_empty(device=device)
@@ -50,13 +79,17 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
     transport.await_trainers(store, cfg.world_size, join_timeout, report=lambda m: print(m, flush=True))
     transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout, metaserver)
+    if first:
+        print(f"aggregator: continuing after round {first} (rounds 0..{first} are in the run)", flush=True)
+    committer = Committer(run_id)
 
-    def evaluate_and_log(round_: int, extra: dict[str, float]) -> None:
+    def evaluate_and_commit(round_: int, extra: dict[str, float]) -> None:
         model.load_state_dict(weights)
         start = time.perf_counter()
         loss, acc = evaluate(model, test, cfg.eval_batch_size, cfg.amp)
         metrics = {"test_loss": loss, "test_accuracy": acc, "eval_seconds": time.perf_counter() - start, **extra}
-        tracking.log_round(run_id, round_, metrics)
+        # Round 0 needs no checkpoint: the seed (or init_from) makes that model again.
+        committer.submit(round_, metrics, weights if round_ > 0 else None)
         train = f" train_loss={extra['train_loss']:.4f} ({extra['round_seconds']:.1f}s)" if extra else ""
         print(f"round {round_}/{cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
 
@@ -67,14 +100,15 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         transport.send_round(round_, parts, payloads, cfg.round_timeout)
         return round_, parts, payloads
 
-    # Pipelined: the model of round r is evaluated while the trainers already
-    # train round r+1 from it, so evaluation adds no time to a round.
+    # Pipelined: the model of round r is evaluated (and stored) while the trainers already
+    # train round r+1 from it, so neither adds time to a round.
     start = time.perf_counter()
-    sent = dispatch(1)
+    sent = dispatch(first + 1) if first < cfg.rounds else None
     from . import tracking  # imported only now: importing MLflow takes seconds the trainers need not wait
 
-    evaluate_and_log(0, {})
-    for round_ in range(1, cfg.rounds + 1):
+    if first == 0:
+        evaluate_and_commit(0, {})
+    for round_ in range(first + 1, cfg.rounds + 1):
         reports = transport.collect_round(*sent, timeout=cfg.round_timeout)
         parts = sent[1]
         samples = [r.samples for r in reports]
@@ -90,7 +124,8 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         start = time.perf_counter()
         if round_ < cfg.rounds:
             sent = dispatch(round_ + 1)
-        evaluate_and_log(round_, extra)
+        evaluate_and_commit(round_, extra)
+    committer.wait()
     transport.stop_trainers(cfg.world_size)
     tracking.log_weights(run_id, weights)
     transport.leave()

@@ -82,20 +82,31 @@ def main():
 @click.option("--metaserver-port", default=0, type=click.IntRange(0, 65535), help="0 = chosen by the OS")
 @click.option("--join-timeout", default=600.0, type=click.FloatRange(0, min_open=True),
               help="seconds the aggregator waits for every trainer to join")
-def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join_timeout, **values):
+@click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
+              help="continue this FAILED, KILLED or stale RUNNING run in place, from its last checkpoint, with "
+              "its own configuration (give no other experiment option)")
+@click.option("--extend", "extend_id", default=None, metavar="RUN_ID",
+              help="start from the final model of this FINISHED run of the same configuration with fewer rounds; "
+              "its rounds are copied in and only the later ones are trained")
+def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join_timeout, resume_id, extend_id,
+        **values):
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
     from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
 
     if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
         _fail_outer_run(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine that the "
                         f"trainers' machines reach (not {metaserver_host or 'empty'})")
-    try:
-        cfg = ExperimentConfig.from_mapping(values)
-    except ConfigError as exc:
-        _fail_outer_run(str(exc))
-    if values["enable_swapping"] and not cfg.enable_swapping:
-        click.echo(f"fedshard: note: swapping does not apply to world_size={cfg.world_size} "
-                   f"with strategy={cfg.strategy}; running without it (enable_swapping=false)")
+    if resume_id:
+        cfg, start = _resumed(resume_id, extend_id, experiment_name, values)
+    else:
+        try:
+            cfg = ExperimentConfig.from_mapping(values)
+        except ConfigError as exc:
+            _fail_outer_run(str(exc))
+        if values["enable_swapping"] and not cfg.enable_swapping:
+            click.echo(f"fedshard: note: swapping does not apply to world_size={cfg.world_size} "
+                       f"with strategy={cfg.strategy}; running without it (enable_swapping=false)")
+        start = _extended(cfg, extend_id) if extend_id else None
     try:
         launcher.check(cfg)
     except launcher.CheckFailed as exc:
@@ -106,12 +117,53 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
 
         try:
             tracking.ensure_store()
-            return tracking.start_run(cfg, experiment_name)
+            if resume_id:
+                tracking.reopen_run(resume_id, {tracking.RESUMED_TAG: str(start.checkpoint.round)})
+                tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
+                return resume_id
+            run_id = tracking.start_run(cfg, experiment_name)
+            if extend_id:
+                tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
+                tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
+            return run_id
         except tracking.TrackingError as exc:
             _fail_outer_run(str(exc))  # exits; the launcher stops the metaserver it started
 
     placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
-    exit_now(launcher.run(cfg, open_run, echo=click.echo, placement=placement))
+    exit_now(launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start))
+
+
+def _resumed(run_id: str, extend_id, experiment_name, values):
+    """The configuration and start of `fedshard run --resume RUN_ID`, or exit 2 saying why not."""
+    given = [f"--{name.replace('_', '-')}" for name in values
+             if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    given += ["--extend"] * bool(extend_id) + ["--experiment-name"] * bool(experiment_name)
+    if given:
+        fail(f"--resume {run_id} continues the run with its own configuration and experiment; drop {', '.join(given)}")
+    if os.environ.get("MLFLOW_RUN_ID"):
+        _fail_outer_run("--resume continues a run of its own; it cannot log into the run `mlflow run` made")
+    from . import resume, tracking
+
+    try:
+        tracking.ensure_store()
+        cfg, start = resume.for_resume(run_id, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True))
+    except (tracking.TrackingError, resume.ContinueError) as exc:
+        fail(str(exc))
+    click.echo(f"fedshard: resuming run {run_id} after round {start.checkpoint.round} of {cfg.rounds}")
+    return cfg, start
+
+
+def _extended(cfg: ExperimentConfig, source_id: str):
+    from . import resume, tracking
+
+    try:
+        tracking.ensure_store()
+        start = resume.for_extension(cfg, source_id)
+    except (tracking.TrackingError, resume.ContinueError) as exc:
+        _fail_outer_run(str(exc))
+    click.echo(f"fedshard: extending run {source_id}: its rounds 0..{start.copied_rounds} are copied in, "
+               f"rounds {start.copied_rounds + 1}..{cfg.rounds} are trained here")
+    return start
 
 
 def _fail_outer_run(message: str):
@@ -183,13 +235,16 @@ def role_options(func):
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--join-timeout", default=600.0, type=click.FloatRange(0, min_open=True),
               help="seconds to wait for every trainer to join")
-def aggregator(address, run_id, secret, threads, config_path, join_timeout):
+@click.option("--start-from", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="a checkpoint file: continue after its round instead of starting at round 0")
+def aggregator(address, run_id, secret, threads, config_path, join_timeout, start_from):
     """Rank 0: send slices, collect them, assemble, evaluate and log every round."""
     from . import aggregator as role
 
     set_threads(threads)
     with role_process("aggregator"):
-        role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout)
+        role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout,
+                 start_from)
 
 
 @main.command()
@@ -234,6 +289,10 @@ _GRID_HELP = "comma-separated values [default: {}]"
 @click.option("--max-retries", default=1, type=click.IntRange(0), show_default=True,
               help="extra attempts for a failed experiment")
 @click.option("--dry-run", is_flag=True, help="print what would run and what is skipped; run nothing")
+@click.option("--no-resume", is_flag=True, help="train a failed or killed configuration from round 0 instead of "
+              "resuming its run from its last checkpoint")
+@click.option("--no-extend", is_flag=True, help="train every configuration from round 0 instead of starting a "
+              "longer run from the final model of its shorter twin")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: child processes of this sweep; ray: Ray tasks on a cluster (pip install -e '.[ray]')")
@@ -245,16 +304,18 @@ _GRID_HELP = "comma-separated values [default: {}]"
               help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
               "else 0]")
 def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
-          experiment_name, parallel, max_retries, dry_run, no_progress, executor, ray_address,
+          experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor, ray_address,
           cpus_per_experiment, gpus_per_experiment):
     """Run the grid (DESIGN 1): every configuration without a FINISHED run, as child runs of one sweep run.
 
-    Ctrl-C stops the running experiments (their runs end KILLED); running the same sweep again
-    continues with what is left.
+    A failed or killed experiment continues from its last checkpoint, and a configuration at
+    several round counts is trained once, up to the longest: the longer run starts from the
+    shorter one's final model. Ctrl-C stops the running experiments (their runs end KILLED);
+    running the same sweep again continues with what is left.
     """
     import shlex
 
-    from . import executors, sweep as sweeping, tracking
+    from . import executors, planning, sweep as sweeping, tracking
 
     options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
                "rounds": rounds, "seeds": seeds}
@@ -264,10 +325,10 @@ def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_
         fail(f"--params {params_text!r}: {exc}")
     try:
         runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
-        grid = sweeping.make_grid(options, [*extra, *assignments], grid_file or None)
+        grid = planning.make_grid(options, [*extra, *assignments], grid_file or None)
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
-                             progress=not no_progress, executor=runner)
-    except (sweeping.SweepError, ConfigError, executors.ExecutorError) as exc:
+                             progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
+    except (planning.SweepError, ConfigError, executors.ExecutorError) as exc:
         fail(str(exc))
     except tracking.TrackingError as exc:
         fail(str(exc), 1)

@@ -23,8 +23,12 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from .resume import Start
 
 POLL_SECONDS = 0.2
 STARTUP_TIMEOUT = 60.0
@@ -119,8 +123,10 @@ class Placement:
 class Experiment:
     """One experiment's processes, from start to a clean end."""
 
-    def __init__(self, cfg: ExperimentConfig, workdir: Path, echo=print, placement: Placement = Placement()):
+    def __init__(self, cfg: ExperimentConfig, workdir: Path, echo=print, placement: Placement = Placement(),
+                 start_file: Path | None = None):
         self.cfg, self.workdir, self.echo, self.placement = cfg, workdir, echo, placement
+        self.start_file = start_file  # a checkpoint the aggregator starts after (resume, extension)
         self.run_id: str | None = None
         self.children: list[Child] = []
         self.metaserver: Child | None = None
@@ -171,9 +177,10 @@ class Experiment:
         common = ["--metaserver", self.address, "--run-id", run_id]
         from . import tracking
 
+        start = ["--start-from", str(self.start_file)] if self.start_file else []
         self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path),
-                                                    "--join-timeout", str(self.placement.join_timeout)], cores,
-                                     MLFLOW_TRACKING_URI=tracking.tracking_uri())
+                                                    "--join-timeout", str(self.placement.join_timeout), *start],
+                                     cores, MLFLOW_TRACKING_URI=tracking.tracking_uri())
         if self.placement.remote_trainers:
             return
         # Trainers train at the same time and share the cores; the aggregator
@@ -249,17 +256,24 @@ def die_with_parent_signal(sig: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
-def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement()) -> int:
+def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement(),
+        start: Start | None = None) -> int:
     """Run one experiment and end its MLflow run; returns the process exit code.
 
     `open_run` opens the run and returns its id. It is called once the metaserver is starting,
     so that the two start-ups (seconds of imports each) overlap; if it raises, the metaserver is
-    stopped again and the exception propagates, with no run to end.
+    stopped again and the exception propagates, with no run to end. With `start` the
+    aggregator begins after that checkpoint's round (resume, extension) instead of round 0.
     """
     if os.environ.get("MLFLOW_RUN_ID"):
         die_with_parent()
     workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
-    exp = Experiment(cfg, workdir, echo, placement)
+    start_file = None
+    if start is not None:
+        from . import checkpoint
+
+        start_file = checkpoint.save(start.checkpoint, workdir / "start.pt")
+    exp = Experiment(cfg, workdir, echo, placement, start_file)
     exp.start_metaserver()
     try:
         run_id = open_run()
@@ -292,9 +306,9 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
             echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
                  f"trainer pids {[t.proc.pid for t in exp.trainers]}")
         exp.watch()
-        logged = len(tracking.client().get_metric_history(run_id, "test_accuracy"))
-        if logged != cfg.rounds + 1:
-            raise ExperimentFailed(f"aggregator exited but logged {logged} of {cfg.rounds + 1} evaluations")
+        missing = sorted(set(range(cfg.rounds + 1)) - tracking.logged_steps(run_id))
+        if missing:
+            raise ExperimentFailed(f"aggregator exited but rounds {missing} of 0..{cfg.rounds} were not logged")
         status, code = "FINISHED", 0
     except Interrupted as exc:
         status, reason, code = "KILLED", f"interrupted by {exc}", 128 + exc.signum
@@ -311,7 +325,14 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
         echo(line)
     with suppress(Exception):
         tracking.log_artifact(run_id, workdir / "logs")
-    tracking.end_run(run_id, status, reason)
+    tags = {}
+    with suppress(Exception):  # rounds this run's own trainers trained: the last one in, less copied ones
+        last = max(tracking.logged_steps(run_id) or {0})
+        tags[tracking.ROUNDS_TRAINED_TAG] = str(max(0, last - (start.copied_rounds if start else 0)))
+    tracking.end_run(run_id, status, reason, tags)
+    if status == "FINISHED":  # only now: until the run is FINISHED, its checkpoint is what resumes it
+        with suppress(Exception):
+            tracking.delete_checkpoints(run_id)
     shutil.rmtree(workdir, ignore_errors=True)
     echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
     return code

@@ -1,4 +1,4 @@
-"""The grid as researchers run it: expand, skip what already finished, run the rest.
+"""Running a sweep: the plan (planning.py) N experiments at a time, to the end, whatever fails.
 
 A sweep is one MLflow parent run; each experiment is a child run that the sweep
 creates (params logged, tag mlflow.parentRunId) and hands to its own
@@ -9,14 +9,15 @@ launcher, and steps in itself (kill, mark KILLED) when one does not exit.
 Where launchers run - child processes here, or Ray tasks on a cluster - is the
 executor's business (executors.py).
 
-Nothing here is tied to the default grid: `expand` takes any axes, `plan`
-compares canonical configurations (so '0.00001' and '1e-05' are one learning
-rate), and `Sweep` runs any list of configurations N at a time.
+What to run, and where each experiment starts (round 0, a failed run's checkpoint,
+a shorter twin's final model), is the plan's business; here a task that extends a
+twin of this sweep waits until that twin is FINISHED, and a failed experiment is
+retried by resuming it from its checkpoint when it has one, so no finished round
+is trained twice.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import shlex
 import signal
@@ -25,29 +26,12 @@ import tempfile
 import time
 from collections import deque
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import executors
-from .config import ConfigError, ExperimentConfig, field_names
-
-# Grid axis (option / grid-file key) -> the experiment parameter it varies.
-AXES = {
-    "world_sizes": "world_size",
-    "learning_rates": "learning_rate",
-    "swap": "enable_swapping",
-    "rounds": "rounds",
-    "seeds": "seed",
-}
-# DESIGN §1: 18 runs for world_size 1 (swapping does not apply), 36 for world_size 2.
-DEFAULT_GRID = {
-    "world_sizes": ["1", "2"],
-    "learning_rates": ["1e-5", "1e-4", "1e-3"],
-    "swap": ["false", "true"],
-    "rounds": ["30", "50"],
-    "seeds": ["123", "456", "789"],
-}
-GRID_FILE_KEYS = (*AXES, "params")
+from .config import ConfigError, ExperimentConfig
+from .planning import Grid, Plan, SweepError, Task, describe, expand, plan
 
 POLL_SECONDS = 0.2
 # How long a launcher gets to tear its experiment down after SIGTERM before the
@@ -56,161 +40,20 @@ STOP_GRACE_SECONDS = 30.0
 LAUNCHER_LOG = "fedshard-run.log"
 
 
-class SweepError(ValueError):
-    """A bad grid, -P assignment or grid file; the message says what and what is valid."""
-
-
-# --------------------------------------------------------------------------- the grid
-
-
-def split_values(axis: str, value) -> list[str]:
-    """'1e-5, 1e-4' or [1e-5, 0.0001] (YAML) -> ['1e-5', '1e-4']; booleans as true/false."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    out = []
-    for item in items:
-        text = ("true" if item else "false") if isinstance(item, bool) else str(item).strip()
-        if not text:
-            raise SweepError(f"--{axis.replace('_', '-')} {value!r}: empty value in the list")
-        out.append(text)
-    if not out:
-        raise SweepError(f"--{axis.replace('_', '-')}: no values given")
-    return out
-
-
-def parse_assignments(items) -> dict[str, str]:
-    """-P key=value pairs -> {key: value}; keys must be experiment parameters that are not grid axes."""
-    fixed: dict[str, str] = {}
-    valid = [n for n in field_names() if n not in AXES.values()]
-    for item in items:
-        key, sep, value = str(item).partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise SweepError(f"-P {item!r}: expected KEY=VALUE, e.g. -P data_dir=/data")
-        if key in AXES.values():
-            axis = next(a for a, f in AXES.items() if f == key)
-            raise SweepError(f"-P {item!r}: {key} is a grid axis; give it as --{axis.replace('_', '-')} "
-                             f"(a single value is a one-value axis)")
-        if key not in valid:
-            raise SweepError(f"-P {item!r}: unknown experiment parameter {key!r}; valid: {', '.join(valid)}")
-        fixed[key] = value.strip()
-    return fixed
-
-
-def load_grid_file(path) -> dict:
-    """A YAML grid: any of world_sizes, learning_rates, swap, rounds, seeds (lists or comma
-    strings) and params (a mapping of fixed experiment parameters)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise SweepError(f"grid file {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"grid file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SweepError(f"grid file {path}: expected a mapping with keys {', '.join(GRID_FILE_KEYS)}")
-    unknown = sorted(set(map(str, data)) - set(GRID_FILE_KEYS))
-    if unknown:
-        raise SweepError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(GRID_FILE_KEYS)}")
-    params = data.get("params") or {}
-    if not isinstance(params, dict):
-        raise SweepError(f"grid file {path}: params must be a mapping such as {{data_dir: /data}}")
-    out = {axis: split_values(axis, data[axis]) for axis in AXES if data.get(axis) is not None}
-    out["params"] = {str(k): ("true" if v else "false") if isinstance(v, bool) else ("" if v is None else str(v))
-                     for k, v in params.items()}
-    return out
-
-
-@dataclass(frozen=True)
-class Grid:
-    axes: dict  # axis name -> list of value strings
-    fixed: dict = field(default_factory=dict)  # experiment parameter -> value string, the same for every run
-
-    def describe(self) -> str:
-        parts = [f"{axis}={','.join(values)}" for axis, values in self.axes.items()]
-        return " ".join(parts + [f"{k}={v}" for k, v in self.fixed.items()])
-
-
-def make_grid(options: dict, assignments=(), grid_file=None) -> Grid:
-    """Options given on the command line win over the grid file, which wins over DESIGN's default grid."""
-    from_file = load_grid_file(grid_file) if grid_file else {}
-    axes = {}
-    for axis in AXES:
-        given = options.get(axis)
-        axes[axis] = (split_values(axis, given) if given not in (None, "") else
-                      from_file.get(axis) or list(DEFAULT_GRID[axis]))
-    fixed = parse_assignments(f"{k}={v}" for k, v in from_file.get("params", {}).items())
-    fixed.update(parse_assignments(assignments))
-    return Grid(axes, fixed)
-
-
-def expand(grid: Grid) -> list[ExperimentConfig]:
-    """Every configuration of the grid, validated, canonical and without duplicates, in grid order
-    (world size, learning rate, swapping, rounds, seed). Swapping collapses to off wherever it
-    does not apply (world_size 1, fedavg), so the default grid is 18 + 36 = 54 runs."""
-    problems: list[str] = []
-
-    def config(values: dict) -> ExperimentConfig | None:
-        try:
-            return ExperimentConfig.from_mapping(values)
-        except ConfigError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines()]
-            problems.extend(ln for ln in (lines[1:] or lines) if ln not in problems)
-            return None
-
-    # Each value alone first, so that one bad value is reported once, not once per combination.
-    if config(grid.fixed) is not None:
-        for axis, name in AXES.items():
-            for value in grid.axes[axis]:
-                config({**grid.fixed, name: value})
-    if problems:
-        raise SweepError("invalid sweep:\n  " + "\n  ".join(problems))
-    configs, seen = [], set()
-    for combo in itertools.product(*(grid.axes[axis] for axis in AXES)):
-        cfg = config({**grid.fixed, **dict(zip(AXES.values(), combo))})
-        if cfg is not None and cfg not in seen:
-            seen.add(cfg)
-            configs.append(cfg)
-    if problems:
-        raise SweepError("invalid sweep:\n  " + "\n  ".join(problems))
-    return configs
-
-
-# --------------------------------------------------------------------------- what is left
-
-
-def finished_configs(runs) -> dict[ExperimentConfig, str]:
-    """Canonical configuration -> id of a FINISHED experiment run (sweep parent runs excluded)."""
-    done = {}
-    for run in runs:
-        if run.status == "FINISHED" and run.is_experiment:
-            with suppress(ConfigError):
-                done[run.config()] = run.run_id
-    return done
-
-
-def plan(configs, runs) -> tuple[list[ExperimentConfig], list[tuple[ExperimentConfig, str]]]:
-    """(configurations to run, [(configuration, its finished run id)] to skip). Only a FINISHED run
-    counts: FAILED and KILLED configurations run again."""
-    done = finished_configs(runs)
-    todo = [c for c in configs if c not in done]
-    skipped = [(c, done[c]) for c in configs if c in done]
-    return todo, skipped
-
-
-def describe(cfg: ExperimentConfig) -> str:
-    return (f"world_size={cfg.world_size}, lr={cfg.learning_rate!r}, swap={cfg.enable_swapping}, "
-            f"rounds={cfg.rounds}, seed={cfg.seed}")
-
-
 def child_command(cfg: ExperimentConfig) -> list[str]:
     """`fedshard run` with every parameter spelled out, so the process runs exactly this config."""
     args = [sys.executable, "-m", "fedshard", "run"]
     for name, value in cfg.params().items():
         args += [f"--{name.replace('_', '-')}", value]
     return args
+
+
+def task_command(task: Task) -> list[str]:
+    """The `fedshard run` that carries out a task: resuming its run, or a run of its configuration,
+    extending a FINISHED run when the task says so."""
+    if task.resume:
+        return [sys.executable, "-m", "fedshard", "run", "--resume", task.resume]
+    return child_command(task.cfg) + (["--extend", task.extends] if task.extends else [])
 
 
 # --------------------------------------------------------------------------- resources
@@ -249,14 +92,18 @@ def cpus_per_experiment(parallel: int) -> int:
 
 @dataclass
 class Job:
-    cfg: ExperimentConfig
+    task: Task
     index: int  # 1-based position among the configurations to run
     attempt: int = 1
     run_id: str = ""
-    task: executors.LocalProcess | executors.RayTask | None = None
+    handle: executors.LocalProcess | executors.RayTask | None = None
     log: Path | None = None
     gpu: str | None = None
     started: float = 0.0
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self.task.cfg
 
 
 @dataclass
@@ -280,16 +127,16 @@ def _one_line(text: str, limit: int = 300) -> str:
 class Sweep:
     """Runs configurations `parallel` at a time, each as its own cancellable `fedshard run`."""
 
-    def __init__(self, configs, experiment_name: str, parallel: int = 1, max_retries: int = 1,
-                 skipped=(), grid: Grid | None = None, echo=print, progress: bool = True, executor=None):
-        self.configs, self.experiment_name = list(configs), experiment_name
-        self.parallel, self.max_retries = parallel, max_retries
-        self.skipped, self.grid, self.echo, self.progress = list(skipped), grid, echo, progress
+    def __init__(self, work: Plan, experiment_name: str, parallel: int = 1, max_retries: int = 1,
+                 grid: Grid | None = None, echo=print, progress: bool = True, executor=None, resume: bool = True):
+        self.plan, self.configs, self.experiment_name = work, [t.cfg for t in work.tasks], experiment_name
+        self.parallel, self.max_retries, self.resume = parallel, max_retries, resume
+        self.skipped, self.grid, self.echo, self.progress = list(work.skipped), grid, echo, progress
         self.finished: list[Outcome] = []
         self.failed: list[Outcome] = []
         self.killed: list[Outcome] = []
         self.running: list[Job] = []
-        self.pending: deque[Job] = deque(Job(c, i) for i, c in enumerate(self.configs, 1))
+        self.pending: deque[Job] = deque(Job(t, i) for i, t in enumerate(work.tasks, 1))
         self.stop_signal: int | None = None
         self.parent_run_id = self.experiment_id = ""
         self.gpus: list[str] = []
@@ -388,9 +235,9 @@ class Sweep:
 
     def _loop(self) -> None:
         while (self.pending or self.running) and not self.stop_signal:
-            while self.pending and len(self.running) < self.parallel and not self.stop_signal:
-                self._start(self.pending.popleft())
-            for job in [j for j in self.running if j.task.done()]:
+            while len(self.running) < self.parallel and not self.stop_signal and (job := self._next_ready()):
+                self._start(job)
+            for job in [j for j in self.running if j.handle.done()]:
                 self.running.remove(job)
                 self._finish(job)
             if self.bar is not None and not self.bar.disable:
@@ -398,32 +245,58 @@ class Sweep:
             time.sleep(POLL_SECONDS)
 
     # -- one experiment -------------------------------------------------------------------
+    def _next_ready(self) -> Job | None:
+        """The first pending job that can start now: one that extends a twin of this sweep waits
+        until the twin is FINISHED (then extends its run), or trains from round 0 if it failed."""
+        finished = {o.cfg: o.run_id for o in self.finished}
+        for job in list(self.pending):
+            after = job.task.after
+            if after is not None:
+                if after in finished:
+                    job.task = replace(job.task, extends=finished[after], after=None)
+                elif any(o.cfg == after for o in self.failed):
+                    self.say(f"Note: {describe(job.cfg)} was to extend the {after.rounds}-round run, which failed; "
+                             f"it trains from round 0 instead")
+                    job.task = Task(job.cfg)
+                else:
+                    continue  # the twin is still pending or running
+            self.pending.remove(job)
+            return job
+        return None
+
     def _start(self, job: Job) -> None:
         from . import tracking
 
-        total = len(self.configs)
+        total, task = len(self.configs), job.task
         if job.attempt == 1:
             self.say(f"=== Running experiment {job.index}/{total} ===")
         else:
             self.say(f"=== Retrying experiment {job.index}/{total} (attempt {job.attempt}/{self.max_retries + 1}) ===")
-        self.say(f"Starting experiment: {describe(job.cfg)}")
-        job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
-                                               tags={"fedshard.sweep.attempt": str(job.attempt),
-                                                     **tracking.owner_tags()})
-        env = dict(self.env, MLFLOW_RUN_ID=job.run_id)
+        env = dict(self.env)
+        if task.resume:
+            self.say(f"Resuming experiment: {describe(job.cfg)} from round {task.start} (run {task.resume})")
+            job.run_id = task.resume
+            env.pop("MLFLOW_RUN_ID", None)  # `fedshard run --resume` reopens the run itself
+        else:
+            self.say(f"Starting experiment: {describe(job.cfg)}"
+                     + (f", extending run {task.extends} from round {task.start}" if task.extends else ""))
+            job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
+                                                   tags={"fedshard.sweep.attempt": str(job.attempt),
+                                                         **tracking.owner_tags()})
+            env["MLFLOW_RUN_ID"] = job.run_id
         job.gpu = pick_gpu(self.gpus, [j.gpu for j in self.running])
         if job.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = job.gpu
         job.log = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.log"
         try:
-            job.task = self.executor.start(job.cfg, child_command(job.cfg), env, job.log)
+            job.handle = self.executor.start(job.cfg, task_command(task), env, job.log)
         except Exception as exc:
             tracking.end_run(job.run_id, "FAILED", f"sweep could not start the experiment: {exc}")
             raise
         job.started = time.monotonic()
         self.running.append(job)
         self.say(f"  MLflow run {job.run_id}" + (f" on GPU {job.gpu}" if job.gpu is not None else "")
-                 + f", {job.task.where}, log {job.log}")
+                 + f", {job.handle.where}, log {job.log}")
 
     def _finish(self, job: Job) -> None:
         from . import tracking
@@ -438,14 +311,18 @@ class Sweep:
             self._advance()
             return
         reason = record.tags.get(tracking.FAILURE_TAG) or self._log_tail(job)
-        reason = f"{job.task.outcome()}: {reason}" if reason else job.task.outcome()
+        reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
         if record.status == "RUNNING":  # the launcher died (or its node was lost) before it could end its run
             tracking.end_run(job.run_id, "FAILED", reason)
         outcome.reason = _one_line(reason)
         if job.attempt <= self.max_retries:
+            # The retry continues from the failed run's checkpoint if it stored one: no round twice.
+            retry = job.task
+            if self.resume and record.checkpoint_round:
+                retry = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
             self.say(f"Experiment failed: {job.cfg.key()!r}: {outcome.reason} (run {job.run_id}); "
-                     f"will retry ({job.attempt}/{self.max_retries + 1} attempts used)")
-            self.pending.append(Job(job.cfg, job.index, job.attempt + 1))
+                     f"will retry, {retry.describe()} ({job.attempt}/{self.max_retries + 1} attempts used)")
+            self.pending.append(Job(retry, job.index, job.attempt + 1))
             return
         self.say(f"Experiment failed: {job.cfg.key()!r}: {outcome.reason} (run {job.run_id})")
         self.failed.append(outcome)
@@ -490,12 +367,12 @@ class Sweep:
             return
         self.say(f"Sweep {why}: stopping {len(jobs)} running experiment(s)...")
         for job in jobs:
-            job.task.stop()
+            job.handle.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for job in jobs:
-            job.task.wait(max(0.0, deadline - time.monotonic()))
-            if not job.task.done():
-                job.task.kill()
+            job.handle.wait(max(0.0, deadline - time.monotonic()))
+            if not job.handle.done():
+                job.handle.kill()
             reason = f"sweep {why}"
             with suppress(Exception):
                 if tracking.run_status(job.run_id) == "RUNNING":
@@ -523,6 +400,7 @@ class Sweep:
             say(f"Not started: {not_started}")
         if self.stop_signal:
             say("Run the same sweep again to continue with what is left.")
+        say(self.plan.rounds_line())
         if self.failed or self.killed:
             say(f"Logs of this sweep's experiments: {self.logs}")
 
@@ -531,7 +409,7 @@ class Sweep:
 
 
 def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: int, dry_run: bool,
-         echo=print, progress: bool = True, executor=None) -> int:
+         echo=print, progress: bool = True, executor=None, resume: bool = True, extend: bool = True) -> int:
     """What `python sweep.py` does, after the options were parsed; returns the exit code."""
     from . import tracking
 
@@ -546,16 +424,20 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         experiment_name = mine
     experiment_name = tracking.default_experiment_name(experiment_name)
     runs = tracking.list_runs(experiment_name)
-    stale = [] if dry_run else reap_stale(runs)
-    if stale:
+    stale = [r for r in runs if r.status == "RUNNING" and tracking.owner_alive(r) is False]
+    if stale and not dry_run:
+        for r in stale:
+            tracking.end_run(r.run_id, "KILLED", f"stale: its owner (pid {r.tags.get(tracking.PID_TAG)} on "
+                                                 f"{r.tags.get(tracking.HOST_TAG)}) is gone")
         echo(f"Marked {len(stale)} stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): "
              + ", ".join(r.run_id for r in stale))
-    todo, skipped = plan(configs, runs)
-    echo(f"Total experiments to run: {len(todo)} ({len(skipped)} already finished)")
     stale_ids = {r.run_id for r in stale}
+    work = plan(configs, runs, resume=resume, extend=extend, stale=stale_ids)
+    echo(f"Total experiments to run: {len(work.tasks)} ({len(work.skipped)} already finished)")
+    echo(work.rounds_line())
+    todo = {t.cfg for t in work.tasks}
     running_elsewhere = {r.config() for r in runs if r.status == "RUNNING" and r.is_experiment
-                         and r.run_id not in stale_ids
-                         and _parses(r)} & set(todo)
+                         and r.run_id not in stale_ids and _parses(r)} & todo
     if running_elsewhere:
         echo(f"Note: {len(running_elsewhere)} of them have a RUNNING run (another sweep, or one that was "
              f"killed hard); they run again here.")
@@ -563,47 +445,17 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         echo(f"Dry run: experiment {experiment_name!r} in {tracking.tracking_uri()}; nothing is started.")
         if grid.fixed:
             echo("Fixed parameters: " + ", ".join(f"{k}={v}" for k, v in grid.fixed.items()))
-        for i, cfg in enumerate(todo, 1):
-            echo(f"Would run {i}/{len(todo)}: {describe(cfg)}")
-        for cfg, run_id in skipped:
+        for i, task in enumerate(work.tasks, 1):
+            echo(f"Would run {i}/{len(work.tasks)}: {describe(task.cfg)}"
+                 + (f" ({task.describe()}: {task.rounds_to_train} rounds to train)" if task.start else ""))
+        for cfg, run_id in work.skipped:
             echo(f"Skip (FINISHED run {run_id}): {describe(cfg)}")
         return 0
-    if not todo:
+    if not work.tasks:
         echo(f"Nothing to run: every configuration already has a FINISHED run in {experiment_name!r}.")
         return 0
     _ensure_data(todo)
-    return Sweep(todo, experiment_name, parallel, max_retries, skipped, grid, echo, progress, executor).run()
-
-
-def reap_stale(runs) -> list:
-    """RUNNING runs owned by a process of this host that no longer exists (a sweep or launcher
-    killed outright, which could not end its run): mark them KILLED so they run again."""
-    import socket
-
-    from . import tracking
-
-    host = socket.gethostname()
-    stale = []
-    for run in runs:
-        if run.status != "RUNNING" or run.tags.get(tracking.HOST_TAG) != host:
-            continue
-        pid = int(run.tags.get(tracking.PID_TAG) or 0)
-        if pid and _is_fedshard_process(pid):
-            continue
-        tracking.end_run(run.run_id, "KILLED", f"stale: its owner (pid {pid} on {host}) is gone")
-        stale.append(run)
-    return stale
-
-
-def _is_fedshard_process(pid: int) -> bool:
-    """Alive, and still one of ours (not a new process that reuses the pid)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and any("fedshard" in a or "sweep" in a for a in proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    return Sweep(work, experiment_name, parallel, max_retries, grid, echo, progress, executor, resume).run()
 
 
 def _parses(run) -> bool:

@@ -147,9 +147,11 @@ def log_weights(run_id: str, state: dict) -> None:
         log_artifact(run_id, path, WEIGHTS_DIR)
 
 
-def end_run(run_id: str, status: str, reason: str | None = None) -> None:
+def end_run(run_id: str, status: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
     """Mark the run FINISHED, FAILED or KILLED, recording why when it did not finish."""
     c = client()
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, v)
     if reason:
         c.set_tag(run_id, FAILURE_TAG, reason[:5000])
     c.set_terminated(run_id, status)
@@ -205,6 +207,13 @@ class RunRecord:
     start_time: int
     params: dict
     tags: dict
+
+    @property
+    def checkpoint_round(self) -> int:
+        """The round of the run's newest checkpoint, 0 when it has none."""
+        with suppress(ValueError):
+            return int(self.tags.get(CHECKPOINT_TAG) or 0)
+        return 0
 
     @property
     def is_experiment(self) -> bool:
@@ -305,3 +314,156 @@ def run_record(run_id: str) -> RunRecord:
 def metric_history(run_id: str, key: str) -> list[tuple[int, float, int]]:
     """(step, value, timestamp) of every value logged for `key`, in logging order."""
     return [(m.step, m.value, m.timestamp) for m in client().get_metric_history(run_id, key)]
+
+
+# --- checkpoints, resume and extension -------------------------------------------------
+# A run keeps the model of its latest round as the artifact checkpoint/round-<r>.pt
+# (checkpoint.py), so that whatever stops it, it continues from there (`fedshard run
+# --resume`); a longer run of the same configuration starts from a shorter one's final model
+# with its rounds' metrics copied in (extension).
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_TAG = "fedshard.checkpoint_round"
+RESUMED_TAG = "fedshard.resumed_from_round"
+EXTENDS_TAG = "fedshard.extends"
+ROUNDS_TRAINED_TAG = "fedshard.rounds_trained"
+ROUND_METRICS = ("test_loss", "test_accuracy")  # logged for every round, 0 included
+# What only the machine says, not the experiment: never copied from one run into another.
+SYSTEM_PREFIX = "system/"
+
+
+class CheckpointWriteError(OSError):
+    """A round's checkpoint could not be stored; the run cannot promise to continue from it."""
+
+
+def _artifacts(run_id: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(client().get_run(run_id).info.artifact_uri)
+
+
+def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None) -> None:
+    """Make round `round_` durable: its checkpoint first (when `weights` are given), then its
+    metrics, then the older checkpoints go. A run whose metrics show round r therefore always
+    has a checkpoint of round r or later, and a crash at any point leaves one that loads: the
+    previous file is deleted only after the new one is complete (artifact stores publish a file
+    only once it is whole; a torn file would fail checkpoint.load and the older one is used)."""
+    from . import checkpoint
+
+    if weights is not None:
+        start = time.perf_counter()
+        name = checkpoint.file_name(round_)
+        with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
+            try:
+                path = checkpoint.save(checkpoint.Checkpoint(round_, weights, metrics), Path(tmp) / name)
+                client().log_artifact(run_id, str(path), CHECKPOINT_DIR)
+            except Exception as exc:
+                with suppress(Exception):  # no torn file left for a later resume to trip over
+                    _artifacts(run_id).delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
+                raise CheckpointWriteError(f"round {round_}: cannot store the checkpoint in the run's artifacts "
+                                           f"({client().get_run(run_id).info.artifact_uri}): "
+                                           f"{type(exc).__name__}: {exc}") from exc
+        metrics = {**metrics, "checkpoint_seconds": time.perf_counter() - start}
+    log_round(run_id, round_, metrics)
+    if weights is not None:
+        client().set_tag(run_id, CHECKPOINT_TAG, str(round_))
+        delete_checkpoints(run_id, below=round_)
+
+
+def checkpoint_rounds(run_id: str) -> list[int]:
+    """Rounds of the run's checkpoint files, newest first."""
+    from . import checkpoint
+
+    rounds = (checkpoint.round_of(a.path) for a in client().list_artifacts(run_id, CHECKPOINT_DIR))
+    return sorted((r for r in rounds if r is not None), reverse=True)
+
+
+def load_checkpoint(run_id: str, warn=None):
+    """The run's newest checkpoint that loads completely (a torn newer file is passed over, with a
+    warning), or None when it has none."""
+    from . import checkpoint
+
+    for round_ in checkpoint_rounds(run_id):
+        with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
+            try:
+                path = client().download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}", tmp)
+                return checkpoint.load(path)
+            except Exception as exc:
+                if warn:
+                    warn(f"run {run_id}: checkpoint of round {round_} is unusable ({exc}); trying an older one")
+    return None
+
+
+def delete_checkpoints(run_id: str, below: int | None = None) -> None:
+    """Delete the checkpoint files of rounds before `below`; without it, every one (and the tag)."""
+    from . import checkpoint
+
+    repo = _artifacts(run_id)
+    if below is None:
+        repo.delete_artifacts(CHECKPOINT_DIR)
+        with suppress(Exception):
+            client().delete_tag(run_id, CHECKPOINT_TAG)
+        return
+    for round_ in checkpoint_rounds(run_id):
+        if round_ < below:
+            repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}")
+
+
+def logged_steps(run_id: str, key: str = "test_accuracy") -> set[int]:
+    return {m.step for m in client().get_metric_history(run_id, key)}
+
+
+def log_missing(run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Log `metrics` at `step`, leaving out every key that already has a value there."""
+    missing = {k: v for k, v in metrics.items() if step not in logged_steps(run_id, k)}
+    if missing:
+        log_round(run_id, step, missing)
+
+
+def copy_round_metrics(source_id: str, run_id: str, up_to: int) -> None:
+    """Copy every per-round metric of steps 0..up_to (values, steps and timestamps) from one run
+    into another; system metrics stay with the run whose machine they describe."""
+    c = client()
+    keys = [k for k in c.get_run(source_id).data.metrics if not k.startswith(SYSTEM_PREFIX)]
+    batch = [m for k in keys for m in c.get_metric_history(source_id, k) if m.step <= up_to]
+    for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+        c.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def reopen_run(run_id: str, tags: dict[str, str]) -> None:
+    """Set a FAILED, KILLED or stale run RUNNING again, owned by this process."""
+    c = client()
+    with suppress(Exception):
+        c.delete_tag(run_id, FAILURE_TAG)
+    for k, v in {**tags, **owner_tags()}.items():
+        c.set_tag(run_id, k, v)
+    c.update_run(run_id, status="RUNNING")
+
+
+def load_final_weights(run_id: str) -> dict:
+    """The final model of a FINISHED run, as a state dict."""
+    import torch
+
+    return torch.load(resolve_weights(f"runs:/{run_id}/{WEIGHTS_DIR}"), map_location="cpu", weights_only=True)
+
+
+def owner_alive(run: RunRecord) -> bool | None:
+    """Whether the process that owns a RUNNING run still runs: True or False on this host, None
+    when it lives on another host (or never said where)."""
+    import socket
+
+    if run.tags.get(HOST_TAG) != socket.gethostname():
+        return None
+    pid = int(run.tags.get(PID_TAG) or 0)
+    return bool(pid) and _is_fedshard_process(pid)
+
+
+def _is_fedshard_process(pid: int) -> bool:
+    """Alive, and still one of ours (not a new process that reuses the pid)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and any("fedshard" in a or "sweep" in a for a in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False

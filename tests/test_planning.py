@@ -1,0 +1,88 @@
+"""planning.plan: what of a grid is left, and where each configuration starts (pure: run records
+in, tasks out). Resume and extension must only ever save rounds, never change what is trained."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from fedshard import tracking
+from fedshard.config import ExperimentConfig
+from fedshard.planning import Task, expand, make_grid, plan
+
+_ids = itertools.count()
+
+
+def record(cfg: ExperimentConfig, status="FINISHED", checkpoint=None, **tags) -> tracking.RunRecord:
+    if checkpoint is not None:
+        tags[tracking.CHECKPOINT_TAG] = str(checkpoint)
+    return tracking.RunRecord(f"{status.lower()}{next(_ids)}", "1", status, 0, cfg.params(), tags)
+
+
+def cfg(rounds=30, **changes) -> ExperimentConfig:
+    return ExperimentConfig(world_size=2, learning_rate=1e-3, rounds=rounds, seed=1, **changes)
+
+
+def test_default_grid_trains_each_setting_once_up_to_50_rounds():
+    work = plan(expand(make_grid({})), [])
+    assert len(work.tasks) == 54
+    assert (work.rounds_to_train, work.rounds_from_scratch) == (1350, 2160)
+    assert work.rounds_line() == "Rounds to train: 1350 (2160 without extending shorter runs)"
+    for task in work.tasks:
+        if task.cfg.rounds == 30:
+            assert task == Task(task.cfg)
+        else:  # waits for its 30-round twin of this plan and trains rounds 31..50 only
+            assert task.after == task.cfg.replace(rounds=30) and task.start == 30 and task.rounds_to_train == 20
+    assert plan(expand(make_grid({})), [], extend=False).rounds_to_train == 2160
+
+
+def test_round_counts_chain_and_only_true_twins_extend():
+    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": "30,10,20",
+                      "seeds": "1"})
+    tasks = {t.cfg.rounds: t for t in plan(expand(grid), []).tasks}
+    assert tasks[10].after is None and tasks[20].after.rounds == 10 and tasks[30].after.rounds == 20
+    assert sum(t.rounds_to_train for t in tasks.values()) == 30
+    # Another batch size is another experiment: its rounds are not this one's.
+    other = record(cfg(10, batch_size=16))
+    assert plan([cfg(30)], [other]).tasks == [Task(cfg(30))]
+
+
+def test_a_finished_shorter_run_in_the_store_is_extended():
+    short, shorter = record(cfg(20)), record(cfg(10))
+    (task,) = plan([cfg(50)], [shorter, short]).tasks
+    assert (task.extends, task.start, task.rounds_to_train) == (short.run_id, 20, 30)
+    assert plan([cfg(50)], [short], extend=False).tasks == [Task(cfg(50))]
+
+
+def test_the_start_with_the_most_rounds_in_place_wins():
+    failed_late = record(cfg(50), "FAILED", checkpoint=47)
+    failed_early = record(cfg(50), "KILLED", checkpoint=12)
+    twin = record(cfg(30))
+    (task,) = plan([cfg(50)], [twin, failed_early, failed_late]).tasks
+    assert (task.resume, task.start) == (failed_late.run_id, 47)  # 3 rounds left beat 20
+    (task,) = plan([cfg(50)], [twin, failed_early]).tasks
+    assert (task.extends, task.start) == (twin.run_id, 30)  # 20 rounds beat 38
+    (task,) = plan([cfg(50)], [twin, failed_late], resume=False).tasks
+    assert task.extends == twin.run_id
+    work = plan([cfg(50)], [failed_late])
+    assert work.rounds_line() == "Rounds to train: 3 (50 without resuming)"
+
+
+def test_only_failed_killed_or_stale_runs_with_a_checkpoint_resume():
+    running = record(cfg(), "RUNNING", checkpoint=5)
+    no_checkpoint = record(cfg(), "FAILED")
+    assert plan([cfg()], [running, no_checkpoint]).tasks == [Task(cfg())]
+    (task,) = plan([cfg()], [running, no_checkpoint], stale={running.run_id}).tasks
+    assert (task.resume, task.start) == (running.run_id, 5)
+    assert plan([cfg()], [record(cfg())]).tasks == []  # FINISHED: nothing to do
+
+
+@pytest.mark.parametrize("rounds", ["2,4", "4,2"])
+def test_extension_plan_of_the_benchmark_grid(rounds):
+    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": rounds,
+                      "seeds": "1,2"})
+    work = plan(expand(grid), [])
+    assert (work.rounds_to_train, work.rounds_from_scratch) == (8, 12)
+    longer = [t for t in work.tasks if t.cfg.rounds == 4]
+    assert [t.after.seed for t in longer] == [t.cfg.seed for t in longer]  # each waits for its own twin
