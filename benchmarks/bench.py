@@ -22,6 +22,13 @@ Figures (targets from the issue):
                           trainer logs), with an existing MLflow store.
   exchange_gbytes_per_s   full AlexNet weights (~220 MB) to a trainer process and back through
                           fedshard.transport on loopback: 2 x bytes / seconds.
+  checkpoint_seconds      storing one round's checkpoint (220 MB) in the run's artifacts, as the
+                          experiment's aggregator measured it (metric checkpoint_seconds, mean of
+                          rounds >= 1). It runs in the background, overlapping the next round's
+                          training; round_overhead_ratio shows what it costs a round.
+  extension_speedup       wall time of a small sweep (world size 2, rounds 2 and 4, two seeds, one
+                          experiment at a time) trained with --no-extend over the same sweep
+                          where each 4-round run extends its 2-round twin (12 rounds against 8).
   CUDA only               training images/s (full model and a world_size-2 slice), achieved
                           TFLOP/s against the device's bf16 dense peak, and the projected wall
                           time of the default 54-run grid.
@@ -281,7 +288,7 @@ def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, dev
     return {"run_id": run_id, "startup_seconds": max(steps) - t0,
             "startup_breakdown": {f"{role}_spawned_s": t - t0 for role, t in sorted(spawned.items(), key=lambda kv: kv[1])},
             "round_seconds": history("round_seconds"), "trainer_seconds": history("trainer_0_seconds"),
-            "eval_seconds": history("eval_seconds")}
+            "eval_seconds": history("eval_seconds"), "checkpoint_seconds": history("checkpoint_seconds")}
 
 
 def bench_local_training(images, labels, device, batch_size: int, repeats: int, amp: bool) -> dict:
@@ -300,6 +307,30 @@ def bench_local_training(images, labels, device, batch_size: int, repeats: int, 
     return {"images": len(data), "seconds": times, "best_seconds": min(times)}
 
 
+def bench_extension(data_dir: Path, workdir: Path, n_train: int, device: str) -> dict:
+    """Wall time of one small sweep run twice in fresh stores: every run from round 0, and with
+    each longer run extending its shorter twin. Both sweeps print their planned rounds."""
+    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "true", "--rounds", "2,4",
+            "--seeds", "1,2", "-P", f"data_dir={data_dir}", "-P", f"max_train_samples={n_train}",
+            "-P", "max_test_samples=32", "-P", f"device={device}", "--no-progress"]
+    out = {}
+    for name, extra in (("from_scratch", ["--no-extend"]), ("extended", [])):
+        where = workdir / f"sweep-{name}"
+        where.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(MLFLOW_TRACKING_URI=f"sqlite:///{where / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "sweep.py"), *grid, *extra],
+                                cwd=where, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"sweep ({name}) failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        line = next(ln for ln in result.stdout.splitlines() if ln.startswith("Rounds to train:"))
+        out[name] = {"seconds": seconds, "rounds_line": line}
+    out["extension_speedup"] = out["from_scratch"]["seconds"] / out["extended"]["seconds"]
+    return out
+
+
 def round_figures(exp: dict, local: dict) -> dict:
     later = {r: s for r, s in exp["round_seconds"].items() if r >= 2}
     best_round = min(later.values())
@@ -313,6 +344,8 @@ def round_figures(exp: dict, local: dict) -> dict:
         "round_seconds_by_round": exp["round_seconds"],
         "trainer_seconds_by_round": exp["trainer_seconds"],
         "eval_seconds_by_round": exp["eval_seconds"],
+        "checkpoint_seconds": sum(exp["checkpoint_seconds"].values()) / len(exp["checkpoint_seconds"]),
+        "checkpoint_seconds_by_round": exp["checkpoint_seconds"],
     }
 
 
@@ -504,7 +537,8 @@ def bench_packing(processes: int, widths_n: int, seconds: float, device: str = "
 
 def project_grid(train_ips: dict[int, float], eval_ips: float, exchange_gbps: float, startup_s: float,
                  packing: dict) -> dict:
-    """Wall time of the default 54-run grid (1 local epoch per round).
+    """Wall time of the default 54-run grid (1 local epoch per round), each longer run extending
+    its shorter twin (1,350 rounds trained rather than 2,160).
 
     Per round of a world_size-n run: its trainers share one GPU, so training 50,000 images
     takes 50,000 / (images/s of one n-slice trainer) (no credit for two trainers overlapping);
@@ -513,17 +547,18 @@ def project_grid(train_ips: dict[int, float], eval_ips: float, exchange_gbps: fl
     adds its startup. Runs are packed P at a time on the GPU (what `sweep` does with several
     runs per device), which speeds everything up by the measured aggregate/single throughput.
     """
-    from fedshard import sweep
+    from fedshard import planning
 
-    configs = sweep.expand(sweep.make_grid({}))
+    work = planning.plan(planning.expand(planning.make_grid({})), [])  # with extension: 1,350 rounds
     full_bytes = 4 * sum(t.numel() for t in AlexNet().state_dict().values())
     serial = 0.0
-    for cfg in configs:
+    for task in work.tasks:
+        cfg = task.cfg
         per_round = (CIFAR_TRAIN * cfg.local_epochs / train_ips[cfg.world_size] + CIFAR_TEST / eval_ips
                      + 2 * full_bytes / (exchange_gbps * 1e9))
-        serial += startup_s + cfg.rounds * per_round
+        serial += startup_s + task.rounds_to_train * per_round
     speedup = packing["images_per_s_total"] / packing["single_images_per_s"]
-    return {"runs": len(configs), "rounds": sum(c.rounds for c in configs), "serial_minutes": serial / 60,
+    return {"runs": len(work.tasks), "rounds": work.rounds_to_train, "serial_minutes": serial / 60,
             "packed_processes": packing["processes"], "packing_speedup": speedup,
             "grid_projected_minutes": serial / speedup / 60}
 
@@ -584,6 +619,7 @@ def main(argv=None) -> int:
         "experiment_rounds": 3 if q else 4, "local_repeats": 2 if q else 3,
         "exchange_repeats": 3 if q else 10,
         "cuda_train_images": 16384 if q else 50_000,
+        "sweep_images": (8192 if on_cuda else 128) if q else (50_000 if on_cuda else 512),
     }
     info = machine(device)
     say(f"machine: {info}")
@@ -634,6 +670,12 @@ def main(argv=None) -> int:
                                             "startup_breakdown": exp["startup_breakdown"]}
         figures["round_overhead_ratio"] = r["round_overhead_ratio"]
         figures["startup_seconds"] = exp["startup_seconds"]
+        figures["checkpoint_seconds"] = r["checkpoint_seconds"]
+
+        say("sweeps: rounds 2 and 4, two seeds, from scratch and with extension")
+        ext = bench_extension(tmp / "data", tmp, sizes["sweep_images"], device.type)
+        results["details"]["extension"] = ext
+        figures["extension_speedup"] = ext["extension_speedup"]
 
         rows = [
             ("data_pipeline_speedup", figures["data_pipeline_speedup"], "x"),
@@ -646,12 +688,16 @@ def main(argv=None) -> int:
             ("  best round (rounds >= 2)", r["best_round_seconds"], "s"),
             ("  same training, no federation", r["local_training_seconds"], "s"),
             ("  round / trainer's own time", r["round_over_trainer_seconds"], "x"),
+            ("checkpoint_seconds (in the background)", figures["checkpoint_seconds"], "s"),
             ("startup_seconds", figures["startup_seconds"], "s"),
             *[(f"  {k.replace('_spawned_s', '')} process started", v, "s")
               for k, v in exp["startup_breakdown"].items()],
             ("exchange_gbytes_per_s", figures["exchange_gbytes_per_s"], "GB/s"),
             ("  bare gloo, reused buffer", x["raw_gloo_gbytes_per_s"], "GB/s"),
             ("  flattening 220 MB to send", x["flatten_seconds"], "s"),
+            ("extension_speedup", figures["extension_speedup"], "x"),
+            ("  sweep, every run from round 0", ext["from_scratch"]["seconds"], "s"),
+            ("  sweep, 4-round runs extend 2-round", ext["extended"]["seconds"], "s"),
         ]
 
         if on_cuda:

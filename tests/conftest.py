@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -99,3 +103,65 @@ def experiment_args(data_dir: Path, **params) -> list[str]:
     for name, value in base.items():
         args += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
     return args
+
+
+LEFTOVER_DEADLINE = 30.0
+
+
+class Launcher:
+    """`fedshard run` in the background, its output read line by line."""
+
+    def __init__(self, tmp_path, data_dir, experiment="faults", **params):
+        args = experiment_args(data_dir, **params)
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedshard", "run", *args, "--experiment-name", experiment],
+                                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        started = self.wait_for(r"fedshard: run ([0-9a-f]{32}): .* aggregator pid (\d+), trainer pids \[([\d, ]+)\]")
+        self.run_id = started.group(1)
+        self.aggregator = int(started.group(2))
+        self.trainers = [int(p) for p in started.group(3).split(",")]
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                assert self.proc.poll() is None, "launcher exited early:\n" + "".join(self.output)
+                continue
+            self.output.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.output))
+
+    def finish(self, timeout: float = LEFTOVER_DEADLINE) -> float:
+        start = time.monotonic()
+        self.proc.wait(timeout=timeout)
+        return time.monotonic() - start
+
+    def children(self):
+        return [self.aggregator, *self.trainers]
+
+
+def assert_gone(pids, run_id, deadline=LEFTOVER_DEADLINE):
+    """Every pid and its process group gone (zombies aside) within the deadline."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        groups = []
+        for p in pids:
+            try:
+                os.killpg(p, 0)
+                groups.append(p)
+            except ProcessLookupError:
+                pass
+        if not alive and not groups and not fedshard_processes(run_id):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"left behind: pids {alive}, groups {groups}, {fedshard_processes(run_id)}")

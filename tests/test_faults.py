@@ -4,81 +4,17 @@ process is left (checked by pid and process group), and the run records why."""
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import experiment_args, fedshard, fedshard_processes
-
-LEFTOVER_DEADLINE = 30.0
-
-
-class Launcher:
-    """`fedshard run` in the background, its output read line by line."""
-
-    def __init__(self, tmp_path, data_dir, **params):
-        args = experiment_args(data_dir, **params)
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedshard", "run", *args, "--experiment-name", "faults"],
-                                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        started = self.wait_for(r"fedshard: run ([0-9a-f]{32}): .* aggregator pid (\d+), trainer pids \[([\d, ]+)\]")
-        self.run_id = started.group(1)
-        self.aggregator = int(started.group(2))
-        self.trainers = [int(p) for p in started.group(3).split(",")]
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 180):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                assert self.proc.poll() is None, "launcher exited early:\n" + "".join(self.output)
-                continue
-            self.output.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.output))
-
-    def finish(self, timeout: float = LEFTOVER_DEADLINE) -> float:
-        start = time.monotonic()
-        self.proc.wait(timeout=timeout)
-        return time.monotonic() - start
-
-    def children(self):
-        return [self.aggregator, *self.trainers]
-
-
-def assert_gone(pids, run_id, deadline=LEFTOVER_DEADLINE):
-    """Every pid and its process group gone (zombies aside) within the deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        groups = []
-        for p in pids:
-            try:
-                os.killpg(p, 0)
-                groups.append(p)
-            except ProcessLookupError:
-                pass
-        if not alive and not groups and not fedshard_processes(run_id):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"left behind: pids {alive}, groups {groups}, {fedshard_processes(run_id)}")
+from conftest import Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
 
 
 def run_info(run_id):
@@ -88,19 +24,6 @@ def run_info(run_id):
 
 SLOW_ROUNDS = dict(world_size=2, rounds=20, max_train_samples=128)  # rounds of a few seconds each
 ALL_UP = r"aggregator: trainer 1 joined"  # every process is up; round 1 is starting
-
-
-def test_trainer_killed_mid_round_fails_the_run(tmp_path, data_dir, store):
-    exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
-    exp.wait_for(ALL_UP)  # round 1 is under way
-    os.kill(exp.trainers[1], signal.SIGKILL)
-    elapsed = exp.finish()
-    assert exp.proc.returncode == 1
-    assert elapsed < 15, elapsed
-    status, reason = run_info(exp.run_id)
-    assert status == "FAILED"
-    assert reason.startswith("trainer 1 died (killed by SIGKILL)"), reason
-    assert_gone(exp.children(), exp.run_id)
 
 
 def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
@@ -143,15 +66,6 @@ def test_signal_to_the_launcher_kills_the_run(tmp_path, data_dir, store, sig):
     status, reason = run_info(exp.run_id)
     assert status == "KILLED" and reason == f"interrupted by {sig.name}"
     assert_gone(exp.children(), exp.run_id)
-
-
-def test_launcher_sigkilled_takes_its_children_along(tmp_path, data_dir, store):
-    exp = Launcher(tmp_path, data_dir, **SLOW_ROUNDS)
-    exp.wait_for(ALL_UP)
-    meta = [p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == exp.proc.pid]
-    exp.proc.kill()
-    exp.finish()
-    assert_gone(exp.children() + meta, exp.run_id)
 
 
 def test_stray_trainer_with_the_wrong_secret_is_refused(tmp_path, data_dir, store):

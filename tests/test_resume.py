@@ -1,0 +1,257 @@
+"""No finished round is trained twice: real experiments are stopped the hard way (a trainer or the
+launcher SIGKILLed, the disk full, the sweep SIGKILLed), continued with `fedshard run --resume` or
+the next sweep, and must end with exactly the history of one uninterrupted run; a longer run of a
+sweep extends its shorter twin. Bad resumes change nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
+from fedshard import cli, tracking
+from fedshard.config import ExperimentConfig
+
+# Rounds of about 3 s here: time to act between one round's checkpoint and the run's end.
+CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
+              max_test_samples=32, batch_size=16)
+METRICS = ("test_loss", "test_accuracy")
+
+
+def history(run_id: str, client=None) -> dict[str, dict[int, float]]:
+    """Every value of the round metrics; a step logged twice would show as a list longer than its dict."""
+    client = client or MlflowClient()
+    out = {}
+    for key in (*METRICS, "train_loss"):
+        values = client.get_metric_history(run_id, key)
+        out[key] = {m.step: m.value for m in values}
+        assert len(values) == len(out[key]), f"{key}: a step was logged twice: {[m.step for m in values]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, _empty_store, tmp_path_factory):
+    """One uninterrupted run of CONFIG (its own store): what every continued run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    shutil.copyfile(_empty_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **CONFIG)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(["0"])
+    found = history(run.info.run_id, client)
+    assert sorted(found["test_loss"]) == [0, 1, 2, 3]
+    return found
+
+
+def wait_for_checkpoint(run_id: str, round_: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while tracking.run_record(run_id).checkpoint_round < round_:
+        assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint of round {round_}"
+        time.sleep(0.1)
+
+
+def resume(tmp_path, run_id: str):
+    result = fedshard("run", "--resume", run_id, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def assert_continued_exactly(run_id: str, reference, resumed_from: int):
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.RESUMED_TAG] == str(resumed_from)
+    assert run.data.tags[tracking.ROUNDS_TRAINED_TAG] == "3"
+    assert tracking.FAILURE_TAG not in run.data.tags
+    assert history(run_id) == reference
+    assert tracking.checkpoint_rounds(run_id) == []  # the final model is kept, the checkpoint no longer
+
+
+def test_trainer_killed_fails_the_run_and_resume_continues_from_its_checkpoint(tmp_path, data_dir, store, reference):
+    exp = Launcher(tmp_path, data_dir, "resume", **CONFIG)
+    wait_for_checkpoint(exp.run_id, 1, exp.proc)
+    os.kill(exp.trainers[1], signal.SIGKILL)
+    assert exp.finish() < 15 and exp.proc.returncode == 1
+    failed = tracking.run_record(exp.run_id)
+    assert failed.status == "FAILED"
+    assert failed.tags[tracking.FAILURE_TAG].startswith("trainer 1 died (killed by SIGKILL)")
+    assert_gone(exp.children(), exp.run_id)
+    k = failed.checkpoint_round
+    assert 1 <= k < 3 and tracking.checkpoint_rounds(exp.run_id) == [k]  # only the newest is kept
+
+    result = resume(tmp_path, exp.run_id)
+    assert f"fedshard: resuming run {exp.run_id} after round {k} of 3" in result.stdout
+    assert f"round {k}/3" not in result.stdout and "round 3/3" in result.stdout  # no round trained twice
+    assert_continued_exactly(exp.run_id, reference, k)
+
+
+def test_sigkilled_launcher_leaves_a_stale_run_that_resumes(tmp_path, data_dir, store, reference):
+    exp = Launcher(tmp_path, data_dir, "resume", **CONFIG)
+    wait_for_checkpoint(exp.run_id, 1, exp.proc)
+    alive = CliRunner().invoke(cli.main, ["run", "--resume", exp.run_id])
+    assert alive.exit_code == 2 and f"owner (pid {exp.proc.pid} on" in alive.output and "is alive" in alive.output
+    meta = [p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == exp.proc.pid]
+    exp.proc.kill()
+    exp.finish()
+    assert_gone(exp.children() + meta, exp.run_id)  # its children died with it
+    stale = tracking.run_record(exp.run_id)
+    assert stale.status == "RUNNING"  # nobody was left to end it
+
+    result = resume(tmp_path, exp.run_id)
+    k = int(MlflowClient().get_run(exp.run_id).data.tags[tracking.RESUMED_TAG])
+    assert k == stale.checkpoint_round >= 1
+    assert_continued_exactly(exp.run_id, reference, k)
+    assert fedshard_processes(exp.run_id) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 MiB tmpfs: room for one 220 MB checkpoint of AlexNet, not for the next beside it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root); run: sudo .venv/bin/python -m pytest "
+                    "tests/test_resume.py -k disk")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_run_with_that_reason_and_the_previous_checkpoint_resumes(
+        tmp_path, data_dir, store, reference, small_disk):
+    MlflowClient().create_experiment("full", artifact_location=str(small_disk))
+    exp = Launcher(tmp_path, data_dir, "full", **CONFIG)
+    exp.finish(timeout=180)
+    assert exp.proc.returncode == 1
+    failed = tracking.run_record(exp.run_id)
+    reason = failed.tags[tracking.FAILURE_TAG]
+    assert failed.status == "FAILED" and "round 2: cannot store the checkpoint" in reason, reason
+    assert "No space left on device" in reason, reason
+    assert failed.checkpoint_round == 1 and tracking.checkpoint_rounds(exp.run_id) == [1]
+    assert sorted(tracking.logged_steps(exp.run_id)) == [0, 1]  # round 2 is not in: it was never stored
+
+    subprocess.run(["mount", "-o", "remount,size=2g", str(small_disk)], check=True)  # space again
+    resume(tmp_path, exp.run_id)
+    assert_continued_exactly(exp.run_id, reference, 1)
+
+
+def sweep_runs(experiment: str):
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    runs = MlflowClient().search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags.get("fedshard.sweep") != "true"]
+
+
+def test_sweep_extends_the_shorter_twin_and_a_sigkilled_sweep_is_resumed(tmp_path, data_dir, store, reference):
+    """Rounds 1 and 3 of one configuration: the 3-round run starts from the 1-round run's final model.
+    The sweep is SIGKILLed once the 3-round run stored round 2; the next sweep resumes it."""
+    link = tmp_path / "data"
+    link.symlink_to(data_dir, target_is_directory=True)
+    params = {k: v for k, v in CONFIG.items() if k not in ("world_size", "rounds", "learning_rate",
+                                                           "enable_swapping")}
+    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "true", "--rounds", "1,3", "--seeds", "123",
+            "-P", f"data_dir={link}", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")],
+            "--experiment-name", "ext", "--no-progress"]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not [r for r in (sweep_runs("ext") if MlflowClient().get_experiment_by_name("ext") else [])
+               if r.data.params.get("rounds") == "3" and tracking.run_record(r.info.run_id).checkpoint_round >= 2]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    first = proc.communicate()[0]
+    assert psutil.wait_procs(family, timeout=30)[1] == []
+    assert "Rounds to train: 3 (4 without extending shorter runs)" in first
+
+    again = subprocess.run([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Total experiments to run: 1 (1 already finished)" in again.stdout
+    assert "Rounds to train: 1 (3 without resuming)" in again.stdout
+    assert "Resuming experiment: world_size=2, lr=0.001, swap=True, rounds=3, seed=123 from round 2" in again.stdout
+
+    short, long_ = sorted(sweep_runs("ext"), key=lambda r: int(r.data.params["rounds"]))
+    assert short.info.status == long_.info.status == "FINISHED"
+    assert short.data.tags[tracking.ROUNDS_TRAINED_TAG] == "1"
+    assert long_.data.tags[tracking.EXTENDS_TAG] == short.info.run_id
+    assert long_.data.tags[tracking.ROUNDS_TRAINED_TAG] == "2"  # rounds 2 and 3; round 1 is the twin's
+    assert long_.data.tags[tracking.RESUMED_TAG] == "2"
+    assert history(long_.info.run_id) == reference  # extended, killed and resumed: as if run in one go
+    assert history(short.info.run_id) == {k: {r: v for r, v in h.items() if r <= 1} for k, h in reference.items()}
+
+
+# --------------------------------------------------------------------------- refusals (no processes)
+
+
+def make_run(experiment: str, status: str, params: dict | None = None, checkpoint: int | None = None) -> str:
+    client = MlflowClient()
+    run_id = client.create_run(tracking.experiment_id(experiment)).info.run_id
+    for k, v in (params or {}).items():
+        client.log_param(run_id, k, v)
+    if checkpoint is not None:
+        client.set_tag(run_id, tracking.CHECKPOINT_TAG, str(checkpoint))
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def snapshot(run_id: str):
+    run = MlflowClient().get_run(run_id)
+    return run.info.status, run.info.end_time, dict(run.data.tags), dict(run.data.metrics)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("finished", "the run is FINISHED, every round is in; nothing to resume"),
+    ("foreign", "not a fedshard experiment run"),
+    ("no_checkpoint", "the run has no checkpoint"),
+    ("missing", "no such run"),
+    ("options", "continues the run with its own configuration and experiment; drop --rounds"),
+])
+def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(data_dir, store, case, message):
+    params = ExperimentConfig(world_size=1, rounds=2, data_dir=str(data_dir)).params()
+    run_id = {
+        "finished": lambda: make_run("refuse", "FINISHED", params),
+        "foreign": lambda: make_run("refuse", "FAILED", {"alpha": "0.5"}),  # another project's run
+        "no_checkpoint": lambda: make_run("refuse", "FAILED", params),
+        "missing": lambda: "0123456789abcdef0123456789abcdef",
+        "options": lambda: make_run("refuse", "FAILED", params, checkpoint=1),
+    }[case]()
+    before = snapshot(run_id) if case != "missing" else None
+    extra = ["--rounds", "5"] if case == "options" else []
+    result = CliRunner().invoke(cli.main, ["run", "--resume", run_id, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    if before is not None:
+        assert snapshot(run_id) == before
+
+
+def test_extending_needs_a_finished_shorter_run_of_the_same_configuration(data_dir, store):
+    options = experiment_args(data_dir, world_size=1)
+    base = cli.run.make_context("run", [*options, "--rounds", "2"]).params
+    base = ExperimentConfig.from_mapping({k: v for k, v in base.items() if k in ExperimentConfig.__dataclass_fields__})
+    source = make_run("refuse", "FINISHED", base.params())
+    running = make_run("refuse", "RUNNING", base.params())
+    for args, message in [
+        (["--rounds", "2"], "an extension needs more rounds"),
+        (["--rounds", "4", "--seed", "9"], "a different configuration: seed=123 (here 9)"),
+    ]:
+        result = CliRunner().invoke(cli.main, ["run", *options, *args, "--extend", source])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = CliRunner().invoke(cli.main, ["run", *experiment_args(data_dir, world_size=1), "--extend", running])
+    assert result.exit_code == 2 and "only a FINISHED run can be extended" in result.output
+    assert len(MlflowClient().search_runs([tracking.experiment_id("refuse")])) == 2  # no run was created
