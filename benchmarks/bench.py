@@ -287,7 +287,7 @@ def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, dev
 
     return {"run_id": run_id, "startup_seconds": max(steps) - t0,
             "startup_breakdown": {f"{role}_spawned_s": t - t0 for role, t in sorted(spawned.items(), key=lambda kv: kv[1])},
-            "round_seconds": history("round_seconds"), "trainer_seconds": history("trainer_0_seconds"),
+            "round_seconds": history("round_seconds"), "trainer_seconds": history("trainer_0/seconds"),
             "eval_seconds": history("eval_seconds"), "checkpoint_seconds": history("checkpoint_seconds")}
 
 

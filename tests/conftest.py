@@ -21,6 +21,8 @@ import pytest
 from fedshard.synthetic import write_synthetic_cifar100
 
 REPO = Path(__file__).resolve().parents[1]
+# Experiments here last seconds: sample their system metrics every second (MLflow's own variable).
+os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +55,7 @@ def store(_empty_store, tmp_path, monkeypatch) -> str:
     shutil.copyfile(_empty_store, db)
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # the copy's Default experiment is ours too
         conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                     (str(tmp_path / "mlruns" / "0"),))
+                     ((tmp_path / "mlartifacts" / "0").as_uri(),))
     uri = f"sqlite:///{db}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

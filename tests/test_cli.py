@@ -51,7 +51,9 @@ def test_every_config_field_is_an_option_of_fedshard_run():
     assert set(field_names()) <= options
 
 
-def test_mlflow_run_resumes_its_run_with_canonical_params_from_a_run_artifact(tmp_path, data_dir, store):
+def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_model(tmp_path, data_dir, store):
+    import mlflow
+
     from fedshard import data, tracking
     from fedshard.model import AlexNet
     from fedshard.training import DeviceData, evaluate
@@ -60,10 +62,16 @@ def test_mlflow_run_resumes_its_run_with_canonical_params_from_a_run_artifact(tm
     weights = AlexNet().state_dict()
     client = MlflowClient()
     source = client.create_run(client.create_experiment("init")).info.run_id
-    tracking.log_weights(source, weights)  # as an experiment stores its final model
+    tracking.log_model(source, weights)  # as an experiment stores its final model
+    version = mlflow.register_model(f"runs:/{source}/model", "start-here").version
+    # init_from takes a state-dict file, runs:/<id>/model and models:/<name>/<version> alike
+    torch.save(weights, tmp_path / "w.pt")
+    for uri in (str(tmp_path / "w.pt"), f"runs:/{source}/model"):
+        loaded = tracking.load_weights(uri)
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights), uri
     params = ["-P", f"data_dir={data_dir}", "-P", "world_size=2", "-P", "rounds=1", "-P", "learning_rate=0.00001",
               "-P", "max_train_samples=32", "-P", "max_test_samples=16", "-P", "batch_size=16",
-              "-P", f"init_from=runs:/{source}/model"]
+              "-P", f"init_from=models:/start-here/{version}"]
     mlflow = Path(sys.executable).with_name("mlflow")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run([str(mlflow), "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlp",
@@ -77,7 +85,7 @@ def test_mlflow_run_resumes_its_run_with_canonical_params_from_a_run_artifact(tm
     assert run.data.params["amp"] == "true"  # fields MLproject does not declare are logged canonically
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert sorted(history) == [0, 1]
-    # Round 0 is the model it was told to start from, fetched from the other run's artifact.
+    # Round 0 is the model it was told to start from, the registered model.
     model = AlexNet()
     model.load_state_dict(weights)
     expected, _ = evaluate(model, DeviceData.from_numpy(*data.load_split(data_dir, "test", 16), torch.device("cpu")))

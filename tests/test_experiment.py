@@ -4,11 +4,18 @@ and trainers as OS processes that talk over torch.distributed, and logs to a rea
 from __future__ import annotations
 
 import re
+import subprocess
 
+import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import experiment_args, fedshard, fedshard_processes
+from conftest import REPO, experiment_args, fedshard, fedshard_processes
+from fedshard import data
+from fedshard.config import ExperimentConfig
+from fedshard.model import AlexNet
+from fedshard.training import normalize
 
 CHANCE = 0.25  # the test data has 4 classes
 
@@ -43,7 +50,9 @@ def check_finished_run(result, run_id, rounds):
     for metric in ("train_loss", "round_seconds"):
         assert sorted(history(run_id, metric)) == list(range(1, rounds + 1))
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id)}
-    assert {"config.json", "logs", "model"} <= artifacts
+    assert artifacts == {"config.json", "logs"}  # the round checkpoint went once the run was FINISHED
+    assert len(run.outputs.model_outputs) == 1  # the final model, an MLflow model of its own
+    assert run.data.tags["fedshard.rounds_trained"] == str(rounds)
     assert f"round {rounds}/{rounds}: test_loss=" in result.stdout
     return run
 
@@ -69,17 +78,60 @@ def assert_rises_above_chance(run_id):
 LEARNS = dict(max_train_samples=128, max_test_samples=64, batch_size=8, learning_rate=1e-3)
 
 
+def assert_mlflow_native(run, data_dir, store_dir, n_test):
+    """What an MLflow user expects of a well-tracked PyTorch run, read back through MLflow."""
+    client, run_id = MlflowClient(), run.info.run_id
+    # The final model: loads as fedshard's AlexNet, predicts log-probabilities, is the model that
+    # gave the last round's test accuracy, has a signature, and can be registered.
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert isinstance(model, AlexNet)
+    images, labels = data.load_split(data_dir, "test", n_test)
+    with torch.no_grad():
+        out = model.eval()(normalize(torch.from_numpy(images)))
+    assert out.shape == (n_test, 100) and torch.allclose(out.exp().sum(1), torch.ones(n_test), atol=1e-4)
+    accuracy = (out.argmax(1) == torch.from_numpy(labels)).double().mean().item()
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+    signature = mlflow.models.get_model_info(f"runs:/{run_id}/model").signature
+    assert signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and signature.inputs.inputs[0].type.name == "float32"
+    assert signature.outputs.inputs[0].shape == (-1, 100)
+    assert mlflow.register_model(f"runs:/{run_id}/model", "fedshard-alexnet").version == "1"
+    # Datasets: the test set for evaluation, the (one trainer's) training partition.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"cifar100-test", "cifar100-train"}
+    test, train = inputs["cifar100-test"], inputs["cifar100-train"]
+    assert [t.value for t in test.tags if t.key == "mlflow.data.context"] == ["evaluation"]
+    assert [t.value for t in train.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert f'"num_rows": {n_test}' in test.dataset.profile
+    assert str(data_dir / "cifar-100-python" / "test") in test.dataset.source
+    assert test.dataset.digest == data.file_digest(data_dir / "cifar-100-python" / "test")[:12]
+    # System metrics, sampled while the experiment ran (the tests sample every second).
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    # A description in words, and the code version, as `mlflow run` records it.
+    assert run.data.tags["mlflow.note.content"] == ExperimentConfig.from_mapping(
+        {k: v for k, v in run.data.params.items()}).description()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert run.data.tags["mlflow.source.git.commit"] == commit.strip()
+    # The experiment: described, its artifacts beside the store, not where the run was started.
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.note.content"].startswith("fedshard experiments")
+    assert exp.artifact_location == (store_dir / "mlartifacts" / exp.experiment_id).as_uri()
+
+
 def test_world_size_one_is_centralised_training_and_learns(tmp_path, data_dir, store):
     rounds = 5
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=1, rounds=rounds, enable_swapping=True,
+    elsewhere = tmp_path / "elsewhere"  # started away from the store: its artifacts still go beside it
+    elsewhere.mkdir()
+    result, run_id, pids = run_experiment(elsewhere, data_dir, world_size=1, rounds=rounds, enable_swapping=True,
                                           **LEARNS)
     run = check_finished_run(result, run_id, rounds)
     assert run.data.params["enable_swapping"] == "false"  # does not apply, switched off with a notice
     assert "swapping does not apply" in result.stdout
     assert run.data.params["learning_rate"] == "0.001"
     assert_rises_above_chance(run_id)
-    assert history(run_id, "trainer_0_slice") == {r: 0 for r in range(1, rounds + 1)}
+    assert history(run_id, "trainer_0/slice") == {r: 0 for r in range(1, rounds + 1)}
     assert_nothing_left(run_id, pids)
+    assert_mlflow_native(run, data_dir, tmp_path, LEARNS["max_test_samples"])
+    assert not (elsewhere / "mlruns").exists() and not (elsewhere / "mlartifacts").exists()
 
 
 def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tmp_path, data_dir, store):
@@ -88,9 +140,9 @@ def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tm
                                           enable_swapping=True, local_epochs=2, **LEARNS)
     check_finished_run(result, run_id, rounds)
     for k in range(2):
-        trained = history(run_id, f"trainer_{k}_slice")
+        trained = history(run_id, f"trainer_{k}/slice")
         assert trained == {r: expected_slice(k, r, 2, every) for r in range(1, rounds + 1)}
-        assert len(history(run_id, f"trainer_{k}_train_loss")) == rounds
+        assert len(history(run_id, f"trainer_{k}/train_loss")) == rounds
     assert_rises_above_chance(run_id)
     assert_nothing_left(run_id, pids)
 
@@ -99,8 +151,8 @@ def test_world_size_two_without_swapping_keeps_slices_and_learns(tmp_path, data_
     result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=3, enable_swapping=False,
                                           local_epochs=2, **LEARNS)
     check_finished_run(result, run_id, 3)
-    assert history(run_id, "trainer_0_slice") == {1: 0, 2: 0, 3: 0}
-    assert history(run_id, "trainer_1_slice") == {1: 1, 2: 1, 3: 1}
+    assert history(run_id, "trainer_0/slice") == {1: 0, 2: 0, 3: 0}
+    assert history(run_id, "trainer_1/slice") == {1: 1, 2: 1, 3: 1}
     assert_rises_above_chance(run_id)
     assert_nothing_left(run_id, pids)
 
@@ -113,11 +165,11 @@ def test_fedavg_trains_whole_models_and_same_config_and_seed_give_identical_metr
         run = check_finished_run(result, run_id, 2)
         assert run.data.params["strategy"] == "fedavg" and run.data.params["enable_swapping"] == "false"
         for k in range(2):
-            assert history(run_id, f"trainer_{k}_slice") == {1: 0, 2: 0}  # everyone trains the whole model
+            assert history(run_id, f"trainer_{k}/slice") == {1: 0, 2: 0}  # everyone trains the whole model
         assert_nothing_left(run_id, pids)
     (_, a, _), (_, b, _) = runs
-    for metric in ("test_loss", "test_accuracy", "train_loss", "trainer_0_train_loss", "trainer_1_train_loss"):
+    for metric in ("test_loss", "test_accuracy", "train_loss", "trainer_0/train_loss", "trainer_1/train_loss"):
         assert history(a, metric) == history(b, metric), metric
     # not trivially equal: the two trainers (own data, own seeds) and the two rounds all differ
-    losses = history(a, "trainer_0_train_loss")
-    assert losses[1] != losses[2] and losses[1] != history(a, "trainer_1_train_loss")[1]
+    losses = history(a, "trainer_0/train_loss")
+    assert losses[1] != losses[2] and losses[1] != history(a, "trainer_1/train_loss")[1]

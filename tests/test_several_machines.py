@@ -148,13 +148,14 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     # Launcher work directories under the test's directory (found by the leftover check below);
     # Ray's own sockets under /tmp, as their paths must stay short.
     env = dict(os.environ, TMPDIR=str(tmp_path), RAY_TMPDIR="/tmp")
-    grid = ["--world-sizes", "1", "--learning-rates", "1e-4,1e-3", "--swap", "false", "--rounds", "1", "--seeds", "7",
+    # World size 2 on this 2-core machine, with no resource flags: each experiment asks Ray for 1 CPU
+    # (world_size + 1 capped at the cluster's CPUs / --parallel), so both run at once.
+    grid = ["--world-sizes", "2", "--learning-rates", "1e-4,1e-3", "--swap", "false", "--rounds", "1", "--seeds", "7",
             *tiny(data_dir), "--experiment-name", "ray-pg"]
     log = tmp_path / "sweep.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--executor", "ray", "--parallel", "2",
-                                 "--cpus-per-experiment", "1"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--executor", "ray", "--parallel", "2"],
+                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
     client = MlflowClient()
     try:
         # As soon as one experiment runs, kill the Ray worker that runs it: what a lost node does.
@@ -177,8 +178,9 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     out = log.read_text()
     assert code == 0, out
     assert "Executor: a local Ray instance: 1 node(s)" in out
+    assert "Each experiment asks for 1 CPUs" in out
     assert "Total experiments to run: 2 (0 already finished)" in out
-    assert re.search(r"Experiment failed: \(1, 0\.00?01, False, 1, 7\): Ray task failed: \w+Error: .*will retry",
+    assert re.search(r"Experiment failed: \(2, 0\.00?01, False, 1, 7\): Ray task failed: \w+Error: .*will retry",
                      out), out
     assert "View run" not in out  # MLflow's links to runs do not interleave with the sweep's output
     assert "=== Retrying experiment" in out and "Finished: 2\nFailed: 0\n" in out
@@ -197,7 +199,8 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     assert sorted(float(r.data.params["learning_rate"]) for r in finished) == [1e-4, 1e-3]
     for run in finished:  # every process reported to the server: sweep, launcher, aggregator
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [0, 1]
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "logs", "model"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "logs"}
+        assert len(run.outputs.model_outputs) == 1  # the final model, uploaded through the server
     with psycopg.connect(tracking_server["dsn"]) as db:  # and the server keeps it all in PostgreSQL
         statuses = db.execute("SELECT status FROM runs WHERE experiment_id = %s",
                               (int(exp.experiment_id),)).fetchall()
@@ -207,7 +210,7 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     assert exported.returncode == 0, exported.stderr
     assert "Exported 2 finished runs (2 configurations)" in exported.stdout and exported.stderr == ""
     results = pickle.loads((tmp_path / "results.pkl").read_bytes())
-    assert sorted(results) == [(1, 0.0001, False, 1, 7), (1, 0.001, False, 1, 7)]
+    assert sorted(results) == [(2, 0.0001, False, 1, 7), (2, 0.001, False, 1, 7)]
     assert all([r for r, _, _ in entries] == [0, 1] for entries in results.values())
 
 

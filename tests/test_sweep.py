@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -280,6 +281,7 @@ def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, da
         assert run.data.params["max_train_samples"] == "16"
     a, b = children  # the two experiments ran at the same time
     assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+    assert_sweep_run_worth_opening(parent, out)
 
     # Again, the learning rates spelled differently: nothing left to run, no new run.
     second = run_sweep(tmp_path, *grid, "--learning-rates", "0.00010,1E-3")
@@ -298,6 +300,36 @@ def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, da
         (run,) = [r for r in children if float(r.data.params["learning_rate"]) == key[1]]
         assert entries[-1][2] == run.data.metrics["test_accuracy"]
         assert entries[-1][1] == run.data.metrics["test_loss"]
+
+
+def assert_sweep_run_worth_opening(parent, out):
+    """The sweep's run carries its grid as params, its counters as they grew, the analysis of its
+    experiments (table, ranking, plots) and a description naming the best configuration; the
+    console showed each experiment's rounds as they came."""
+    import mlflow
+
+    client, run_id = MlflowClient(), parent.info.run_id
+    params = parent.data.params
+    assert params["grid.world_sizes"] == "1" and params["grid.learning_rates"] == "1e-4,1e-3"
+    assert params["grid.swap"] == "false,true" and params["grid.rounds"] == "1" and params["grid.seeds"] == "123"
+    assert params["fixed.max_train_samples"] == "16" and params["sweep.parallel"] == "2"
+    assert params["sweep.rounds_to_train"] == "2"
+    finished = [m.value for m in client.get_metric_history(run_id, "sweep/finished")]
+    running = [m.value for m in client.get_metric_history(run_id, "sweep/running")]
+    assert finished[0] == 0 and finished[-1] == 2 and max(running) == 2  # logged while it ran
+    assert client.get_metric_history(run_id, "sweep/rounds_done")[-1].value == 2
+    artifacts = {a.path for a in client.list_artifacts(run_id, "analysis")}
+    assert {"analysis/summary.json", "analysis/ranking.txt", "analysis/plots"} <= artifacts
+    plots = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run_id, "analysis/plots")}
+    assert {"learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png"} <= plots
+    table = mlflow.load_table("analysis/summary.json", run_ids=[run_id])
+    assert sorted(table["learning_rate"]) == [1e-4, 1e-3] and list(table["n"]) == [1, 1]
+    ranking = client.download_artifacts(run_id, "analysis/ranking.txt")
+    best = open(ranking).read().splitlines()[1].split(". ", 1)[1]
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("fedshard sweep over world_sizes 1 x learning_rates 1e-4,1e-3")
+    assert note.endswith(f"Best configuration: {best}.")
+    assert re.search(r"  \[[12]/2\] round 1/1: test_accuracy=0\.\d{4} \(run [0-9a-f]{8}\)", out), out
 
 
 def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, data_dir, store):

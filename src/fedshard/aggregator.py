@@ -14,7 +14,7 @@ import torch
 from . import checkpoint, data, strategies, transport
 from .config import ExperimentConfig
 from .model import AlexNet
-from .training import DeviceData, configure_backends, evaluate, resolve_device
+from .training import DeviceData, configure_backends, evaluate, normalize, resolve_device
 
 
 def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
@@ -24,13 +24,12 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     if cfg.init_from:
         from . import tracking
 
-        path = tracking.resolve_weights(cfg.init_from)
+        state = tracking.load_weights(cfg.init_from)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:
-            raise ValueError(f"init_from={cfg.init_from!r}: {path} is not a fedshard AlexNet state dict: "
-                             f"{str(exc).splitlines()[0]}") from exc
+            raise ValueError(f"init_from={cfg.init_from!r} is not a fedshard AlexNet state dict: "
+                             f"{str(exc).strip().splitlines()[0]}") from exc
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -117,16 +116,16 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
             "train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
             "round_seconds": time.perf_counter() - start,
         }
-        for r in reports:
-            extra[f"trainer_{r.trainer}_train_loss"] = r.train_loss
-            extra[f"trainer_{r.trainer}_slice"] = r.part
-            extra[f"trainer_{r.trainer}_seconds"] = r.seconds
+        for r in reports:  # under a prefix per trainer, so the UI groups them in a section of their own
+            extra[f"trainer_{r.trainer}/train_loss"] = r.train_loss
+            extra[f"trainer_{r.trainer}/slice"] = r.part
+            extra[f"trainer_{r.trainer}/seconds"] = r.seconds
         start = time.perf_counter()
         if round_ < cfg.rounds:
             sent = dispatch(round_ + 1)
         evaluate_and_commit(round_, extra)
     committer.wait()
     transport.stop_trainers(cfg.world_size)
-    tracking.log_weights(run_id, weights)
+    tracking.log_model(run_id, weights, example=normalize(test.images[:2]).cpu().numpy())
     transport.leave()
     print("aggregator: all rounds complete", flush=True)

@@ -108,7 +108,7 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
                        f"with strategy={cfg.strategy}; running without it (enable_swapping=false)")
         start = _extended(cfg, extend_id) if extend_id else None
     try:
-        launcher.check(cfg)
+        datasets = launcher.check(cfg)
     except launcher.CheckFailed as exc:
         _fail_outer_run(str(exc))
 
@@ -122,6 +122,7 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
                 tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
                 return resume_id
             run_id = tracking.start_run(cfg, experiment_name)
+            tracking.log_datasets(run_id, datasets)
             if extend_id:
                 tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
                 tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
@@ -298,8 +299,9 @@ _GRID_HELP = "comma-separated values [default: {}]"
               help="local: child processes of this sweep; ray: Ray tasks on a cluster (pip install -e '.[ray]')")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="Ray cluster to use (ray start --head prints it) [default: $RAY_ADDRESS, else a local instance]")
-@click.option("--cpus-per-experiment", default=None, type=click.IntRange(1),
-              help="ray: CPUs each experiment asks for [default: world_size + 1]")
+@click.option("--cpus-per-experiment", default=None, type=click.FloatRange(0, min_open=True),
+              help="ray: CPUs each experiment asks for, e.g. 0.5 [default: world_size + 1, at most the cluster's "
+              "CPUs / --parallel]")
 @click.option("--gpus-per-experiment", default=None, type=click.FloatRange(0),
               help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
               "else 0]")

@@ -107,6 +107,21 @@ class ExperimentConfig:
         """The results-pickle key: (world_size, learning_rate, enable_swapping, rounds, seed)."""
         return (self.world_size, self.learning_rate, self.enable_swapping, self.rounds, self.seed)
 
+    def description(self) -> str:
+        """The experiment in one line of words (the run's description in the MLflow UI)."""
+        lr = canonical(self.learning_rate)
+        if self.strategy == "fedavg":
+            how = f"FedAvg of {self.world_size} whole-model trainer{'s' * (self.world_size > 1)}"
+        elif self.world_size == 1:
+            how = "centralised training of the full model (world size 1)"
+        else:
+            how = (f"{self.world_size} trainers, each training a 1/{self.world_size}-width tensor-parallel slice, "
+                   + (f"slices swapped every {self.swap_every} rounds" if self.enable_swapping else "no swapping"))
+        data = f"{self.partition} partition" + (f", first {self.max_train_samples} training images"
+                                                if self.max_train_samples else "")
+        return (f"AlexNet on CIFAR-100: {how}; Adam lr {lr}, {self.rounds} rounds of {self.local_epochs} local "
+                f"epoch{'s' * (self.local_epochs > 1)} at batch {self.batch_size}, seed {self.seed}, {data}.")
+
     def params(self) -> dict[str, str]:
         """Every field as its canonical string: what MLflow stores and sweeps compare."""
         return {f.name: canonical(getattr(self, f.name)) for f in fields(self)}

@@ -11,8 +11,10 @@ names the path and what to do.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import pathlib
 import pickle
+from dataclasses import dataclass
 
 import numpy as np
 from numpy._core import multiarray as _multiarray
@@ -233,3 +235,43 @@ _SCHEMES = {"iid": _iid, "contiguous": _contiguous, "dirichlet": _dirichlet}
 def _unsplittable(size: int, n: int, scheme: str, alpha: float) -> DataError:
     remedy = f"alpha={alpha}: use fewer parts or a larger alpha" if scheme == "dirichlet" else "use fewer parts"
     return DataError(f"cannot split N={size} samples into n={n} non-empty parts with the {scheme!r} scheme ({remedy})")
+
+
+# --- what an experiment reads, for the record -----------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """One data set an experiment uses, as its MLflow run records it (a dataset input)."""
+
+    name: str
+    context: str  # "training" or "evaluation"
+    digest: str  # of the file's bytes and, for a partition, of the images it holds
+    source: str  # the file it is read from
+    images: int
+    profile: dict
+
+
+def file_digest(path: pathlib.Path) -> str:
+    """md5 of a file's bytes, as the CIFAR-100 archive is published with."""
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def inputs(data_dir, parts: list[np.ndarray], test_images: int, partition: str, seed: int,
+           max_train_samples: int = 0, max_test_samples: int = 0) -> list[DatasetInput]:
+    """The test set (evaluation) and each trainer's partition (training) of one experiment."""
+    root = ensure_cifar100(data_dir, download=False)
+    train_md5, test_md5 = file_digest(root / "train"), file_digest(root / "test")
+    out = [DatasetInput("cifar100-test", "evaluation", test_md5[:12], str(root / "test"), test_images,
+                        {"num_rows": test_images, "file_md5": test_md5, "max_samples": max_test_samples})]
+    for k, part in enumerate(parts):
+        digest = hashlib.sha256(train_md5.encode() + np.ascontiguousarray(part, np.int64).tobytes()).hexdigest()
+        name = "cifar100-train" if len(parts) == 1 else f"cifar100-train-part{k}of{len(parts)}"
+        out.append(DatasetInput(name, "training", digest[:12], str(root / "train"), len(part), {
+            "num_rows": len(part), "trainer": k, "trainers": len(parts), "partition": partition, "seed": seed,
+            "file_md5": train_md5, "max_samples": max_train_samples}))
+    return out

@@ -94,7 +94,7 @@ class LocalExecutor:
 
     spreads_gpus = True  # the sweep hands out CUDA_VISIBLE_DEVICES itself
 
-    def open(self, configs, echo) -> None:
+    def open(self, configs, parallel: int, echo) -> None:
         pass
 
     def start(self, cfg: ExperimentConfig, argv: list[str], env: dict[str, str], log: Path) -> LocalProcess:
@@ -177,6 +177,15 @@ class RayTask:
         self.done()
 
 
+def default_cpus(world_size: int, parallel: int, cluster_cpus: float, node_cpus: list[float]) -> float:
+    """CPUs one experiment asks Ray for when not told: one per computing process (world_size + 1),
+    capped so that `parallel` experiments fit the cluster at once (its CPUs / parallel, fractional
+    below one CPU; Ray's CPUs are a scheduling count, not a limit) and one fits on the largest node.
+    On a 2-core machine, --parallel 2 of world-size-2 experiments asks for 1 CPU each."""
+    want = min(world_size + 1.0, cluster_cpus / parallel, max(node_cpus, default=0.0))
+    return round(max(want, 0.01), 2)  # Ray takes resource amounts to 0.0001; 2 decimals read better
+
+
 class RayExecutor:
     """Each experiment a Ray task asking for the CPUs of its computing processes (aggregator and
     trainers) and a GPU, or a share of one; Ray starts it on a node where they are free."""
@@ -191,8 +200,9 @@ class RayExecutor:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.cpus, self.gpus = cpus, gpus
         self.ray = self.remote = None
+        self.parallel, self.cluster_cpus, self.node_cpus = 1, 0.0, []
 
-    def open(self, configs, echo) -> None:
+    def open(self, configs, parallel: int, echo) -> None:
         import logging
         from urllib.parse import urlparse
 
@@ -213,6 +223,8 @@ class RayExecutor:
                                 + hint)
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         total = ray.cluster_resources()
+        self.parallel, self.cluster_cpus = parallel, total.get("CPU", 0.0)
+        self.node_cpus = [n.get("CPU", 0.0) for n in nodes]
         if self.gpus is None:  # GPU nodes: one GPU per experiment, as the local sweep does
             self.gpus = 1.0 if total.get("GPU", 0) else 0.0
         where = f"Ray cluster at {self.address}" if self.address else "a local Ray instance"
@@ -224,22 +236,26 @@ class RayExecutor:
         for cfg in configs:
             cpus, gpus = self.resources(cfg)
             if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
-                raise ExecutorError(f"no node of the Ray cluster has the {cpus} CPUs and {gpus:g} GPUs that an "
+                raise ExecutorError(f"no node of the Ray cluster has the {cpus:g} CPUs and {gpus:g} GPUs that an "
                                     f"experiment with world_size={cfg.world_size} asks for; set "
                                     f"--cpus-per-experiment / --gpus-per-experiment")
+        if configs and self.cpus is None:
+            echo(f"Each experiment asks for {self.resources(configs[0])[0]:g} CPUs (world_size + 1, at most the "
+                 f"cluster's CPUs / --parallel); --cpus-per-experiment sets it")
         # Ray must not rerun a failed experiment itself: the sweep retries with a fresh run.
         self.remote = ray.remote(max_retries=0)(run_on_node)
 
-    def resources(self, cfg: ExperimentConfig) -> tuple[int, float]:
-        """(CPUs, GPUs) one experiment asks for: a CPU per computing process unless told otherwise."""
-        return self.cpus or cfg.world_size + 1, self.gpus or 0.0
+    def resources(self, cfg: ExperimentConfig) -> tuple[float, float]:
+        """(CPUs, GPUs) one experiment asks for: --cpus-per-experiment, else default_cpus."""
+        cpus = self.cpus or default_cpus(cfg.world_size, self.parallel, self.cluster_cpus, self.node_cpus)
+        return cpus, self.gpus or 0.0
 
     def start(self, cfg: ExperimentConfig, argv: list[str], env: dict[str, str], log: Path) -> RayTask:
         cpus, gpus = self.resources(cfg)
         # The node's own environment and Python, plus what the experiment needs from the sweep:
         # its run, the tracking server (and its credentials), its share of the node's cores.
         overrides = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "FEDSHARD_"))}
-        overrides["FEDSHARD_CPUS"] = str(cpus)
+        overrides["FEDSHARD_CPUS"] = str(max(1, int(cpus)))  # threads: at least one per process
         ref = self.remote.options(num_cpus=cpus, num_gpus=gpus).remote(argv[1:], overrides, os.getcwd())
         return RayTask(self.ray, ref, log)
 

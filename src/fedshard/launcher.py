@@ -46,15 +46,16 @@ class CheckFailed(Exception):
     """The experiment cannot start (data, init_from, partition); nothing was started."""
 
 
-def check(cfg: ExperimentConfig) -> None:
-    """Everything that can be wrong with the inputs, found before any process or run exists."""
+def check(cfg: ExperimentConfig) -> list:
+    """Everything that can be wrong with the inputs, found before any process or run exists.
+    Returns the data sets the experiment reads (data.DatasetInput), for its run to record."""
     from . import data
 
     try:
-        data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
+        _, test_labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
         _, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
         try:
-            data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
+            parts = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
         except data.DataError as exc:
             raise CheckFailed(f"world_size={cfg.world_size}: {exc}") from exc
         if cfg.init_from:
@@ -63,6 +64,8 @@ def check(cfg: ExperimentConfig) -> None:
             aggregator.load_initial_weights(cfg)
     except (data.DataError, ValueError, FileNotFoundError) as exc:
         raise CheckFailed(str(exc)) from exc
+    return data.inputs(cfg.data_dir, parts, len(test_labels), cfg.partition, cfg.seed, cfg.max_train_samples,
+                       cfg.max_test_samples)
 
 
 class ExperimentFailed(Exception):
@@ -293,7 +296,9 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     status, reason, code = "FAILED", None, 1
+    monitor = None
     try:
+        monitor = tracking.monitor_system(run_id)
         tracking.log_artifact(run_id, exp.config_path)
         exp.start(run_id)
         if placement.remote_trainers:
@@ -323,6 +328,9 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
             signal.signal(s, handler)
     for line in exp.aggregator.new_lines() if exp.aggregator else []:
         echo(line)
+    if monitor is not None:
+        with suppress(Exception):
+            monitor.finish()
     with suppress(Exception):
         tracking.log_artifact(run_id, workdir / "logs")
     tags = {}

@@ -19,7 +19,6 @@ is trained twice.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from .config import ConfigError, ExperimentConfig
 from .planning import Grid, Plan, SweepError, Task, describe, expand, plan
 
 POLL_SECONDS = 0.2
+# How often the sweep looks at its running experiments' latest round (console, parent run counters).
+PROGRESS_SECONDS = 5.0
 # How long a launcher gets to tear its experiment down after SIGTERM before the
 # sweep kills what is left itself.
 STOP_GRACE_SECONDS = 30.0
@@ -100,6 +101,7 @@ class Job:
     log: Path | None = None
     gpu: str | None = None
     started: float = 0.0
+    last_round: int = 0  # the highest round its run has logged, as last seen
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -144,6 +146,10 @@ class Sweep:
         self.bar = None  # the tqdm progress bar, on stderr
         self.executor = executor or executors.LocalExecutor()
         self.t0 = time.monotonic()
+        self.rounds_done = 0  # rounds this sweep's experiments trained, as seen in their runs
+        self.counter_step = 0
+        self.looked = 0.0  # when the running experiments' rounds were last looked at
+        self.note = ""
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
@@ -151,7 +157,7 @@ class Sweep:
         from . import tracking
 
         try:  # first: ray.init installs a SIGTERM handler of its own, which ours must replace
-            self.executor.open(self.configs, self.say)
+            self.executor.open(self.configs, self.parallel, self.say)
         except executors.ExecutorError as exc:
             self.executor.close()
             raise SweepError(str(exc)) from exc
@@ -177,9 +183,12 @@ class Sweep:
                 self.bar.close()
             if self.parent_run_id:
                 with suppress(Exception):
-                    tracking.log_round(self.parent_run_id, 0, {
-                        "experiments_finished": len(self.finished), "experiments_failed": len(self.failed),
-                        "experiments_killed": len(self.killed), "experiments_skipped": len(self.skipped)})
+                    self._log_counters()
+                try:
+                    if not self.stop_signal:  # interrupted: end promptly; the next sweep analyses
+                        self._log_analysis()
+                except Exception as exc:  # the sweep's own results are safe in its experiments' runs
+                    self.say(f"Note: could not log the analysis to the sweep's run: {type(exc).__name__}: {exc}")
                 reason = (f"interrupted by {signal.Signals(self.stop_signal).name}" if self.stop_signal else
                           f"{type(error).__name__}: {error}" if error else
                           f"{len(self.failed)} experiment(s) failed" if self.failed else None)
@@ -202,11 +211,23 @@ class Sweep:
         self.gpus = visible_gpus() if self.parallel > 1 and self.executor.spreads_gpus else []
         tags = {"fedshard.sweep.experiments": str(len(self.configs)),
                 "fedshard.sweep.skipped": str(len(self.skipped))}
-        if self.grid is not None:
-            tags.update({f"fedshard.sweep.{axis}": ",".join(v) for axis, v in self.grid.axes.items()})
-            tags["fedshard.sweep.params"] = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.grid.fixed.items())
+        params = {"sweep.parallel": str(self.parallel), "sweep.max_retries": str(self.max_retries),
+                  "sweep.executor": type(self.executor).__name__.removesuffix("Executor").lower(),
+                  "sweep.experiments": str(len(self.configs) + len(self.skipped)),
+                  "sweep.rounds_to_train": str(self.plan.rounds_to_train),
+                  "sweep.rounds_from_scratch": str(self.plan.rounds_from_scratch)}
+        grid_words = ""
+        if self.grid is not None:  # the grid as params: its axes, and what every experiment shares
+            params.update({f"grid.{axis}": ",".join(v) for axis, v in self.grid.axes.items()})
+            params.update({f"fixed.{k}": v for k, v in self.grid.fixed.items()})
+            grid_words = (" x ".join(f"{axis} {','.join(v)}" for axis, v in self.grid.axes.items())
+                          + "".join(f"; {k}={v}" for k, v in self.grid.fixed.items()))
+        self.note = (f"fedshard sweep over {grid_words or 'a grid'}: {len(self.configs)} experiments to run, "
+                     f"{len(self.skipped)} already FINISHED. {self.plan.rounds_line()}.")
+        tags[tracking.NOTE_TAG] = self.note
         self.parent_run_id, self.experiment_id = tracking.start_sweep_run(
-            self.experiment_name, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags)
+            self.experiment_name, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags, params)
+        self._log_counters()
         if self.progress:
             from tqdm import tqdm
 
@@ -237,6 +258,8 @@ class Sweep:
         while (self.pending or self.running) and not self.stop_signal:
             while len(self.running) < self.parallel and not self.stop_signal and (job := self._next_ready()):
                 self._start(job)
+            if time.monotonic() - self.looked >= PROGRESS_SECONDS:
+                self._look_at_rounds(self.running)
             for job in [j for j in self.running if j.handle.done()]:
                 self.running.remove(job)
                 self._finish(job)
@@ -293,7 +316,7 @@ class Sweep:
         except Exception as exc:
             tracking.end_run(job.run_id, "FAILED", f"sweep could not start the experiment: {exc}")
             raise
-        job.started = time.monotonic()
+        job.started, job.last_round = time.monotonic(), task.start
         self.running.append(job)
         self.say(f"  MLflow run {job.run_id}" + (f" on GPU {job.gpu}" if job.gpu is not None else "")
                  + f", {job.handle.where}, log {job.log}")
@@ -303,6 +326,7 @@ class Sweep:
 
         record = tracking.run_record(job.run_id)
         self._upload_log(job)
+        self._look_at_rounds([job])
         outcome = Outcome(job.cfg, job.run_id, job.attempt)
         if record.status == "FINISHED":
             self.say(f"Experiment completed successfully: {job.cfg.key()!r} "
@@ -327,6 +351,55 @@ class Sweep:
         self.say(f"Experiment failed: {job.cfg.key()!r}: {outcome.reason} (run {job.run_id})")
         self.failed.append(outcome)
         self._advance()
+
+    def _look_at_rounds(self, jobs) -> None:
+        """Say each experiment's newest round and accuracy, and count the rounds trained."""
+        from . import tracking
+
+        self.looked = time.monotonic()
+        total, changed = len(self.configs), False
+        for job in jobs:
+            with suppress(Exception):  # a progress report is never worth failing the sweep for
+                seen = tracking.latest(job.run_id)
+                if seen and seen[0] > job.last_round:
+                    self.rounds_done += seen[0] - job.last_round
+                    job.last_round, changed = seen[0], True
+                    self.say(f"  [{job.index}/{total}] round {seen[0]}/{job.cfg.rounds}: "
+                             f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})")
+        if changed:
+            with suppress(Exception):
+                self._log_counters()
+
+    def _log_counters(self) -> None:
+        """The sweep's run shows where it stands, as metrics that grow while it runs."""
+        from . import tracking
+
+        self.counter_step += 1
+        tracking.log_round(self.parent_run_id, self.counter_step, {
+            "sweep/finished": len(self.finished), "sweep/failed": len(self.failed),
+            "sweep/killed": len(self.killed), "sweep/running": len(self.running),
+            "sweep/skipped": len(self.skipped), "sweep/rounds_done": self.rounds_done})
+
+    def _log_analysis(self) -> None:
+        """`fedshard analyze` of the sweep's FINISHED experiments (these and those skipped), into its
+        run: the summary table, the ranking, the four plots; the best configuration in its description."""
+        from . import analysis, export, tracking
+
+        mine = set(self.configs) | {c for c, _ in self.skipped}
+        runs = [r for r in tracking.list_runs(self.experiment_name, status="FINISHED")
+                if r.is_experiment and _parses(r) and r.config() in mine]
+        exported = export.collect(runs, tracking.metric_history, warn=lambda m: None)
+        if not exported:
+            return
+        results = export.results(exported)
+        tracking.log_table(self.parent_run_id, analysis.summarize(results), "analysis/summary.json")
+        ranking = analysis.ranking_lines(results, top=5)
+        tracking.log_text(self.parent_run_id, "\n".join(ranking) + "\n", "analysis/ranking.txt")
+        with tempfile.TemporaryDirectory(prefix="fedshard-plots-") as tmp:
+            analysis.make_plots(results, tmp)
+            tracking.log_artifacts(self.parent_run_id, tmp, "analysis/plots")
+        best = ranking[1].split(". ", 1)[1]
+        tracking.set_tags(self.parent_run_id, {tracking.NOTE_TAG: f"{self.note} Best configuration: {best}."})
 
     def _advance(self) -> None:
         done, total = len(self.finished) + len(self.failed), len(self.configs)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import suppress
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus
@@ -28,8 +28,15 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 DEFAULT_EXPERIMENT = "Default"
 FAILURE_TAG = "fedshard.failure_reason"
-WEIGHTS_DIR = "model"
-WEIGHTS_FILE = "weights.pt"
+NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in the UI
+MODEL_NAME = "model"  # the final model: runs:/<run id>/model
+# Artifacts of a local SQLite store live beside the database file, in this folder.
+ARTIFACTS_DIR = "mlartifacts"
+EXPERIMENT_DESCRIPTION = (
+    "fedshard experiments: AlexNet on CIFAR-100, trained federated by N trainers (tensor-parallel slices, "
+    "optionally swapped, or FedAvg), evaluated by the aggregator every round. Each run is one experiment "
+    "(metrics test_loss / test_accuracy per round, step = round); a sweep is a parent run with its "
+    "experiments as children.")
 
 
 class TrackingError(RuntimeError):
@@ -44,6 +51,25 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri())
 
 
+def sqlite_artifact_root(uri: str | None = None) -> Path | None:
+    """Where a local SQLite store's artifacts belong: `mlartifacts/` beside the database file
+    (None for any other store, e.g. a tracking server, whose own settings apply)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(urlparse(uri).path)).resolve().parent / ARTIFACTS_DIR
+
+
+def _store_with_artifacts_beside_it(uri: str):
+    """The SQLite store, opened so that an experiment it creates gets `<root>/<experiment id>`
+    as its artifact location rather than `./mlruns/<id>` of whatever directory this process is
+    in (which makes two stores share, and collide in, one `mlruns/`)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root = sqlite_artifact_root(uri)
+    return SqlAlchemyStore(uri, root.as_uri())
+
+
 def ensure_store() -> str:
     """Open (and, for a new SQLite file, create) the store once, before any parallel work."""
     uri = tracking_uri()
@@ -52,6 +78,9 @@ def ensure_store() -> str:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
     try:
+        root = sqlite_artifact_root(uri)
+        if root is not None and not Path(unquote(urlparse(uri).path)).exists():
+            _store_with_artifacts_beside_it(uri)  # a new store: its Default experiment beside it too
         c = client()
         c.search_experiments(max_results=1)
         c.set_experiment_tag(experiment_id(DEFAULT_EXPERIMENT), "fedshard.store_check", "ok")  # a write: not locked
@@ -68,11 +97,21 @@ def ensure_store() -> str:
 
 
 def experiment_id(name: str, create: bool = True) -> str | None:
+    """The id of experiment `name`, created (with a description, and for a local SQLite store
+    with its artifacts beside the database) when it does not exist yet and `create` is set."""
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name) if create else None
+    if not create:
+        return None
+    tags = {NOTE_TAG: EXPERIMENT_DESCRIPTION}
+    if sqlite_artifact_root() is None:
+        return c.create_experiment(name, tags=tags)
+    from mlflow.entities import ExperimentTag
+
+    return _store_with_artifacts_beside_it(tracking_uri()).create_experiment(
+        name, tags=[ExperimentTag(k, v) for k, v in tags.items()])
 
 
 def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -87,10 +126,37 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
         name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         run_name = f"ws{cfg.world_size}-lr{cfg.params()['learning_rate']}-swap{cfg.params()['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
         run_id = c.create_run(experiment_id(name), run_name=run_name, tags=tags or {}).info.run_id
-    for k, v in {**(tags or {}), **owner_tags()}.items():
+    for k, v in {**(tags or {}), **owner_tags(), **source_tags(), NOTE_TAG: cfg.description()}.items():
         c.set_tag(run_id, k, v)
     log_params(run_id, cfg)
     return run_id
+
+
+def source_tags() -> dict[str, str]:
+    """What code made the run, as `mlflow run` records it: the fedshard checkout's git commit
+    (when fedshard runs from one), and who ran it. Tags `mlflow run` already set are kept."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.user": getpass.getuser()}
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return {}  # `mlflow run` made the run and recorded its source itself
+    tags.update({"mlflow.source.type": "LOCAL", "mlflow.source.name": "fedshard run"})
+    checkout = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        with suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
+            if done.returncode == 0:
+                return done.stdout.strip()
+        return ""
+
+    if git("rev-parse", "--show-toplevel") and Path(git("rev-parse", "--show-toplevel")) == checkout:
+        tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
+        tags["mlflow.source.name"] = str(checkout)
+        if url := git("config", "--get", "remote.origin.url"):
+            tags["mlflow.source.git.repoURL"] = url
+    return tags
 
 
 HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
@@ -138,13 +204,29 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     client().log_artifact(run_id, str(path), artifact_path)
 
 
-def log_weights(run_id: str, state: dict) -> None:
+def log_model(run_id: str, weights: dict, example=None) -> None:
+    """The final model as an MLflow model: `mlflow.pytorch.load_model("runs:/<id>/model")` gives
+    fedshard's AlexNet, registrable with `mlflow.register_model`. Its signature: a float32 batch
+    (N, 3, 32, 32) of CIFAR images normalised as in training (training.normalize) -> (N, 100)
+    log-probabilities. fedshard's code travels with it, so loading needs no fedshard install."""
+    import mlflow.pytorch
+    import numpy as np
     import torch
+    from mlflow.models import infer_signature
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / WEIGHTS_FILE
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
-        log_artifact(run_id, path, WEIGHTS_DIR)
+    from .model import AlexNet
+
+    with torch.device("meta"):
+        model = AlexNet()
+    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}, assign=True)
+    model.eval()
+    x = np.asarray(example if example is not None else np.zeros((2, 3, 32, 32)), dtype=np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    mlflow.pytorch.log_model(
+        model, name=MODEL_NAME, signature=infer_signature(x, y), serialization_format="pickle",
+        code_paths=[str(Path(__file__).resolve().parent)], run_id=run_id,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
 
 
 def end_run(run_id: str, status: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
@@ -161,26 +243,42 @@ def run_status(run_id: str) -> str:
     return client().get_run(run_id).info.status
 
 
-def resolve_weights(uri: str) -> Path:
-    """A local weights file for `init_from`: a path, or an MLflow artifact URI (runs:/<id>/model)."""
+def load_weights(uri: str) -> dict:
+    """The state dict that `init_from` names: a state-dict file (path or file: URI), or an MLflow
+    model (runs:/<run id>/model, models:/<name>/<version>). Raises FileNotFoundError when there is
+    nothing to load there, ValueError when what is there is no state dict."""
+    import torch
+
     scheme = urlparse(uri).scheme
-    if scheme in ("", "file") and not uri.startswith("runs:"):
+    if scheme in ("", "file"):
         path = Path(urlparse(uri).path if scheme == "file" else uri).expanduser()
-    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from={uri!r}: no weights file at {path}")
         try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri()))
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise FileNotFoundError(f"init_from={uri!r}: cannot download: {str(exc).splitlines()[0]}") from exc
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={uri!r}: no weights file at {path}")
-    return path
+            raise ValueError(f"init_from={uri!r}: {path} is not a state dict: {_first_line(exc)}") from exc
+    import mlflow.pytorch
+
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
+    except Exception as exc:
+        if uri.startswith("runs:/"):  # a run from before final models were MLflow models: model/weights.pt
+            with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+                legacy = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/weights.pt", dst_path=tmp,
+                                                             tracking_uri=tracking_uri())
+                return torch.load(legacy, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"init_from={uri!r}: cannot load it as an MLflow model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [
     "RunStatus", "TrackingError", "client", "end_run", "ensure_store", "log_artifact",
-    "log_params", "log_round", "log_weights", "resolve_weights", "run_status", "start_run",
+    "log_model", "log_params", "log_round", "load_weights", "run_status", "start_run",
     "tracking_uri",
 ]
 
@@ -271,20 +369,25 @@ def list_runs(experiment_name: str, status: str | None = None) -> list[RunRecord
             return records
 
 
-def start_sweep_run(experiment_name: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
+def start_sweep_run(experiment_name: str, run_name: str, tags: dict[str, str],
+                    params: dict[str, str] | None = None) -> tuple[str, str]:
     """The sweep's parent run and its experiment id: the run `mlflow run -e sweep` made
-    (MLFLOW_RUN_ID, which must be RUNNING), or a new one."""
+    (MLFLOW_RUN_ID, which must be RUNNING), or a new one; `params` are logged on it."""
     c = client()
-    tags = {SWEEP_TAG: "true", **tags, **owner_tags()}
+    tags = {SWEEP_TAG: "true", **tags, **owner_tags(), **source_tags()}
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         run = c.get_run(run_id)
         if run.info.status != "RUNNING":
             raise TrackingError(f"MLFLOW_RUN_ID={run_id} is {run.info.status}, not RUNNING: refusing to log into it")
-        set_tags(run_id, tags)
-        return run_id, run.info.experiment_id
-    exp_id = experiment_id(experiment_name)
-    return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, exp_id
+        exp_id = run.info.experiment_id
+    else:
+        exp_id = experiment_id(experiment_name)
+        run_id = c.create_run(exp_id, run_name=run_name).info.run_id
+    set_tags(run_id, tags)
+    if params:
+        c.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    return run_id, exp_id
 
 
 def create_child_run(cfg: ExperimentConfig, experiment_id: str, parent_run_id: str,
@@ -293,8 +396,8 @@ def create_child_run(cfg: ExperimentConfig, experiment_id: str, parent_run_id: s
     parameter already logged (so even an attempt that dies at once shows its configuration)."""
     p = cfg.params()
     name = f"ws{cfg.world_size}-lr{p['learning_rate']}-swap{p['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
-    run_id = client().create_run(experiment_id, run_name=name,
-                                 tags={PARENT_TAG: parent_run_id, **(tags or {})}).info.run_id
+    run_id = client().create_run(experiment_id, run_name=name, tags={
+        PARENT_TAG: parent_run_id, NOTE_TAG: cfg.description(), **(tags or {})}).info.run_id
     client().log_batch(run_id, params=[Param(k, v) for k, v in p.items()])
     return run_id
 
@@ -442,9 +545,7 @@ def reopen_run(run_id: str, tags: dict[str, str]) -> None:
 
 def load_final_weights(run_id: str) -> dict:
     """The final model of a FINISHED run, as a state dict."""
-    import torch
-
-    return torch.load(resolve_weights(f"runs:/{run_id}/{WEIGHTS_DIR}"), map_location="cpu", weights_only=True)
+    return load_weights(f"runs:/{run_id}/{MODEL_NAME}")
 
 
 def owner_alive(run: RunRecord) -> bool | None:
@@ -467,3 +568,60 @@ def _is_fedshard_process(pid: int) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE and any("fedshard" in a or "sweep" in a for a in proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+# --- what a run reads and what its machine did ------------------------------------------
+
+SYSTEM_METRICS_INTERVAL = 5.0  # seconds; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
+
+
+def log_datasets(run_id: str, inputs) -> None:
+    """Record the data sets an experiment reads (data.DatasetInput) as the run's dataset inputs:
+    name, digest, source file, number of images, and its context (training / evaluation)."""
+    import json
+
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    schema = json.dumps(TensorDatasetSchema(
+        features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, 32, 32), "images")]),
+        targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "fine_labels")])).to_dict())
+    client().log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(i.name, i.digest, "local", json.dumps({"uri": i.source}), schema, json.dumps(i.profile)),
+                     [InputTag("mlflow.data.context", i.context)]) for i in inputs])
+
+
+def monitor_system(run_id: str):
+    """Sample this machine's CPU, memory, disk and network (and GPUs, with `fedshard[gpu]`) into the
+    run's system/ metrics with MLflow's own monitor, until .finish(); a resumed run continues its
+    steps. The launcher runs it, so it covers all of an experiment's local processes."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=True,
+                                   tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_table(run_id: str, frame, artifact_file: str) -> None:
+    """A pandas DataFrame as an MLflow table (shown in the UI's artifact view and evaluation tab)."""
+    client().log_table(run_id, frame, artifact_file)
+
+
+def log_artifacts(run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def latest(run_id: str, key: str = "test_accuracy") -> tuple[int, float] | None:
+    """(step, value) of the highest step logged for `key`, or None before the first."""
+    history = client().get_metric_history(run_id, key)
+    return max(((m.step, m.value) for m in history), default=None)
