@@ -605,6 +605,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--pack", type=int, default=4, help="CUDA: runs sharing the GPU in the grid projection")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the sweeps with and without extension")
     args = parser.parse_args(argv)
 
     device = training.resolve_device(args.device)
@@ -672,10 +673,12 @@ def main(argv=None) -> int:
         figures["startup_seconds"] = exp["startup_seconds"]
         figures["checkpoint_seconds"] = r["checkpoint_seconds"]
 
-        say("sweeps: rounds 2 and 4, two seeds, from scratch and with extension")
-        ext = bench_extension(tmp / "data", tmp, sizes["sweep_images"], device.type)
-        results["details"]["extension"] = ext
-        figures["extension_speedup"] = ext["extension_speedup"]
+        ext = None
+        if not args.no_sweeps:
+            say("sweeps: rounds 2 and 4, two seeds, from scratch and with extension")
+            ext = bench_extension(tmp / "data", tmp, sizes["sweep_images"], device.type)
+            results["details"]["extension"] = ext
+            figures["extension_speedup"] = ext["extension_speedup"]
 
         rows = [
             ("data_pipeline_speedup", figures["data_pipeline_speedup"], "x"),
@@ -695,10 +698,11 @@ def main(argv=None) -> int:
             ("exchange_gbytes_per_s", figures["exchange_gbytes_per_s"], "GB/s"),
             ("  bare gloo, reused buffer", x["raw_gloo_gbytes_per_s"], "GB/s"),
             ("  flattening 220 MB to send", x["flatten_seconds"], "s"),
-            ("extension_speedup", figures["extension_speedup"], "x"),
-            ("  sweep, every run from round 0", ext["from_scratch"]["seconds"], "s"),
-            ("  sweep, 4-round runs extend 2-round", ext["extended"]["seconds"], "s"),
         ]
+        if ext:
+            rows += [("extension_speedup", figures["extension_speedup"], "x"),
+                     ("  sweep, every run from round 0", ext["from_scratch"]["seconds"], "s"),
+                     ("  sweep, 4-round runs extend 2-round", ext["extended"]["seconds"], "s")]
 
         if on_cuda:
             say("CUDA: training throughput, TFLOP/s, packing, grid projection")

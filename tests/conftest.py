@@ -113,9 +113,9 @@ LEFTOVER_DEADLINE = 30.0
 class Launcher:
     """`fedshard run` in the background, its output read line by line."""
 
-    def __init__(self, tmp_path, data_dir, experiment="faults", **params):
-        args = experiment_args(data_dir, **params)
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedshard", "run", *args, "--experiment-name", experiment],
+    def __init__(self, tmp_path, data_dir, experiment="faults", resume: str = "", **params):
+        args = ["--resume", resume] if resume else [*experiment_args(data_dir, **params), "--experiment-name", experiment]
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedshard", "run", *args],
                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []

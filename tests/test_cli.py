@@ -4,7 +4,6 @@ input fails fast with a clear message, no process started and no run left RUNNIN
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import subprocess
 import sys

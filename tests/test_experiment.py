@@ -72,9 +72,9 @@ def assert_rises_above_chance(run_id):
 # grid's largest learning rate, batch 8, 16 steps per trainer and round) world size 1 measured
 # 0.25, 0.25, 0.25, 0.75 test accuracy in rounds 1-4, and the assembled tensor-parallel model
 # 0.25, 0.5, 0.5 in rounds 1-3, with and without swapping; with 1e-4, world size 1 was still at
-# chance after 48 steps. Determinism is checked with fedavg, whose two trainers each train the
-# whole model from the same seeds (tensor-parallel splitting and assembly are pure functions,
-# tested exactly in test_sharding.py).
+# chance after 48 steps. That a run is reproducible (same config and seed, same metrics) is
+# checked across processes by test_resume.py, against one uninterrupted reference run;
+# tensor-parallel splitting and assembly are pure functions, tested exactly in test_sharding.py.
 LEARNS = dict(max_train_samples=128, max_test_samples=64, batch_size=8, learning_rate=1e-3)
 
 
@@ -94,7 +94,7 @@ def assert_mlflow_native(run, data_dir, store_dir, n_test):
     signature = mlflow.models.get_model_info(f"runs:/{run_id}/model").signature
     assert signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and signature.inputs.inputs[0].type.name == "float32"
     assert signature.outputs.inputs[0].shape == (-1, 100)
-    assert mlflow.register_model(f"runs:/{run_id}/model", "fedshard-alexnet").version == "1"
+    assert int(mlflow.register_model(f"runs:/{run_id}/model", "fedshard-alexnet").version) == 1
     # Datasets: the test set for evaluation, the (one trainer's) training partition.
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"cifar100-test", "cifar100-train"}
@@ -157,19 +157,20 @@ def test_world_size_two_without_swapping_keeps_slices_and_learns(tmp_path, data_
     assert_nothing_left(run_id, pids)
 
 
-def test_fedavg_trains_whole_models_and_same_config_and_seed_give_identical_metrics(tmp_path, data_dir, store):
-    runs = [run_experiment(tmp_path, data_dir, world_size=2, rounds=2, strategy="fedavg", max_train_samples=32,
-                           max_test_samples=16)
-            for _ in range(2)]
-    for result, run_id, pids in runs:
-        run = check_finished_run(result, run_id, 2)
-        assert run.data.params["strategy"] == "fedavg" and run.data.params["enable_swapping"] == "false"
-        for k in range(2):
-            assert history(run_id, f"trainer_{k}/slice") == {1: 0, 2: 0}  # everyone trains the whole model
-        assert_nothing_left(run_id, pids)
-    (_, a, _), (_, b, _) = runs
-    for metric in ("test_loss", "test_accuracy", "train_loss", "trainer_0/train_loss", "trainer_1/train_loss"):
-        assert history(a, metric) == history(b, metric), metric
-    # not trivially equal: the two trainers (own data, own seeds) and the two rounds all differ
-    losses = history(a, "trainer_0/train_loss")
-    assert losses[1] != losses[2] and losses[1] != history(a, "trainer_1/train_loss")[1]
+def test_fedavg_trains_whole_models_and_learns(tmp_path, data_dir, store):
+    # Each of the two trainers trains the whole model on its 64 images, 16 steps of batch 8 a round;
+    # the sample-weighted mean leaves chance. Measured here at 3e-4: 0.25, 0.25, 0.25, 0.5, 0.5 in
+    # rounds 1-5 (0.75 in round 6); at 1e-4 0.5 came only in round 5, at 1e-3 not within 5 rounds.
+    # Round times of 15 s make it the suite's costliest learning test. That the same config and
+    # seed give the same metrics is checked across processes by the resume tests (test_resume.py).
+    rounds = 5
+    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=rounds, strategy="fedavg",
+                                          local_epochs=2, **dict(LEARNS, learning_rate=3e-4))
+    run = check_finished_run(result, run_id, rounds)
+    assert run.data.params["strategy"] == "fedavg" and run.data.params["enable_swapping"] == "false"
+    for k in range(2):
+        assert history(run_id, f"trainer_{k}/slice") == {r: 0 for r in range(1, rounds + 1)}  # the whole model
+    losses = history(run_id, "trainer_0/train_loss")  # two trainers, own data and seeds: not one model twice
+    assert losses[1] != history(run_id, "trainer_1/train_loss")[1]
+    assert_rises_above_chance(run_id)
+    assert_nothing_left(run_id, pids)

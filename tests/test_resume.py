@@ -78,7 +78,9 @@ def assert_continued_exactly(run_id: str, reference, resumed_from: int):
     assert tracking.checkpoint_rounds(run_id) == []  # the final model is kept, the checkpoint no longer
 
 
-def test_trainer_killed_fails_the_run_and_resume_continues_from_its_checkpoint(tmp_path, data_dir, store, reference):
+def test_a_killed_trainer_then_a_sigkilled_launcher_each_leave_a_run_that_resumes_exactly(
+        tmp_path, data_dir, store, reference):
+    # A trainer dies after round 1 is stored: the run FAILS, and keeps the checkpoint of round 1 only.
     exp = Launcher(tmp_path, data_dir, "resume", **CONFIG)
     wait_for_checkpoint(exp.run_id, 1, exp.proc)
     os.kill(exp.trainers[1], signal.SIGKILL)
@@ -87,31 +89,25 @@ def test_trainer_killed_fails_the_run_and_resume_continues_from_its_checkpoint(t
     assert failed.status == "FAILED"
     assert failed.tags[tracking.FAILURE_TAG].startswith("trainer 1 died (killed by SIGKILL)")
     assert_gone(exp.children(), exp.run_id)
-    k = failed.checkpoint_round
-    assert 1 <= k < 3 and tracking.checkpoint_rounds(exp.run_id) == [k]  # only the newest is kept
+    assert failed.checkpoint_round == 1 and tracking.checkpoint_rounds(exp.run_id) == [1]
 
-    result = resume(tmp_path, exp.run_id)
-    assert f"fedshard: resuming run {exp.run_id} after round {k} of 3" in result.stdout
-    assert f"round {k}/3" not in result.stdout and "round 3/3" in result.stdout  # no round trained twice
-    assert_continued_exactly(exp.run_id, reference, k)
-
-
-def test_sigkilled_launcher_leaves_a_stale_run_that_resumes(tmp_path, data_dir, store, reference):
-    exp = Launcher(tmp_path, data_dir, "resume", **CONFIG)
-    wait_for_checkpoint(exp.run_id, 1, exp.proc)
-    alive = CliRunner().invoke(cli.main, ["run", "--resume", exp.run_id])
-    assert alive.exit_code == 2 and f"owner (pid {exp.proc.pid} on" in alive.output and "is alive" in alive.output
-    meta = [p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == exp.proc.pid]
-    exp.proc.kill()
-    exp.finish()
-    assert_gone(exp.children() + meta, exp.run_id)  # its children died with it
+    # Resumed, it trains round 2 (not round 1 again); then its launcher is SIGKILLed. Its children die
+    # with it, and the run stays RUNNING with nobody left to end it: stale.
+    again = Launcher(tmp_path, data_dir, resume=exp.run_id)
+    assert f"fedshard: resuming run {exp.run_id} after round 1 of 3" in "".join(again.output)
+    wait_for_checkpoint(exp.run_id, 2, again.proc)
+    alive = CliRunner().invoke(cli.main, ["run", "--resume", exp.run_id])  # its owner still runs: refused
+    assert alive.exit_code == 2 and f"owner (pid {again.proc.pid} on" in alive.output and "is alive" in alive.output
+    meta = [p.pid for p in fedshard_processes(" metaserver ") if p.ppid() == again.proc.pid]
+    again.proc.kill()
+    again.finish()
+    assert_gone(again.children() + meta, exp.run_id)
     stale = tracking.run_record(exp.run_id)
-    assert stale.status == "RUNNING"  # nobody was left to end it
+    assert stale.status == "RUNNING" and stale.checkpoint_round == 2
 
     result = resume(tmp_path, exp.run_id)
-    k = int(MlflowClient().get_run(exp.run_id).data.tags[tracking.RESUMED_TAG])
-    assert k == stale.checkpoint_round >= 1
-    assert_continued_exactly(exp.run_id, reference, k)
+    assert "round 1/3" not in result.stdout and "round 2/3" not in result.stdout and "round 3/3" in result.stdout
+    assert_continued_exactly(exp.run_id, reference, 2)
     assert fedshard_processes(exp.run_id) == []
 
 
@@ -165,6 +161,11 @@ def test_sweep_extends_the_shorter_twin_and_a_sigkilled_sweep_is_resumed(tmp_pat
             "-P", f"data_dir={link}", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")],
             "--experiment-name", "ext", "--no-progress"]
     env = dict(os.environ, TMPDIR=str(tmp_path))
+    # A run whose owner vanished without a trace: RUNNING, owned by a pid of this host that is gone.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ghost = MlflowClient().create_run(tracking.experiment_id("ext"), tags={
+        **tracking.owner_tags(), tracking.PID_TAG: str(dead.pid), "fedshard.sweep": "true"}).info.run_id
     proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -175,12 +176,20 @@ def test_sweep_extends_the_shorter_twin_and_a_sigkilled_sweep_is_resumed(tmp_pat
     family = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()
     first = proc.communicate()[0]
-    assert psutil.wait_procs(family, timeout=30)[1] == []
+    assert psutil.wait_procs(family, timeout=30)[1] == []  # its experiments died with it
+    assert fedshard_processes(str(tmp_path)) == []
     assert "Rounds to train: 3 (4 without extending shorter runs)" in first
+    assert tracking.run_record(ghost).status == "KILLED"  # reaped as stale by the sweep
+    (parent,) = [r for r in MlflowClient().search_runs([tracking.experiment_id("ext")])
+                 if r.data.tags.get("fedshard.sweep") == "true" and r.info.run_id != ghost]
+    assert parent.info.status == "RUNNING"  # nobody was left to end the sweep's own run
 
     again = subprocess.run([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert f"Marked 1 stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): " \
+           f"{parent.info.run_id}" in again.stdout
+    assert tracking.run_record(parent.info.run_id).status == "KILLED"
     assert "Total experiments to run: 1 (1 already finished)" in again.stdout
     assert "Rounds to train: 1 (3 without resuming)" in again.stdout
     assert "Resuming experiment: world_size=2, lr=0.001, swap=True, rounds=3, seed=123 from round 2" in again.stdout

@@ -34,7 +34,7 @@ HELP = {
     "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
     "max_train_samples": "use only the first N training images (0 = all)",
     "max_test_samples": "evaluate on the first N test images only (0 = all)",
-    "init_from": "start from these weights: a file or an MLflow URI such as runs:/<id>/model",
+    "init_from": "start from these weights: a state-dict file, runs:/<id>/model or models:/<name>/<version>",
     "eval_batch_size": "evaluation batch size",
     "round_timeout": "seconds a round's exchange may take before the experiment fails",
     "device": "auto (cuda when available), cpu or cuda",

@@ -256,13 +256,19 @@ class Sweep:
 
     def _loop(self) -> None:
         while (self.pending or self.running) and not self.stop_signal:
+            changed = False
             while len(self.running) < self.parallel and not self.stop_signal and (job := self._next_ready()):
                 self._start(job)
+                changed = True
             if time.monotonic() - self.looked >= PROGRESS_SECONDS:
-                self._look_at_rounds(self.running)
+                changed |= self._look_at_rounds(self.running)
             for job in [j for j in self.running if j.handle.done()]:
                 self.running.remove(job)
                 self._finish(job)
+                changed = True
+            if changed:
+                with suppress(Exception):  # counters are never worth failing the sweep for
+                    self._log_counters()
             if self.bar is not None and not self.bar.disable:
                 self.bar.refresh()  # keeps the elapsed time ticking between completions
             time.sleep(POLL_SECONDS)
@@ -352,8 +358,9 @@ class Sweep:
         self.failed.append(outcome)
         self._advance()
 
-    def _look_at_rounds(self, jobs) -> None:
-        """Say each experiment's newest round and accuracy, and count the rounds trained."""
+    def _look_at_rounds(self, jobs) -> bool:
+        """Say each experiment's newest round and accuracy, and count the rounds trained; True when
+        there was news."""
         from . import tracking
 
         self.looked = time.monotonic()
@@ -366,9 +373,7 @@ class Sweep:
                     job.last_round, changed = seen[0], True
                     self.say(f"  [{job.index}/{total}] round {seen[0]}/{job.cfg.rounds}: "
                              f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})")
-        if changed:
-            with suppress(Exception):
-                self._log_counters()
+        return changed
 
     def _log_counters(self) -> None:
         """The sweep's run shows where it stands, as metrics that grow while it runs."""

@@ -25,6 +25,8 @@ from .config import ExperimentConfig
 # With a tracking server MLflow prints links to a run whenever one ends; they would interleave
 # with the console output researchers know (set it to false to have them).
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# Nor progress bars for every artifact a run downloads (a checkpoint, a model to start from).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_EXPERIMENT = "Default"
 FAILURE_TAG = "fedshard.failure_reason"
@@ -209,6 +211,8 @@ def log_model(run_id: str, weights: dict, example=None) -> None:
     fedshard's AlexNet, registrable with `mlflow.register_model`. Its signature: a float32 batch
     (N, 3, 32, 32) of CIFAR images normalised as in training (training.normalize) -> (N, 100)
     log-probabilities. fedshard's code travels with it, so loading needs no fedshard install."""
+    import logging
+
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -223,9 +227,17 @@ def log_model(run_id: str, weights: dict, example=None) -> None:
     x = np.asarray(example if example is not None else np.zeros((2, 3, 32, 32)), dtype=np.float32)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).numpy()
+    # Created here, in the run's own experiment: left to itself, MLflow puts a model logged by run id
+    # into the process's current experiment (Default), not the run's.
+    # Pickled, not torch.export's pt2, so that load_model gives back the AlexNet class itself; MLflow
+    # warns about pickle on every save, which is no news to whoever runs fedshard's own model.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    run = client().get_run(run_id)
+    logged = client().create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                          params=dict(run.data.params))
     mlflow.pytorch.log_model(
-        model, name=MODEL_NAME, signature=infer_signature(x, y), serialization_format="pickle",
-        code_paths=[str(Path(__file__).resolve().parent)], run_id=run_id,
+        model, name=MODEL_NAME, model_id=logged.model_id, run_id=run_id, signature=infer_signature(x, y),
+        serialization_format="pickle", code_paths=[str(Path(__file__).resolve().parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
 
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU check of issue 12, from a fresh clone: a virtual environment with fedshard and its GPU and
+# test extras, then benchmarks/gpu_check.py, which writes benchmarks/results/<gpu-name>.json.
+#
+#   bash benchmarks/gpu_check.sh          # on a machine with one NVIDIA GPU; about 8 minutes on an H200
+#   bash benchmarks/gpu_check.sh --dry    # every step on the CPU at toy sizes: checks the plumbing only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${FEDSHARD_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+pip install -q --upgrade pip
+pip install -q -e '.[dev,gpu]'
+exec python benchmarks/gpu_check.py "$@"
