@@ -264,3 +264,19 @@ def test_extending_needs_a_finished_shorter_run_of_the_same_configuration(data_d
     result = CliRunner().invoke(cli.main, ["run", *experiment_args(data_dir, world_size=1), "--extend", running])
     assert result.exit_code == 2 and "only a FINISHED run can be extended" in result.output
     assert len(MlflowClient().search_runs([tracking.experiment_id("refuse")])) == 2  # no run was created
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_deterministic_run_reproduces_itself_and_resumes_exactly(tmp_path, data_dir, store):
+    """On CUDA with --deterministic: an uninterrupted run, and a run whose trainer is killed after
+    round 1 and which is then resumed, give the same history bit for bit."""
+    cuda = dict(CONFIG, device="cuda", deterministic=True)
+    whole = fedshard("run", *experiment_args(data_dir, **cuda), "--experiment-name", "cuda", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    (reference_run,) = sweep_runs("cuda")
+    exp = Launcher(tmp_path, data_dir, "cuda", **cuda)
+    wait_for_checkpoint(exp.run_id, 1, exp.proc)
+    os.kill(exp.trainers[0], signal.SIGKILL)
+    exp.finish()
+    resume(tmp_path, exp.run_id)
+    assert history(exp.run_id) == history(reference_run.info.run_id)

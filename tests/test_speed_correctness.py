@@ -371,3 +371,28 @@ def test_cuda_amp_channels_last_evaluation_is_close_to_fp32(eval_case):
     loss16, acc16 = training.evaluate(model, data, amp=True)
     assert loss16 == pytest.approx(loss32, rel=2e-2)
     assert abs(acc16 - acc32) <= 2 / len(data)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_round_agrees_with_fp32(restore_backends):
+    """One local round of the full AlexNet with bf16 autocast + channels_last (what runs on CUDA)
+    against the same round in fp32, from the same weights, data and seeds. Stated tolerance: the
+    round's mean training loss within 2 %, the trained model's fp32 test loss within 5 %."""
+    training.configure_backends(torch.device("cuda"), deterministic=False)
+    cpu = small_data(512)
+    train = DeviceData(cpu.images[:384].cuda(), cpu.labels[:384].cuda())
+    test = DeviceData(cpu.images[384:].cuda(), cpu.labels[384:].cuda())
+    torch.manual_seed(0)
+    start = AlexNet().cuda().state_dict()
+
+    def one_round(amp: bool):
+        model = AlexNet().cuda()
+        model.load_state_dict(start)
+        torch.manual_seed(1)
+        result = training.train_local(model, train, learning_rate=1e-4, epochs=1, batch_size=64,
+                                      generator=torch.Generator("cuda").manual_seed(1), amp=amp)
+        return result.mean_loss, training.evaluate(model, test, amp=False, channels_last=False)[0]
+
+    (train16, test16), (train32, test32) = one_round(True), one_round(False)
+    assert train16 == pytest.approx(train32, rel=2e-2)
+    assert test16 == pytest.approx(test32, rel=5e-2)

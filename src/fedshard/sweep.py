@@ -38,7 +38,8 @@ PROGRESS_SECONDS = 5.0
 # How long a launcher gets to tear its experiment down after SIGTERM before the
 # sweep kills what is left itself.
 STOP_GRACE_SECONDS = 30.0
-LAUNCHER_LOG = "fedshard-run.log"
+# The launcher's output, stored with its run; one per attempt, as a resumed run has several.
+LAUNCHER_LOG = "fedshard-run-attempt{}.log"
 
 
 def child_command(cfg: ExperimentConfig) -> list[str]:
@@ -429,7 +430,7 @@ class Sweep:
         from . import tracking
 
         with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / LAUNCHER_LOG
+            copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
             copy.write_bytes(job.log.read_bytes())
             tracking.log_artifact(job.run_id, copy, "logs")
 
