@@ -128,7 +128,9 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
         name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         run_name = f"ws{cfg.world_size}-lr{cfg.params()['learning_rate']}-swap{cfg.params()['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
         run_id = c.create_run(experiment_id(name), run_name=run_name, tags=tags or {}).info.run_id
-    for k, v in {**(tags or {}), **owner_tags(), **source_tags(), NOTE_TAG: cfg.description()}.items():
+    existing = c.get_run(run_id).data.tags  # what `mlflow run` or a sweep recorded stays
+    source = {k: v for k, v in source_tags().items() if k not in existing}
+    for k, v in {**(tags or {}), **owner_tags(), **source, NOTE_TAG: cfg.description()}.items():
         c.set_tag(run_id, k, v)
     log_params(run_id, cfg)
     return run_id
@@ -136,14 +138,11 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
 
 def source_tags() -> dict[str, str]:
     """What code made the run, as `mlflow run` records it: the fedshard checkout's git commit
-    (when fedshard runs from one), and who ran it. Tags `mlflow run` already set are kept."""
+    (when fedshard runs from one), and who ran it."""
     import getpass
     import subprocess
 
-    tags = {"mlflow.user": getpass.getuser()}
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return {}  # `mlflow run` made the run and recorded its source itself
-    tags.update({"mlflow.source.type": "LOCAL", "mlflow.source.name": "fedshard run"})
+    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.type": "LOCAL", "mlflow.source.name": "fedshard"}
     checkout = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str:
@@ -153,7 +152,8 @@ def source_tags() -> dict[str, str]:
                 return done.stdout.strip()
         return ""
 
-    if git("rev-parse", "--show-toplevel") and Path(git("rev-parse", "--show-toplevel")) == checkout:
+    top = git("rev-parse", "--show-toplevel")  # fedshard's own checkout, not a repository around an install
+    if top and Path(top) == checkout:
         tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
         tags["mlflow.source.name"] = str(checkout)
         if url := git("config", "--get", "remote.origin.url"):
@@ -409,7 +409,7 @@ def create_child_run(cfg: ExperimentConfig, experiment_id: str, parent_run_id: s
     p = cfg.params()
     name = f"ws{cfg.world_size}-lr{p['learning_rate']}-swap{p['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
     run_id = client().create_run(experiment_id, run_name=name, tags={
-        PARENT_TAG: parent_run_id, NOTE_TAG: cfg.description(), **(tags or {})}).info.run_id
+        PARENT_TAG: parent_run_id, NOTE_TAG: cfg.description(), **source_tags(), **(tags or {})}).info.run_id
     client().log_batch(run_id, params=[Param(k, v) for k, v in p.items()])
     return run_id
 
