@@ -41,6 +41,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # PFLOP of one round over the full data set (issue 12): a full-width model (world size 1) against
@@ -88,11 +89,12 @@ def project_grid(full_round_seconds: float, startup_seconds: float, packing: dic
             "grid_projected_minutes": serial / speedup / 60}
 
 
-def verdicts(figures: dict) -> dict:
+def verdicts(figures: dict, dry: bool = False) -> dict:
+    """Each target met or not; None where unmeasured, and on a dry run (toy sizes on a CPU)."""
     out = {}
     for name, (op, bound) in TARGETS.items():
         value = figures.get(name)
-        met = None if value is None else (value <= bound if op == "<=" else value >= bound)
+        met = None if value is None or dry else (value <= bound if op == "<=" else value >= bound)
         out[name] = {"op": op, "bound": bound, "value": value, "met": met}
     return out
 
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
         results["grid"] = grid
         figures["grid_projected_minutes"] = grid["grid_projected_minutes"]
     results["figures"] = figures
-    results["targets"] = verdicts(figures)
+    results["targets"] = verdicts(figures, args.dry)
     save()
     print(json.dumps({"figures": figures, "targets": results["targets"],
                       "wall_seconds": round(results["wall_seconds"], 1)}, indent=2, default=str))

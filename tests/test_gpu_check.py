@@ -48,3 +48,5 @@ def test_targets_are_judged_only_when_measured():
     assert judged["grid_projected_minutes"]["met"] is True and judged["eval_speedup"]["met"] is None
     assert gpu_check.verdicts({"grid_projected_minutes": 31.0, "eval_speedup": 20.0})["grid_projected_minutes"][
         "met"] is False
+    dry = gpu_check.verdicts({"grid_projected_minutes": 29.0, "eval_speedup": 25.0}, dry=True)
+    assert [v["met"] for v in dry.values()] == [None, None]  # toy sizes on a CPU prove nothing
