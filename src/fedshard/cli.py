@@ -122,13 +122,18 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
                 tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
                 return resume_id
             run_id = tracking.start_run(cfg, experiment_name)
+        except tracking.TrackingError as exc:
+            _fail_outer_run(str(exc))  # exits; the launcher stops the metaserver it started
+        try:
             tracking.log_datasets(run_id, datasets)
             if extend_id:
                 tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
                 tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
-            return run_id
-        except tracking.TrackingError as exc:
-            _fail_outer_run(str(exc))  # exits; the launcher stops the metaserver it started
+        except Exception as exc:  # the run exists: it must not stay RUNNING
+            reason = f"could not prepare run {run_id}: {type(exc).__name__}: {exc}"
+            tracking.end_run(run_id, "FAILED", reason)
+            fail(reason, 1)
+        return run_id
 
     placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
     exit_now(launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start))

@@ -108,12 +108,18 @@ def experiment_id(name: str, create: bool = True) -> str | None:
     if not create:
         return None
     tags = {NOTE_TAG: EXPERIMENT_DESCRIPTION}
-    if sqlite_artifact_root() is None:
-        return c.create_experiment(name, tags=tags)
-    from mlflow.entities import ExperimentTag
+    try:
+        if sqlite_artifact_root() is None:
+            return c.create_experiment(name, tags=tags)
+        from mlflow.entities import ExperimentTag
 
-    return _store_with_artifacts_beside_it(tracking_uri()).create_experiment(
-        name, tags=[ExperimentTag(k, v) for k, v in tags.items()])
+        return _store_with_artifacts_beside_it(tracking_uri()).create_experiment(
+            name, tags=[ExperimentTag(k, v) for k, v in tags.items()])
+    except Exception:  # another process created it at the same moment: use that one
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -600,9 +606,19 @@ def log_datasets(run_id: str, inputs) -> None:
     schema = json.dumps(TensorDatasetSchema(
         features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, 32, 32), "images")]),
         targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "fine_labels")])).to_dict())
-    client().log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(i.name, i.digest, "local", json.dumps({"uri": i.source}), schema, json.dumps(i.profile)),
-                     [InputTag("mlflow.data.context", i.context)]) for i in inputs])
+    datasets = [DatasetInput(Dataset(i.name, i.digest, "local", json.dumps({"uri": i.source}), schema,
+                                     json.dumps(i.profile)), [InputTag("mlflow.data.context", i.context)])
+                for i in inputs]
+    # Experiments started together record the same data sets: both may find one missing and insert
+    # it, and the store refuses the second insert. Once the first is in, a second try finds it.
+    for attempt in range(3):
+        try:
+            client().log_inputs(run_id, datasets=datasets)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def monitor_system(run_id: str):
