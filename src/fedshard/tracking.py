@@ -448,7 +448,6 @@ CHECKPOINT_TAG = "fedshard.checkpoint_round"
 RESUMED_TAG = "fedshard.resumed_from_round"
 EXTENDS_TAG = "fedshard.extends"
 ROUNDS_TRAINED_TAG = "fedshard.rounds_trained"
-ROUND_METRICS = ("test_loss", "test_accuracy")  # logged for every round, 0 included
 # What only the machine says, not the experiment: never copied from one run into another.
 SYSTEM_PREFIX = "system/"
 
