@@ -19,6 +19,22 @@ DEVICES = ("auto", "cpu", "cuda")
 # tensor-parallel world cannot have more trainers than that.
 MAX_TENSOR_PARALLEL_WORLD = 96
 
+# What a configuration *is*: every setting that can change a result. Two runs that agree on all
+# of these trained the same thing, so a sweep skips, resumes and extends across them and export
+# and analysis keep them apart from runs that differ in any. The settings left out say where the
+# data sits, how long to wait, how large the evaluation batches are and which kernels run: they
+# change how a run goes (or its last bits, between CPU and GPU), never what it trains.
+NOT_RESULT_SETTINGS = ("data_dir", "eval_batch_size", "round_timeout", "device", "deterministic")
+# The five settings of the classic results pickle's key, in key order.
+KEY_SETTINGS = ("world_size", "learning_rate", "enable_swapping", "rounds", "seed")
+# How a run's name spells a setting that differs from its default (the five of the key are
+# always in it): ws2-lr0.001-swaptrue-r30-s123-fedavg-bs16.
+NAME_PARTS = {
+    "local_epochs": "ep{}", "batch_size": "bs{}", "swap_every": "every{}", "strategy": "{}",
+    "partition": "{}", "dirichlet_alpha": "alpha{}", "max_train_samples": "train{}",
+    "max_test_samples": "test{}", "init_from": "init", "amp": "amp{}",
+}
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -57,11 +73,27 @@ class ExperimentConfig:
         problems = self._problems()
         if problems:
             raise ConfigError("invalid experiment configuration:\n  " + "\n  ".join(problems))
-        # Swapping means rotating slices between trainers; with one trainer or with
-        # whole-model FedAvg there is nothing to rotate, so it is switched off (the
-        # CLI tells the user) rather than recorded as a setting that did nothing.
+        for name, (value, _) in self._not_applying().items():
+            object.__setattr__(self, name, value)
+
+    def _not_applying(self) -> dict[str, tuple[object, str]]:
+        """Settings that mean nothing here -> (the value they take instead, why). They are recorded
+        as that value, not as a setting that did nothing, so that two runs training the same thing
+        are one configuration and a grid never runs it twice."""
+        out: dict[str, tuple[object, str]] = {}
+        if self.world_size == 1 and self.strategy != "tensor_parallel":
+            out["strategy"] = ("tensor_parallel", "one trainer trains the whole model whatever the strategy; "
+                                                  "running it as centralised training")
         if self.enable_swapping and not self.swapping_applies:
-            object.__setattr__(self, "enable_swapping", False)
+            out["enable_swapping"] = (False, f"swapping does not apply to world_size={self.world_size} with "
+                                             f"strategy={self.strategy}; running without it")
+        if not (self.enable_swapping and self.swapping_applies) and self.swap_every != _default("swap_every"):
+            out["swap_every"] = (_default("swap_every"), "swap_every applies only when slices are swapped; "
+                                                         "recorded as the default")
+        if self.partition != "dirichlet" and self.dirichlet_alpha != _default("dirichlet_alpha"):
+            out["dirichlet_alpha"] = (_default("dirichlet_alpha"), "dirichlet_alpha applies only to "
+                                                                   "partition=dirichlet; recorded as the default")
+        return out
 
     @property
     def swapping_applies(self) -> bool:
@@ -107,6 +139,24 @@ class ExperimentConfig:
         """The results-pickle key: (world_size, learning_rate, enable_swapping, rounds, seed)."""
         return (self.world_size, self.learning_rate, self.enable_swapping, self.rounds, self.seed)
 
+    def settings(self) -> dict[str, str]:
+        """The settings that make up the configuration (RESULT_SETTINGS), as canonical strings."""
+        params = self.params()
+        return {name: params[name] for name in RESULT_SETTINGS}
+
+    def identity(self) -> tuple[tuple[str, str], ...]:
+        """What two runs must share to be one configuration: skip, resume, extension and export
+        compare this, never the whole config (see NOT_RESULT_SETTINGS)."""
+        return tuple(self.settings().items())
+
+    def run_name(self) -> str:
+        """The run's name in the MLflow UI: the pickle key's five settings, then every other setting
+        that differs from its default, e.g. ws2-lr0.001-swapfalse-r30-s123-fedavg."""
+        p, default = self.params(), ExperimentConfig().params()
+        name = f"ws{self.world_size}-lr{p['learning_rate']}-swap{p['enable_swapping']}-r{self.rounds}-s{self.seed}"
+        extra = [NAME_PARTS[k].format(p[k]) for k in RESULT_SETTINGS if k in NAME_PARTS and p[k] != default[k]]
+        return "-".join([name, *extra])
+
     def description(self) -> str:
         """The experiment in one line of words (the run's description in the MLflow UI)."""
         lr = canonical(self.learning_rate)
@@ -145,6 +195,22 @@ class ExperimentConfig:
 
     def replace(self, **changes) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def with_notes(cls, values: dict) -> tuple["ExperimentConfig", list[str]]:
+        """from_mapping, and a note for every given setting that does not apply and was changed."""
+        cfg = cls.from_mapping(values)
+        given = cls.__new__(cls)  # the values as given, coerced but not canonicalised
+        for f in fields(cls):
+            object.__setattr__(given, f.name, _coerce(f.name, f.type, values.get(f.name, getattr(cfg, f.name))))
+        return cfg, [f"{why} ({name}={canonical(value)})" for name, (value, why) in given._not_applying().items()]
+
+
+RESULT_SETTINGS = tuple(f.name for f in fields(ExperimentConfig) if f.name not in NOT_RESULT_SETTINGS)
+
+
+def _default(name: str):
+    return ExperimentConfig.__dataclass_fields__[name].default
 
 
 def canonical(value) -> str:
