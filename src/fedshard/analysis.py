@@ -1,188 +1,125 @@
-"""Results pickle -> summary tables, ranking and figures.
+"""Results -> the tables: per-run numbers, the summary over seeds, the ranking, the paired
+comparisons and the rounds to a target accuracy.
 
-This module owns everything downstream of the classic results pickle
-``{(world_size, learning_rate, enable_swapping, rounds, seed):
-[(round, test_loss, test_accuracy), ...]}``: reading it safely, checking its
-format, aggregating seeds into configurations (the key without the seed),
-the best-configuration ranking, the plots and the console report. It never
-talks to MLflow; ``export.py`` produces the pickle.
+A configuration is every setting of RESULT_SETTINGS but the seed; runs of one configuration
+with different seeds are its repeats. Tables name the classic four settings (world_size,
+learning_rate, enable_swapping, rounds) always and every other setting only where it varies in
+the data, so a classic pickle gives the classic tables. Everything here takes a classic results
+dict or a results frame (see results.py) alike, and never talks to MLflow. The figures are in
+plots.py, the console report and report.md in report.py; their old names still import from here.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import math
-import pickle
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from scipy import stats
 
-# Figures only ever go to files: Agg needs no display (servers, CI, GPU nodes).
-matplotlib.use("Agg")
+from .config import KEY_SETTINGS, RESULT_SETTINGS
+from .results import ResultsError, load_results, to_frame  # noqa: F401  (importable from here, as before)
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-CONFIG_FIELDS = ("world_size", "learning_rate", "enable_swapping", "rounds")
-KEY_FIELDS = CONFIG_FIELDS + ("seed",)
-KEY_TYPES = (int, float, bool, int, int)
-
-PLOT_FILES = (
-    "learning_curves.png",
-    "accuracy_vs_lr.png",
-    "swap_comparison.png",
-    "best_accuracy_vs_rounds.png",
-)
-
-
-class ResultsError(Exception):
-    """The file is missing, empty or not a results pickle; message says which and why."""
+CONFIG_FIELDS = KEY_SETTINGS[:4]
+KEY_FIELDS = KEY_SETTINGS
+METRICS = ("final_accuracy", "best_accuracy")
+CONFIDENCE = 0.95
+# Default targets: these fractions of the best configuration's mean final accuracy.
+TARGET_FRACTIONS = (0.5, 0.75, 0.9)
+LABELS = {
+    "world_size": "World Size", "learning_rate": "LR", "enable_swapping": "Swap", "rounds": "Rounds",
+    "local_epochs": "Local Epochs", "batch_size": "Batch Size", "swap_every": "Swap Every",
+    "strategy": "Strategy", "partition": "Partition", "dirichlet_alpha": "Dirichlet Alpha",
+    "max_train_samples": "Train Samples", "max_test_samples": "Test Samples", "init_from": "Init From",
+    "amp": "AMP", "seed": "Seed",
+}
 
 
-# --------------------------------------------------------------------------- loading
+def __getattr__(name):
+    # make_plots, PLOT_FILES and report moved to plots.py and report.py, which build on this
+    # module; importing them lazily keeps `from fedshard.analysis import make_plots` working
+    # without an import cycle.
+    if name in ("make_plots", "PLOT_FILES"):
+        from . import plots
+
+        return getattr(plots, name)
+    if name == "report":
+        from . import report
+
+        return report.report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    # dict/list/tuple/int/float/bool have opcodes of their own, so a genuine
-    # results pickle never names a global. Refusing every global means loading
-    # a hostile file cannot import or call anything (os.system, eval, ...).
-    def find_class(self, module, name):
-        raise ResultsError(
-            f"it refers to the global {module}.{name}, which is refused "
-            "(a results pickle holds only dicts, lists, tuples, ints, floats and bools)"
-        )
-
-    def persistent_load(self, pid):
-        raise ResultsError("it contains a persistent id, which is refused")
+# --------------------------------------------------------------------------- configurations
 
 
-def _is_int(x) -> bool:
-    # bool is a subclass of int, but True is not a world size or a round.
-    return type(x) is int
+def config_settings(frame: pd.DataFrame) -> list[str]:
+    """The settings that tell configurations apart here: the classic four always, then every
+    other setting of the frame (seed excluded) that takes more than one value."""
+    extra = [s for s in RESULT_SETTINGS if s not in KEY_SETTINGS and s in frame.columns
+             and frame[s].nunique(dropna=False) > 1]
+    return [*CONFIG_FIELDS, *extra]
 
 
-def _is_number(x) -> bool:
-    return type(x) in (int, float)
+def format_value(setting: str, value) -> str:
+    """A setting's value as people read it: LR 1e-05 (not np.float64(1e-05)), True, 'none'."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return repr(value)
+    if setting == "init_from" and value == "":
+        return "none"
+    return str(value)
 
 
-def _key_problem(key) -> str | None:
-    if type(key) is not tuple or len(key) != 5:
-        return f"key {key!r} is not a 5-tuple {KEY_FIELDS}"
-    for field, expected, value in zip(KEY_FIELDS, KEY_TYPES, key):
-        if type(value) is not expected:
-            return (
-                f"key {key!r}: {field} is {type(value).__name__} {value!r}, "
-                f"expected {expected.__name__}"
-            )
-    world_size, lr, _, rounds, _ = key
-    if world_size < 1:
-        return f"key {key!r}: world_size must be >= 1"
-    if not (math.isfinite(lr) and lr > 0):
-        return f"key {key!r}: learning_rate must be a positive finite float"
-    if rounds < 1:
-        return f"key {key!r}: rounds must be >= 1"
-    return None
+def config_text(row, settings) -> str:
+    """'World Size: 2, LR: 0.001, Swap: False, Rounds: 1, Strategy: fedavg' of a row (a mapping)."""
+    return ", ".join(f"{LABELS[s]}: {format_value(s, row[s])}" for s in settings)
 
 
-def _entries_problem(entries) -> str | None:
-    if type(entries) is not list or not entries:
-        return (
-            f"value is {type(entries).__name__} {entries!r:.60}, expected a non-empty "
-            "list of (round, test_loss, test_accuracy) tuples"
-        )
-    for i, entry in enumerate(entries):
-        if not (
-            type(entry) is tuple
-            and len(entry) == 3
-            and _is_int(entry[0])
-            and _is_number(entry[1])
-            and _is_number(entry[2])
-        ):
-            return (
-                f"entry {i} is {entry!r:.60}, expected a tuple "
-                "(round: int, test_loss: float, test_accuracy: float)"
-            )
-        if i == 0 and entry[0] != 0:
-            return f"entry 0 has round {entry[0]}, expected round 0 (before training) first"
-        if i > 0 and entry[0] <= entries[i - 1][0]:
-            return (
-                f"entry {i} has round {entry[0]} after round {entries[i - 1][0]}, "
-                "expected rounds strictly increasing"
-            )
-    return None
+def mean_std_text(mean: float, std: float) -> str:
+    """'0.5000 ± 0.0707'; a single seed has no known spread (std NaN): '0.0100'."""
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
-def load_results(path) -> dict:
-    """Read and validate a results pickle; raise ResultsError saying what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise ResultsError(f"{path}: no such results file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:  # a directory, no permission, ...
-        raise ResultsError(f"{path}: cannot read the results file ({e.strerror})") from None
-    if not data:
-        raise ResultsError(f"{path}: the file is empty (0 bytes), not a results pickle")
-    try:
-        results = _NoGlobalsUnpickler(io.BytesIO(data)).load()
-    except ResultsError as e:
-        raise ResultsError(f"{path}: not a results pickle: {e}") from None
-    except Exception as e:  # truncated/corrupt pickles raise many different types
-        raise ResultsError(
-            f"{path}: not a results pickle: cannot unpickle it ({type(e).__name__}: {e})"
-        ) from None
-    if type(results) is not dict:
-        raise ResultsError(
-            f"{path}: not a results pickle: it holds a {type(results).__name__}, "
-            "expected a dict {(world_size, learning_rate, enable_swapping, rounds, seed): "
-            "[(round, test_loss, test_accuracy), ...]}"
-        )
-    if not results:
-        raise ResultsError(f"{path}: the results dict is empty (no experiments)")
-    for key, entries in results.items():
-        problem = _key_problem(key)
-        if problem is None and (problem := _entries_problem(entries)) is not None:
-            problem = f"key {key!r}: {problem}"
-        if problem is not None:
-            raise ResultsError(f"{path}: not a results pickle: {problem}")
-    return results
+def accuracy_text(mean: float, std: float, n: int) -> str:
+    """'0.5000 ± 0.0707 (n=2)', '0.0100 (n=1)'."""
+    return f"{mean_std_text(mean, std)} (n={int(n)})"
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- per run, per configuration
 
 
-def _per_run(results) -> pd.DataFrame:
-    """One row per experiment (seed) with its final and best numbers."""
-    rows = []
-    for key, entries in results.items():
-        _, final_loss, final_acc = entries[-1]
-        best_acc = max(acc for _, _, acc in entries)
-        rows.append((*key, float(final_acc), float(best_acc), float(final_loss)))
-    return pd.DataFrame(
-        rows, columns=[*KEY_FIELDS, "final_accuracy", "best_accuracy", "final_loss"]
+def per_run(results) -> pd.DataFrame:
+    """One row per run (configuration and seed): final_accuracy (the last round's),
+    best_accuracy (the highest over its rounds), final_loss."""
+    frame = to_frame(results)
+    keys = [*config_settings(frame), "seed"]
+    ordered = frame.sort_values("round", kind="mergesort")
+    runs = ordered.groupby(keys, sort=True, dropna=False).agg(
+        final_accuracy=("test_accuracy", "last"),
+        best_accuracy=("test_accuracy", "max"),
+        final_loss=("test_loss", "last"),
     )
+    return runs.reset_index()
 
 
 def summarize(results) -> pd.DataFrame:
     """One row per configuration, seeds aggregated, best final accuracy first.
 
-    Columns: world_size, learning_rate, enable_swapping, rounds,
-    final_accuracy_mean, final_accuracy_std (sample std, 0.0 for a single seed),
-    n, best_accuracy_mean, final_loss_mean. "Final" is the last round logged,
-    "best" the highest test accuracy over all rounds of a run.
+    Columns: the configuration's settings (config_settings), final_accuracy_mean,
+    final_accuracy_std (sample std; NaN for a single seed, whose spread is unknown), n,
+    best_accuracy_mean, final_loss_mean.
     """
-    runs = _per_run(results)
-    grouped = runs.groupby(list(CONFIG_FIELDS), sort=True)
-    table = grouped.agg(
+    runs = per_run(results)
+    table = runs.groupby(config_settings(runs), sort=True, dropna=False).agg(
         final_accuracy_mean=("final_accuracy", "mean"),
         final_accuracy_std=("final_accuracy", "std"),
         n=("seed", "size"),
         best_accuracy_mean=("best_accuracy", "mean"),
         final_loss_mean=("final_loss", "mean"),
     ).reset_index()
-    # std of a single sample is undefined (NaN); report no spread instead.
-    table["final_accuracy_std"] = table["final_accuracy_std"].where(table["n"] > 1, 0.0)
     # Stable sort: ties keep the configuration order, so output is deterministic.
     return table.sort_values(
         "final_accuracy_mean", ascending=False, kind="mergesort"
@@ -191,168 +128,113 @@ def summarize(results) -> pd.DataFrame:
 
 def ranking_lines(results, top: int = 5) -> list[str]:
     """The classic "Top N Configurations by Final Accuracy" lines, with mean ± std (n)."""
+    table = summarize(results)
+    settings = config_settings(table)
     lines = [f"Top {top} Configurations by Final Accuracy:"]
-    for i, row in enumerate(summarize(results).head(top).itertuples(index=False), 1):
-        # Back to plain Python types so LR prints as 1e-05, not np.float64(1e-05).
-        lines.append(
-            f"{i}. World Size: {int(row.world_size)}, LR: {float(row.learning_rate)!r}, "
-            f"Swap: {bool(row.enable_swapping)}, Rounds: {int(row.rounds)}, "
-            f"Accuracy: {row.final_accuracy_mean:.4f} ± {row.final_accuracy_std:.4f} "
-            f"(n={int(row.n)})"
-        )
+    for i, row in enumerate(table.head(top).to_dict("records"), 1):
+        accuracy = accuracy_text(row["final_accuracy_mean"], row["final_accuracy_std"], row["n"])
+        lines.append(f"{i}. {config_text(row, settings)}, Accuracy: {accuracy}")
     return lines
 
 
-def _summary_text(results) -> str:
-    table = summarize(results).sort_values(list(CONFIG_FIELDS))
-    shown = pd.DataFrame(
-        {
-            "World Size": table["world_size"],
-            "LR": [repr(float(lr)) for lr in table["learning_rate"]],
-            "Swap": table["enable_swapping"],
-            "Rounds": table["rounds"],
-            "Final Acc (mean ± std)": [
-                f"{m:.4f} ± {s:.4f}"
-                for m, s in zip(table["final_accuracy_mean"], table["final_accuracy_std"])
-            ],
-            "n": table["n"],
-            "Best Acc (mean)": table["best_accuracy_mean"].map("{:.4f}".format),
-            "Final Loss (mean)": table["final_loss_mean"].map("{:.4f}".format),
-        }
-    )
-    return shown.to_string(index=False)
+# --------------------------------------------------------------------------- paired comparisons
 
 
-# --------------------------------------------------------------------------- plots
+def paired_interval(differences: pd.Series) -> tuple[int, float, float, float]:
+    """(n, mean, ci_low, ci_high) of paired differences: Student t at CONFIDENCE. No interval
+    (NaN) below two pairs; [mean, mean] where every difference is the same (no spread)."""
+    n = len(differences)
+    if n == 0:
+        return 0, math.nan, math.nan, math.nan
+    mean = float(differences.mean())
+    if n < 2:
+        return n, mean, math.nan, math.nan
+    if differences.nunique() == 1:
+        return n, mean, mean, mean
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=stats.sem(differences))
+    return n, mean, float(low), float(high)
 
 
-def _lr_label(lr: float) -> str:
-    return repr(float(lr))
+def _py(value):
+    return value.item() if hasattr(value, "item") else value
 
 
-def _setting(world_size, swapping) -> str:
-    return f"world size {world_size}, {'swap' if swapping else 'no swap'}"
+def _pairs(group: pd.DataFrame, setting: str, context: dict, metric: str) -> list[dict]:
+    """Rows for every two values of `setting` within one context (the other settings fixed),
+    a < b in natural order; the runs are paired by seed."""
+    by_value = {value: g.set_index("seed")[metric] for value, g in group.groupby(setting, sort=True)}
+    rows = []
+    for a, b in itertools.combinations(sorted(by_value), 2):
+        n, mean, low, high = paired_interval((by_value[b] - by_value[a]).dropna())
+        rows.append({"metric": metric, "setting": setting, "value_a": _py(a), "value_b": _py(b),
+                     **context, setting: None,
+                     "n": n, "mean_difference": mean, "ci_low": low, "ci_high": high})
+    return rows
 
 
-def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
-    # Categorical text columns: seaborn would otherwise treat world size and
-    # learning rate as continuous hues with a colour bar instead of a legend.
-    frame = frame.copy()
-    frame["LR"] = frame["learning_rate"].map(_lr_label)
-    frame["world size"] = frame["world_size"].astype(str)
-    frame["swapping"] = frame["enable_swapping"].map({True: "swap on", False: "swap off"})
-    frame["setting"] = [
-        _setting(ws, swap) for ws, swap in zip(frame["world_size"], frame["enable_swapping"])
-    ]
-    return frame
+def comparisons(results) -> pd.DataFrame:
+    """Every two configurations that differ in exactly one setting, paired by seed: the mean
+    difference b − a of each metric (METRICS) and its 95 % interval.
 
-
-def _curves(results) -> pd.DataFrame:
-    rows = [(*key, *entry) for key, entries in results.items() for entry in entries]
-    return pd.DataFrame(rows, columns=[*KEY_FIELDS, "round", "test_loss", "test_accuracy"])
-
-
-def _save(grid, path: Path, title: str) -> Path:
-    grid.figure.suptitle(title, y=1.02)
-    grid.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(grid.figure)
-    return path
-
-
-def make_plots(results, output_dir) -> list[Path]:
-    """Write the PNG figures into output_dir (created if missing); return their paths.
-
-    swap_comparison.png is only drawn for (world_size > 1, lr, rounds) settings
-    that have both a swapping and a non-swapping configuration; without any
-    such pair it is skipped.
+    Columns: metric, setting, value_a, value_b, the configuration's settings (the compared
+    one's own column empty), n (seeds in both), mean_difference, ci_low, ci_high. value_a <
+    value_b in natural order (False < True, 1 < 2, fedavg < tensor_parallel), so a row is the
+    effect of going from a to b. Settings with one value are never compared.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = _labelled(_per_run(results))
-    lr_order = [_lr_label(lr) for lr in sorted(runs["learning_rate"].unique())]
-    pairs = sorted(set(zip(runs["world_size"], runs["enable_swapping"])))
-    settings = [_setting(ws, swap) for ws, swap in pairs]
-    written = []
-
-    # One panel per (rounds, world size/swapping); one line per learning rate,
-    # i.e. one line per configuration, mean over seeds with a ±1 sd band.
-    curves = _labelled(_curves(results))
-    grid = sns.relplot(
-        data=curves, kind="line", x="round", y="test_accuracy",
-        hue="LR", hue_order=lr_order, row="rounds", col="setting", col_order=settings,
-        errorbar="sd", height=3, aspect=1.3,
-        facet_kws={"margin_titles": True},
-    )
-    grid.set_axis_labels("round", "test accuracy")
-    grid.set_titles(col_template="{col_name}", row_template="{row_name} rounds")
-    grid.legend.set_title("learning rate")
-    written.append(_save(grid, out / PLOT_FILES[0],
-                         "Test accuracy per round (mean ± sd over seeds)"))
-
-    grid = sns.relplot(
-        data=runs, kind="line", x="learning_rate", y="final_accuracy",
-        hue="world size", style="swapping", col="rounds", markers=True,
-        errorbar="sd", err_style="bars", height=3.5, aspect=1.2,
-    )
-    grid.set(xscale="log")
-    grid.set_axis_labels("learning rate", "final test accuracy")
-    written.append(_save(grid, out / PLOT_FILES[1],
-                         "Final accuracy vs learning rate (mean ± sd over seeds)"))
-
-    sharded = runs[runs["world_size"] > 1]
-    paired = sharded.groupby(["world_size", "learning_rate", "rounds"])[
-        "enable_swapping"
-    ].transform("nunique") == 2
-    sharded = sharded[paired].copy()
-    if not sharded.empty:
-        sharded["panel"] = [
-            f"world size {ws}, {r} rounds"
-            for ws, r in zip(sharded["world_size"], sharded["rounds"])
-        ]
-        panels = sharded.sort_values(["world_size", "rounds"])["panel"].unique()
-        grid = sns.catplot(
-            data=sharded, kind="bar", x="LR",
-            order=[lr for lr in lr_order if lr in set(sharded["LR"])],
-            y="final_accuracy", hue="swapping", hue_order=["swap off", "swap on"],
-            col="panel", col_order=panels, col_wrap=min(3, len(panels)),
-            errorbar="sd", capsize=0.1, height=3.5, aspect=1.1,
-        )
-        grid.set_axis_labels("learning rate", "final test accuracy")
-        grid.set_titles("{col_name}")
-        written.append(_save(grid, out / PLOT_FILES[2],
-                             "Swapping on vs off (mean ± sd over seeds)"))
-
-    grid = sns.catplot(
-        data=runs, kind="point", x="rounds", y="best_accuracy",
-        hue="LR", hue_order=lr_order, col="setting", col_order=settings,
-        # seaborn divides the dodge width by the number of hues minus one
-        errorbar="sd", dodge=0.3 if len(lr_order) > 1 else False, height=3.5, aspect=1.0,
-    )
-    grid.set_axis_labels("rounds (setting)", "best test accuracy")
-    grid.set_titles("{col_name}")
-    grid.legend.set_title("learning rate")
-    written.append(_save(grid, out / PLOT_FILES[3],
-                         "Best accuracy reached vs rounds (mean ± sd over seeds)"))
-    return written
+    runs = per_run(results)
+    settings = config_settings(runs)
+    rows = []
+    for metric in METRICS:
+        for setting in settings:
+            if runs[setting].nunique() < 2:
+                continue
+            others = [s for s in settings if s != setting]
+            for context, group in runs.groupby(others, sort=True, dropna=False):
+                rows += _pairs(group, setting, dict(zip(others, map(_py, context))), metric)
+    # Settings and values as objects: an int column with an empty cell must not become 2.0.
+    table = pd.DataFrame({c: pd.Series([row[c] for row in rows], dtype=object)
+                          for c in ["metric", "setting", "value_a", "value_b", *settings]})
+    numbers = pd.DataFrame(rows, columns=["n", "mean_difference", "ci_low", "ci_high"])
+    return pd.concat([table, numbers.astype({"n": "int64", "mean_difference": "float64", "ci_low": "float64",
+                                             "ci_high": "float64"})], axis=1)
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- rounds to target
 
 
-def report(results_file, output_dir="plots", top: int = 5, plots: bool = True,
-           echo=print) -> None:
-    """Print what the analysis command shows; write the plots unless plots=False."""
-    results = load_results(results_file)
-    n_configs = len({key[:4] for key in results})
-    echo(f"Loaded {len(results)} experiments ({n_configs} configurations) from {results_file}")
-    echo("")
-    echo("Summary statistics (final test accuracy over seeds: mean ± std, n):")
-    echo(_summary_text(results))
-    echo("")
-    for line in ranking_lines(results, top):
-        echo(line)
-    if plots:
-        echo("")
-        echo(f"Plots written to {output_dir}:")
-        for path in make_plots(results, output_dir):
-            echo(f"  {path}")
+def default_targets(results) -> list[float]:
+    """TARGET_FRACTIONS of the best configuration's mean final accuracy, each rounded to 2
+    decimals; a target that rounds to 0 (every run starts there) is dropped."""
+    best = float(summarize(results)["final_accuracy_mean"].max())
+    return sorted({t for fraction in TARGET_FRACTIONS if (t := round(fraction * best, 2)) > 0})
+
+
+def targets_table(results, targets) -> pd.DataFrame:
+    """Per configuration and target accuracy: rounds_to_target (the first round whose test
+    accuracy is at or above the target, mean over the seeds that reach it; NaN when none does),
+    reached (seeds that do), n (seeds), bytes_to_target (mean bytes_total at that round over the
+    seeds that reached it and whose bytes are known; NaN otherwise)."""
+    frame = to_frame(results)
+    runs = per_run(frame)
+    settings = config_settings(runs)
+    keys = [*settings, "seed"]
+    curves = frame.sort_values("round", kind="mergesort")
+    if "bytes_total" not in curves.columns:
+        curves = curves.assign(bytes_total=np.nan)
+    tables = []
+    for target in targets:
+        # drop_duplicates keeps each run's first row at or above the target: its earliest round.
+        first = curves[curves["test_accuracy"] >= target].drop_duplicates(keys)[[*keys, "round", "bytes_total"]]
+        table = runs[keys].merge(first, on=keys, how="left").groupby(settings, sort=True, dropna=False).agg(
+            rounds_to_target=("round", "mean"),
+            reached=("round", "count"),
+            n=("seed", "size"),
+            bytes_to_target=("bytes_total", "mean"),
+        ).reset_index()
+        table.insert(len(settings), "target", float(target))
+        tables.append(table)
+    columns = [*settings, "target", "rounds_to_target", "reached", "n", "bytes_to_target"]
+    if not tables:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(tables, ignore_index=True)[columns]
+    return table.sort_values([*settings, "target"], kind="mergesort").reset_index(drop=True)
