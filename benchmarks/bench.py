@@ -547,9 +547,9 @@ def project_grid(train_ips: dict[int, float], eval_ips: float, exchange_gbps: fl
     adds its startup. Runs are packed P at a time on the GPU (what `sweep` does with several
     runs per device), which speeds everything up by the measured aggregate/single throughput.
     """
-    from fedshard import planning
+    from fedshard import grid, planning
 
-    work = planning.plan(planning.expand(planning.make_grid({})), [])  # with extension: 1,350 rounds
+    work = planning.plan(grid.expand(grid.make_grid({})), [])  # with extension: 1,350 rounds
     full_bytes = 4 * sum(t.numel() for t in AlexNet().state_dict().values())
     serial = 0.0
     for task in work.tasks:

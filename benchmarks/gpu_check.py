@@ -76,9 +76,9 @@ def project_grid(full_round_seconds: float, startup_seconds: float, packing: dic
     """Minutes for the default grid with extension on one GPU, from the measured world-size-2
     round time, the measured startup and the best packing's speedup over one at a time."""
     sys.path.insert(0, str(REPO / "src"))
-    from fedshard import planning
+    from fedshard import grid, planning
 
-    work = planning.plan(planning.expand(planning.make_grid({})), [])
+    work = planning.plan(grid.expand(grid.make_grid({})), [])
     per_round = {n: full_round_seconds * ROUND_PFLOP[n] / ROUND_PFLOP[2] for n in ROUND_PFLOP}
     serial = sum(startup_seconds + t.rounds_to_train * per_round[t.cfg.world_size] for t in work.tasks)
     best = best_parallel(packing)

@@ -80,6 +80,8 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     assert len(runs) == 1  # fedshard logged into the run `mlflow run` made, not a second one
     run = runs[0]
     assert run.info.status == "FINISHED"
+    # named by what it is in the UI's run table, not like languid-bear-729
+    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-bs16-train32-test16-init"
     assert ExperimentConfig.from_mapping({"learning_rate": run.data.params["learning_rate"]}).learning_rate == 1e-5
     assert run.data.params["amp"] == "true"  # fields MLproject does not declare are logged canonically
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}

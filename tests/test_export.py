@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from fedshard import cli, export, tracking
+from fedshard import cli, export, results, tracking
+from fedshard.config import RESULT_SETTINGS
 
 
 def make_run(experiment, status="FINISHED", losses=(), accs=(), steps=None, start_time=None, tags=None,
@@ -87,10 +88,12 @@ def test_csv_is_one_tidy_row_per_run_and_round(tmp_path, store, monkeypatch):
                  enable_swapping="false", rounds=1, seed=7)
     result = invoke("--experiment-name", "tidy", "--format", "csv")
     assert result.exit_code == 0, result.output
-    frame = pd.read_csv(tmp_path / "experiment_results.csv")
-    assert list(frame.columns) == ["world_size", "learning_rate", "enable_swapping", "rounds", "seed", "run_id",
-                                   "round", "test_loss", "test_accuracy"]
+    frame = pd.read_csv(tmp_path / "experiment_results.csv", keep_default_na=False, na_values=[""])
+    assert list(frame.columns) == [*RESULT_SETTINGS, "run_id", "round", "test_loss", "test_accuracy", "bytes_down",
+                                   "bytes_up", "bytes_total"]
+    assert list(frame.columns)[:5] == ["world_size", "learning_rate", "enable_swapping", "rounds", "seed"]
     assert len(frame) == 5
+    assert set(frame["strategy"]) == {"tensor_parallel"} and frame["bytes_total"].isna().all()  # not counted
     assert frame["enable_swapping"].dtype == bool and frame["learning_rate"].dtype == float
     rows = frame.sort_values(["run_id", "round"])
     assert rows[rows.run_id == a]["test_accuracy"].tolist() == [0.01, 0.2, 0.3]
@@ -108,7 +111,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(export.os, "replace" if breaks == "replace" else "fsync", broken)
+        patch.setattr(results.os, "replace" if breaks == "replace" else "fsync", broken)
         result = invoke("--experiment-name", "atomic", "--output", str(output))
     assert result.exit_code == 1
     assert "cannot write" in result.stderr and "No space left on device" in result.stderr
@@ -141,3 +144,37 @@ def test_entries_keep_the_last_value_logged_for_a_round():
     assert export.entries_from_history(loss, acc, 1) == [(0, 4.6, 0.0), (1, 2.8, 0.2)]
     with pytest.raises(ValueError, match="test_accuracy has rounds 0, 1, 5, expected 0..1"):
         export.entries_from_history(loss, acc + [(5, 0.3, 4)], 1)
+
+
+def test_runs_that_differ_outside_the_key_never_mix_and_where_selects(tmp_path, store):
+    tp = make_run("mix", losses=[4.6, 3.0], accs=[0.0, 0.2], **{**KEY, "rounds": 1})
+    fedavg = make_run("mix", losses=[4.6, 2.0], accs=[0.0, 0.5], strategy="fedavg", **{**KEY, "rounds": 1})
+    output = tmp_path / "r.pkl"
+    refused = invoke("--experiment-name", "mix", "--output", str(output))
+    assert refused.exit_code == 2
+    assert "differ in strategy (fedavg, tensor_parallel)" in refused.stderr
+    assert "--where strategy=fedavg (or tensor_parallel)" in refused.stderr and not output.exists()
+
+    assert invoke("--experiment-name", "mix", "--output", str(output), "--where", "strategy=tensor_parallel",
+                  "--where", "learning_rate=0.00001").exit_code == 0
+    assert pickle.loads(output.read_bytes()) == {(2, 1e-05, True, 1, 123): [(0, 4.6, 0.0), (1, 3.0, 0.2)]}
+    csv = invoke("--experiment-name", "mix", "--format", "csv", "--output", str(tmp_path / "r.csv"))
+    assert csv.exit_code == 0, csv.output
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert table.groupby("strategy")["run_id"].first().to_dict() == {"fedavg": fedavg, "tensor_parallel": tp}
+
+
+@pytest.mark.parametrize("where, message", [
+    ("colour=red", "--where 'colour=red': unknown setting 'colour'; valid: world_size, learning_rate"),
+    ("data_dir=/d", "unknown setting 'data_dir'"),  # where the data sat is not a setting of a result
+    ("strategy", "expected NAME=VALUE"),
+    ("strategy=gossip", "strategy='gossip': must be one of tensor_parallel, fedavg"),
+    ("partition=dirichlet", "--where partition=dirichlet: no FINISHED run has it; the runs have partition=iid"),
+])
+def test_bad_where_exits_2_and_writes_nothing(tmp_path, store, where, message):
+    make_run("sel", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    output = tmp_path / "r.pkl"
+    result = invoke("--experiment-name", "sel", "--output", str(output), "--where", where)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not output.exists()

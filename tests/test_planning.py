@@ -9,7 +9,8 @@ import pytest
 
 from fedshard import tracking
 from fedshard.config import ExperimentConfig
-from fedshard.planning import Task, expand, make_grid, plan
+from fedshard.grid import expand, make_grid
+from fedshard.planning import Task, plan
 
 _ids = itertools.count()
 
@@ -86,3 +87,16 @@ def test_extension_plan_of_the_benchmark_grid(rounds):
     assert (work.rounds_to_train, work.rounds_from_scratch) == (8, 12)
     longer = [t for t in work.tasks if t.cfg.rounds == 4]
     assert [t.after.seed for t in longer] == [t.cfg.seed for t in longer]  # each waits for its own twin
+
+
+def test_runs_match_by_the_settings_of_a_result_not_where_their_data_sat():
+    elsewhere = record(cfg(data_dir="/old/place", round_timeout=60))
+    assert plan([cfg()], [elsewhere]).skipped == [(cfg(), elsewhere.run_id)]
+    fedavg, other_batch = record(cfg(strategy="fedavg")), record(cfg(batch_size=16))
+    assert plan([cfg()], [fedavg, other_batch]).tasks == [Task(cfg())]
+    # extension and resume follow the same rule
+    (task,) = plan([cfg(50)], [record(cfg(30, data_dir="/old/place"))]).tasks
+    assert task.start == 30 and task.extends
+    (task,) = plan([cfg(50)], [record(cfg(50, eval_batch_size=7), "FAILED", checkpoint=9)]).tasks
+    assert (task.start, bool(task.resume)) == (9, True)
+    assert plan([cfg(50)], [record(cfg(30, strategy="fedavg"))]).tasks == [Task(cfg(50))]

@@ -114,3 +114,25 @@ def test_fedavg_is_the_sample_weighted_mean():
 def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="'ring'.*tensor_parallel, fedavg"):
         strategies.get("ring")
+
+
+@pytest.mark.parametrize("n, index", [(1, 0), (2, 0), (3, 2)])
+def test_model_size_and_forward_flops_match_pytorch_own_counts(n, index):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedshard.model import forward_flops, parameter_count
+
+    widths = slice_widths(n, index)
+    model = AlexNet(widths)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32))
+    assert forward_flops(widths) == counter.get_total_flops()
+    assert parameter_count(widths) == sum(p.numel() for p in model.parameters())
+    if n == 1:
+        assert parameter_count() == 55_063_268
+    sizes = strategies.model_sizes(ExperimentConfig(world_size=n))
+    assert sizes["model.params_full"] == 55_063_268 and sizes["model.flops_per_image_full"] == forward_flops()
+    largest = max(range(n), key=lambda k: parameter_count(slice_widths(n, k)))
+    assert sizes["model.params_per_trainer"] == parameter_count(slice_widths(n, largest))
+    fedavg = strategies.model_sizes(ExperimentConfig(world_size=max(n, 2), strategy="fedavg"))
+    assert fedavg["model.params_per_trainer"] == 55_063_268

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -22,77 +23,14 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, fedshard, fedshard_processes
 from fedshard import cli, tracking
 from fedshard.config import ExperimentConfig, field_names
-from fedshard.planning import AXES, SweepError, describe, expand, make_grid, plan
+from fedshard.grid import NAMED_AXES, SweepError, describe, expand, make_grid
+from fedshard.planning import plan
 from fedshard.sweep import child_command, cpus_per_experiment, pick_gpu, visible_gpus
 
 SWEEP = str(REPO / "sweep.py")
 
 
 # --------------------------------------------------------------------------- the grid (pure)
-
-
-def test_default_grid_is_the_54_runs_of_design_section_1():
-    configs = expand(make_grid({}))
-    assert len(configs) == 54
-    ws1 = [c for c in configs if c.world_size == 1]
-    ws2 = [c for c in configs if c.world_size == 2]
-    assert len(ws1) == 18 and len(ws2) == 36
-    assert not any(c.enable_swapping for c in ws1)  # swapping only where world_size > 1
-    assert sum(c.enable_swapping for c in ws2) == 18
-    assert {c.learning_rate for c in configs} == {1e-5, 1e-4, 1e-3}
-    assert {c.rounds for c in configs} == {30, 50} and {c.seed for c in configs} == {123, 456, 789}
-    assert len(set(configs)) == 54
-    assert configs[0].key() == (1, 1e-05, False, 30, 123)
-    assert describe(configs[0]) == "world_size=1, lr=1e-05, swap=False, rounds=30, seed=123"
-    # every other parameter is the experiment's default
-    assert configs[-1] == ExperimentConfig(world_size=2, learning_rate=1e-3, enable_swapping=True, rounds=50, seed=789)
-
-
-def test_grid_values_are_canonicalised_and_deduplicated():
-    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-5, 0.00001,1E-5", "swap": "true,false,yes",
-                      "rounds": "3", "seeds": "1"})
-    assert [c.key() for c in expand(grid)] == [(2, 1e-05, True, 3, 1), (2, 1e-05, False, 3, 1)]
-    # fedavg trains whole models: swapping never applies, so swap=true collapses too
-    fedavg = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "rounds": "3", "seeds": "1"},
-                       ["strategy=fedavg"])
-    assert [c.key() for c in expand(fedavg)] == [(2, 1e-3, False, 3, 1)]
-
-
-def test_fixed_params_and_grid_file(tmp_path):
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump({
-        "world_sizes": [2], "learning_rates": "1e-4", "swap": [True], "rounds": [5, 7], "seeds": [1],
-        "params": {"data_dir": "/data", "max_train_samples": 5000, "amp": False},
-    }))
-    # options given on the command line win over the file, -P over the file's params
-    grid = make_grid({"rounds": "9"}, ["max_train_samples=100", "batch_size=16"], grid_file)
-    (cfg,) = expand(grid)
-    assert cfg.key() == (2, 1e-4, True, 9, 1)
-    assert (cfg.data_dir, cfg.max_train_samples, cfg.batch_size, cfg.amp) == ("/data", 100, 16, False)
-
-
-@pytest.mark.parametrize("options, assignments, message", [
-    ({}, ["foo=1"], "unknown experiment parameter 'foo'; valid: local_epochs, batch_size"),
-    ({}, ["data_dir"], "expected KEY=VALUE"),
-    ({}, ["rounds=3"], "rounds is a grid axis; give it as --rounds"),
-    ({}, ["batch_size=0"], "batch_size=0: must be an integer >= 1"),
-    ({"learning_rates": "1e-3,fast"}, [], "learning_rate='fast': must be a number"),
-    ({"world_sizes": "1,,2"}, [], "empty value"),
-    ({"world_sizes": "0,97"}, [], "world_size=97: tensor_parallel slicing allows 1..96"),
-])
-def test_bad_grid_or_param_is_refused_before_anything_runs(options, assignments, message):
-    with pytest.raises(SweepError) as err:
-        expand(make_grid(options, assignments))
-    assert message in str(err.value)
-
-
-def test_bad_grid_file_is_refused(tmp_path):
-    bad = tmp_path / "grid.yaml"
-    bad.write_text("world_sizes: [1]\nlearning_rate: [1e-3]\n")
-    with pytest.raises(SweepError, match="unknown key.*learning_rate; valid: world_sizes"):
-        make_grid({}, [], bad)
-    with pytest.raises(SweepError, match="cannot read"):
-        make_grid({}, [], tmp_path / "missing.yaml")
 
 
 def test_child_command_forwards_every_parameter_to_fedshard_run():
@@ -217,14 +155,18 @@ def test_mlproject_entry_points_forward_their_parameters():
         assert argv[:2] == ["fedshard", name]
         return getattr(cli, name).make_context(name, argv[2:]).params
 
-    sweep = parse("sweep", {"params": "data_dir=/d max_train_samples=5", "rounds": "2", "parallel": 2})
-    grid = make_grid({a: sweep[a] for a in AXES}, shlex.split(sweep["params_text"]), sweep["grid_file"] or None)
-    assert grid.axes["rounds"] == ["2"] and grid.axes["world_sizes"] == ["1", "2"]
+    sweep = parse("sweep", {"params": "data_dir=/d max_train_samples=5", "rounds": "2", "parallel": 2,
+                            "axes": "strategy=tensor_parallel,fedavg partition=iid,dirichlet"})
+    grid = make_grid({a: sweep[a] for a in NAMED_AXES}, shlex.split(sweep["params_text"]), sweep["grid_file"] or None,
+                     shlex.split(sweep["axes_text"]))
+    assert grid.axes["rounds"] == ["2"] and grid.axes["world_size"] == ["1", "2"]
+    assert grid.axes["strategy"] == ["tensor_parallel", "fedavg"] and grid.axes["partition"] == ["iid", "dirichlet"]
     assert grid.fixed == {"data_dir": "/d", "max_train_samples": "5"} and sweep["parallel"] == 2
-    assert parse("export", {"format": "csv"}) == {"experiment_name": "", "output": "experiment_results.pkl",
-                                                            "fmt": "csv"}
-    analyze = parse("analyze", {"no_plots": "true", "top": 3})
-    assert analyze == {"results_file": "experiment_results.pkl", "no_plots": True, "output_dir": "plots", "top": 3}
+    assert parse("export", {"format": "csv", "where": "strategy=fedavg"}) == {
+        "experiment_name": "", "output": "experiment_results.pkl", "fmt": "csv", "where": ("strategy=fedavg",)}
+    analyze = parse("analyze", {"no_plots": "true", "top": 3, "target": "0.3,0.5"})
+    assert analyze == {"results_file": "experiment_results.pkl", "no_plots": True, "output_dir": "plots", "top": 3,
+                       "target": ("0.3,0.5",)}
 
 
 # --------------------------------------------------------------------------- real sweeps
@@ -316,10 +258,10 @@ def assert_sweep_run_worth_opening(parent, out):
     running = [m.value for m in client.get_metric_history(run_id, "sweep/running")]
     assert finished[0] == 0 and finished[-1] == 2 and max(running) == 2  # logged while it ran
     assert client.get_metric_history(run_id, "sweep/rounds_done")[-1].value == 2
-    artifacts = {a.path for a in client.list_artifacts(run_id, "analysis")}
-    assert {"analysis/summary.json", "analysis/ranking.txt", "analysis/plots"} <= artifacts
-    plots = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run_id, "analysis/plots")}
-    assert {"learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png"} <= plots
+    artifacts = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run_id, "analysis")}
+    assert {"summary.json", "ranking.txt", "report.md", "comparisons.csv", "targets.csv"} <= artifacts
+    assert {"learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png", "accuracy_vs_bytes.png"} \
+        <= artifacts  # the plots, beside the report that names them
     table = client.load_table(parent.info.experiment_id, "analysis/summary.json", run_ids=[run_id])
     assert sorted(table["learning_rate"]) == [1e-4, 1e-3] and list(table["n"]) == [1, 1]
     ranking = client.download_artifacts(run_id, "analysis/ranking.txt")
@@ -406,3 +348,85 @@ def test_a_failing_configuration_is_retried_then_reported_with_reason_and_run_id
     summary = out.split("=== Sweep summary ===")[1]
     assert "(4, 0.0001, False, 1, 123): " in summary and "cannot split N=3 samples" in summary
     assert f"(run {last}, 2 attempt(s))" in summary
+
+
+# DESIGN §2's layer table, written out here independently of fedshard.model: (out, in, kernel) and the
+# dimension a layer is split along (0: its outputs and bias; 1: its inputs, the bias kept whole).
+LAYERS = {"conv1": (96, 3, 5, 0), "conv2": (256, 96, 5, 1), "conv3": (384, 256, 3, 0), "conv4": (384, 384, 3, 1),
+          "conv5": (256, 384, 3, 0), "conv6": (256, 256, 3, 1), "fc1": (4096, 4096, 1, 0),
+          "fc2": (4096, 4096, 1, 1), "fc3": (4096, 4096, 1, 0), "fc4": (100, 4096, 1, 1)}
+
+
+def slice_numel(n: int) -> int:
+    """Parameters of one of n even slices: a split dimension divided by n, a whole-kept bias not."""
+    total = 0
+    for out, inp, k, dim in LAYERS.values():
+        total += (out // n if dim == 0 else out) * (inp // n if dim == 1 else inp) * k * k
+        total += out // n if dim == 0 else out
+    return total
+
+
+def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path, data_dir, store):
+    """The baseline next to the method in one sweep: both run, the pickle refuses to mix them (its key has
+    no strategy), --where selects, the CSV keeps both; each round's bytes are those of the tensors sent."""
+    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "false", "--rounds", "1", "--seeds", "123",
+            "--axis", "strategy=tensor_parallel,fedavg", *tiny(linked_data(tmp_path, data_dir)),
+            "--experiment-name", "mix"]
+    first = run_sweep(tmp_path, *grid, "--parallel", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Starting experiment: world_size=2, lr=0.001, swap=False, rounds=1, seed=123, strategy=fedavg" in first.stdout
+    assert "Experiment completed successfully: (2, 0.001, False, 1, 123) strategy=fedavg" in first.stdout
+    (parent,), children = split_runs("mix")
+    runs = {r.data.params["strategy"]: r for r in children}
+    assert set(runs) == {"tensor_parallel", "fedavg"} and {r.info.status for r in children} == {"FINISHED"}
+    assert runs["fedavg"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-bs16-fedavg-train16-test16"
+    assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-bs16-train16-test16"
+    assert parent.data.params["grid.strategy"] == "tensor_parallel,fedavg"
+
+    # Bytes: what the aggregator sent and received, against the tensors' sizes from the layer table
+    # (float32 weights, plus a 3 x int64 header down and 4 x float64 numbers up per trainer).
+    client = MlflowClient()
+    sent = {}
+    for strategy, n in (("tensor_parallel", 2), ("fedavg", 1)):
+        run = client.get_run(runs[strategy].info.run_id)
+        weights = 4 * slice_numel(n)
+        for k in range(2):
+            assert run.data.metrics[f"trainer_{k}/bytes_down"] == weights + 24
+            assert run.data.metrics[f"trainer_{k}/bytes_up"] == weights + 32
+        assert run.data.metrics["comm/bytes_down"] == 2 * (weights + 24)
+        assert run.data.metrics["comm/bytes_up"] == 2 * (weights + 32)
+        sent[strategy] = run.data.metrics["comm/bytes_total"]
+        assert sent[strategy] == 4 * weights + 112
+        assert run.data.params["model.params_per_trainer"] == str(slice_numel(n))
+        assert run.data.params["model.params_full"] == str(slice_numel(1))
+    assert 0.5 < sent["tensor_parallel"] / sent["fedavg"] < 0.51  # half, and the biases kept whole on each slice
+
+    # The pickle's key cannot tell the two apart: refused, naming the setting, nothing written.
+    refused = fedshard("export", "--experiment-name", "mix", "--output", "r.pkl", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "differ in strategy (fedavg, tensor_parallel)" in refused.stderr
+    assert "--where strategy=fedavg" in refused.stderr and "--format csv" in refused.stderr
+    assert not (tmp_path / "r.pkl").exists()
+    only = fedshard("export", "--experiment-name", "mix", "--output", "r.pkl", "--where", "strategy=fedavg",
+                    cwd=tmp_path)
+    assert only.returncode == 0, only.stderr
+    results = pickle.loads((tmp_path / "r.pkl").read_bytes())
+    assert list(results) == [(2, 0.001, False, 1, 123)]
+    assert results[(2, 0.001, False, 1, 123)][-1][2] == runs["fedavg"].data.metrics["test_accuracy"]
+    both = fedshard("export", "--experiment-name", "mix", "--format", "csv", "--output", "r.csv", cwd=tmp_path)
+    assert both.returncode == 0, both.stderr
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert sorted(set(table["strategy"])) == ["fedavg", "tensor_parallel"] and len(table) == 4
+    at_1 = table[table["round"] == 1].set_index("strategy")["bytes_total"]
+    assert at_1.to_dict() == sent
+
+    # The sweep's run compares them: one row per metric, strategy fedavg -> tensor_parallel, one seed.
+    comparisons = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/comparisons.csv"))
+    row = comparisons[(comparisons["setting"] == "strategy") & (comparisons["metric"] == "final_accuracy")]
+    assert (row["value_a"].item(), row["value_b"].item(), row["n"].item()) == ("fedavg", "tensor_parallel", 1)
+    accs = {s: r.data.metrics["test_accuracy"] for s, r in runs.items()}
+    assert row["mean_difference"].item() == pytest.approx(accs["tensor_parallel"] - accs["fedavg"])
+    assert pd.isna(row["ci_low"].item())  # one seed: no interval
+
+    again = run_sweep(tmp_path, *grid)
+    assert again.returncode == 0 and "Total experiments to run: 0 (2 already finished)" in again.stdout

@@ -53,3 +53,12 @@ def test_a_new_store_keeps_its_artifacts_beside_it_wherever_it_is_opened_from(tm
     for exp_id in ("0", done.stdout.strip()):
         assert client.get_experiment(exp_id).artifact_location == (where / "mlartifacts" / exp_id).as_uri()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_sweep_run_that_mlflow_run_made_is_renamed_for_the_sweep(store, monkeypatch):
+    """`mlflow run . -e sweep` names its run like wistful-ant-230; in the UI it carries the sweep's name."""
+    client = MlflowClient()
+    outer = client.create_run(tracking.experiment_id("named"), run_name="wistful-ant-230").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    run_id, _ = tracking.start_sweep_run("named", "sweep-20261202-120000", {})
+    assert run_id == outer and client.get_run(outer).info.run_name == "sweep-20261202-120000"

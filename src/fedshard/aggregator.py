@@ -69,8 +69,10 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     if start_from:
         begin = checkpoint.load(start_from)
         first, weights = begin.round, begin.weights
+        # Bytes moved before this run's first round; unknown for runs recorded before bytes were counted.
+        moved = begin.metrics.get("comm/bytes_total")
     else:
-        first, weights = 0, load_initial_weights(cfg)
+        first, weights, moved = 0, load_initial_weights(cfg), 0.0
     with torch.device("meta"):  # evaluation copy: every round loads the assembled weights into it
         model = AlexNet()
     model.to_empty(device=device)
@@ -93,18 +95,18 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         print(f"round {round_}/{cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
 
     def dispatch(round_: int):
-        """Send round `round_`'s work; returns what collect needs."""
+        """Send round `round_`'s work; returns what collect needs, and the bytes sent to each trainer."""
         parts = strategy.assignment(cfg, round_)
         payloads = strategy.split(weights, cfg, parts)
-        transport.send_round(round_, parts, payloads, cfg.round_timeout)
-        return round_, parts, payloads
+        return (round_, parts, payloads), transport.send_round(round_, parts, payloads, cfg.round_timeout)
 
     # Pipelined: the model of round r is evaluated (and stored) while the trainers already
     # train round r+1 from it, so neither adds time to a round.
     start = time.perf_counter()
-    sent = dispatch(first + 1) if first < cfg.rounds else None
+    sent, down = dispatch(first + 1) if first < cfg.rounds else (None, None)
     from . import tracking  # imported only now: importing MLflow takes seconds the trainers need not wait
 
+    tracking.log_extra_params(run_id, strategies.model_sizes(cfg))
     if first == 0:
         evaluate_and_commit(0, {})
     for round_ in range(first + 1, cfg.rounds + 1):
@@ -115,14 +117,21 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         extra = {
             "train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
             "round_seconds": time.perf_counter() - start,
+            "comm/bytes_down": sum(down),
+            "comm/bytes_up": sum(r.nbytes for r in reports),
         }
+        if moved is not None:
+            moved += extra["comm/bytes_down"] + extra["comm/bytes_up"]
+            extra["comm/bytes_total"] = moved
         for r in reports:  # under a prefix per trainer, so the UI groups them in a section of their own
             extra[f"trainer_{r.trainer}/train_loss"] = r.train_loss
             extra[f"trainer_{r.trainer}/slice"] = r.part
             extra[f"trainer_{r.trainer}/seconds"] = r.seconds
+            extra[f"trainer_{r.trainer}/bytes_down"] = down[r.trainer]
+            extra[f"trainer_{r.trainer}/bytes_up"] = r.nbytes
         start = time.perf_counter()
         if round_ < cfg.rounds:
-            sent = dispatch(round_ + 1)
+            sent, down = dispatch(round_ + 1)
         evaluate_and_commit(round_, extra)
     committer.wait()
     transport.stop_trainers(cfg.world_size)

@@ -100,12 +100,11 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
         cfg, start = _resumed(resume_id, extend_id, experiment_name, values)
     else:
         try:
-            cfg = ExperimentConfig.from_mapping(values)
+            cfg, notes = ExperimentConfig.with_notes(values)
         except ConfigError as exc:
             _fail_outer_run(str(exc))
-        if values["enable_swapping"] and not cfg.enable_swapping:
-            click.echo(f"fedshard: note: swapping does not apply to world_size={cfg.world_size} "
-                       f"with strategy={cfg.strategy}; running without it (enable_swapping=false)")
+        for note in notes:
+            click.echo(f"fedshard: note: {note}")
         start = _extended(cfg, extend_id) if extend_id else None
     try:
         datasets = launcher.check(cfg)
@@ -278,6 +277,10 @@ _GRID_HELP = "comma-separated values [default: {}]"
 
 
 @main.command(context_settings={"show_default": False, "help_option_names": ["-h", "--help"]})
+@click.option("--axis", "axes", multiple=True, metavar="NAME=V1,V2",
+              help="any other setting as an axis, e.g. --axis strategy=tensor_parallel,fedavg (repeatable)")
+@click.option("--axes", "axes_text", default="", metavar="'NAME=V,V NAME=V'",
+              help="the same as --axis, several at once, space-separated (used by MLproject)")
 @click.option("--world-sizes", default=None, help=_GRID_HELP.format("1,2"))
 @click.option("--learning-rates", default=None, help=_GRID_HELP.format("1e-5,1e-4,1e-3"))
 @click.option("--swap", default=None, help=_GRID_HELP.format("false,true") + "; only where world_size > 1")
@@ -288,7 +291,7 @@ _GRID_HELP = "comma-separated values [default: {}]"
 @click.option("--params", "params_text", default="", metavar="'K=V K=V'",
               help="the same as -P, several at once, space-separated (used by MLproject)")
 @click.option("--grid-file", default=None, help="YAML with world_sizes, learning_rates, swap, rounds, seeds, "
-              "params; options given here win over it")
+              "axes (a mapping: setting -> values) and params; options given here win over it")
 @click.option("--experiment-name", default=None,
               help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or Default]")
 @click.option("--parallel", default=1, type=click.IntRange(1), show_default=True, help="experiments at once")
@@ -310,7 +313,7 @@ _GRID_HELP = "comma-separated values [default: {}]"
 @click.option("--gpus-per-experiment", default=None, type=click.FloatRange(0),
               help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
               "else 0]")
-def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
+def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
           experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor, ray_address,
           cpus_per_experiment, gpus_per_experiment):
     """Run the grid (DESIGN 1): every configuration without a FINISHED run, as child runs of one sweep run.
@@ -322,20 +325,21 @@ def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_
     """
     import shlex
 
-    from . import executors, planning, sweep as sweeping, tracking
+    from . import executors, grid as grids, sweep as sweeping, tracking
 
     options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
                "rounds": rounds, "seeds": seeds}
     try:
         extra = shlex.split(params_text or "")
+        extra_axes = shlex.split(axes_text or "")
     except ValueError as exc:
-        fail(f"--params {params_text!r}: {exc}")
+        fail(f"--params / --axes: {exc}")
     try:
         runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
-        grid = planning.make_grid(options, [*extra, *assignments], grid_file or None)
+        grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes])
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
                              progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
-    except (planning.SweepError, ConfigError, executors.ExecutorError) as exc:
+    except (grids.SweepError, ConfigError, executors.ExecutorError) as exc:
         fail(str(exc))
     except tracking.TrackingError as exc:
         fail(str(exc), 1)
@@ -350,18 +354,22 @@ def sweep(world_sizes, learning_rates, swap, rounds, seeds, assignments, params_
               help="file to write [default: experiment_results.pkl, or experiment_results.csv with --format csv]")
 @click.option("--format", "fmt", type=click.Choice(["pickle", "csv"]), default="pickle",
               help="pickle: {(world_size, learning_rate, enable_swapping, rounds, seed): [(round, test_loss, "
-              "test_accuracy), ...]}; csv: one row per run and round")
-def export(experiment_name, output, fmt):
+              "test_accuracy), ...]}; csv: one row per run and round, a column for every setting, and the bytes")
+@click.option("--where", multiple=True, metavar="NAME=VALUE",
+              help="only runs with this setting, e.g. --where strategy=fedavg (repeatable)")
+def export(experiment_name, output, fmt, where):
     """Rebuild the results pickle (or a CSV) from the FINISHED runs of an experiment."""
     from . import export as exporter, tracking
 
     output = output or exporter.DEFAULT_OUTPUT[fmt]
     try:
         name = tracking.default_experiment_name(experiment_name or None)
-        path, exported = exporter.export(name, output, fmt, warn=lambda m: click.echo(m, err=True))
+        path, exported = exporter.export(name, output, fmt, where, warn=lambda m: click.echo(m, err=True))
+    except exporter.SelectionError as exc:
+        fail(str(exc))
     except (exporter.ExportError, tracking.TrackingError) as exc:
         fail(str(exc), 1)
-    configs = len({key[:4] for key in exported})
+    configs = len({tuple(kv for kv in identity if kv[0] != "seed") for identity in exported})
     click.echo(f"Exported {_count(len(exported), 'finished run')} ({_count(configs, 'configuration')}) "
                f"of experiment {name!r} to {path}")
     run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -376,23 +384,33 @@ def _count(n: int, noun: str) -> str:
 @main.command()
 @click.option("--results-file", default="experiment_results.pkl", show_default=True,
               help="a results pickle {(world_size, learning_rate, enable_swapping, rounds, seed): "
-              "[(round, test_loss, test_accuracy), ...]}")
+              "[(round, test_loss, test_accuracy), ...]} or the CSV of `fedshard export --format csv` "
+              "(told apart by content)")
 @click.option("--no-plots", "no_plots", type=click.BOOL, is_flag=False, flag_value=True, default=False,
-              show_default=True, metavar="[true|false]", help="print the tables only, draw no plots")
-@click.option("--output-dir", default="plots", show_default=True, help="where the plots go")
+              show_default=True, metavar="[true|false]", help="print the tables only, write no file at all")
+@click.option("--output-dir", default="plots", show_default=True,
+              help="where report.md, comparisons.csv, targets.csv and the plots go")
 @click.option("--top", default=5, type=click.IntRange(1), show_default=True, help="configurations in the ranking")
-def analyze(results_file, no_plots, output_dir, top):
-    """Summary statistics, best-configuration ranking and plots from a results pickle (no MLflow needed)."""
-    from . import analysis
+@click.option("--target", "target", multiple=True, metavar="ACC[,ACC...]",
+              help="target test accuracy in (0, 1] for rounds-to-target, e.g. 0.3 or 0.3,0.5 (repeatable; "
+              "replaces the default 50/75/90 % of the best mean final accuracy; '' = the defaults)")
+def analyze(results_file, no_plots, output_dir, top, target):
+    """Summary statistics, ranking, paired comparisons, rounds to target, report.md and plots from a
+    results pickle or CSV (no MLflow needed)."""
+    from . import report as reporting, results
 
     try:
-        analysis.report(results_file, output_dir, top, plots=not no_plots, echo=click.echo)
-    except analysis.ResultsError as exc:
+        targets = reporting.parse_targets(target)
+    except ValueError as exc:  # a usage error: exit 2 with click's usage line
+        raise click.BadParameter(str(exc), param_hint="'--target'") from None
+    try:
+        reporting.report(results_file, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo)
+    except results.ResultsError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"cannot write the plots to {output_dir}: {exc.strerror or exc}", 1)
+        fail(f"cannot write the report to {output_dir}: {exc.strerror or exc}", 1)
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id and not no_plots:  # under `mlflow run -e analyze`: keep the plots with that run
+    if run_id and not no_plots:  # under `mlflow run -e analyze`: keep the report and plots with that run
         from . import tracking
 
         tracking.log_artifact(run_id, output_dir, "plots")

@@ -1,63 +1,59 @@
-"""MLflow -> the classic results pickle (or a tidy CSV), from FINISHED runs only.
+"""MLflow -> the classic results pickle, or a CSV of every setting, from FINISHED runs only.
 
     {(world_size, learning_rate, enable_swapping, rounds, seed):     # (int, float, bool, int, int)
         [(round, test_loss, test_accuracy), ...]}                    # (int, float, float), round 0 first
 
-Params are parsed through ExperimentConfig, so a run logged as learning_rate
-'0.00001' and one logged as '1e-05' land on the same key; when two finished runs
-share a key the newest (by start time) wins, with a warning. Files are written
-atomically: a crash never leaves half a file, and an existing file is replaced
-only by a complete one.
+A run's configuration is all its result settings (config.RESULT_SETTINGS), parsed through
+ExperimentConfig, so '0.00001' and '1e-05' are one learning rate. Runs of one configuration
+are one entry: the newest (by start time) wins, with a warning. Runs that differ in any
+setting never mix: the pickle's key holds only five settings, so when the selected runs differ
+in another one (strategy, partition, ...) the pickle is refused, naming it, and `--where
+strategy=fedavg` selects; the CSV has a column for every setting, and the communication bytes
+of every round. Files are written atomically (results.write_atomic).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
+import math
 import pickle
-import tempfile
-from contextlib import suppress
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from .config import ConfigError
+from .config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig
 
 FORMATS = ("pickle", "csv")
 DEFAULT_OUTPUT = {"pickle": "experiment_results.pkl", "csv": "experiment_results.csv"}
-CSV_COLUMNS = ("world_size", "learning_rate", "enable_swapping", "rounds", "seed",
-               "run_id", "round", "test_loss", "test_accuracy")
-# Protocol 4: readable by every Python 3 still in use, and by analysis.load_results.
+# Protocol 4: readable by every Python 3 still in use, and by results.load_pickle.
 PICKLE_PROTOCOL = 4
-
-
-# What the key is made of; strategy too, as it decides whether swapping applies.
-KEY_PARAMS = ("world_size", "learning_rate", "enable_swapping", "rounds", "seed", "strategy")
+# Per-round communication metrics (the aggregator's) -> CSV column.
+COMM_METRICS = {"comm/bytes_down": "bytes_down", "comm/bytes_up": "bytes_up", "comm/bytes_total": "bytes_total"}
 
 
 class ExportError(Exception):
-    """Nothing to export (no such experiment, no FINISHED run) or the file cannot be written."""
+    """Nothing to export (no such experiment, no FINISHED run) or the file cannot be written: exit 1."""
+
+
+class SelectionError(ExportError):
+    """A bad --where, or runs that the chosen format cannot keep apart; nothing written: exit 2."""
 
 
 @dataclass(frozen=True)
 class ExportedRun:
     run_id: str
     start_time: int
-    key: tuple  # (int, float, bool, int, int)
+    cfg: ExperimentConfig
     entries: list  # [(int, float, float)], round 0 first
+    comm: dict = field(default_factory=dict)  # CSV column -> {round: bytes}, for the rounds logged
+
+    @property
+    def key(self) -> tuple:
+        return self.cfg.key()
 
 
 def entries_from_history(loss, accuracy, rounds: int) -> list[tuple[int, float, float]]:
     """[(round, test_loss, test_accuracy)] for rounds 0..rounds from two metric histories of
     (step, value, timestamp); raise ValueError when a round is missing. A step logged twice
     keeps its last value."""
-    by_step = []
-    for history in (loss, accuracy):
-        latest = {}
-        for step, value, ts in sorted(history, key=lambda m: (m[0], m[2])):
-            latest[int(step)] = float(value)
-        by_step.append(latest)
-    losses, accs = by_step
+    losses, accs = _by_step(loss), _by_step(accuracy)
     expected = list(range(rounds + 1))
     for name, got in (("test_loss", losses), ("test_accuracy", accs)):
         if sorted(got) != expected:
@@ -69,103 +65,137 @@ def entries_from_history(loss, accuracy, rounds: int) -> list[tuple[int, float, 
     return [(r, losses[r], accs[r]) for r in expected]
 
 
+def _by_step(history) -> dict[int, float]:
+    latest = {}
+    for step, value, _ts in sorted(history, key=lambda m: (m[0], m[2])):
+        latest[int(step)] = float(value)
+    return latest
+
+
 def _span(steps) -> str:
     if not steps:
         return "none"
     return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}..{steps[-1]} ({len(steps)} values)"
 
 
-def collect(runs, histories, warn=print) -> dict[tuple, ExportedRun]:
-    """key -> the newest valid FINISHED experiment run for it.
+def parse_where(items) -> dict[str, str]:
+    """--where NAME=VALUE items (or several in one, space-separated) -> {setting: canonical value}; a
+    name that is no result setting, or a value the setting refuses, is a SelectionError naming what
+    is valid."""
+    where: dict[str, str] = {}
+    for item in (part for raw in items for part in str(raw).split()):  # MLproject passes one string
+        name, sep, value = str(item).partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise SelectionError(f"--where {item!r}: expected NAME=VALUE, e.g. --where strategy=fedavg")
+        if name not in RESULT_SETTINGS:
+            raise SelectionError(f"--where {item!r}: unknown setting {name!r}; valid: {', '.join(RESULT_SETTINGS)}")
+        try:
+            where[name] = ExperimentConfig.from_mapping({name: value.strip()}).params()[name]
+        except ConfigError as exc:
+            raise SelectionError(f"--where {item!r}: {str(exc).splitlines()[-1].strip()}") from None
+    return where
 
-    `runs` are tracking.RunRecord-like (run_id, status, start_time, params, is_experiment,
-    config()); `histories(run_id, metric)` gives (step, value, timestamp) tuples. Runs that are
-    not FINISHED, sweep parent runs and runs without world_size are left out silently; finished
-    runs that cannot be read (bad params, missing rounds) with a warning."""
-    chosen: dict[tuple, ExportedRun] = {}
+
+def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]:
+    """Configuration identity -> the newest valid FINISHED experiment run of it among those that
+    match `where` ({setting: canonical value}).
+
+    `runs` are tracking.RunRecord-like (run_id, status, start_time, is_experiment, config());
+    `histories(run_id, metric)` gives (step, value, timestamp) tuples. Runs that are not FINISHED and
+    sweep parent runs are left out silently; finished runs that cannot be read (bad params, missing
+    rounds) with a warning. A `where` value that no finished run has is a SelectionError."""
+    where, chosen, seen = where or {}, {}, {name: set() for name in where or {}}
+    warn = warn or (lambda _: None)
     for run in sorted((r for r in runs if r.status == "FINISHED" and r.is_experiment),
                       key=lambda r: (r.start_time, r.run_id)):
         try:
-            cfg = run.config(only=KEY_PARAMS)
+            cfg = run.config()
             entries = entries_from_history(histories(run.run_id, "test_loss"),
                                            histories(run.run_id, "test_accuracy"), cfg.rounds)
         except (ConfigError, ValueError) as exc:
             warn(f"warning: run {run.run_id} left out: {str(exc).splitlines()[-1].strip()}")
             continue
-        key = (int(cfg.world_size), float(cfg.learning_rate), bool(cfg.enable_swapping), int(cfg.rounds),
-               int(cfg.seed))
-        if key in chosen:
-            warn(f"warning: {key!r} has several FINISHED runs; using the newest, {run.run_id} "
-                 f"(replaces {chosen[key].run_id})")
-        chosen[key] = ExportedRun(run.run_id, run.start_time, key, entries)
-    return dict(sorted(chosen.items()))
+        settings = cfg.settings()
+        for name in where:
+            seen[name].add(settings[name])
+        if any(settings[name] != value for name, value in where.items()):
+            continue
+        comm = {column: _by_step(histories(run.run_id, metric)) for metric, column in COMM_METRICS.items()}
+        if cfg.identity() in chosen:
+            warn(f"warning: {cfg.run_name()} has several FINISHED runs; using the newest, {run.run_id} "
+                 f"(replaces {chosen[cfg.identity()].run_id})")
+        chosen[cfg.identity()] = ExportedRun(run.run_id, run.start_time, cfg, entries, comm)
+    for name, value in where.items():
+        if value not in seen[name]:
+            raise SelectionError(f"--where {name}={value}: no FINISHED run has it; the runs have {name}="
+                                 f"{', '.join(sorted(seen[name])) or '(no FINISHED run at all)'}")
+    return dict(sorted(chosen.items(), key=lambda item: (item[1].key, item[0])))
 
 
-def results(exported: dict[tuple, ExportedRun]) -> dict:
-    """The classic pickle's dict."""
-    return {key: list(run.entries) for key, run in exported.items()}
+def differing(exported: dict[tuple, ExportedRun]) -> dict[str, list[str]]:
+    """The settings outside the pickle's key in which the runs differ -> their values."""
+    values: dict[str, set] = {}
+    for run in exported.values():
+        for name, value in run.cfg.settings().items():
+            values.setdefault(name, set()).add(value)
+    return {name: sorted(v) for name, v in values.items() if len(v) > 1 and name not in KEY_SETTINGS}
 
 
-def csv_text(exported: dict[tuple, ExportedRun]) -> str:
-    """One row per run and round, for pandas: pd.read_csv(path)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for (ws, lr, swap, rounds, seed), run in exported.items():
+def pickle_refusal(exported: dict[tuple, ExportedRun], experiment_name: str) -> str | None:
+    """Why these runs cannot go into one classic pickle, or None when they can."""
+    differ = differing(exported)
+    if not differ:
+        return None
+    name, values = next(iter(differ.items()))
+    return (f"the FINISHED runs of experiment {experiment_name!r} differ in "
+            + "; ".join(f"{n} ({', '.join(v)})" for n, v in differ.items())
+            + f", which the results pickle's key ({', '.join(KEY_SETTINGS)}) cannot keep apart. Select runs "
+            f"with --where {name}={values[0]} (or {', '.join(values[1:])}), or export them all with --format "
+            f"csv, which has a column for every setting; nothing written")
+
+
+def frame(exported: dict[tuple, ExportedRun]):
+    """The results frame (results.py): one row per run and round, every result setting a column, the
+    round's bytes where the run counted them (bytes_total is 0 at round 0, as nothing was sent yet)."""
+    import pandas as pd
+
+    rows = []
+    for run in exported.values():
+        settings = {name: getattr(run.cfg, name) for name in RESULT_SETTINGS}
         for r, loss, acc in run.entries:
-            writer.writerow([ws, repr(lr), swap, rounds, seed, run.run_id, r, repr(loss), repr(acc)])
-    return out.getvalue()
+            comm = {column: (0.0 if r == 0 and by_round else by_round.get(r, math.nan))
+                    for column, by_round in run.comm.items()}
+            rows.append({**settings, "run_id": run.run_id, "round": r, "test_loss": loss, "test_accuracy": acc,
+                         **{c: comm.get(c, math.nan) for c in COMM_METRICS.values()}})
+    return pd.DataFrame(rows)
 
 
-def write_atomic(path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace: the
-    previous file stays intact until the new one is complete, and no temporary file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def export(experiment_name: str, output, fmt: str = "pickle", warn=print) -> tuple[Path, dict]:
-    """Export the experiment's FINISHED runs to `output`; return (path, exported runs)."""
-    from . import tracking
+def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=print) -> tuple:
+    """Export the experiment's FINISHED runs (those matching `where`, NAME=VALUE items) to `output`;
+    return (path, exported runs)."""
+    from . import results, tracking
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    selection = parse_where(where)
     tracking.ensure_store()
     if tracking.experiment_id(experiment_name, create=False) is None:
         raise ExportError(f"no experiment {experiment_name!r} in {tracking.tracking_uri()} "
                           f"(experiments there: {', '.join(tracking.experiment_names()) or 'none'})")
     runs = tracking.list_runs(experiment_name, status="FINISHED")
-
-    def history(run_id, metric):
-        return tracking.metric_history(run_id, metric)
-
-    exported = collect(runs, history, warn)
+    exported = collect(runs, tracking.metric_history, selection, warn)
     if not exported:
         raise ExportError(f"experiment {experiment_name!r} has no FINISHED experiment run to export; "
                           f"nothing written")
-    data = (pickle.dumps(results(exported), protocol=PICKLE_PROTOCOL) if fmt == "pickle"
-            else csv_text(exported).encode())
+    if fmt == "pickle":
+        if (refusal := pickle_refusal(exported, experiment_name)) is not None:
+            raise SelectionError(refusal)
+        data = pickle.dumps(results.pickle_dict(frame(exported)), protocol=PICKLE_PROTOCOL)
+    else:
+        data = results.csv_bytes(frame(exported))
     try:
-        path = write_atomic(output, data)
+        path = results.write_atomic(output, data)
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return path, exported

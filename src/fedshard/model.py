@@ -27,6 +27,9 @@ SPLIT_DIM: dict[str, int] = {
 FULL_WIDTHS: dict[str, int] = {"conv1": 96, "conv3": 384, "conv5": 256, "fc1": 4096, "fc3": 4096}
 
 NUM_CLASSES = 100
+# Output height (= width) of each convolution on a 32x32 image: padding keeps the size, each pool
+# halves it. With the layers' shapes this gives what a forward pass costs (forward_flops).
+CONV_OUTPUT_SIZE = {"conv1": 32, "conv2": 32, "conv3": 16, "conv4": 16, "conv5": 8, "conv6": 8}
 
 
 def part_sizes(total: int, n: int) -> list[int]:
@@ -71,3 +74,27 @@ class AlexNet(nn.Module):
         x = F.dropout(F.relu(self.fc2(x)), 0.5, self.training)
         x = F.dropout(F.relu(self.fc3(x)), 0.5, self.training)
         return F.log_softmax(self.fc4(x), dim=1)
+
+
+def _shapes(widths: dict[str, int] | None) -> AlexNet:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return AlexNet(widths)
+
+
+def parameter_count(widths: dict[str, int] | None = None) -> int:
+    """Parameters of AlexNet at these split widths (the full model without widths)."""
+    return sum(p.numel() for p in _shapes(widths).parameters())
+
+
+def forward_flops(widths: dict[str, int] | None = None) -> int:
+    """FLOPs of one 32x32 image's forward pass: 2 x the multiply-accumulates of the convolutions
+    and linear layers, as torch.utils.flop_counter counts them (checked in the tests), but from
+    the layers' shapes alone, without the seconds a first meta-device forward takes."""
+    macs = 0
+    for name, layer in _shapes(widths).named_children():
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            macs += layer.out_channels * layer.in_channels * kh * kw * CONV_OUTPUT_SIZE[name] ** 2
+        elif isinstance(layer, nn.Linear):
+            macs += layer.in_features * layer.out_features
+    return 2 * macs

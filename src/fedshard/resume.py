@@ -92,7 +92,7 @@ def for_extension(cfg: ExperimentConfig, source_id: str) -> Start:
     if source.rounds >= cfg.rounds:
         raise ContinueError(f"--extend {source_id}: it has rounds={source.rounds}; an extension needs more rounds "
                             f"(got rounds={cfg.rounds})")
-    theirs, ours = source.params(), cfg.params()
+    theirs, ours = source.settings(), cfg.settings()  # the settings that make a configuration, no more
     differ = [f"{k}={theirs[k]} (here {ours[k]})" for k in ours if k != "rounds" and theirs[k] != ours[k]]
     if differ:
         raise ContinueError(f"--extend {source_id}: a different configuration: {', '.join(differ)}")
@@ -100,4 +100,7 @@ def for_extension(cfg: ExperimentConfig, source_id: str) -> Start:
         weights = tracking.load_final_weights(source_id)
     except Exception as exc:
         raise ContinueError(f"--extend {source_id}: cannot load its final model: {exc}") from exc
-    return Start(Checkpoint(source.rounds, weights), copied_rounds=source.rounds)
+    # The bytes its rounds moved, so that the extension's cumulative count goes on from there.
+    moved = tracking.latest(source_id, "comm/bytes_total")
+    metrics = {"comm/bytes_total": moved[1]} if moved and moved[0] == source.rounds else {}
+    return Start(Checkpoint(source.rounds, weights, metrics), copied_rounds=source.rounds)

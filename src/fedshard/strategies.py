@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from . import sharding
 from .config import ExperimentConfig
-from .model import slice_widths
+from .model import forward_flops, parameter_count, slice_widths
 from .sharding import StateDict
 
 
@@ -56,6 +56,16 @@ class FedAvg:
 
 
 STRATEGIES = {s.name: s for s in (TensorParallel(), FedAvg())}
+
+
+def model_sizes(cfg: ExperimentConfig) -> dict[str, int]:
+    """What the method's point shows in: parameters and forward FLOPs per image of the full model
+    and of the largest model a trainer trains (slices of uneven width differ by a channel or so)."""
+    strategy = get(cfg.strategy)
+    parts = range(cfg.world_size) if strategy.name == "tensor_parallel" else [0]
+    trained = max((strategy.widths(cfg, p) for p in parts), key=parameter_count)
+    return {"model.params_full": parameter_count(), "model.params_per_trainer": parameter_count(trained),
+            "model.flops_per_image_full": forward_flops(), "model.flops_per_image_per_trainer": forward_flops(trained)}
 
 
 def get(name: str):

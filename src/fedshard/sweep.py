@@ -30,7 +30,8 @@ from pathlib import Path
 
 from . import executors
 from .config import ConfigError, ExperimentConfig
-from .planning import Grid, Plan, SweepError, Task, describe, expand, plan
+from .grid import Grid, SweepError, describe, expand, label, named
+from .planning import Plan, Task, plan
 
 POLL_SECONDS = 0.2
 # How often the sweep looks at its running experiments' latest round (console, parent run counters).
@@ -151,6 +152,7 @@ class Sweep:
         self.counter_step = 0
         self.looked = 0.0  # when the running experiments' rounds were last looked at
         self.note = ""
+        self.extra = grid.extra_axes if grid is not None else []  # further axes, named in console lines
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
@@ -219,9 +221,9 @@ class Sweep:
                   "sweep.rounds_from_scratch": str(self.plan.rounds_from_scratch)}
         grid_words = ""
         if self.grid is not None:  # the grid as params: its axes, and what every experiment shares
-            params.update({f"grid.{axis}": ",".join(v) for axis, v in self.grid.axes.items()})
+            params.update({f"grid.{label(s)}": ",".join(v) for s, v in self.grid.axes.items()})
             params.update({f"fixed.{k}": v for k, v in self.grid.fixed.items()})
-            grid_words = (" x ".join(f"{axis} {','.join(v)}" for axis, v in self.grid.axes.items())
+            grid_words = (" x ".join(f"{label(s)} {','.join(v)}" for s, v in self.grid.axes.items())
                           + "".join(f"; {k}={v}" for k, v in self.grid.fixed.items()))
         self.note = (f"fedshard sweep over {grid_words or 'a grid'}: {len(self.configs)} experiments to run, "
                      f"{len(self.skipped)} already FINISHED. {self.plan.rounds_line()}.")
@@ -285,7 +287,7 @@ class Sweep:
                 if after in finished:
                     job.task = replace(job.task, extends=finished[after], after=None)
                 elif any(o.cfg == after for o in self.failed):
-                    self.say(f"Note: {describe(job.cfg)} was to extend the {after.rounds}-round run, which failed; "
+                    self.say(f"Note: {describe(job.cfg, self.extra)} was to extend the {after.rounds}-round run, which failed; "
                              f"it trains from round 0 instead")
                     job.task = Task(job.cfg)
                 else:
@@ -304,11 +306,11 @@ class Sweep:
             self.say(f"=== Retrying experiment {job.index}/{total} (attempt {job.attempt}/{self.max_retries + 1}) ===")
         env = dict(self.env)
         if task.resume:
-            self.say(f"Resuming experiment: {describe(job.cfg)} from round {task.start} (run {task.resume})")
+            self.say(f"Resuming experiment: {describe(job.cfg, self.extra)} from round {task.start} (run {task.resume})")
             job.run_id = task.resume
             env.pop("MLFLOW_RUN_ID", None)  # `fedshard run --resume` reopens the run itself
         else:
-            self.say(f"Starting experiment: {describe(job.cfg)}"
+            self.say(f"Starting experiment: {describe(job.cfg, self.extra)}"
                      + (f", extending run {task.extends} from round {task.start}" if task.extends else ""))
             job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
                                                    tags={"fedshard.sweep.attempt": str(job.attempt),
@@ -336,7 +338,7 @@ class Sweep:
         self._look_at_rounds([job])
         outcome = Outcome(job.cfg, job.run_id, job.attempt)
         if record.status == "FINISHED":
-            self.say(f"Experiment completed successfully: {job.cfg.key()!r} "
+            self.say(f"Experiment completed successfully: {named(job.cfg, self.extra)} "
                      f"({time.monotonic() - job.started:.0f}s)")
             self.finished.append(outcome)
             self._advance()
@@ -351,11 +353,11 @@ class Sweep:
             retry = job.task
             if self.resume and record.checkpoint_round:
                 retry = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
-            self.say(f"Experiment failed: {job.cfg.key()!r}: {outcome.reason} (run {job.run_id}); "
+            self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id}); "
                      f"will retry, {retry.describe()} ({job.attempt}/{self.max_retries + 1} attempts used)")
             self.pending.append(Job(retry, job.index, job.attempt + 1))
             return
-        self.say(f"Experiment failed: {job.cfg.key()!r}: {outcome.reason} (run {job.run_id})")
+        self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id})")
         self.failed.append(outcome)
         self._advance()
 
@@ -388,22 +390,23 @@ class Sweep:
 
     def _log_analysis(self) -> None:
         """`fedshard analyze` of the sweep's FINISHED experiments (these and those skipped), into its
-        run: the summary table, the ranking, the four plots; the best configuration in its description."""
-        from . import analysis, export, tracking
+        run: the summary table, the ranking, the comparison report (report.md, comparisons.csv,
+        targets.csv) and the plots; the best configuration in its description."""
+        from . import analysis, export, report, tracking
 
-        mine = set(self.configs) | {c for c, _ in self.skipped}
+        mine = {c.identity() for c in self.configs} | {c.identity() for c, _ in self.skipped}
         runs = [r for r in tracking.list_runs(self.experiment_name, status="FINISHED")
-                if r.is_experiment and _parses(r) and r.config() in mine]
-        exported = export.collect(runs, tracking.metric_history, warn=lambda m: None)
+                if r.is_experiment and _parses(r) and r.config().identity() in mine]
+        exported = export.collect(runs, tracking.metric_history, warn=None)
         if not exported:
             return
-        results = export.results(exported)
+        results = export.frame(exported)
         tracking.log_table(self.parent_run_id, analysis.summarize(results), "analysis/summary.json")
         ranking = analysis.ranking_lines(results, top=5)
         tracking.log_text(self.parent_run_id, "\n".join(ranking) + "\n", "analysis/ranking.txt")
-        with tempfile.TemporaryDirectory(prefix="fedshard-plots-") as tmp:
-            analysis.make_plots(results, tmp)
-            tracking.log_artifacts(self.parent_run_id, tmp, "analysis/plots")
+        with tempfile.TemporaryDirectory(prefix="fedshard-report-") as tmp:
+            report.write_report(results, tmp)
+            tracking.log_artifacts(self.parent_run_id, tmp, "analysis")
         best = ranking[1].split(". ", 1)[1]
         tracking.set_tags(self.parent_run_id, {tracking.NOTE_TAG: f"{self.note} Best configuration: {best}."})
 
@@ -458,7 +461,7 @@ class Sweep:
                     tracking.end_run(job.run_id, "KILLED", reason)
             self._upload_log(job)
             self.killed.append(Outcome(job.cfg, job.run_id, job.attempt, reason))
-            self.say(f"Experiment stopped: {job.cfg.key()!r} (run {job.run_id} KILLED)")
+            self.say(f"Experiment stopped: {named(job.cfg, self.extra)} (run {job.run_id} KILLED)")
 
     # -- report ---------------------------------------------------------------------------
     def _summary(self) -> None:
@@ -468,12 +471,12 @@ class Sweep:
         say(f"Finished: {len(self.finished)}")
         say(f"Failed: {len(self.failed)}")
         for o in self.failed:
-            say(f"  {o.cfg.key()!r}: {o.reason} (run {o.run_id}, {o.attempts} attempt(s))")
+            say(f"  {named(o.cfg, self.extra)}: {o.reason} (run {o.run_id}, {o.attempts} attempt(s))")
         say(f"Skipped (already finished): {len(self.skipped)}")
         if self.killed:
             say(f"Interrupted: {len(self.killed)} (marked KILLED)")
             for o in self.killed:
-                say(f"  {o.cfg.key()!r} (run {o.run_id})")
+                say(f"  {named(o.cfg, self.extra)} (run {o.run_id})")
         not_started = len({j.index for j in self.pending})
         if self.stop_signal and not_started:
             say(f"Not started: {not_started}")
@@ -515,26 +518,38 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
     echo(f"Total experiments to run: {len(work.tasks)} ({len(work.skipped)} already finished)")
     echo(work.rounds_line())
     todo = {t.cfg for t in work.tasks}
-    running_elsewhere = {r.config() for r in runs if r.status == "RUNNING" and r.is_experiment
-                         and r.run_id not in stale_ids and _parses(r)} & todo
+    running_elsewhere = {r.config().identity() for r in runs if r.status == "RUNNING" and r.is_experiment
+                         and r.run_id not in stale_ids and _parses(r)} & {c.identity() for c in todo}
     if running_elsewhere:
         echo(f"Note: {len(running_elsewhere)} of them have a RUNNING run (another sweep, or one that was "
              f"killed hard); they run again here.")
     if dry_run:
         echo(f"Dry run: experiment {experiment_name!r} in {tracking.tracking_uri()}; nothing is started.")
+        echo(_axes_line(grid, len(configs)))
         if grid.fixed:
             echo("Fixed parameters: " + ", ".join(f"{k}={v}" for k, v in grid.fixed.items()))
         for i, task in enumerate(work.tasks, 1):
-            echo(f"Would run {i}/{len(work.tasks)}: {describe(task.cfg)}"
+            echo(f"Would run {i}/{len(work.tasks)}: {describe(task.cfg, grid.extra_axes)}"
                  + (f" ({task.describe()}: {task.rounds_to_train} rounds to train)" if task.start else ""))
         for cfg, run_id in work.skipped:
-            echo(f"Skip (FINISHED run {run_id}): {describe(cfg)}")
+            echo(f"Skip (FINISHED run {run_id}): {describe(cfg, grid.extra_axes)}")
         return 0
     if not work.tasks:
         echo(f"Nothing to run: every configuration already has a FINISHED run in {experiment_name!r}.")
         return 0
     _ensure_data(todo)
     return Sweep(work, experiment_name, parallel, max_retries, grid, echo, progress, executor, resume).run()
+
+
+def _axes_line(grid: Grid, configurations: int) -> str:
+    """'Axes: world_sizes=1,2 (2) x ... = 24 combinations, 18 configurations (...)'."""
+    combinations = 1
+    for values in grid.axes.values():
+        combinations *= len(values)
+    line = "Axes: " + " x ".join(f"{label(s)}={','.join(v)} ({len(v)})" for s, v in grid.axes.items())
+    collapsed = (" (combinations where a setting does not apply, such as swapping for world size 1 or "
+                 "FedAvg, are one configuration)") if configurations < combinations else ""
+    return f"{line} = {combinations} combinations, {configurations} configurations{collapsed}"
 
 
 def _parses(run) -> bool:

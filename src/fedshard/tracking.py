@@ -31,6 +31,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_EXPERIMENT = "Default"
 FAILURE_TAG = "fedshard.failure_reason"
 NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in the UI
+RUN_NAME_TAG = "mlflow.runName"  # setting it renames the run
 MODEL_NAME = "model"  # the final model: runs:/<run id>/model
 # Artifacts of a local SQLite store live beside the database file, in this folder.
 ARTIFACTS_DIR = "mlartifacts"
@@ -132,11 +133,12 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
             raise TrackingError(f"MLFLOW_RUN_ID={run_id} is {run.info.status}, not RUNNING: refusing to log into it")
     else:
         name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        run_name = f"ws{cfg.world_size}-lr{cfg.params()['learning_rate']}-swap{cfg.params()['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
-        run_id = c.create_run(experiment_id(name), run_name=run_name, tags=tags or {}).info.run_id
+        run_id = c.create_run(experiment_id(name), run_name=cfg.run_name(), tags=tags or {}).info.run_id
     existing = c.get_run(run_id).data.tags  # what `mlflow run` or a sweep recorded stays
     source = {k: v for k, v in source_tags().items() if k not in existing}
-    for k, v in {**(tags or {}), **owner_tags(), **source, NOTE_TAG: cfg.description()}.items():
+    # `mlflow run` names its run like languid-bear-729: in the UI's run table it is named by what it is.
+    for k, v in {**(tags or {}), **owner_tags(), **source, NOTE_TAG: cfg.description(),
+                 RUN_NAME_TAG: cfg.run_name()}.items():
         c.set_tag(run_id, k, v)
     log_params(run_id, cfg)
     return run_id
@@ -201,6 +203,12 @@ def _unquote(value: str) -> str:
         with suppress(ValueError):
             return "".join(shlex.split(value))
     return value
+
+
+def log_extra_params(run_id: str, params: dict) -> None:
+    """Params beyond the configuration's (a model's size, say): the same values may be logged again,
+    as a resumed run does."""
+    client().log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
 def log_round(run_id: str, step: int, metrics: dict[str, float]) -> None:
@@ -399,6 +407,7 @@ def start_sweep_run(experiment_name: str, run_name: str, tags: dict[str, str],
         if run.info.status != "RUNNING":
             raise TrackingError(f"MLFLOW_RUN_ID={run_id} is {run.info.status}, not RUNNING: refusing to log into it")
         exp_id = run.info.experiment_id
+        tags = {**tags, RUN_NAME_TAG: run_name}  # not the name `mlflow run -e sweep` made up
     else:
         exp_id = experiment_id(experiment_name)
         run_id = c.create_run(exp_id, run_name=run_name).info.run_id
@@ -412,11 +421,9 @@ def create_child_run(cfg: ExperimentConfig, experiment_id: str, parent_run_id: s
                      tags: dict[str, str] | None = None) -> str:
     """A RUNNING run for one experiment of a sweep, nested under the sweep's run, with every
     parameter already logged (so even an attempt that dies at once shows its configuration)."""
-    p = cfg.params()
-    name = f"ws{cfg.world_size}-lr{p['learning_rate']}-swap{p['enable_swapping']}-r{cfg.rounds}-s{cfg.seed}"
-    run_id = client().create_run(experiment_id, run_name=name, tags={
+    run_id = client().create_run(experiment_id, run_name=cfg.run_name(), tags={
         PARENT_TAG: parent_run_id, NOTE_TAG: cfg.description(), **source_tags(), **(tags or {})}).info.run_id
-    client().log_batch(run_id, params=[Param(k, v) for k, v in p.items()])
+    client().log_batch(run_id, params=[Param(k, v) for k, v in cfg.params().items()])
     return run_id
 
 

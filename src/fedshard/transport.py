@@ -3,7 +3,9 @@
 Only tensors cross the wire: each message is a small int64/float64 header and
 one flat, contiguous float32 buffer holding every tensor of a (sliced) state
 dict, so a round costs two sends per trainer and direction whatever the number
-of layers. Nothing received is ever unpickled.
+of layers. Nothing received is ever unpickled. The aggregator's side counts the
+bytes of every tensor it sends and receives, where it sends and receives them:
+that is what a run records as its communication (comm/bytes_down, bytes_up).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class TrainerReport:
     train_loss: float
     seconds: float
     state: dict[str, torch.Tensor]
+    nbytes: int  # bytes received from the trainer: its numbers and its weights
 
 
 class RoundFailed(RuntimeError):
@@ -170,14 +173,22 @@ def _wait_all(works: Sequence[tuple[int, dist.Work]], timeout: float, round_: in
                           f"round_timeout={timeout:g}s ({doing}): {next(iter(failures.values()))}")
 
 
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]],
-               timeout: float) -> None:
-    """Send trainer k its part `parts[k]` and the weights `payloads[k]` of that part."""
-    sends = []
+               timeout: float) -> list[int]:
+    """Send trainer k its part `parts[k]` and the weights `payloads[k]` of that part; return the
+    bytes sent to each trainer."""
+    sends, sent = [], []
     for k, (part, payload) in enumerate(zip(parts, payloads)):
         header = torch.tensor([TRAIN, round_, part], dtype=torch.int64)
-        sends += [(k, dist.isend(header, k + 1)), (k, dist.isend(flatten(list(payload.values())), k + 1))]
+        flat = flatten(list(payload.values()))
+        sends += [(k, dist.isend(header, k + 1)), (k, dist.isend(flat, k + 1))]
+        sent.append(nbytes(header, flat))
     _wait_all(sends, timeout, round_, "taking their weights")
+    return sent
 
 
 def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]],
@@ -196,7 +207,8 @@ def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[
         samples, loss, seconds, part = stats.tolist()
         if int(part) != parts[k]:
             raise RuntimeError(f"trainer {k} returned slice {int(part)}, expected {parts[k]}")
-        reports.append(TrainerReport(k, int(part), int(samples), loss, seconds, unflatten(flat, payload)))
+        reports.append(TrainerReport(k, int(part), int(samples), loss, seconds, unflatten(flat, payload),
+                                     nbytes(stats, flat)))
     return reports
 
 

@@ -1,0 +1,167 @@
+"""The grid (pure): the five named axes and their defaults, any other result setting as an axis,
+canonical values, settings that do not apply collapsing, and bad input refused before anything
+runs. No processes, no MLflow."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from fedshard import cli
+from fedshard.config import ExperimentConfig
+from fedshard.grid import SweepError, describe, expand, make_grid, named
+
+
+def test_default_grid_is_the_54_runs_of_design_section_1():
+    configs = expand(make_grid({}))
+    assert len(configs) == 54
+    ws1 = [c for c in configs if c.world_size == 1]
+    ws2 = [c for c in configs if c.world_size == 2]
+    assert len(ws1) == 18 and len(ws2) == 36
+    assert not any(c.enable_swapping for c in ws1)  # swapping only where world_size > 1
+    assert sum(c.enable_swapping for c in ws2) == 18
+    assert {c.learning_rate for c in configs} == {1e-5, 1e-4, 1e-3}
+    assert {c.rounds for c in configs} == {30, 50} and {c.seed for c in configs} == {123, 456, 789}
+    assert len(set(configs)) == 54
+    assert configs[0].key() == (1, 1e-05, False, 30, 123)
+    assert describe(configs[0]) == "world_size=1, lr=1e-05, swap=False, rounds=30, seed=123"
+    # every other parameter is the experiment's default
+    assert configs[-1] == ExperimentConfig(world_size=2, learning_rate=1e-3, enable_swapping=True, rounds=50, seed=789)
+
+
+def test_grid_values_are_canonicalised_and_deduplicated():
+    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-5, 0.00001,1E-5", "swap": "true,false,yes",
+                      "rounds": "3", "seeds": "1"})
+    assert [c.key() for c in expand(grid)] == [(2, 1e-05, True, 3, 1), (2, 1e-05, False, 3, 1)]
+    # fedavg trains whole models: swapping never applies, so swap=true collapses too
+    fedavg = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "rounds": "3", "seeds": "1"},
+                       ["strategy=fedavg"])
+    assert [c.key() for c in expand(fedavg)] == [(2, 1e-3, False, 3, 1)]
+
+
+def test_fixed_params_and_grid_file(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "world_sizes": [2], "learning_rates": "1e-4", "swap": [True], "rounds": [5, 7], "seeds": [1],
+        "params": {"data_dir": "/data", "max_train_samples": 5000, "amp": False},
+    }))
+    # options given on the command line win over the file, -P over the file's params
+    grid = make_grid({"rounds": "9"}, ["max_train_samples=100", "batch_size=16"], grid_file)
+    (cfg,) = expand(grid)
+    assert cfg.key() == (2, 1e-4, True, 9, 1)
+    assert (cfg.data_dir, cfg.max_train_samples, cfg.batch_size, cfg.amp) == ("/data", 100, 16, False)
+
+
+@pytest.mark.parametrize("options, assignments, message", [
+    ({}, ["foo=1"], "unknown experiment parameter 'foo'; valid: local_epochs, batch_size"),
+    ({}, ["data_dir"], "expected KEY=VALUE"),
+    ({}, ["rounds=3"], "rounds is a grid axis; give it as --rounds"),
+    ({}, ["batch_size=0"], "batch_size=0: must be an integer >= 1"),
+    ({"learning_rates": "1e-3,fast"}, [], "learning_rate='fast': must be a number"),
+    ({"world_sizes": "1,,2"}, [], "empty value"),
+    ({"world_sizes": "0,97"}, [], "world_size=97: tensor_parallel slicing allows 1..96"),
+])
+def test_bad_grid_or_param_is_refused_before_anything_runs(options, assignments, message):
+    with pytest.raises(SweepError) as err:
+        expand(make_grid(options, assignments))
+    assert message in str(err.value)
+
+
+def test_bad_grid_file_is_refused(tmp_path):
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("world_sizes: [1]\nlearning_rate: [1e-3]\n")
+    with pytest.raises(SweepError, match="unknown key.*learning_rate; valid: world_sizes"):
+        make_grid({}, [], bad)
+    with pytest.raises(SweepError, match="cannot read"):
+        make_grid({}, [], tmp_path / "missing.yaml")
+
+
+def test_any_result_setting_is_an_axis_and_what_does_not_apply_collapses():
+    grid = make_grid({"world_sizes": "1,2", "learning_rates": "1e-3", "swap": "false,true", "rounds": "1",
+                      "seeds": "7"}, axes=["strategy=tensor_parallel,fedavg", "partition=iid,dirichlet"])
+    assert list(grid.axes) == ["world_size", "learning_rate", "enable_swapping", "rounds", "seed", "strategy",
+                               "partition"]
+    assert grid.extra_axes == ["strategy", "partition"]
+    configs = expand(grid)
+    # 2 x 2 x 2 x 2 = 16 combinations; world size 1 is one configuration per partition whatever the
+    # strategy and swapping (2), FedAvg at world size 2 one per partition whatever swapping (2), the
+    # tensor-parallel world size 2 all four: 8.
+    assert len(configs) == 8 == len({c.identity() for c in configs})
+    ws1 = [c for c in configs if c.world_size == 1]
+    assert {(c.strategy, c.enable_swapping) for c in ws1} == {("tensor_parallel", False)}
+    fedavg = [c for c in configs if c.strategy == "fedavg"]
+    assert len(fedavg) == 2 and not any(c.enable_swapping for c in fedavg)
+    assert describe(fedavg[0], grid.extra_axes) == (
+        "world_size=2, lr=0.001, swap=False, rounds=1, seed=7, strategy=fedavg, partition=iid")
+    assert named(fedavg[0], ["strategy"]) == "(2, 0.001, False, 1, 7) strategy=fedavg"
+    # dirichlet_alpha means something only for the dirichlet partition: no second iid run
+    alphas = expand(make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "false", "rounds": "1",
+                               "seeds": "7"}, axes=["partition=iid,dirichlet", "dirichlet_alpha=0.1,1"]))
+    assert sorted((c.partition, c.dirichlet_alpha) for c in alphas) == [
+        ("dirichlet", 0.1), ("dirichlet", 1.0), ("iid", 0.5)]
+
+
+def test_axes_in_a_grid_file_and_on_the_command_line(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"world_sizes": [2], "rounds": [1], "seeds": [1], "learning_rates": [1e-3],
+                                         "axes": {"strategy": ["tensor_parallel", "fedavg"], "batch_size": "8, 16"},
+                                         "params": {"max_train_samples": 64}}))
+    grid = make_grid({}, [], grid_file)
+    assert grid.axes["strategy"] == ["tensor_parallel", "fedavg"] and grid.axes["batch_size"] == ["8", "16"]
+    assert len(expand(grid)) == 6  # (tp swap, tp no swap, fedavg) x 2 batch sizes
+    # --axis wins over the file's axis of the same name; a named axis may be given by its setting too
+    grid = make_grid({}, [], grid_file, axes=["batch_size=32", "seed=1,2"])
+    assert grid.axes["batch_size"] == ["32"] and grid.axes["seed"] == ["1", "2"]
+
+
+@pytest.mark.parametrize("options, axes, assignments, message", [
+    ({}, ["colour=red,blue"], [], "unknown setting 'colour'; an axis can be any of world_size, learning_rate"),
+    ({}, ["data_dir=/a,/b"], [], "unknown setting 'data_dir'"),  # where the data sits is no setting of a result
+    ({}, ["strategy=fedavg,"], [], "--axis strategy= 'fedavg,': empty value in the list"),
+    ({}, ["strategy="], [], "empty value"),
+    ({}, ["strategy"], [], "expected NAME=V1,V2"),
+    ({}, ["strategy=gossip,fedavg"], [], "strategy='gossip': must be one of tensor_parallel, fedavg"),
+    ({}, ["batch_size=16,0"], [], "batch_size=0: must be an integer >= 1"),
+    ({}, ["partition=iid", "partition=dirichlet"], [], "partition is given twice"),
+    ({"seeds": "1"}, ["seed=2"], [], "seed is given twice: as --seeds and as --axis seed"),
+    ({}, ["strategy=fedavg"], ["strategy=fedavg"], "strategy is a grid axis; give it as --axis"),
+])
+def test_bad_axes_are_refused_before_anything_runs(options, axes, assignments, message):
+    with pytest.raises(SweepError) as err:
+        expand(make_grid(options, assignments, axes=axes))
+    assert message in str(err.value)
+
+
+def test_bad_axis_from_the_command_line_exits_2_and_creates_nothing(tmp_path, store):
+    for axis, message in (("colour=red", "unknown setting 'colour'"), ("strategy=", "empty value"),
+                          ("partition=random", "partition='random': must be one of iid, contiguous, dirichlet")):
+        result = CliRunner().invoke(cli.main, ["sweep", "--axis", axis, "--experiment-name", "bad-axis"])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert MlflowClient().get_experiment_by_name("bad-axis") is None
+
+
+def test_dry_run_shows_the_axes_and_the_counts(tmp_path, store):
+    result = CliRunner().invoke(cli.main, ["sweep", "--dry-run", "--axis", "strategy=tensor_parallel,fedavg",
+                                           "--experiment-name", "dry-axes"])
+    assert result.exit_code == 0, result.output
+    assert ("Axes: world_sizes=1,2 (2) x learning_rates=1e-5,1e-4,1e-3 (3) x swap=false,true (2) x rounds=30,50 (2) "
+            "x seeds=123,456,789 (3) x strategy=tensor_parallel,fedavg (2) = 144 combinations, 72 configurations"
+            ) in result.output
+    assert "Total experiments to run: 72 (0 already finished)" in result.output
+    assert "Would run 72/72: world_size=2, lr=0.001, swap=True, rounds=50, seed=789, strategy=tensor_parallel" \
+        in result.output
+
+
+def test_the_baselines_grid_file_is_the_researchers_grid_and_fedavg_at_the_same_settings():
+    from pathlib import Path
+
+    configs = expand(make_grid({}, [], Path(__file__).resolve().parents[1] / "grids" / "baselines.yaml"))
+    method = [c for c in configs if c.strategy == "tensor_parallel"]
+    assert method == expand(make_grid({}))  # the 54 runs of the default grid, in its order
+    fedavg = [c for c in configs if c.strategy == "fedavg"]
+    assert len(fedavg) == 18 and {c.world_size for c in fedavg} == {2} and not any(c.enable_swapping for c in fedavg)
+    assert {c.identity() for c in fedavg} == {c.replace(strategy="fedavg").identity() for c in method
+                                              if c.world_size == 2}
