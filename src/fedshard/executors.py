@@ -19,19 +19,12 @@ from contextlib import suppress
 from pathlib import Path
 
 from .config import ExperimentConfig
-from .launcher import die_with_parent_signal  # no import may run between fork and exec
+from .errors import first_line
+from .processes import describe_exit, terminated_with_parent  # no import may run between fork and exec
 
 POLL_SECONDS = 0.2
 # A launcher's output comes back with its Ray task; a few rounds' lines fit easily.
 OUTPUT_LIMIT = 1 << 20
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    # Whoever started the launcher (a sweep, a Ray worker) may be killed outright; the kernel
-    # then sends SIGTERM to the launcher, which tears its experiment down and marks it KILLED.
-    die_with_parent_signal(signal.SIGTERM)
-    # Ray's processes block SIGINT, and a signal mask survives exec: the launcher must get signals.
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
@@ -51,15 +44,13 @@ class LocalProcess:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
         with log.open("wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                         env=env, start_new_session=True, preexec_fn=terminated_with_parent)
         self.where = f"pid {self.proc.pid}"
 
     def done(self) -> bool:
         return self.proc.poll() is not None
 
     def outcome(self) -> str:
-        from .launcher import describe_exit
-
         return describe_exit(self.proc.returncode)
 
     def stop(self) -> None:
@@ -122,7 +113,7 @@ def run_on_node(args: list[str], overrides: dict[str, str], cwd: str) -> tuple[i
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=child_env(overrides), cwd=workdir,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=terminated_with_parent)
         try:
             while proc.poll() is None:  # short sleeps: ray.cancel interrupts between them
                 time.sleep(POLL_SECONDS)
@@ -155,8 +146,6 @@ class RayTask:
             self._outcome = f"Ray task failed: {type(exc).__name__}"
             self.log.write_text(f"{str(exc).strip() or type(exc).__name__}\n")
             return
-        from .launcher import describe_exit
-
         self.log.write_bytes(output)
         self._outcome = describe_exit(code)
 
@@ -219,7 +208,7 @@ class RayExecutor:
                     "RAY_AUTH_MODE=token here, with the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN"
                     if self.address and not os.environ.get("RAY_AUTH_MODE") else "")
             raise ExecutorError(f"cannot use the Ray cluster at {self.address or 'a local instance'}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                f"{first_line(exc)}"
                                 + hint)
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         total = ray.cluster_resources()

@@ -9,7 +9,6 @@ process behind. The MLflow run ends FINISHED only when every round was logged.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shlex
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ExperimentConfig
+from .files import tail
+from .processes import describe_exit, killed_with_parent, terminate_with_parent
 
 if TYPE_CHECKING:
     from .resume import Start
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 POLL_SECONDS = 0.2
 STARTUP_TIMEOUT = 60.0
 GRACE_SECONDS = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(Exception):
@@ -72,20 +72,10 @@ class ExperimentFailed(Exception):
     """A child failed; the message is the reason recorded on the run."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    die_with_parent_signal(signal.SIGKILL)
-
-
 def cpu_budget() -> int:
     """Cores this experiment may use: FEDSHARD_CPUS (set by a sweep running several at once) or all."""
     available = len(os.sched_getaffinity(0))
     return max(1, min(available, int(os.environ.get("FEDSHARD_CPUS", available))))
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
 
 
 @dataclass
@@ -96,10 +86,7 @@ class Child:
     _offset: int = field(default=0)
 
     def last_lines(self, n: int = 5) -> str:
-        with suppress(OSError):
-            lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
-            return " | ".join(lines[-n:])
-        return ""
+        return tail(self.log, n)
 
     def new_lines(self) -> list[str]:
         with suppress(OSError), self.log.open("rb") as f:
@@ -151,7 +138,7 @@ class Experiment:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedshard", *args, "--threads", str(threads)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                process_group=0, preexec_fn=_die_with_parent,
+                process_group=0, preexec_fn=killed_with_parent,
             )
         child = Child(name, proc, log)
         self.children.append(child)
@@ -244,21 +231,6 @@ class Experiment:
             child.proc.wait()
 
 
-def die_with_parent() -> None:
-    """Under `mlflow run` or a sweep (MLFLOW_RUN_ID set), the launcher gets SIGTERM when the
-    process that started it dies, even by SIGKILL, and so tears its experiment down."""
-    parent = os.getppid()
-    die_with_parent_signal(signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def die_with_parent_signal(sig: int) -> None:
-    """Ask the kernel to send `sig` to this process when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, sig)
-
-
 def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement(),
         start: Start | None = None) -> int:
     """Run one experiment and end its MLflow run; returns the process exit code.
@@ -268,8 +240,8 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
     stopped again and the exception propagates, with no run to end. With `start` the
     aggregator begins after that checkpoint's round (resume, extension) instead of round 0.
     """
-    if os.environ.get("MLFLOW_RUN_ID"):
-        die_with_parent()
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` or a sweep: go down with whoever started us
+        terminate_with_parent()
     workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
     start_file = None
     if start is not None:

@@ -1,0 +1,26 @@
+"""What went wrong, in one line: how fedshard quotes an exception inside its own messages.
+
+Messages name the value and what would be valid; when they quote an exception from a library
+(MLflow, gloo, pickle, torch), they quote one line of it, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception's message (a ConfigError lists its problems below a heading),
+    or its type's name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[-1].strip() if text else type(exc).__name__
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Any text as one line of at most `limit` characters: whitespace runs become one space."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
