@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Run the experiment grid of DESIGN §1 and skip what already finished: `python sweep.py --help`.
+"""Run the researchers' grid of experiments and skip what already finished: `python sweep.py --help`.
 
-A thin entry point: the sweep itself is `fedshard sweep` (src/fedshard/sweep.py).
+A thin entry point: the sweep itself is `fedshard sweep` (src/fedshard/sweep/).
 """
 
 import sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12, from a fresh clone: a virtual environment with fedshard and its GPU and
+# The GPU check, from a fresh clone: a virtual environment with fedshard and its GPU and
 # test extras, then benchmarks/gpu_check.py, which writes benchmarks/results/<gpu-name>.json.
 #
 #   bash benchmarks/gpu_check.sh          # on a machine with one NVIDIA GPU; about 8 minutes on an H200

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from fedshard.synthetic import write_synthetic_cifar100
 REPO = Path(__file__).resolve().parents[1]
 # Experiments here last seconds: sample their system metrics every second (MLflow's own variable).
 os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+# The suite's own cache (dataset digests), not the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fedshard-tests-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,10 @@ import pickle
 import matplotlib.pyplot as plt
 import pytest
 
-from fedshard.analysis import (
-    ResultsError,
-    load_results,
-    make_plots,
-    ranking_lines,
-    report,
-    summarize,
-)
+from fedshard.analysis import ranking_lines, summarize
+from fedshard.plots import make_plots
+from fedshard.report import report
+from fedshard.results import ResultsError, load_pickle
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -60,7 +56,7 @@ def write(path, obj, protocol=pickle.HIGHEST_PROTOCOL):
 def test_load_round_trips_valid_results(tmp_path, protocol):
     results = dict(RESULTS)
     results[(1, 0.01, False, 1, 7)] = [(0, 5, 0), (1, 4.0, 1)]  # ints allowed for loss/acc
-    assert load_results(write(tmp_path / "r.pkl", results, protocol)) == results
+    assert load_pickle(write(tmp_path / "r.pkl", results, protocol)) == results
 
 
 def test_ranking_lines_exact_order_and_format():
@@ -154,27 +150,27 @@ GOOD_RUN = curve([0.01, 0.2, 0.3, 0.4])
 def test_bad_content_is_refused_with_a_clear_message(tmp_path, content, message):
     path = write(tmp_path / "bad.pkl", content)
     with pytest.raises(ResultsError, match=message) as info:
-        load_results(path)
+        load_pickle(path)
     assert str(path) in str(info.value)
 
 
 def test_first_offending_key_is_named(tmp_path):
     path = write(tmp_path / "r.pkl", {GOOD_KEY: GOOD_RUN, (2, 0.1, "yes", 3, 1): GOOD_RUN})
     with pytest.raises(ResultsError, match=r"key \(2, 0.1, 'yes', 3, 1\)"):
-        load_results(path)
+        load_pickle(path)
 
 
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(ResultsError, match="no such results file"):
-        load_results(tmp_path / "nope.pkl")
+        load_pickle(tmp_path / "nope.pkl")
     empty = tmp_path / "empty.pkl"
     empty.write_bytes(b"")
     with pytest.raises(ResultsError, match=r"empty \(0 bytes\)"):
-        load_results(empty)
+        load_pickle(empty)
     corrupt = tmp_path / "corrupt.pkl"
     corrupt.write_bytes(pickle.dumps(RESULTS)[:50])
     with pytest.raises(ResultsError, match="cannot unpickle"):
-        load_results(corrupt)
+        load_pickle(corrupt)
 
 
 class Evil:
@@ -190,11 +186,11 @@ def test_global_is_refused_without_executing_it(tmp_path):
     control = tmp_path / "control"
     pickle.loads(pickle.dumps(Evil(control)))
     assert control.exists()
-    # ...but load_results refuses it before anything is called.
+    # ...but load_pickle refuses it before anything is called.
     marker = tmp_path / "pwned"
     path = write(tmp_path / "evil.pkl", {GOOD_KEY: Evil(marker)})
     with pytest.raises(ResultsError, match=r"global (os|posix|nt)\.system") as info:
-        load_results(path)
+        load_pickle(path)
     assert not marker.exists()
     assert str(path) in str(info.value)
 
@@ -202,7 +198,7 @@ def test_global_is_refused_without_executing_it(tmp_path):
 def test_ordered_dict_global_is_refused(tmp_path):
     path = write(tmp_path / "od.pkl", collections.OrderedDict(RESULTS))
     with pytest.raises(ResultsError, match=r"global collections\.OrderedDict"):
-        load_results(path)
+        load_pickle(path)
 
 
 def test_plots_with_a_single_learning_rate(tmp_path):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from fedshard import cli
-from fedshard.analysis import PLOT_FILES
+from fedshard.plots import PLOT_FILES
 
 
 def curve(final_accs, rounds=3):

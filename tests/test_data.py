@@ -337,3 +337,22 @@ def test_unknown_scheme_and_bad_alpha_raise_value_error():
         partition(np.zeros(10, dtype=int), 2, "shards")
     with pytest.raises(ValueError, match="alpha"):
         partition(np.zeros(10, dtype=int), 2, "dirichlet", alpha=0.0)
+
+
+def test_dataset_digests_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    """Each experiment records the digests of the files it reads; an unchanged file is not hashed
+    again (150 MB cost every start-up about a second), a changed one is."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "train"
+    path.write_bytes(b"x" * 1000)
+    hashed = []
+    real = data.file_digest
+    monkeypatch.setattr(data, "file_digest", lambda p: hashed.append(p) or real(p))
+    first = data.cached_digest(path)
+    assert first == hashlib.md5(b"x" * 1000).hexdigest() and len(hashed) == 1
+    assert data.cached_digest(path) == first and len(hashed) == 1  # from the cache
+    assert (tmp_path / "cache" / "fedshard" / "digests.json").is_file()
+    path.write_bytes(b"y" * 1001)  # another version of the file: another size and mtime
+    assert data.cached_digest(path) == hashlib.md5(b"y" * 1001).hexdigest() and len(hashed) == 2
+    (tmp_path / "cache" / "fedshard" / "digests.json").write_text("{not json")  # a broken cache costs a hash
+    assert data.cached_digest(path) == hashlib.md5(b"y" * 1001).hexdigest() and len(hashed) == 3

@@ -57,7 +57,7 @@ def check_finished_run(result, run_id, rounds):
     return run
 
 
-def expected_slice(k, r, n, every):  # DESIGN §2, written out independently of fedshard.sharding
+def expected_slice(k, r, n, every):  # docs/experiments.md, written out independently of fedshard.sharding
     return (k + r // every) % n
 
 
@@ -68,7 +68,7 @@ def assert_rises_above_chance(run_id):
     assert acc[0] <= CHANCE and max(acc[r] for r in acc if r > 0) >= 2 * CHANCE, acc
 
 
-# DESIGN §7: plain AlexNet needs dozens of small steps to leave chance. With these settings (the
+# docs/development.md: plain AlexNet needs dozens of small steps to leave chance. With these settings (the
 # grid's largest learning rate, batch 8, 16 steps per trainer and round) world size 1 measured
 # 0.25, 0.25, 0.25, 0.75 test accuracy in rounds 1-4, and the assembled tensor-parallel model
 # 0.25, 0.5, 0.5 in rounds 1-3, with and without swapping; with 1e-4, world size 1 was still at

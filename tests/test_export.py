@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from fedshard import cli, export, results, tracking
+from fedshard import cli, export, files, tracking
 from fedshard.config import RESULT_SETTINGS
 
 
@@ -111,7 +111,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(results.os, "replace" if breaks == "replace" else "fsync", broken)
+        patch.setattr(files.os, "replace" if breaks == "replace" else "fsync", broken)
         result = invoke("--experiment-name", "atomic", "--output", str(output))
     assert result.exit_code == 1
     assert "cannot write" in result.stderr and "No space left on device" in result.stderr

@@ -1,17 +1,24 @@
-"""benchmarks/gpu_check.py: what it computes from its measurements (the measuring itself needs a
-GPU; `bash benchmarks/gpu_check.sh --dry` runs its steps on the CPU)."""
+"""benchmarks/gpu_check.py and the grid projection it shares with bench.py (benchmarks/projection.py):
+what they compute from their measurements (the measuring itself needs a GPU; `bash
+benchmarks/gpu_check.sh --dry` runs the check's steps on the CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
+import sys
 
 import pytest
+import torch
 
 from conftest import REPO
+from fedshard.model import AlexNet, slice_widths
 
-spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
+# The benchmark scripts import their sibling modules by name, as `python benchmarks/X.py` lets them.
+sys.path.append(str(REPO / "benchmarks"))
+gpu_check = importlib.import_module("gpu_check")
+projection = importlib.import_module("projection")
+report = importlib.import_module("report")
 
 
 def test_results_file_is_named_after_the_device():
@@ -31,16 +38,72 @@ def test_the_best_packing_runs_the_most_experiments_per_hour():
     assert gpu_check.best_parallel({}) is None
 
 
+@functools.lru_cache
+def counted_forward_flops(widths: tuple | None) -> int:
+    """PyTorch's own count of one image's forward pass through AlexNet at these widths."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):  # weights allocated below without their initialisation: only shapes count
+        model = AlexNet(dict(widths) if widths else None)
+    with FlopCounterMode(display=False) as counter:
+        model.to_empty(device="cpu")(torch.zeros(1, 3, 32, 32))
+    return counter.get_total_flops()
+
+
+def counted_training_flops(widths: dict | None, images: int) -> float:
+    """x 3 for forward and backward (the usual estimate: the backward pass computes gradients of
+    both activations and weights), x the images trained."""
+    return 3 * counted_forward_flops(tuple(sorted(widths.items())) if widths else None) * images
+
+
+def world_size_2_round() -> float:
+    """Two half-width slices, each trained on half the 50,000 images."""
+    return sum(counted_training_flops(slice_widths(2, k), 25_000) for k in range(2))
+
+
+def test_a_rounds_flops_are_those_pytorch_counts_for_each_trainers_slice_and_share_of_the_data():
+    assert projection.round_flops(1) == counted_training_flops(None, 50_000)
+    assert projection.round_flops(2) == world_size_2_round()
+    # Each layer is split along one dimension only, so the slices' arithmetic adds up to the model's.
+    assert projection.round_flops(1) == pytest.approx(2 * projection.round_flops(2))
+
+
 def test_grid_projection_uses_the_extended_grid_the_round_arithmetic_and_the_packing():
     grid = gpu_check.project_grid(full_round_seconds=2.3, startup_seconds=10.0,
                                   packing=packing(n1=100.0, n2=150.0, n4=300.0))
     assert (grid["runs"], grid["rounds"]) == (54, 1350)
-    assert grid["round_seconds"] == {1: pytest.approx(4.3), 2: pytest.approx(2.3)}
+    ratio = counted_training_flops(None, 50_000) / world_size_2_round()
+    assert grid["round_seconds"] == {1: pytest.approx(2.3 * ratio), 2: pytest.approx(2.3)}
     # 18 world-size-1 runs train 30+20 rounds per (lr, seed) pair: 9 x 50 = 450 rounds; world size 2: 900.
-    serial = 54 * 10.0 + 450 * 4.3 + 900 * 2.3
+    serial = 54 * 10.0 + 450 * 2.3 * ratio + 900 * 2.3
     assert grid["serial_minutes"] == pytest.approx(serial / 60)
     assert grid["best_parallel"] == 4 and grid["packing_speedup"] == pytest.approx(3.0)
     assert grid["grid_projected_minutes"] == pytest.approx(serial / 3.0 / 60)
+
+
+def test_a_failed_single_sweep_leaves_the_projection_unpacked():
+    grid = gpu_check.project_grid(2.0, 5.0, packing(n1=None, n4=300.0))
+    assert grid["packing_speedup"] == 1.0
+    assert grid["grid_projected_minutes"] == pytest.approx(grid["serial_minutes"])
+
+
+def test_rounds_from_their_parts_add_training_evaluation_and_the_exchange_there_and_back():
+    # 50,000 images at 10,000 img/s (world size 1) or 5,000 img/s (a slice); 10,000 test images at
+    # 20,000 img/s; 2 x 220 MB at 1.1 GB/s.
+    per_round = projection.rounds_from_rates({1: 10_000.0, 2: 5_000.0}, eval_images_per_s=20_000.0,
+                                             exchange_gbytes_per_s=1.1, model_bytes=220_000_000)
+    assert per_round == {1: pytest.approx(5 + 0.5 + 0.4), 2: pytest.approx(10 + 0.5 + 0.4)}
+    grid = projection.project(per_round, startup_seconds=6.0, packing_speedup=2.0)
+    serial = 54 * 6.0 + 450 * 5.9 + 900 * 10.9
+    assert grid["serial_minutes"] == pytest.approx(serial / 60)
+    assert grid["grid_projected_minutes"] == pytest.approx(serial / 2.0 / 60)
+
+
+def test_both_scripts_judge_the_grid_by_the_one_target():
+    assert report.TARGETS["grid_projected_minutes"] == ("<=", 30.0, "H200")
+    assert gpu_check.verdicts({"grid_projected_minutes": 30.0})["grid_projected_minutes"]["bound"] == 30.0
+    assert report.verdict("grid_projected_minutes", 31.0, on_gpu=True) == ("<= 30 (H200)", "NO")
+    assert report.verdict("grid_projected_minutes", 29.0, on_gpu=False) == ("<= 30 (H200)", "n/a")
 
 
 def test_targets_are_judged_only_when_measured():

@@ -59,10 +59,34 @@ def test_bad_placement_options_exit_2_before_anything_starts(shared_store, args,
     assert message in result.output
 
 
-def test_gloo_uses_the_interface_towards_the_metaserver():
+def test_gloo_uses_the_interface_towards_the_metaserver_unless_gloo_socket_ifname_names_one(monkeypatch):
+    """What transport.join does before every role's process group forms, with a real TCPStore and
+    a one-process gloo group (a tenth of a second): gloo is pointed at the interface this machine
+    reaches the metaserver through, and a GLOO_SOCKET_IFNAME a person set is left as it is."""
+    import torch
+    import torch.distributed as dist
+
+    from fedshard import transport
     from fedshard.transport import interface_towards
 
     assert interface_towards("127.0.0.1") == "lo"
+
+    def form_group() -> None:
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+        transport.join(store, transport.AGGREGATOR, 1, 30, f"127.0.0.1:{store.port}")
+        try:
+            dist.all_reduce(torch.ones(1))
+        finally:
+            transport.leave()
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # unset for join; monkeypatch restores the real value after
+    form_group()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"  # the loopback interface, towards a 127.0.0.1 metaserver
+    # A person's choice stands and gloo honours it: were it replaced by "lo", this group would form.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuchif0")
+    with pytest.raises(RuntimeError, match="nosuchif0"):
+        form_group()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "nosuchif0"
 
 
 # --------------------------------------------------------------------------- PostgreSQL + mlflow server
@@ -275,7 +299,7 @@ def slice_bytes(world_size: int) -> int:
 
     cfg = ExperimentConfig(world_size=world_size)
     with torch.device("meta"):
-        models = [AlexNet(strategies.get(cfg.strategy).widths(cfg, part)) for part in range(world_size)]
+        models = [AlexNet(strategies.build(cfg).widths(part)) for part in range(world_size)]
     return min(4 * sum(p.numel() for p in m.parameters()) for m in models)
 
 

@@ -16,7 +16,7 @@ def full_state():
 
 
 def test_full_model_matches_the_reference_size():
-    assert sum(p.numel() for p in AlexNet().parameters()) == 55_063_268  # ~55.1M, DESIGN §2 (layer by layer: 4,309,632 conv + 50,753,636 fc)
+    assert sum(p.numel() for p in AlexNet().parameters()) == 55_063_268  # ~55.1M (docs/experiments.md; layer by layer: 4,309,632 conv + 50,753,636 fc)
     out = AlexNet()(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 100)
     assert torch.allclose(out.exp().sum(1), torch.ones(2))  # log-softmax
@@ -89,10 +89,11 @@ def test_rotation_schedule_matches_design():
 
 def test_tensor_parallel_strategy_round_trips_through_split_and_combine(full_state):
     cfg = ExperimentConfig(world_size=3, enable_swapping=True)
-    tp = strategies.get("tensor_parallel")
-    parts = tp.assignment(cfg, 2)  # a rotated round
+    tp = strategies.build(cfg)
+    assert isinstance(tp, strategies.TensorParallel)
+    parts = tp.assignment(2)  # a rotated round
     assert parts == [1, 2, 0]
-    payloads = tp.split(full_state, cfg, parts)
+    payloads = tp.split(full_state, parts)
     assert payloads[0]["conv1.weight"].shape[0] == slice_widths(3, 1)["conv1"]
     back = tp.combine(payloads, [5, 5, 5], parts)
     for name in full_state:
@@ -103,17 +104,23 @@ def test_fedavg_is_the_sample_weighted_mean():
     torch.manual_seed(2)
     models = [AlexNet().state_dict() for _ in range(3)]
     cfg = ExperimentConfig(world_size=3, strategy="fedavg")
-    fa = strategies.get("fedavg")
-    assert fa.assignment(cfg, 4) == [0, 0, 0]
+    fa = strategies.build(cfg)
+    assert fa.assignment(4) == [0, 0, 0] and fa.widths(0) == FULL_WIDTHS
     merged = fa.combine(models, [1, 2, 5], [0, 0, 0])
     for name in ("conv1.weight", "fc4.bias"):
         expected = sum(w * m[name].double().numpy() for w, m in zip([1, 2, 5], models)) / 8
         np.testing.assert_allclose(merged[name].numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_unknown_strategy_is_named():
-    with pytest.raises(ValueError, match="'ring'.*tensor_parallel, fedavg"):
-        strategies.get("ring")
+def test_unknown_strategy_is_named_and_the_registry_is_what_config_accepts():
+    from fedshard.config import STRATEGIES, ConfigError
+
+    with pytest.raises(ConfigError, match="'ring'.*tensor_parallel, fedavg"):
+        ExperimentConfig(strategy="ring")
+    assert tuple(strategies.REGISTRY) == STRATEGIES
+    for name in STRATEGIES:  # every strategy the config accepts builds, and has the loop's hooks
+        built = strategies.build(ExperimentConfig(world_size=2, strategy=name))
+        assert built.name == name and isinstance(built, strategies.Strategy)
 
 
 @pytest.mark.parametrize("n, index", [(1, 0), (2, 0), (3, 2)])

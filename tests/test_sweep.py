@@ -16,14 +16,13 @@ import time
 import pandas as pd
 import psutil
 import pytest
-import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, fedshard, fedshard_processes
 from fedshard import cli, tracking
 from fedshard.config import ExperimentConfig, field_names
-from fedshard.grid import NAMED_AXES, SweepError, describe, expand, make_grid
+from fedshard.grid import NAMED_AXES, expand, make_grid
 from fedshard.planning import plan
 from fedshard.sweep import child_command, cpus_per_experiment, pick_gpu, visible_gpus
 
@@ -350,7 +349,7 @@ def test_a_failing_configuration_is_retried_then_reported_with_reason_and_run_id
     assert f"(run {last}, 2 attempt(s))" in summary
 
 
-# DESIGN §2's layer table, written out here independently of fedshard.model: (out, in, kernel) and the
+# The layer table of docs/experiments.md, written out here independently of fedshard.model: (out, in, kernel) and the
 # dimension a layer is split along (0: its outputs and bias; 1: its inputs, the bias kept whole).
 LAYERS = {"conv1": (96, 3, 5, 0), "conv2": (256, 96, 5, 1), "conv3": (384, 256, 3, 0), "conv4": (384, 384, 3, 1),
           "conv5": (256, 384, 3, 0), "conv6": (256, 256, 3, 1), "fc1": (4096, 4096, 1, 0),

@@ -1,17 +1,23 @@
-"""tracking.py against a real SQLite store: what concurrent experiments do to it, and where a new
-store keeps its artifacts."""
+"""fedshard.tracking against a real SQLite store (what concurrent experiments do to it, and where a
+new store keeps its artifacts), and against real processes (which one owns a run)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
+import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from fedshard import tracking
 from fedshard.data import DatasetInput
+from fedshard.errors import first_line
+from fedshard.tracking.owners import PID_STARTED_TAG, runs_fedshard
 
 
 def test_experiments_starting_together_record_the_same_datasets(store):
@@ -62,3 +68,106 @@ def test_a_sweep_run_that_mlflow_run_made_is_renamed_for_the_sweep(store, monkey
     monkeypatch.setenv("MLFLOW_RUN_ID", outer)
     run_id, _ = tracking.start_sweep_run("named", "sweep-20261202-120000", {})
     assert run_id == outer and client.get_run(outer).info.run_name == "sweep-20261202-120000"
+
+
+def test_weights_that_do_not_load_are_reported_in_one_line(tmp_path):
+    """torch explains a refused file over several lines; init_from's error quotes the first."""
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a state dict\n")
+    with pytest.raises(ValueError, match="is not a state dict: ") as refused:
+        tracking.load_weights(str(junk))
+    assert "\n" not in str(refused.value)
+    assert str(refused.value).endswith(": " + first_line(refused.value.__cause__))
+
+
+# --- who owns a run ---------------------------------------------------------------------
+
+@pytest.fixture
+def spawn():
+    """Start a process that lives a minute (killed after the test); returns its psutil.Process."""
+    started = []
+
+    def start(*args, **kwargs):
+        proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+        started.append(proc)
+        return psutil.Process(proc.pid)
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def owned_by(pid: int, started: float | None = None, host: str | None = None) -> tracking.RunRecord:
+    """A RUNNING run whose owner tags name `pid` (and, unless None, its start time)."""
+    tags = {tracking.HOST_TAG: host or socket.gethostname(), tracking.PID_TAG: str(pid)}
+    if started is not None:
+        tags[PID_STARTED_TAG] = f"{started:.2f}"
+    return tracking.RunRecord("r", "0", "RUNNING", 0, {}, tags)
+
+
+def test_owner_tags_name_this_process_by_pid_and_start_time():
+    tags = tracking.owner_tags()
+    assert tags[tracking.HOST_TAG] == socket.gethostname() and tags[tracking.PID_TAG] == str(os.getpid())
+    assert abs(float(tags[PID_STARTED_TAG]) - psutil.Process().create_time()) < 0.01
+    assert tracking.owner_alive(tracking.RunRecord("r", "0", "RUNNING", 0, {}, tags)) is True
+
+
+def test_a_live_owner_is_recognised_by_pid_and_start_time(spawn):
+    owner = spawn("sleep", "60")
+    assert tracking.owner_alive(owned_by(owner.pid, owner.create_time())) is True
+
+
+def test_a_process_that_reuses_the_owners_pid_is_not_the_owner(spawn):
+    """The pid is alive, even with fedshard's words in its command line, but the process with it
+    started long after the recorded owner did."""
+    stranger = spawn(sys.executable, "-c", "import time; time.sleep(60)  # fedshard sweep")
+    assert tracking.owner_alive(owned_by(stranger.pid, stranger.create_time() - 600)) is False
+
+
+def test_an_owner_that_is_gone_or_a_zombie_is_not_alive():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert tracking.owner_alive(owned_by(gone.pid, 0.0)) is False
+    zombie = subprocess.Popen(["true"])  # exits at once, and stays a zombie until waited for
+    try:
+        proc = psutil.Process(zombie.pid)
+        started, deadline = proc.create_time(), time.monotonic() + 10
+        while proc.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert tracking.owner_alive(owned_by(zombie.pid, started)) is False
+    finally:
+        zombie.wait()
+
+
+def test_an_owner_on_another_host_is_unknown():
+    assert tracking.owner_alive(owned_by(os.getpid(), psutil.Process().create_time(), host="elsewhere")) is None
+
+
+def test_a_run_recorded_without_a_start_time_is_owned_by_a_fedshard_process_only(spawn, tmp_path):
+    """Runs from before the start-time tag: the process with the pid must run fedshard itself; words
+    in its arguments are not enough."""
+    words = spawn(sys.executable, "-c", "import time; time.sleep(60)  # fedshard sweep")
+    assert tracking.owner_alive(owned_by(words.pid)) is False
+    assert tracking.owner_alive(owned_by(spawn("sleep", "60").pid)) is False
+    script = tmp_path / "sweep.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    sweep = spawn(sys.executable, str(script), "--rounds", "3")
+    assert tracking.owner_alive(owned_by(sweep.pid)) is True
+
+
+def test_what_runs_fedshard_is_told_by_program_and_script_not_by_words():
+    python = sys.executable
+    assert runs_fedshard([python, "-m", "fedshard", "sweep"])
+    assert runs_fedshard([python, "-u", "-W", "ignore", "-m", "fedshard", "run", "--resume", "abc"])
+    assert runs_fedshard([python, "-mfedshard", "run"])
+    assert runs_fedshard(["/venv/bin/python3.11", "/venv/bin/fedshard", "run"])  # the console script
+    assert runs_fedshard(["fedshard", "sweep"])
+    assert runs_fedshard(["python3", "sweep.py", "--seeds", "1"])
+    assert not runs_fedshard([python, "-c", "import time; time.sleep(60)  # fedshard sweep"])
+    assert not runs_fedshard([python, "-m", "pytest", "tests/test_sweep.py", "-k", "fedshard"])
+    assert not runs_fedshard([python, "other.py", "fedshard", "sweep.py"])
+    assert not runs_fedshard(["vim", "sweep.py"])
+    assert not runs_fedshard(["sleep", "60"])
+    assert not runs_fedshard([])

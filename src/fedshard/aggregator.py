@@ -1,7 +1,13 @@
-"""Rank 0: assign -> send -> collect -> assemble -> evaluate -> log, once per round.
+"""Rank 0: the round loop, written once: collect -> combine -> dispatch the next -> evaluate and commit.
 
-The round loop is written once; the strategy decides how the model is split
-and combined. Only the aggregator logs per-round metrics.
+The strategy (strategies.py) decides how the model is split and combined; everything else is
+here: sending and receiving (transport.py), evaluating the assembled model, counting the bytes
+each round moves, and making each round durable (checkpoint, then metrics). Only the aggregator
+logs per-round metrics.
+
+The loop is pipelined: round r+1 is dispatched before round r's model is evaluated and stored,
+so the trainers train while the aggregator evaluates and writes the checkpoint, and neither
+adds time to a round.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 
 from . import checkpoint, data, strategies, transport
 from .config import ExperimentConfig
+from .errors import first_line
 from .model import AlexNet
 from .training import DeviceData, configure_backends, evaluate, normalize, resolve_device
 
@@ -29,7 +36,7 @@ def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
             model.load_state_dict(state)
         except Exception as exc:
             raise ValueError(f"init_from={cfg.init_from!r} is not a fedshard AlexNet state dict: "
-                             f"{str(exc).strip().splitlines()[0]}") from exc
+                             f"{first_line(exc)}") from exc
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -55,6 +62,66 @@ class Committer:
             pending.result()
 
 
+class Dispatched:
+    """A round sent to the trainers: what collecting it needs, and the bytes sent to each trainer."""
+
+    def __init__(self, round_: int, parts: list[int], payloads: list[dict], sent: list[int]):
+        self.round, self.parts, self.payloads, self.sent = round_, parts, payloads, sent
+
+
+class Rounds:
+    """The state the round loop carries from round to round: the model, the bytes moved so far,
+    the evaluation copy of the model and the background committer."""
+
+    def __init__(self, cfg: ExperimentConfig, run_id: str, weights: dict, moved: float | None, test: DeviceData):
+        self.cfg, self.run_id, self.weights, self.test = cfg, run_id, weights, test
+        self.moved = moved  # cumulative bytes; None for a run recorded before bytes were counted
+        self.strategy = strategies.build(cfg)
+        self.committer = Committer(run_id)
+        with torch.device("meta"):  # evaluation copy: every round loads the assembled weights into it
+            self.model = AlexNet()
+        self.model.to_empty(device=test.images.device)
+        self.started = time.perf_counter()
+
+    def dispatch(self, round_: int) -> Dispatched:
+        """Send round `round_`'s parts to the trainers, from the current model."""
+        parts = self.strategy.assignment(round_)
+        payloads = self.strategy.split(self.weights, parts)
+        self.started = time.perf_counter()
+        return Dispatched(round_, parts, payloads, transport.send_round(round_, parts, payloads, self.cfg.round_timeout))
+
+    def collect(self, sent: Dispatched) -> list[transport.TrainerReport]:
+        return transport.collect_round(sent.round, sent.parts, sent.payloads, timeout=self.cfg.round_timeout)
+
+    def combine(self, sent: Dispatched, reports: list[transport.TrainerReport]) -> dict[str, float]:
+        """The new model from the trainers' parts; returns the round's training and traffic figures."""
+        samples = [r.samples for r in reports]
+        self.weights = self.strategy.combine([r.state for r in reports], samples, sent.parts)
+        metrics = {"train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
+                   "round_seconds": time.perf_counter() - self.started,
+                   "comm/bytes_down": sum(sent.sent), "comm/bytes_up": sum(r.nbytes for r in reports)}
+        if self.moved is not None:
+            self.moved += metrics["comm/bytes_down"] + metrics["comm/bytes_up"]
+            metrics["comm/bytes_total"] = self.moved
+        for r in reports:  # under a prefix per trainer, so the UI groups them in a section of their own
+            metrics.update({f"trainer_{r.trainer}/train_loss": r.train_loss, f"trainer_{r.trainer}/slice": r.part,
+                            f"trainer_{r.trainer}/seconds": r.seconds,
+                            f"trainer_{r.trainer}/bytes_down": sent.sent[r.trainer],
+                            f"trainer_{r.trainer}/bytes_up": r.nbytes})
+        return metrics
+
+    def evaluate_and_commit(self, round_: int, extra: dict[str, float]) -> None:
+        """Evaluate the current model, make the round durable in the background, and say it."""
+        self.model.load_state_dict(self.weights)
+        start = time.perf_counter()
+        loss, acc = evaluate(self.model, self.test, self.cfg.eval_batch_size, self.cfg.amp)
+        metrics = {"test_loss": loss, "test_accuracy": acc, "eval_seconds": time.perf_counter() - start, **extra}
+        # Round 0 needs no checkpoint: the seed (or init_from) makes that model again.
+        self.committer.submit(round_, metrics, self.weights if round_ > 0 else None)
+        train = f" train_loss={extra['train_loss']:.4f} ({extra['round_seconds']:.1f}s)" if extra else ""
+        print(f"round {round_}/{self.cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
+
+
 def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", join_timeout: float = 600.0,
         start_from: str | None = None) -> None:
     """Run rounds 1..cfg.rounds, or, with `start_from` (a checkpoint file), the rounds after its round."""
@@ -63,78 +130,33 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
     # Trainers read the one frozen config from here, so every process runs the same experiment.
     store.set("config", cfg.to_json())
-
-    images, labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
-    test = DeviceData.from_numpy(images, labels, device)
+    test = DeviceData.from_numpy(*data.load_split(cfg.data_dir, "test", cfg.max_test_samples), device)
     if start_from:
         begin = checkpoint.load(start_from)
-        first, weights = begin.round, begin.weights
-        # Bytes moved before this run's first round; unknown for runs recorded before bytes were counted.
-        moved = begin.metrics.get("comm/bytes_total")
+        first, weights, moved = begin.round, begin.weights, begin.metrics.get("comm/bytes_total")
     else:
         first, weights, moved = 0, load_initial_weights(cfg), 0.0
-    with torch.device("meta"):  # evaluation copy: every round loads the assembled weights into it
-        model = AlexNet()
-    model.to_empty(device=device)
-    strategy = strategies.get(cfg.strategy)
+    rounds = Rounds(cfg, run_id, weights, moved, test)
     print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
     transport.await_trainers(store, cfg.world_size, join_timeout, report=lambda m: print(m, flush=True))
     transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout, metaserver)
     if first:
         print(f"aggregator: continuing after round {first} (rounds 0..{first} are in the run)", flush=True)
-    committer = Committer(run_id)
 
-    def evaluate_and_commit(round_: int, extra: dict[str, float]) -> None:
-        model.load_state_dict(weights)
-        start = time.perf_counter()
-        loss, acc = evaluate(model, test, cfg.eval_batch_size, cfg.amp)
-        metrics = {"test_loss": loss, "test_accuracy": acc, "eval_seconds": time.perf_counter() - start, **extra}
-        # Round 0 needs no checkpoint: the seed (or init_from) makes that model again.
-        committer.submit(round_, metrics, weights if round_ > 0 else None)
-        train = f" train_loss={extra['train_loss']:.4f} ({extra['round_seconds']:.1f}s)" if extra else ""
-        print(f"round {round_}/{cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
-
-    def dispatch(round_: int):
-        """Send round `round_`'s work; returns what collect needs, and the bytes sent to each trainer."""
-        parts = strategy.assignment(cfg, round_)
-        payloads = strategy.split(weights, cfg, parts)
-        return (round_, parts, payloads), transport.send_round(round_, parts, payloads, cfg.round_timeout)
-
-    # Pipelined: the model of round r is evaluated (and stored) while the trainers already
-    # train round r+1 from it, so neither adds time to a round.
-    start = time.perf_counter()
-    sent, down = dispatch(first + 1) if first < cfg.rounds else (None, None)
-    from . import tracking  # imported only now: importing MLflow takes seconds the trainers need not wait
+    sent = rounds.dispatch(first + 1) if first < cfg.rounds else None
+    from . import tracking  # only now: importing MLflow takes seconds the trainers need not wait for
 
     tracking.log_extra_params(run_id, strategies.model_sizes(cfg))
     if first == 0:
-        evaluate_and_commit(0, {})
+        rounds.evaluate_and_commit(0, {})
     for round_ in range(first + 1, cfg.rounds + 1):
-        reports = transport.collect_round(*sent, timeout=cfg.round_timeout)
-        parts = sent[1]
-        samples = [r.samples for r in reports]
-        weights = strategy.combine([r.state for r in reports], samples, parts)
-        extra = {
-            "train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
-            "round_seconds": time.perf_counter() - start,
-            "comm/bytes_down": sum(down),
-            "comm/bytes_up": sum(r.nbytes for r in reports),
-        }
-        if moved is not None:
-            moved += extra["comm/bytes_down"] + extra["comm/bytes_up"]
-            extra["comm/bytes_total"] = moved
-        for r in reports:  # under a prefix per trainer, so the UI groups them in a section of their own
-            extra[f"trainer_{r.trainer}/train_loss"] = r.train_loss
-            extra[f"trainer_{r.trainer}/slice"] = r.part
-            extra[f"trainer_{r.trainer}/seconds"] = r.seconds
-            extra[f"trainer_{r.trainer}/bytes_down"] = down[r.trainer]
-            extra[f"trainer_{r.trainer}/bytes_up"] = r.nbytes
-        start = time.perf_counter()
+        reports = rounds.collect(sent)
+        metrics = rounds.combine(sent, reports)
         if round_ < cfg.rounds:
-            sent, down = dispatch(round_ + 1)
-        evaluate_and_commit(round_, extra)
-    committer.wait()
+            sent = rounds.dispatch(round_ + 1)
+        rounds.evaluate_and_commit(round_, metrics)
+    rounds.committer.wait()
     transport.stop_trainers(cfg.world_size)
-    tracking.log_model(run_id, weights, example=normalize(test.images[:2]).cpu().numpy())
+    tracking.log_model(run_id, rounds.weights, example=normalize(test.images[:2]).cpu().numpy())
     transport.leave()
     print("aggregator: all rounds complete", flush=True)

@@ -6,7 +6,7 @@ with different seeds are its repeats. Tables name the classic four settings (wor
 learning_rate, enable_swapping, rounds) always and every other setting only where it varies in
 the data, so a classic pickle gives the classic tables. Everything here takes a classic results
 dict or a results frame (see results.py) alike, and never talks to MLflow. The figures are in
-plots.py, the console report and report.md in report.py; their old names still import from here.
+plots.py, the console report and report.md in report.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from .config import KEY_SETTINGS, RESULT_SETTINGS
-from .results import ResultsError, load_results, to_frame  # noqa: F401  (importable from here, as before)
+from .results import to_frame
 
 CONFIG_FIELDS = KEY_SETTINGS[:4]
 KEY_FIELDS = KEY_SETTINGS
@@ -34,21 +34,6 @@ LABELS = {
     "max_train_samples": "Train Samples", "max_test_samples": "Test Samples", "init_from": "Init From",
     "amp": "AMP", "seed": "Seed",
 }
-
-
-def __getattr__(name):
-    # make_plots, PLOT_FILES and report moved to plots.py and report.py, which build on this
-    # module; importing them lazily keeps `from fedshard.analysis import make_plots` working
-    # without an import cycle.
-    if name in ("make_plots", "PLOT_FILES"):
-        from . import plots
-
-        return getattr(plots, name)
-    if name == "report":
-        from . import report
-
-        return report.report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- configurations

@@ -1,13 +1,13 @@
 """The round checkpoint: everything a run needs to continue after round r.
 
 A round depends only on the model after the round before it and on its own
-number (DESIGN §2: fresh optimiser, randomness from (seed, trainer, round),
+number (fresh optimiser, randomness from (seed, trainer, round),
 partition from the seed). So the model of round r, exactly (fp32), and r itself
 are a complete resume point. The round's metrics ride along, so that a run which
 stopped after writing the checkpoint but before logging the round can log it on
 resume instead of training it again.
 
-This module is the file format only: pure PyTorch, no MLflow (tracking.py stores
+This module is the file format only: pure PyTorch, no MLflow (tracking/checkpoints.py stores
 the files as run artifacts, one per round, the newest kept).
 """
 
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .errors import first_line
 
 FORMAT = "fedshard-checkpoint-1"
 _NAME = re.compile(r"round-(\d{5,})\.pt")
@@ -61,8 +63,7 @@ def load(path: str | Path) -> Checkpoint:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as exc:  # a truncated zip, a foreign pickle: many exception types
-        raise CheckpointError(f"{path}: not a complete checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+        raise CheckpointError(f"{path}: not a complete checkpoint ({type(exc).__name__}: {first_line(exc)})") from exc
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedshard checkpoint (format {FORMAT} expected)")
     with torch.device("meta"):

@@ -8,16 +8,16 @@ by hand to put a role on another machine.
 
 from __future__ import annotations
 
-import contextlib
-import os
+import functools
 import sys
-import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
 
+from . import lifecycle
 from .config import ConfigError, ExperimentConfig
+from .processes import exit_now, role_process, role_threads
 
 HELP = {
     "world_size": "number of trainers (tensor_parallel: 1..96)",
@@ -60,13 +60,6 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main():
     """Federated learning of AlexNet slices on CIFAR-100, tracked in MLflow."""
@@ -94,93 +87,50 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
     from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
 
     if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
-        _fail_outer_run(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine that the "
-                        f"trainers' machines reach (not {metaserver_host or 'empty'})")
-    if resume_id:
-        cfg, start = _resumed(resume_id, extend_id, experiment_name, values)
-    else:
-        try:
-            cfg, notes = ExperimentConfig.with_notes(values)
-        except ConfigError as exc:
-            _fail_outer_run(str(exc))
-        for note in notes:
-            click.echo(f"fedshard: note: {note}")
-        start = _extended(cfg, extend_id) if extend_id else None
+        _refuse(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine that the "
+                f"trainers' machines reach (not {metaserver_host or 'empty'})")
     try:
-        datasets = launcher.check(cfg)
-    except launcher.CheckFailed as exc:
-        _fail_outer_run(str(exc))
-
-    def open_run() -> str:
-        from . import tracking
-
+        if resume_id:
+            _resume_alone(resume_id, extend_id, experiment_name, values)
+            cfg, start = lifecycle.resumed(resume_id, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True))
+            click.echo(f"fedshard: resuming run {resume_id} after round {start.checkpoint.round} of {cfg.rounds}")
+        else:
+            try:
+                cfg, notes = ExperimentConfig.with_notes(values)
+            except ConfigError as exc:
+                _refuse(str(exc))
+            for note in notes:
+                click.echo(f"fedshard: note: {note}")
+            start = lifecycle.extended(cfg, extend_id) if extend_id else None
+            if start:
+                click.echo(f"fedshard: extending run {extend_id}: its rounds 0..{start.copied_rounds} are copied "
+                           f"in, rounds {start.copied_rounds + 1}..{cfg.rounds} are trained here")
         try:
-            tracking.ensure_store()
-            if resume_id:
-                tracking.reopen_run(resume_id, {tracking.RESUMED_TAG: str(start.checkpoint.round)})
-                tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
-                return resume_id
-            run_id = tracking.start_run(cfg, experiment_name)
-        except tracking.TrackingError as exc:
-            _fail_outer_run(str(exc))  # exits; the launcher stops the metaserver it started
-        try:
-            tracking.log_datasets(run_id, datasets)
-            if extend_id:
-                tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
-                tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
-        except Exception as exc:  # the run exists: it must not stay RUNNING
-            reason = f"could not prepare run {run_id}: {type(exc).__name__}: {exc}"
-            tracking.end_run(run_id, "FAILED", reason)
-            fail(reason, 1)
-        return run_id
-
-    placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
-    exit_now(launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start))
+            datasets = launcher.check(cfg)
+        except launcher.CheckFailed as exc:
+            _refuse(str(exc))
+        open_run = functools.partial(lifecycle.open_run, cfg, datasets, experiment_name=experiment_name,
+                                     resume_id=resume_id, extend_id=extend_id, start=start)
+        placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
+        code = launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start)
+    except lifecycle.Refused as exc:  # from open_run too: the launcher has stopped the metaserver again
+        fail(str(exc), exc.code)
+    exit_now(code)
 
 
-def _resumed(run_id: str, extend_id, experiment_name, values):
-    """The configuration and start of `fedshard run --resume RUN_ID`, or exit 2 saying why not."""
+def _resume_alone(run_id: str, extend_id, experiment_name, values) -> None:
+    """--resume continues a run with its own configuration and experiment: any option that would
+    change them is refused (exit 2)."""
     given = [f"--{name.replace('_', '-')}" for name in values
              if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     given += ["--extend"] * bool(extend_id) + ["--experiment-name"] * bool(experiment_name)
     if given:
         fail(f"--resume {run_id} continues the run with its own configuration and experiment; drop {', '.join(given)}")
-    if os.environ.get("MLFLOW_RUN_ID"):
-        _fail_outer_run("--resume continues a run of its own; it cannot log into the run `mlflow run` made")
-    from . import resume, tracking
-
-    try:
-        tracking.ensure_store()
-        cfg, start = resume.for_resume(run_id, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True))
-    except (tracking.TrackingError, resume.ContinueError) as exc:
-        fail(str(exc))
-    click.echo(f"fedshard: resuming run {run_id} after round {start.checkpoint.round} of {cfg.rounds}")
-    return cfg, start
 
 
-def _extended(cfg: ExperimentConfig, source_id: str):
-    from . import resume, tracking
-
-    try:
-        tracking.ensure_store()
-        start = resume.for_extension(cfg, source_id)
-    except (tracking.TrackingError, resume.ContinueError) as exc:
-        _fail_outer_run(str(exc))
-    click.echo(f"fedshard: extending run {source_id}: its rounds 0..{start.copied_rounds} are copied in, "
-               f"rounds {start.copied_rounds + 1}..{cfg.rounds} are trained here")
-    return start
-
-
-def _fail_outer_run(message: str):
-    """Bad input: say so, and never leave the run `mlflow run` created RUNNING."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        from . import tracking
-
-        try:
-            tracking.end_run(run_id, "FAILED", message)
-        except Exception:
-            pass  # the store itself may be what is broken; the message below says so
+def _refuse(message: str):
+    """Bad input: say so (exit 2), and never leave the run `mlflow run` created RUNNING."""
+    lifecycle.fail_outer_run(message)
     fail(message)
 
 
@@ -206,29 +156,6 @@ _ROLE_OPTIONS = [
 ]
 
 
-def exit_now(code: int):
-    """End this process with `code` at once, its output flushed: for when every result is sent and
-    logged and every child is gone. The interpreter's teardown of PyTorch and MLflow would add
-    about a second to each process of every experiment; multiprocessing ends its children so too."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-@contextlib.contextmanager
-def role_process(role: str):
-    """Run a role to its end, then exit_now. A failure is said in one line (the launcher records
-    a role's last lines) and exits 1."""
-    code = 0
-    try:
-        yield
-    except Exception as exc:
-        traceback.print_exc()
-        click.echo(f"{role}: error: {type(exc).__name__}: {exc}", err=True)
-        code = 1
-    exit_now(code)
-
-
 def role_options(func):
     for option in reversed(_ROLE_OPTIONS):
         func = option(func)
@@ -246,7 +173,7 @@ def aggregator(address, run_id, secret, threads, config_path, join_timeout, star
     """Rank 0: send slices, collect them, assemble, evaluate and log every round."""
     from . import aggregator as role
 
-    set_threads(threads)
+    role_threads(threads)
     with role_process("aggregator"):
         role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout,
                  start_from)
@@ -266,7 +193,7 @@ def trainer(address, run_id, secret, threads, trainer_index, timeout, data_dir):
     """
     from . import trainer as role
 
-    set_threads(threads)
+    role_threads(threads)
     with role_process(f"trainer {trainer_index}"):
         role.run(address, run_id, trainer_index, secret, timeout, data_dir)
 
@@ -316,7 +243,7 @@ _GRID_HELP = "comma-separated values [default: {}]"
 def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
           experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor, ray_address,
           cpus_per_experiment, gpus_per_experiment):
-    """Run the grid (DESIGN 1): every configuration without a FINISHED run, as child runs of one sweep run.
+    """Run the grid of experiments: every configuration without a FINISHED run, as child runs of one sweep run.
 
     A failed or killed experiment continues from its last checkpoint, and a configuration at
     several round counts is trained once, up to the longest: the longer run starts from the
@@ -372,9 +299,7 @@ def export(experiment_name, output, fmt, where):
     configs = len({tuple(kv for kv in identity if kv[0] != "seed") for identity in exported})
     click.echo(f"Exported {_count(len(exported), 'finished run')} ({_count(configs, 'configuration')}) "
                f"of experiment {name!r} to {path}")
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:  # under `mlflow run -e export`: keep the file with that run too
-        tracking.log_artifact(run_id, path)
+    lifecycle.keep_with_outer_run(path)
 
 
 def _count(n: int, noun: str) -> str:
@@ -409,11 +334,8 @@ def analyze(results_file, no_plots, output_dir, top, target):
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write the report to {output_dir}: {exc.strerror or exc}", 1)
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id and not no_plots:  # under `mlflow run -e analyze`: keep the report and plots with that run
-        from . import tracking
-
-        tracking.log_artifact(run_id, output_dir, "plots")
+    if not no_plots:
+        lifecycle.keep_with_outer_run(output_dir, "plots")
 
 
 if __name__ == "__main__":

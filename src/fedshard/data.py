@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
+import os
 import pathlib
 import pickle
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
 from numpy._core import multiarray as _multiarray
 
+from .config import PARTITIONS
+from .errors import described
+from .files import write_atomic
+
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-PARTITIONS = ("iid", "contiguous", "dirichlet")
 
 DATASET_DIR = "cifar-100-python"
 SPLITS = ("train", "test")
@@ -76,7 +82,7 @@ def ensure_cifar100(data_dir, download: bool = True) -> pathlib.Path:
         # offline machine only needs the archive copied there.
         download_and_extract_archive(CIFAR100_URL, str(data_dir), filename=CIFAR100_ARCHIVE, md5=CIFAR100_MD5)
     except Exception as exc:  # any failure (network, md5, disk, tar) has the same remedy
-        raise DataError(_missing_message(data_dir, f"download failed: {_one_line(exc)}")) from exc
+        raise DataError(_missing_message(data_dir, f"download failed: {described(exc)}")) from exc
     if not _is_complete(root):
         raise DataError(_missing_message(data_dir, f"the archive did not contain {DATASET_DIR}/{{train,test,meta}}"))
     return root
@@ -92,10 +98,6 @@ def _missing_message(data_dir: pathlib.Path, reason: str) -> str:
         f"Place {CIFAR100_ARCHIVE} (from {CIFAR100_URL}, md5 {CIFAR100_MD5}) in {data_dir}, "
         f"or extract it there so that {data_dir / DATASET_DIR}/{{train,test,meta}} exist."
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 # --- reading and validating --------------------------------------------------
@@ -144,9 +146,9 @@ def _read_pickle(path: pathlib.Path):
     except DataError:
         raise
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {_one_line(exc)}") from exc
+        raise DataError(f"cannot read {path}: {described(exc)}") from exc
     except Exception as exc:  # truncated or foreign files fail in many ways
-        raise DataError(f"{path}: {_one_line(exc)}; {_invalid_hint(path)}") from exc
+        raise DataError(f"{path}: {described(exc)}; {_invalid_hint(path)}") from exc
 
 
 def _validated(batch, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +232,7 @@ def _dirichlet(labels, n, rng, alpha):
 
 
 _SCHEMES = {"iid": _iid, "contiguous": _contiguous, "dirichlet": _dirichlet}
+assert tuple(_SCHEMES) == PARTITIONS, "config.PARTITIONS names the schemes here, in their order"
 
 
 def _unsplittable(size: int, n: int, scheme: str, alpha: float) -> DataError:
@@ -261,11 +264,39 @@ def file_digest(path: pathlib.Path) -> str:
     return md5.hexdigest()
 
 
+def digest_cache_file() -> pathlib.Path:
+    """$XDG_CACHE_HOME/fedshard/digests.json (~/.cache by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "fedshard" / "digests.json"
+
+
+def cached_digest(path: pathlib.Path) -> str:
+    """file_digest, remembered by path, size and modification time: every experiment records the
+    digests of the 150 MB it reads, and hashing them cost each start-up about a second. A file
+    that changes gets a new size or mtime, so a new digest; a cache that cannot be read or
+    written only costs the hashing."""
+    stat, key = path.stat(), str(path.resolve())
+    cache_file = digest_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["md5"])
+    digest = file_digest(path)
+    cache = {**(cache if isinstance(cache, dict) else {}), key: {"size": stat.st_size,
+                                                                "mtime_ns": stat.st_mtime_ns, "md5": digest}}
+    with suppress(OSError):
+        write_atomic(cache_file, json.dumps(cache, indent=1, sort_keys=True).encode())
+    return digest
+
+
 def inputs(data_dir, parts: list[np.ndarray], test_images: int, partition: str, seed: int,
            max_train_samples: int = 0, max_test_samples: int = 0) -> list[DatasetInput]:
     """The test set (evaluation) and each trainer's partition (training) of one experiment."""
     root = ensure_cifar100(data_dir, download=False)
-    train_md5, test_md5 = file_digest(root / "train"), file_digest(root / "test")
+    train_md5, test_md5 = cached_digest(root / "train"), cached_digest(root / "test")
     out = [DatasetInput("cifar100-test", "evaluation", test_md5[:12], str(root / "test"), test_images,
                         {"num_rows": test_images, "file_md5": test_md5, "max_samples": max_test_samples})]
     for k, part in enumerate(parts):

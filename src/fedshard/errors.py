@@ -24,3 +24,8 @@ def one_line(text: str, limit: int = 300) -> str:
     """Any text as one line of at most `limit` characters: whitespace runs become one space."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def described(exc: BaseException) -> str:
+    """'OSError: [Errno 28] No space left on device': the exception's type and message, on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())

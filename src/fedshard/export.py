@@ -19,6 +19,7 @@ import pickle
 from dataclasses import dataclass, field
 
 from .config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig
+from .errors import last_line
 
 FORMATS = ("pickle", "csv")
 DEFAULT_OUTPUT = {"pickle": "experiment_results.pkl", "csv": "experiment_results.csv"}
@@ -93,7 +94,7 @@ def parse_where(items) -> dict[str, str]:
         try:
             where[name] = ExperimentConfig.from_mapping({name: value.strip()}).params()[name]
         except ConfigError as exc:
-            raise SelectionError(f"--where {item!r}: {str(exc).splitlines()[-1].strip()}") from None
+            raise SelectionError(f"--where {item!r}: {last_line(exc)}") from None
     return where
 
 
@@ -114,7 +115,7 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
             entries = entries_from_history(histories(run.run_id, "test_loss"),
                                            histories(run.run_id, "test_accuracy"), cfg.rounds)
         except (ConfigError, ValueError) as exc:
-            warn(f"warning: run {run.run_id} left out: {str(exc).splitlines()[-1].strip()}")
+            warn(f"warning: run {run.run_id} left out: {last_line(exc)}")
             continue
         settings = cfg.settings()
         for name in where:

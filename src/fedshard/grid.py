@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig, field_names
+from .errors import first_line
 
 # Option (and grid-file key) of the five classic axes -> the setting it varies.
 NAMED_AXES = {
@@ -105,7 +106,7 @@ def load_grid_file(path) -> dict:
     except OSError as exc:
         raise SweepError(f"grid file {path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise SweepError(f"grid file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise SweepError(f"grid file {path}: not valid YAML ({first_line(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,39 +1,28 @@
-"""Start, watch and tear down the processes of one experiment.
+"""One experiment from the input check to the end of its MLflow run.
 
-This is the only code that creates processes. Every child is the leader of its
-own process group and is told by the kernel to die with the launcher
-(PR_SET_PDEATHSIG), so whatever ends the experiment - success, a failing child,
-Ctrl-C, SIGTERM from `mlflow run`, even SIGKILL of the launcher - leaves no
-process behind. The MLflow run ends FINISHED only when every round was logged.
+The launcher checks the inputs before anything starts, starts the experiment's processes
+(processes.Experiment: metaserver, aggregator, trainers), watches them, tears them all down
+whatever happens (a failing child, Ctrl-C, SIGTERM from `mlflow run` or a sweep) and ends the
+run: FINISHED only when every round was logged, else FAILED or KILLED with the reason.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shlex
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ExperimentConfig
-from .files import tail
-from .processes import describe_exit, killed_with_parent, terminate_with_parent
+from .processes import (Experiment, ExperimentFailed, Placement,
+                        interrupted, terminate_with_parent)
 
 if TYPE_CHECKING:
     from .resume import Start
-
-POLL_SECONDS = 0.2
-STARTUP_TIMEOUT = 60.0
-GRACE_SECONDS = 5.0
 
 
 class Interrupted(Exception):
@@ -68,169 +57,6 @@ def check(cfg: ExperimentConfig) -> list:
                        cfg.max_test_samples)
 
 
-class ExperimentFailed(Exception):
-    """A child failed; the message is the reason recorded on the run."""
-
-
-def cpu_budget() -> int:
-    """Cores this experiment may use: FEDSHARD_CPUS (set by a sweep running several at once) or all."""
-    available = len(os.sched_getaffinity(0))
-    return max(1, min(available, int(os.environ.get("FEDSHARD_CPUS", available))))
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    _offset: int = field(default=0)
-
-    def last_lines(self, n: int = 5) -> str:
-        return tail(self.log, n)
-
-    def new_lines(self) -> list[str]:
-        with suppress(OSError), self.log.open("rb") as f:
-            f.seek(self._offset)
-            chunk = f.read()
-            end = chunk.rfind(b"\n") + 1
-            self._offset += end
-            return chunk[:end].decode(errors="replace").splitlines()
-        return []
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the experiment's roles live. By default all on this machine, the metaserver on
-    loopback; with remote_trainers only metaserver and aggregator, the metaserver on an address
-    that the trainers' machines reach, and the trainers started there by hand."""
-
-    metaserver_host: str = "127.0.0.1"
-    metaserver_port: int = 0
-    remote_trainers: bool = False
-    join_timeout: float = 600.0
-
-
-class Experiment:
-    """One experiment's processes, from start to a clean end."""
-
-    def __init__(self, cfg: ExperimentConfig, workdir: Path, echo=print, placement: Placement = Placement(),
-                 start_file: Path | None = None):
-        self.cfg, self.workdir, self.echo, self.placement = cfg, workdir, echo, placement
-        self.start_file = start_file  # a checkpoint the aggregator starts after (resume, extension)
-        self.run_id: str | None = None
-        self.children: list[Child] = []
-        self.metaserver: Child | None = None
-        self.aggregator: Child | None = None
-        self.trainers: list[Child] = []
-        self.secret = secrets.token_hex(16)
-        (workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "config.json"
-        self.config_path.write_text(cfg.to_json())
-
-    def spawn(self, name: str, args: list[str], threads: int, **env_extra: str) -> Child:
-        log = self.workdir / "logs" / f"{name}.log"
-        # gloo's interface: GLOO_SOCKET_IFNAME if set here, else the one towards the metaserver
-        # (transport.join), i.e. loopback for a local experiment.
-        env = dict(os.environ, FEDSHARD_SECRET=self.secret, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-                   **env_extra)
-        env.pop("MLFLOW_RUN_ID", None)  # children log to the run they are given, explicitly
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fedshard", *args, "--threads", str(threads)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                process_group=0, preexec_fn=killed_with_parent,
-            )
-        child = Child(name, proc, log)
-        self.children.append(child)
-        return child
-
-    def start_metaserver(self) -> None:
-        """Start the metaserver; it needs no run, so it imports PyTorch (seconds) while the
-        launcher opens the MLflow run."""
-        self.address_file = self.workdir / "metaserver.address"
-        where = ["--host", self.placement.metaserver_host, "--port", str(self.placement.metaserver_port)]
-        self.metaserver = self.spawn("metaserver", ["metaserver", *where, "--address-file", str(self.address_file)], 1)
-        self.metaserver_deadline = time.monotonic() + STARTUP_TIMEOUT
-
-    def start(self, run_id: str) -> None:
-        """Once the metaserver listens, start the aggregator and the trainers of run `run_id`."""
-        self.run_id = run_id
-        cores = cpu_budget()
-        meta = self.metaserver
-        while not self.address_file.exists():
-            if meta.proc.poll() is not None:
-                raise ExperimentFailed(f"metaserver {describe_exit(meta.proc.returncode)}: {meta.last_lines()}")
-            if time.monotonic() > self.metaserver_deadline:
-                raise ExperimentFailed(f"metaserver did not start within {STARTUP_TIMEOUT:.0f}s")
-            time.sleep(0.02)
-        self.address = self.address_file.read_text().strip()
-        common = ["--metaserver", self.address, "--run-id", run_id]
-        from . import tracking
-
-        start = ["--start-from", str(self.start_file)] if self.start_file else []
-        self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path),
-                                                    "--join-timeout", str(self.placement.join_timeout), *start],
-                                     cores, MLFLOW_TRACKING_URI=tracking.tracking_uri())
-        if self.placement.remote_trainers:
-            return
-        # Trainers train at the same time and share the cores; the aggregator
-        # mostly works while they wait (evaluation), so it may use all of them.
-        per_trainer = max(1, cores // self.cfg.world_size)
-        self.trainers = [
-            self.spawn(f"trainer_{k}", ["trainer", *common, "--rank", str(k)], per_trainer)
-            for k in range(self.cfg.world_size)
-        ]
-
-    def remote_trainer_commands(self) -> list[str]:
-        """What to run on each trainer machine. It carries the secret: pass it on privately."""
-        return [shlex.join(["fedshard", "trainer", "--metaserver", self.address, "--run-id", self.run_id,
-                            "--rank", str(k), "--secret", self.secret]) for k in range(self.cfg.world_size)]
-
-    def watch(self) -> None:
-        """Return when the aggregator completed; raise ExperimentFailed as soon as any child fails."""
-        while True:
-            for line in self.aggregator.new_lines():
-                self.echo(line)
-            if self.aggregator.proc.poll() == 0:
-                return
-            if any(self._failed(c) for c in self.children):
-                # One death brings others down. A process killed by a signal is the cause; when
-                # none was, the aggregator knows best what went wrong (a trainer that merely lost
-                # its peer may exit first), so wait a little for it. Name causes first.
-                deadline = time.monotonic() + (0.5 if self._killed() else GRACE_SECONDS)
-                while time.monotonic() < deadline and self.aggregator.proc.poll() is None:
-                    time.sleep(0.05)
-                failed = sorted((c for c in self.children if self._failed(c)),
-                                key=lambda c: (c.proc.returncode >= 0, c is not self.aggregator))
-                raise ExperimentFailed("; ".join(
-                    f"{c.name.replace('_', ' ')} died ({describe_exit(c.proc.returncode)})"
-                    + (f": {c.last_lines(1)}" if c.proc.returncode > 0 else "") for c in failed))
-            time.sleep(POLL_SECONDS)
-
-    def _killed(self) -> bool:
-        return any((c.proc.poll() or 0) < 0 for c in self.children)
-
-    def _failed(self, child: Child) -> bool:
-        code = child.proc.poll()
-        # A trainer exits 0 once told to stop; the metaserver must outlive the experiment.
-        return code is not None and (code != 0 or child.name == "metaserver")
-
-    def teardown(self) -> None:
-        """SIGTERM every child's process group, SIGKILL what is still there after a grace period."""
-        for child in self.children:
-            for sig in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped process acts on SIGTERM
-                with suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.proc.pid, sig)
-        deadline = time.monotonic() + GRACE_SECONDS
-        for child in self.children:
-            with suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        for child in self.children:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.proc.pid, signal.SIGKILL)
-            child.proc.wait()
-
-
 def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement(),
         start: Start | None = None) -> int:
     """Run one experiment and end its MLflow run; returns the process exit code.
@@ -256,63 +82,94 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
         exp.teardown()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    from . import tracking  # already imported by open_run
+    status, reason, code = _run_to_the_end(exp, run_id)
+    _record_the_end(exp, run_id, status, reason, start.copied_rounds if start else 0)
+    shutil.rmtree(workdir, ignore_errors=True)
+    echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
+    return code
 
+
+@contextmanager
+def _signals_interrupt():
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted, once: a second Ctrl-C must not interrupt the
+    teardown that the first one started."""
     stopping = False
 
     def on_signal(signum, _frame):
         nonlocal stopping
-        if not stopping:  # a second Ctrl-C must not interrupt the teardown
+        if not stopping:
             stopping = True
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    status, reason, code = "FAILED", None, 1
-    monitor = None
     try:
-        monitor = tracking.monitor_system(run_id)
-        tracking.log_artifact(run_id, exp.config_path)
-        exp.start(run_id)
-        if placement.remote_trainers:
-            echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
-                 f"waiting up to {placement.join_timeout:g}s for {cfg.world_size} remote trainer(s); on each "
-                 f"trainer machine run (with CIFAR-100 in {cfg.data_dir}, or add --data-dir DIR):")
-            for command in exp.remote_trainer_commands():
-                echo(f"  {command}")
-        else:
-            echo(f"fedshard: run {run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}, "
-                 f"trainer pids {[t.proc.pid for t in exp.trainers]}")
-        exp.watch()
-        missing = sorted(set(range(cfg.rounds + 1)) - tracking.logged_steps(run_id))
-        if missing:
-            raise ExperimentFailed(f"aggregator exited but rounds {missing} of 0..{cfg.rounds} were not logged")
-        status, code = "FINISHED", 0
-    except Interrupted as exc:
-        status, reason, code = "KILLED", f"interrupted by {exc}", 128 + exc.signum
-    except ExperimentFailed as exc:
-        reason = str(exc)
-    except Exception as exc:  # anything else in the launcher itself is still a failed run, not a RUNNING one
-        reason = f"launcher error: {type(exc).__name__}: {exc}"
+        yield
     finally:
         stopping = True
-        exp.teardown()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _run_to_the_end(exp: Experiment, run_id: str) -> tuple[str, str | None, int]:
+    """Start the experiment's processes, watch them to the end and tear them down whatever happens;
+    returns the run's (status, reason, exit code): FINISHED only when every round was logged."""
+    from . import tracking  # already imported by open_run
+
+    cfg = exp.cfg
+    status, reason, code = "FAILED", None, 1
+    monitor = None
+    with _signals_interrupt():
+        try:
+            monitor = tracking.monitor_system(run_id)
+            tracking.log_artifact(run_id, exp.config_path)
+            exp.start(run_id)
+            _announce(exp)
+            exp.watch()
+            missing = sorted(set(range(cfg.rounds + 1)) - tracking.logged_steps(run_id))
+            if missing:
+                raise ExperimentFailed(f"aggregator exited but rounds {missing} of 0..{cfg.rounds} were not logged")
+            status, code = "FINISHED", 0
+        except Interrupted as exc:
+            status, reason, code = "KILLED", interrupted(exc.signum), 128 + exc.signum
+        except ExperimentFailed as exc:
+            reason = str(exc)
+        except Exception as exc:  # anything else in the launcher itself is still a failed run, not a RUNNING one
+            reason = f"launcher error: {type(exc).__name__}: {exc}"
+        finally:
+            exp.teardown()
     for line in exp.aggregator.new_lines() if exp.aggregator else []:
-        echo(line)
+        exp.echo(line)
     if monitor is not None:
         with suppress(Exception):
             monitor.finish()
+    return status, reason, code
+
+
+def _announce(exp: Experiment) -> None:
+    """Say where the experiment's processes are; with remote trainers, the command for each."""
+    cfg, placement, echo = exp.cfg, exp.placement, exp.echo
+    where = f"fedshard: run {exp.run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}"
+    if not placement.remote_trainers:
+        echo(f"{where}, trainer pids {[t.proc.pid for t in exp.trainers]}")
+        return
+    echo(f"{where}, waiting up to {placement.join_timeout:g}s for {cfg.world_size} remote trainer(s); on each "
+         f"trainer machine run (with CIFAR-100 in {cfg.data_dir}, or add --data-dir DIR):")
+    for command in exp.remote_trainer_commands():
+        echo(f"  {command}")
+
+
+def _record_the_end(exp: Experiment, run_id: str, status: str, reason: str | None, copied_rounds: int) -> None:
+    """End the MLflow run with its status and reason, its processes' logs and the rounds its own
+    trainers trained; a FINISHED run's checkpoint goes (its final model is kept, once)."""
+    from . import tracking
+
     with suppress(Exception):
-        tracking.log_artifact(run_id, workdir / "logs")
+        tracking.log_artifact(run_id, exp.workdir / "logs")
     tags = {}
     with suppress(Exception):  # rounds this run's own trainers trained: the last one in, less copied ones
         last = max(tracking.logged_steps(run_id) or {0})
-        tags[tracking.ROUNDS_TRAINED_TAG] = str(max(0, last - (start.copied_rounds if start else 0)))
+        tags[tracking.ROUNDS_TRAINED_TAG] = str(max(0, last - copied_rounds))
     tracking.end_run(run_id, status, reason, tags)
     if status == "FINISHED":  # only now: until the run is FINISHED, its checkpoint is what resumes it
         with suppress(Exception):
             tracking.delete_checkpoints(run_id)
-    shutil.rmtree(workdir, ignore_errors=True)
-    echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
-    return code

@@ -6,12 +6,12 @@ prefix (transport.namespace). It binds to loopback unless told otherwise.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-from pathlib import Path
 
 import torch.distributed as dist
+
+from .files import write_atomic
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, address_file: str | None = None) -> None:
@@ -21,9 +21,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, address_file: str | None = Non
     address = f"{host}:{store.port}"
     print(f"metaserver listening on {address}", flush=True)
     if address_file:
-        tmp = Path(f"{address_file}.tmp")
-        tmp.write_text(address)
-        os.replace(tmp, address_file)
+        write_atomic(address_file, address.encode())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

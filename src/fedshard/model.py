@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import NUM_CLASSES
+
 # layer -> weight dimension that is split. Output-split layers (dim 0) slice
 # their bias with the weight; input-split layers (dim 1) keep the bias whole.
 SPLIT_DIM: dict[str, int] = {
@@ -26,7 +28,6 @@ SPLIT_DIM: dict[str, int] = {
 # which is also the input width of the dim-1 layer that follows it.
 FULL_WIDTHS: dict[str, int] = {"conv1": 96, "conv3": 384, "conv5": 256, "fc1": 4096, "fc3": 4096}
 
-NUM_CLASSES = 100
 # Output height (= width) of each convolution on a 32x32 image: padding keeps the size, each pool
 # halves it. With the layers' shapes this gives what a forward pass costs (forward_flops).
 CONV_OUTPUT_SIZE = {"conv1": 32, "conv2": 32, "conv3": 16, "conv4": 16, "conv5": 8, "conv6": 8}

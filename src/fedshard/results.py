@@ -17,10 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import pickle
-import tempfile
-from contextlib import suppress
 from dataclasses import fields
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig
+from .files import write_atomic  # noqa: F401  (export writes its files through results, as analysis reads them)
 
 KEY_FIELDS = KEY_SETTINGS
 KEY_TYPES = (int, float, bool, int, int)
@@ -162,7 +160,6 @@ def load_pickle(path) -> dict:
     return _unpickle(path, _read_bytes(path))
 
 
-load_results = load_pickle  # the name analysis.py has always exported
 
 
 def frame_from_pickle(results: dict) -> pd.DataFrame:
@@ -322,32 +319,3 @@ def read(path) -> pd.DataFrame:
             raise
         raise ResultsError(f"{e}; nor is it a results CSV: its first line names none of the columns "
                            f"{', '.join(CSV_REQUIRED)}") from None
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def write_atomic(path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace: the
-    previous file stays intact until the new one is complete, and no temporary file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path

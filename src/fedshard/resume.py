@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import tracking
 from .checkpoint import Checkpoint
 from .config import ConfigError, ExperimentConfig
+from .errors import first_line
 
 
 class ContinueError(ValueError):
@@ -32,7 +33,7 @@ def _experiment_run(run_id: str, verb: str) -> tuple[tracking.RunRecord, Experim
         record = tracking.run_record(run_id)
     except Exception as exc:
         raise ContinueError(f"--{verb} {run_id}: no such run in {tracking.tracking_uri()} "
-                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
+                            f"({first_line(exc)})")
     if not record.is_experiment:
         raise ContinueError(f"--{verb} {run_id}: not a fedshard experiment run (it has no experiment params; "
                             f"a sweep's run or another project's)")

@@ -1,38 +1,65 @@
 """How a round's model is split among trainers and how their results are combined.
 
-The round loop (aggregator.py) is written once; a strategy only answers three
-questions: which part does trainer k train in round r, what weights does it
-receive, and how are the trained parts combined. Both strategies are pure.
+The round loop (aggregator.py) is written once, against the small `Strategy` interface below,
+as Flower's server is written against its Strategy: a strategy only answers which part trainer
+k trains in round r, what weights it receives, what shape that part has, and how the trained
+parts are combined. Its math is pure (no processes, no I/O) and tested against numpy. Each
+strategy is built once, with the experiment's configuration (`build`); a new one (FedProx,
+say) is one class here, one entry in REGISTRY and its name in config.STRATEGIES.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar, Protocol, runtime_checkable
 
 from . import sharding
-from .config import ExperimentConfig
+from .config import STRATEGIES, ExperimentConfig
 from .model import forward_flops, parameter_count, slice_widths
 from .sharding import StateDict
 
 
+@runtime_checkable
+class Strategy(Protocol):
+    """What the aggregator's round loop and the trainers ask of a federated strategy."""
+
+    name: ClassVar[str]
+
+    def assignment(self, round_: int) -> list[int]:
+        """The part each trainer trains in round `round_` (rounds count from 1), trainer order."""
+
+    def widths(self, part: int) -> dict[str, int]:
+        """The split widths of the model that `part` is (model.AlexNet(widths) builds it)."""
+
+    def split(self, weights: StateDict, assignment: Sequence[int]) -> list[StateDict]:
+        """The weights each trainer receives, trainer order, from the full model's."""
+
+    def combine(self, trained: Sequence[StateDict], samples: Sequence[int],
+                assignment: Sequence[int]) -> StateDict:
+        """The full model's weights from what the trainers trained (trainer order) on how many images."""
+
+
 class TensorParallel:
-    """Each trainer trains one width-wise slice; slices may rotate between trainers."""
+    """Each trainer trains one width-wise slice; slices may rotate between trainers (swapping)."""
 
     name = "tensor_parallel"
 
-    def assignment(self, cfg: ExperimentConfig, round_: int) -> list[int]:
-        return sharding.assignment(round_, cfg.world_size, cfg.enable_swapping, cfg.swap_every)
+    def __init__(self, cfg: ExperimentConfig):
+        self.n, self.swapping, self.every = cfg.world_size, cfg.enable_swapping, cfg.swap_every
 
-    def widths(self, cfg: ExperimentConfig, part: int) -> dict[str, int]:
-        return slice_widths(cfg.world_size, part)
+    def assignment(self, round_: int) -> list[int]:
+        return sharding.assignment(round_, self.n, self.swapping, self.every)
 
-    def split(self, weights: StateDict, cfg: ExperimentConfig, assignment: Sequence[int]) -> list[StateDict]:
-        slices = sharding.slice_state(weights, cfg.world_size)
+    def widths(self, part: int) -> dict[str, int]:
+        return slice_widths(self.n, part)
+
+    def split(self, weights: StateDict, assignment: Sequence[int]) -> list[StateDict]:
+        slices = sharding.slice_state(weights, self.n)
         return [slices[part] for part in assignment]
 
     def combine(self, trained: Sequence[StateDict], samples: Sequence[int], assignment: Sequence[int]) -> StateDict:
-        # Put the trained slices back in slice order; whole-kept biases are
-        # averaged weighted by the samples of the trainer that trained each slice.
+        # Put the trained slices back in slice order; whole-kept biases are averaged weighted by
+        # the samples of the trainer that trained each slice.
         by_slice = sorted(zip(assignment, trained, samples), key=lambda t: t[0])
         return sharding.assemble([t for _, t, _ in by_slice], [s for _, _, s in by_slice])
 
@@ -42,34 +69,38 @@ class FedAvg:
 
     name = "fedavg"
 
-    def assignment(self, cfg: ExperimentConfig, round_: int) -> list[int]:
-        return [0] * cfg.world_size
+    def __init__(self, cfg: ExperimentConfig):
+        self.n = cfg.world_size
 
-    def widths(self, cfg: ExperimentConfig, part: int) -> dict[str, int]:
+    def assignment(self, round_: int) -> list[int]:
+        return [0] * self.n
+
+    def widths(self, part: int) -> dict[str, int]:
         return slice_widths(1, 0)
 
-    def split(self, weights: StateDict, cfg: ExperimentConfig, assignment: Sequence[int]) -> list[StateDict]:
+    def split(self, weights: StateDict, assignment: Sequence[int]) -> list[StateDict]:
         return [weights] * len(assignment)
 
     def combine(self, trained: Sequence[StateDict], samples: Sequence[int], assignment: Sequence[int]) -> StateDict:
         return {name: sharding.weighted_mean([t[name] for t in trained], samples) for name in trained[0]}
 
 
-STRATEGIES = {s.name: s for s in (TensorParallel(), FedAvg())}
+REGISTRY: dict[str, type] = {s.name: s for s in (TensorParallel, FedAvg)}
+assert tuple(REGISTRY) == STRATEGIES, "config.STRATEGIES names the strategies of REGISTRY, in its order"
+
+
+def build(cfg: ExperimentConfig) -> Strategy:
+    """The experiment's strategy, built once with its configuration."""
+    try:
+        return REGISTRY[cfg.strategy](cfg)
+    except KeyError:
+        raise ValueError(f"unknown strategy {cfg.strategy!r}; valid: {', '.join(REGISTRY)}") from None
 
 
 def model_sizes(cfg: ExperimentConfig) -> dict[str, int]:
     """What the method's point shows in: parameters and forward FLOPs per image of the full model
     and of the largest model a trainer trains (slices of uneven width differ by a channel or so)."""
-    strategy = get(cfg.strategy)
-    parts = range(cfg.world_size) if strategy.name == "tensor_parallel" else [0]
-    trained = max((strategy.widths(cfg, p) for p in parts), key=parameter_count)
+    strategy = build(cfg)  # every round's assignment holds every part trainers train
+    trained = max((strategy.widths(p) for p in set(strategy.assignment(1))), key=parameter_count)
     return {"model.params_full": parameter_count(), "model.params_per_trainer": parameter_count(trained),
             "model.flops_per_image_full": forward_flops(), "model.flops_per_image_per_trainer": forward_flops(trained)}
-
-
-def get(name: str):
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}") from None

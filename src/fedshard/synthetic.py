@@ -10,14 +10,13 @@ within a few dozen optimiser steps, which the real data never allows on a CPU.
 from __future__ import annotations
 
 import colorsys
-import os
 import pathlib
 import pickle
-import tempfile
 
 import numpy as np
 
 from fedshard.data import DATASET_DIR, NUM_CLASSES, ROW_LENGTH
+from fedshard.files import write_atomic
 
 NUM_COARSE_CLASSES = 20
 # Pixel noise (standard deviation, in 0..255 units): visible, yet far smaller
@@ -69,13 +68,5 @@ def _class_colours(n_classes: int) -> np.ndarray:
 
 
 def _write_pickle(path: pathlib.Path, obj) -> None:
-    """Write atomically so a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a data set is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Atomically, so a reader never sees a half-written file; readable by everyone, like the real data."""
+    write_atomic(path, pickle.dumps(obj, protocol=PICKLE_PROTOCOL), mode=0o644)

@@ -43,7 +43,7 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
     print(f"trainer {trainer}: {len(own)} training images on {device}", flush=True)
     transport.claim_rank(store, trainer)
     transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout, metaserver)
-    strategy = strategies.get(cfg.strategy)
+    strategy = strategies.build(cfg)
     models: dict[int, AlexNet] = {}
     rounds_trained = 0
     while True:
@@ -53,7 +53,7 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
         if part not in models:
             # Built without initialising: the aggregator's weights overwrite every parameter.
             with torch.device("meta"):
-                models[part] = AlexNet(strategy.widths(cfg, part))
+                models[part] = AlexNet(strategy.widths(part))
             models[part].to_empty(device=device)
         model = models[part]
         flat = transport.receive_weights(sum(p.numel() for p in model.parameters()))

@@ -22,6 +22,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import first_line
+
 AGGREGATOR = 0
 STOP, TRAIN = 0, 1
 
@@ -167,7 +169,7 @@ def _wait_all(works: Sequence[tuple[int, dist.Work]], timeout: float, round_: in
         try:
             work.wait(timedelta(seconds=max(0.05, deadline - time.monotonic())))
         except RuntimeError as exc:
-            failures.setdefault(k, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            failures.setdefault(k, first_line(exc))
     if failures:
         raise RoundFailed(f"round {round_}: trainer(s) {sorted(failures)} did not answer within "
                           f"round_timeout={timeout:g}s ({doing}): {next(iter(failures.values()))}")

@@ -1,0 +1,127 @@
+"""Running a sweep: the plan (planning.py) N experiments at a time, to the end, whatever fails.
+
+One job a module:
+
+- here, `main`: what `fedshard sweep` (and `python sweep.py`) does once its options are parsed:
+  the experiment, stale runs marked KILLED, the plan, the dry run, the data, then the sweep;
+- `scheduling`: the loop (`Sweep`, `Job`, `Outcome`): which experiment starts when (one that
+  extends a twin of this sweep waits for it), finishing, retrying from a checkpoint, stopping
+  every experiment on a signal or an error;
+- `reporting`: what the sweep shows (`Report`): the console lines, the progress bar or progress
+  lines with the ETA, the parent run's description, counters (sweep/finished, ...) and analysis,
+  and the final summary;
+- `resources`: what each experiment's process is given: its `fedshard run` command line, its
+  share of the cores, its GPU.
+
+What a sweep looks like from outside (options, console, its MLflow run) is docs/sweeps.md; where
+the package sits among fedshard's modules, docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..grid import Grid, SweepError, describe, expand, label
+from ..planning import Plan, plan
+from .reporting import Report, parses
+from .resources import child_command, cpus_per_experiment, pick_gpu, visible_gpus
+from .scheduling import Job, Outcome, Sweep
+
+__all__ = ["Job", "Outcome", "Report", "Sweep", "SweepError", "child_command", "cpus_per_experiment", "main",
+           "pick_gpu", "visible_gpus"]
+
+
+def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: int, dry_run: bool,
+         echo=print, progress: bool = True, executor=None, resume: bool = True, extend: bool = True) -> int:
+    """What `python sweep.py` does, after the options were parsed; returns the exit code."""
+    from .. import tracking
+
+    configs = expand(grid)
+    tracking.ensure_store()
+    experiment_name = _experiment(experiment_name)
+    runs = tracking.list_runs(experiment_name)
+    stale = {r.run_id for r in runs if r.status == "RUNNING" and tracking.owner_alive(r) is False}
+    if stale and not dry_run:
+        _mark_stale([r for r in runs if r.run_id in stale], echo)
+    work = plan(configs, runs, resume=resume, extend=extend, stale=stale)
+    echo(f"Total experiments to run: {len(work.tasks)} ({len(work.skipped)} already finished)")
+    echo(work.rounds_line())
+    todo = {t.cfg for t in work.tasks}
+    running_elsewhere = {r.config().identity() for r in runs if r.status == "RUNNING" and r.is_experiment
+                         and r.run_id not in stale and parses(r)} & {c.identity() for c in todo}
+    if running_elsewhere:
+        echo(f"Note: {len(running_elsewhere)} of them have a RUNNING run (another sweep, or one that was "
+             f"killed hard); they run again here.")
+    if dry_run:
+        _dry_run(grid, len(configs), work, experiment_name, echo)
+        return 0
+    if not work.tasks:
+        echo(f"Nothing to run: every configuration already has a FINISHED run in {experiment_name!r}.")
+        return 0
+    _ensure_data(todo)
+    return Sweep(work, experiment_name, parallel, max_retries, grid, echo, progress, executor, resume).run()
+
+
+def _experiment(experiment_name: str | None) -> str:
+    """The experiment the sweep runs in: under `mlflow run -e sweep` that run is the parent, and
+    its experiment is ours."""
+    from .. import tracking
+
+    parent = os.environ.get("MLFLOW_RUN_ID")
+    if parent:
+        mine = tracking.experiment_name_of_run(parent)
+        if experiment_name and experiment_name != mine:
+            raise SweepError(f"--experiment-name {experiment_name!r} differs from the experiment {mine!r} of "
+                             f"MLFLOW_RUN_ID={parent}; choose the experiment with `mlflow run --experiment-name`")
+        experiment_name = mine
+    return tracking.default_experiment_name(experiment_name)
+
+
+def _mark_stale(stale, echo) -> None:
+    """RUNNING runs whose owner (sweep or launcher on this host) is gone never end by themselves:
+    mark them KILLED, so their configurations run (or resume) again."""
+    from .. import tracking
+
+    for r in stale:
+        tracking.end_run(r.run_id, "KILLED", f"stale: its owner (pid {r.tags.get(tracking.PID_TAG)} on "
+                                             f"{r.tags.get(tracking.HOST_TAG)}) is gone")
+    echo(f"Marked {len(stale)} stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): "
+         + ", ".join(r.run_id for r in stale))
+
+
+def _dry_run(grid: Grid, configurations: int, work: Plan, experiment_name: str, echo) -> None:
+    """What a sweep would run (and from which round) and what it skips; it starts nothing."""
+    from .. import tracking
+
+    echo(f"Dry run: experiment {experiment_name!r} in {tracking.tracking_uri()}; nothing is started.")
+    echo(_axes_line(grid, configurations))
+    if grid.fixed:
+        echo("Fixed parameters: " + ", ".join(f"{k}={v}" for k, v in grid.fixed.items()))
+    for i, task in enumerate(work.tasks, 1):
+        echo(f"Would run {i}/{len(work.tasks)}: {describe(task.cfg, grid.extra_axes)}"
+             + (f" ({task.describe()}: {task.rounds_to_train} rounds to train)" if task.start else ""))
+    for cfg, run_id in work.skipped:
+        echo(f"Skip (FINISHED run {run_id}): {describe(cfg, grid.extra_axes)}")
+
+
+def _axes_line(grid: Grid, configurations: int) -> str:
+    """'Axes: world_sizes=1,2 (2) x ... = 24 combinations, 18 configurations (...)'."""
+    combinations = 1
+    for values in grid.axes.values():
+        combinations *= len(values)
+    line = "Axes: " + " x ".join(f"{label(s)}={','.join(v)} ({len(v)})" for s, v in grid.axes.items())
+    collapsed = (" (combinations where a setting does not apply, such as swapping for world size 1 or "
+                 "FedAvg, are one configuration)") if configurations < combinations else ""
+    return f"{line} = {combinations} combinations, {configurations} configurations{collapsed}"
+
+
+def _ensure_data(configs) -> None:
+    """Download (or unpack) the data set once, before experiments run side by side and would
+    each try to download it into the same directory."""
+    from .. import data
+
+    for data_dir in dict.fromkeys(c.data_dir for c in configs):
+        try:
+            data.ensure_cifar100(data_dir)
+        except data.DataError as exc:
+            raise SweepError(str(exc)) from exc

@@ -1,0 +1,276 @@
+"""What a sweep shows while it runs and when it ends: the console, its progress, its MLflow run.
+
+The console lines are the original harness's (`=== Running experiment 1/54 ===`, `Experiment
+completed successfully: ...`, the summary): people and scripts read them, so they keep their
+words. On a terminal a tqdm bar counts completed experiments; redirected to a file (a sweep left
+to run) a Progress line with the ETA follows each completion instead, as a bar is unreadable in
+a log. The sweep's parent run describes the sweep (its grid as params, a note), grows counters
+while it runs (sweep/finished, sweep/running, ...), and ends with the analysis of the sweep's
+FINISHED experiments and the best configuration in its note.
+
+Scheduling (scheduling.py) decides what happens; this module words and records it, and changes
+none of the sweep's lists.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+from ..config import ConfigError
+from ..grid import describe, label, named
+
+if TYPE_CHECKING:
+    from ..planning import Task
+    from .scheduling import Job, Outcome, Sweep
+
+# How often the sweep looks at its running experiments' latest round (console, parent run counters).
+PROGRESS_SECONDS = 5.0
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def parses(run) -> bool:
+    """Whether a run's params make a configuration: a run with params no configuration can have
+    is neither analysed nor counted as running elsewhere."""
+    try:
+        run.config()
+        return True
+    except ConfigError:
+        return False
+
+
+class Report:
+    """The sweep as its user and its parent run see it."""
+
+    def __init__(self, sweep: Sweep, echo=print, progress: bool = True):
+        self.sweep, self.echo, self.progress = sweep, echo, progress
+        self.extra = sweep.grid.extra_axes if sweep.grid is not None else []  # further axes, named in console lines
+        self.bar = None  # the tqdm progress bar, on stderr
+        self.t0 = time.monotonic()
+        self.rounds_done = 0  # rounds this sweep's experiments trained, as seen in their runs
+        self.counter_step = 0
+        self.looked = 0.0  # when the running experiments' rounds were last looked at
+        self.note = ""
+
+    def say(self, message: str) -> None:
+        """One console line, written above the bar when there is one."""
+        if self.bar is not None and not self.bar.disable:
+            from tqdm import tqdm
+
+            with tqdm.external_write_mode(file=sys.stdout):
+                self.echo(message)
+        else:
+            self.echo(message)
+
+    # -- the parent run, from start to end ----------------------------------------------------
+    def start_parent_run(self) -> tuple[str, str]:
+        """Create the sweep's run, described by its size, its grid (the axes, and what every
+        experiment shares) as params and a note in words; return its id and its experiment's."""
+        from .. import tracking
+
+        s = self.sweep
+        tags = {"fedshard.sweep.experiments": str(len(s.configs)),
+                "fedshard.sweep.skipped": str(len(s.skipped))}
+        params = {"sweep.parallel": str(s.parallel), "sweep.max_retries": str(s.max_retries),
+                  "sweep.executor": type(s.executor).__name__.removesuffix("Executor").lower(),
+                  "sweep.experiments": str(len(s.configs) + len(s.skipped)),
+                  "sweep.rounds_to_train": str(s.plan.rounds_to_train),
+                  "sweep.rounds_from_scratch": str(s.plan.rounds_from_scratch)}
+        grid_words = ""
+        if s.grid is not None:  # the grid as params: its axes, and what every experiment shares
+            params.update({f"grid.{label(k)}": ",".join(v) for k, v in s.grid.axes.items()})
+            params.update({f"fixed.{k}": v for k, v in s.grid.fixed.items()})
+            grid_words = (" x ".join(f"{label(k)} {','.join(v)}" for k, v in s.grid.axes.items())
+                          + "".join(f"; {k}={v}" for k, v in s.grid.fixed.items()))
+        self.note = (f"fedshard sweep over {grid_words or 'a grid'}: {len(s.configs)} experiments to run, "
+                     f"{len(s.skipped)} already FINISHED. {s.plan.rounds_line()}.")
+        tags[tracking.NOTE_TAG] = self.note
+        return tracking.start_sweep_run(s.experiment_name, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags, params)
+
+    def begin(self) -> None:
+        """Once the parent run exists: its first counters, the progress bar, the line naming the run."""
+        from .. import tracking
+
+        self.log_counters()
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.monitor_interval = 0  # no monitor thread: children are started with a preexec_fn
+            # On a terminal a live bar; redirected to a file, a line per completed experiment
+            # instead (see _advance).
+            self.bar = tqdm(total=len(self.sweep.configs), unit="exp", desc="sweep", file=sys.stderr, disable=None,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                            "[{elapsed}<{remaining}{postfix}]")
+            self.bar.set_postfix_str("0 failed")
+        self.t0 = time.monotonic()
+        s = self.sweep
+        self.say(f"Sweep run {s.parent_run_id} in experiment {s.experiment_name!r} "
+                 f"({tracking.tracking_uri()}); logs in {s.logs}")
+
+    def log_counters(self) -> None:
+        """The sweep's run shows where it stands, as metrics that grow while it runs."""
+        from .. import tracking
+
+        s = self.sweep
+        self.counter_step += 1
+        tracking.log_round(s.parent_run_id, self.counter_step, {
+            "sweep/finished": len(s.finished), "sweep/failed": len(s.failed),
+            "sweep/killed": len(s.killed), "sweep/running": len(s.running),
+            "sweep/skipped": len(s.skipped), "sweep/rounds_done": self.rounds_done})
+
+    def close(self, status: str, reason: str | None, analyse: bool) -> None:
+        """The bar goes; the parent run gets its last counters, the analysis (not after an
+        interruption: the sweep ends promptly, the next one analyses) and its status and why."""
+        from .. import tracking
+
+        if self.bar is not None:
+            self.bar.close()
+        if not self.sweep.parent_run_id:
+            return
+        with suppress(Exception):
+            self.log_counters()
+        try:
+            if analyse:
+                self.log_analysis()
+        except Exception as exc:  # the sweep's own results are safe in its experiments' runs
+            self.say(f"Note: could not log the analysis to the sweep's run: {type(exc).__name__}: {exc}")
+        with suppress(Exception):
+            tracking.end_run(self.sweep.parent_run_id, status, reason)
+
+    def log_analysis(self) -> None:
+        """`fedshard analyze` of the sweep's FINISHED experiments (these and those skipped), into its
+        run: the summary table, the ranking, the comparison report (report.md, comparisons.csv,
+        targets.csv) and the plots; the best configuration in its description."""
+        from .. import analysis, export, report, tracking
+
+        s = self.sweep
+        mine = {c.identity() for c in s.configs} | {c.identity() for c, _ in s.skipped}
+        runs = [r for r in tracking.list_runs(s.experiment_name, status="FINISHED")
+                if r.is_experiment and parses(r) and r.config().identity() in mine]
+        exported = export.collect(runs, tracking.metric_history, warn=None)
+        if not exported:
+            return
+        results = export.frame(exported)
+        tracking.log_table(s.parent_run_id, analysis.summarize(results), "analysis/summary.json")
+        ranking = analysis.ranking_lines(results, top=5)
+        tracking.log_text(s.parent_run_id, "\n".join(ranking) + "\n", "analysis/ranking.txt")
+        with tempfile.TemporaryDirectory(prefix="fedshard-report-") as tmp:
+            report.write_report(results, tmp)
+            tracking.log_artifacts(s.parent_run_id, tmp, "analysis")
+        best = ranking[1].split(". ", 1)[1]
+        tracking.set_tags(s.parent_run_id, {tracking.NOTE_TAG: f"{self.note} Best configuration: {best}."})
+
+    # -- one experiment ------------------------------------------------------------------------
+    def starting(self, job: Job) -> None:
+        """The lines before an experiment (or its retry) starts."""
+        total, task = len(self.sweep.configs), job.task
+        if job.attempt == 1:
+            self.say(f"=== Running experiment {job.index}/{total} ===")
+        else:
+            self.say(f"=== Retrying experiment {job.index}/{total} "
+                     f"(attempt {job.attempt}/{self.sweep.max_retries + 1}) ===")
+        if task.resume:
+            self.say(f"Resuming experiment: {describe(job.cfg, self.extra)} from round {task.start} (run {task.resume})")
+        else:
+            self.say(f"Starting experiment: {describe(job.cfg, self.extra)}"
+                     + (f", extending run {task.extends} from round {task.start}" if task.extends else ""))
+
+    def started(self, job: Job) -> None:
+        """Where the experiment runs and logs, and its run."""
+        self.say(f"  MLflow run {job.run_id}" + (f" on GPU {job.gpu}" if job.gpu is not None else "")
+                 + f", {job.handle.where}, log {job.log}")
+
+    def twin_failed(self, job: Job, after) -> None:
+        self.say(f"Note: {describe(job.cfg, self.extra)} was to extend the {after.rounds}-round run, which failed; "
+                 f"it trains from round 0 instead")
+
+    def completed(self, job: Job) -> None:
+        self.say(f"Experiment completed successfully: {named(job.cfg, self.extra)} "
+                 f"({time.monotonic() - job.started:.0f}s)")
+        self._advance()
+
+    def failed(self, job: Job, outcome: Outcome, retry: Task | None = None) -> None:
+        """A failed attempt: the reason and the run, and how it is retried when it is."""
+        if retry is not None:
+            self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id}); "
+                     f"will retry, {retry.describe()} ({job.attempt}/{self.sweep.max_retries + 1} attempts used)")
+            return
+        self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id})")
+        self._advance()
+
+    def stopping(self, why: str, jobs: list[Job]) -> None:
+        self.say(f"Sweep {why}: stopping {len(jobs)} running experiment(s)...")
+
+    def stopped(self, job: Job) -> None:
+        self.say(f"Experiment stopped: {named(job.cfg, self.extra)} (run {job.run_id} KILLED)")
+
+    # -- progress ------------------------------------------------------------------------------
+    def due(self) -> bool:
+        """Whether it is time to look at the running experiments' rounds again."""
+        return time.monotonic() - self.looked >= PROGRESS_SECONDS
+
+    def look_at_rounds(self, jobs) -> bool:
+        """Say each experiment's newest round and accuracy, and count the rounds trained; True when
+        there was news."""
+        from .. import tracking
+
+        self.looked = time.monotonic()
+        total, changed = len(self.sweep.configs), False
+        for job in jobs:
+            with suppress(Exception):  # a progress report is never worth failing the sweep for
+                seen = tracking.latest(job.run_id)
+                if seen and seen[0] > job.last_round:
+                    self.rounds_done += seen[0] - job.last_round
+                    job.last_round, changed = seen[0], True
+                    self.say(f"  [{job.index}/{total}] round {seen[0]}/{job.cfg.rounds}: "
+                             f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})")
+        return changed
+
+    def tick(self) -> None:
+        """Keep the bar's elapsed time ticking between completions."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.refresh()
+
+    def _advance(self) -> None:
+        """One more experiment done (finished, or failed for good): the bar, or a Progress line."""
+        s = self.sweep
+        done, total = len(s.finished) + len(s.failed), len(s.configs)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix_str(f"{len(s.failed)} failed")
+            self.bar.update(1)
+        elif self.progress:
+            elapsed = time.monotonic() - self.t0
+            eta = elapsed / done * (total - done)
+            self.say(f"Progress: {done}/{total} done ({len(s.failed)} failed), elapsed {_clock(elapsed)}, "
+                     f"ETA {_clock(eta)}")
+
+    # -- the end ---------------------------------------------------------------------------------
+    def summary(self) -> None:
+        """The harness's summary: what finished, failed (why, which run), was skipped or stopped."""
+        s, say = self.sweep, self.say
+        say("")
+        say("=== Sweep summary ===")
+        say(f"Finished: {len(s.finished)}")
+        say(f"Failed: {len(s.failed)}")
+        for o in s.failed:
+            say(f"  {named(o.cfg, self.extra)}: {o.reason} (run {o.run_id}, {o.attempts} attempt(s))")
+        say(f"Skipped (already finished): {len(s.skipped)}")
+        if s.killed:
+            say(f"Interrupted: {len(s.killed)} (marked KILLED)")
+            for o in s.killed:
+                say(f"  {named(o.cfg, self.extra)} (run {o.run_id})")
+        not_started = len({j.index for j in s.pending})
+        if s.stop_signal and not_started:
+            say(f"Not started: {not_started}")
+        if s.stop_signal:
+            say("Run the same sweep again to continue with what is left.")
+        say(s.plan.rounds_line())
+        if s.failed or s.killed:
+            say(f"Logs of this sweep's experiments: {s.logs}")

@@ -1,0 +1,274 @@
+"""The sweep's loop: which experiment starts when, what happens when one ends, stopping them all.
+
+A sweep is one MLflow parent run; each experiment is a child run that the sweep creates (params
+logged, tag mlflow.parentRunId) and hands to its own `fedshard run` process through
+MLFLOW_RUN_ID. That process is the launcher of the experiment: it owns the metaserver,
+aggregator and trainers, tears them down on SIGTERM and marks the run KILLED. The sweep only ever
+stops the launcher, and steps in itself (kill, mark KILLED) when one does not exit. Where
+launchers run - child processes here, or Ray tasks on a cluster - is the executor's business
+(executors.py).
+
+Where each experiment starts is the plan's business (planning.py); here a task that extends a
+twin of this sweep waits until that twin is FINISHED, and a failed experiment is retried by
+resuming it from its checkpoint when it has one, so no finished round is trained twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import executors
+from ..config import ExperimentConfig
+from ..errors import one_line
+from ..files import tail
+from ..grid import Grid, SweepError
+from ..planning import Plan, Task
+from ..processes import interrupted
+from .reporting import Report
+from .resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
+
+POLL_SECONDS = 0.2
+# How long a launcher gets to tear its experiment down after SIGTERM before the
+# sweep kills what is left itself.
+STOP_GRACE_SECONDS = 30.0
+# The launcher's output, stored with its run; one per attempt, as a resumed run has several.
+LAUNCHER_LOG = "fedshard-run-attempt{}.log"
+
+
+@dataclass
+class Job:
+    task: Task
+    index: int  # 1-based position among the configurations to run
+    attempt: int = 1
+    run_id: str = ""
+    handle: executors.LocalProcess | executors.RayTask | None = None
+    log: Path | None = None
+    gpu: str | None = None
+    started: float = 0.0
+    last_round: int = 0  # the highest round its run has logged, as last seen
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self.task.cfg
+
+
+@dataclass
+class Outcome:
+    cfg: ExperimentConfig
+    run_id: str
+    attempts: int
+    reason: str = ""
+
+
+class Sweep:
+    """Runs configurations `parallel` at a time, each as its own cancellable `fedshard run`."""
+
+    def __init__(self, work: Plan, experiment_name: str, parallel: int = 1, max_retries: int = 1,
+                 grid: Grid | None = None, echo=print, progress: bool = True, executor=None, resume: bool = True):
+        self.plan, self.configs, self.experiment_name = work, [t.cfg for t in work.tasks], experiment_name
+        self.parallel, self.max_retries, self.resume = parallel, max_retries, resume
+        self.skipped, self.grid = list(work.skipped), grid
+        self.finished: list[Outcome] = []
+        self.failed: list[Outcome] = []
+        self.killed: list[Outcome] = []
+        self.running: list[Job] = []
+        self.pending: deque[Job] = deque(Job(t, i) for i, t in enumerate(work.tasks, 1))
+        self.stop_signal: int | None = None
+        self.parent_run_id = self.experiment_id = ""
+        self.gpus: list[str] = []
+        self.env: dict[str, str] = {}
+        self.logs: Path | None = None  # the launchers' logs, kept when something failed
+        self.executor = executor or executors.LocalExecutor()
+        self.report = Report(self, echo, progress)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def run(self) -> int:
+        """Run everything; return the exit code (0 all finished, 1 some failed, 128+signal)."""
+        try:  # first: ray.init installs a SIGTERM handler of its own, which ours must replace
+            self.executor.open(self.configs, self.parallel, self.report.say)
+        except executors.ExecutorError as exc:
+            self.executor.close()
+            raise SweepError(str(exc)) from exc
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self.logs = Path(tempfile.mkdtemp(prefix="fedshard-sweep-"))
+        status, error = "FAILED", None
+        try:
+            self._prepare()
+            self._loop()
+            status = "KILLED" if self.stop_signal else ("FAILED" if self.failed else "FINISHED")
+        except BaseException as exc:  # our own bug or a broken store: still leave no process behind
+            error = exc
+            raise
+        finally:
+            self._stop_all(interrupted(self.stop_signal) if self.stop_signal
+                           else f"sweep failed: {type(error).__name__}: {error}")
+            self.executor.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.report.close(status, self._end_reason(error), analyse=not self.stop_signal)
+        self.report.summary()
+        if not self.failed and not self.killed:
+            shutil.rmtree(self.logs, ignore_errors=True)
+        if self.stop_signal:
+            return 128 + self.stop_signal
+        return 1 if self.failed else 0
+
+    def _prepare(self) -> None:
+        """The launchers' environment (the store, their share of the cores) and GPUs, and the
+        sweep's parent run."""
+        from .. import tracking
+
+        per_cpu = cpus_per_experiment(self.parallel)
+        self.env = executors.child_env({"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "FEDSHARD_CPUS": str(per_cpu)})
+        self.gpus = visible_gpus() if self.parallel > 1 and self.executor.spreads_gpus else []
+        self.parent_run_id, self.experiment_id = self.report.start_parent_run()
+        self.report.begin()
+
+    def _end_reason(self, error: BaseException | None) -> str | None:
+        """Why the parent run did not finish: the signal, the sweep's own error, or the failures."""
+        if self.stop_signal:
+            return interrupted(self.stop_signal)
+        if error:
+            return f"{type(error).__name__}: {error}"
+        return f"{len(self.failed)} experiment(s) failed" if self.failed else None
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        # A second Ctrl-C while stopping changes nothing: the teardown always completes.
+
+    def _loop(self) -> None:
+        while (self.pending or self.running) and not self.stop_signal:
+            changed = False
+            while len(self.running) < self.parallel and not self.stop_signal and (job := self._next_ready()):
+                self._start(job)
+                changed = True
+            if self.report.due():
+                changed |= self.report.look_at_rounds(self.running)
+            for job in [j for j in self.running if j.handle.done()]:
+                self.running.remove(job)
+                self._finish(job)
+                changed = True
+            if changed:
+                with suppress(Exception):  # counters are never worth failing the sweep for
+                    self.report.log_counters()
+            self.report.tick()
+            time.sleep(POLL_SECONDS)
+
+    # -- one experiment -------------------------------------------------------------------
+    def _next_ready(self) -> Job | None:
+        """The first pending job that can start now: one that extends a twin of this sweep waits
+        until the twin is FINISHED (then extends its run), or trains from round 0 if it failed."""
+        finished = {o.cfg: o.run_id for o in self.finished}
+        for job in list(self.pending):
+            after = job.task.after
+            if after is not None:
+                if after in finished:
+                    job.task = replace(job.task, extends=finished[after], after=None)
+                elif any(o.cfg == after for o in self.failed):
+                    self.report.twin_failed(job, after)
+                    job.task = Task(job.cfg)
+                else:
+                    continue  # the twin is still pending or running
+            self.pending.remove(job)
+            return job
+        return None
+
+    def _start(self, job: Job) -> None:
+        """Its run (a new child run, or the failed one it resumes), its GPU and log, its launcher."""
+        from .. import tracking
+
+        task = job.task
+        self.report.starting(job)
+        env = dict(self.env)
+        if task.resume:
+            job.run_id = task.resume
+            env.pop("MLFLOW_RUN_ID", None)  # `fedshard run --resume` reopens the run itself
+        else:
+            job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
+                                                   tags={"fedshard.sweep.attempt": str(job.attempt),
+                                                         **tracking.owner_tags()})
+            env["MLFLOW_RUN_ID"] = job.run_id
+        job.gpu = pick_gpu(self.gpus, [j.gpu for j in self.running])
+        if job.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = job.gpu
+        job.log = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.log"
+        try:
+            job.handle = self.executor.start(job.cfg, task_command(task), env, job.log)
+        except Exception as exc:
+            tracking.end_run(job.run_id, "FAILED", f"sweep could not start the experiment: {exc}")
+            raise
+        job.started, job.last_round = time.monotonic(), task.start
+        self.running.append(job)
+        self.report.started(job)
+
+    def _finish(self, job: Job) -> None:
+        """A job whose launcher ended: FINISHED, or failed, with the reason its run recorded (else
+        its log's last lines), and retried while attempts are left."""
+        from .. import tracking
+
+        record = tracking.run_record(job.run_id)
+        self._upload_log(job)
+        self.report.look_at_rounds([job])
+        outcome = Outcome(job.cfg, job.run_id, job.attempt)
+        if record.status == "FINISHED":
+            self.finished.append(outcome)
+            self.report.completed(job)
+            return
+        reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
+        reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
+        if record.status == "RUNNING":  # the launcher died (or its node was lost) before it could end its run
+            tracking.end_run(job.run_id, "FAILED", reason)
+        outcome.reason = one_line(reason)
+        if job.attempt <= self.max_retries:
+            # The retry continues from the failed run's checkpoint if it stored one: no round twice.
+            retry = job.task
+            if self.resume and record.checkpoint_round:
+                retry = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
+            self.report.failed(job, outcome, retry)
+            self.pending.append(Job(retry, job.index, job.attempt + 1))
+            return
+        self.failed.append(outcome)
+        self.report.failed(job, outcome)
+
+    @staticmethod
+    def _upload_log(job: Job) -> None:
+        from .. import tracking
+
+        with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
+            copy.write_bytes(job.log.read_bytes())
+            tracking.log_artifact(job.run_id, copy, "logs")
+
+    # -- stopping -------------------------------------------------------------------------
+    def _stop_all(self, why: str) -> None:
+        """Stop every launcher (SIGTERM, or a Ray cancel that sends it; each tears its experiment down
+        and marks its run KILLED), kill whatever is left after the grace period, and make sure no
+        run stays RUNNING."""
+        from .. import tracking
+
+        jobs, self.running = self.running, []
+        if not jobs:
+            return
+        self.report.stopping(why, jobs)
+        for job in jobs:
+            job.handle.stop()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for job in jobs:
+            job.handle.wait(max(0.0, deadline - time.monotonic()))
+            if not job.handle.done():
+                job.handle.kill()
+            reason = f"sweep {why}"
+            with suppress(Exception):
+                if tracking.run_status(job.run_id) == "RUNNING":
+                    tracking.end_run(job.run_id, "KILLED", reason)
+            self._upload_log(job)
+            self.killed.append(Outcome(job.cfg, job.run_id, job.attempt, reason))
+            self.report.stopped(job)

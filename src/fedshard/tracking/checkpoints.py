@@ -1,0 +1,107 @@
+"""A run's checkpoints in its artifacts, so that whatever stops a run, it continues from its
+latest round (`fedshard run --resume`).
+
+A run keeps the model of its latest round as the artifact checkpoint/round-<r>.pt (the file
+format is fedshard.checkpoint's), its round in the tag fedshard.checkpoint_round. The tags of
+resume and extension live here too: a longer run of the same configuration starts from a
+shorter one's final model, with its rounds' metrics copied in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+
+from .metrics import log_round
+from .store import client
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_TAG = "fedshard.checkpoint_round"
+RESUMED_TAG = "fedshard.resumed_from_round"
+EXTENDS_TAG = "fedshard.extends"
+ROUNDS_TRAINED_TAG = "fedshard.rounds_trained"
+
+
+class CheckpointWriteError(OSError):
+    """A round's checkpoint could not be stored; the run cannot promise to continue from it."""
+
+
+def _artifacts(run_id: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(client().get_run(run_id).info.artifact_uri)
+
+
+def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None) -> None:
+    """Make round `round_` durable: its checkpoint first (when `weights` are given), then its
+    metrics, then the older checkpoints go. A run whose metrics show round r therefore always
+    has a checkpoint of round r or later, and a crash at any point leaves one that loads: the
+    previous file is deleted only after the new one is complete (artifact stores publish a file
+    only once it is whole; a torn file would fail checkpoint.load and the older one is used)."""
+    if weights is not None:
+        start = time.perf_counter()
+        _store_checkpoint(run_id, round_, metrics, weights)
+        metrics = {**metrics, "checkpoint_seconds": time.perf_counter() - start}
+    log_round(run_id, round_, metrics)
+    if weights is not None:
+        client().set_tag(run_id, CHECKPOINT_TAG, str(round_))
+        delete_checkpoints(run_id, below=round_)
+
+
+def _store_checkpoint(run_id: str, round_: int, metrics: dict[str, float], weights: dict) -> None:
+    """Write round `round_`'s checkpoint into the run's artifacts, or raise CheckpointWriteError
+    with no part of it left behind."""
+    from .. import checkpoint
+
+    name = checkpoint.file_name(round_)
+    with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
+        try:
+            path = checkpoint.save(checkpoint.Checkpoint(round_, weights, metrics), Path(tmp) / name)
+            client().log_artifact(run_id, str(path), CHECKPOINT_DIR)
+        except Exception as exc:
+            with suppress(Exception):  # no torn file left for a later resume to trip over
+                _artifacts(run_id).delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
+            raise CheckpointWriteError(f"round {round_}: cannot store the checkpoint in the run's artifacts "
+                                       f"({client().get_run(run_id).info.artifact_uri}): "
+                                       f"{type(exc).__name__}: {exc}") from exc
+
+
+def checkpoint_rounds(run_id: str) -> list[int]:
+    """Rounds of the run's checkpoint files, newest first."""
+    from .. import checkpoint
+
+    rounds = (checkpoint.round_of(a.path) for a in client().list_artifacts(run_id, CHECKPOINT_DIR))
+    return sorted((r for r in rounds if r is not None), reverse=True)
+
+
+def load_checkpoint(run_id: str, warn=None):
+    """The run's newest checkpoint that loads completely (a torn newer file is passed over, with a
+    warning), or None when it has none."""
+    from .. import checkpoint
+
+    for round_ in checkpoint_rounds(run_id):
+        with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
+            try:
+                path = client().download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}", tmp)
+                return checkpoint.load(path)
+            except Exception as exc:
+                if warn:
+                    warn(f"run {run_id}: checkpoint of round {round_} is unusable ({exc}); trying an older one")
+    return None
+
+
+def delete_checkpoints(run_id: str, below: int | None = None) -> None:
+    """Delete the checkpoint files of rounds before `below`; without it, every one (and the tag)."""
+    from .. import checkpoint
+
+    repo = _artifacts(run_id)
+    if below is None:
+        repo.delete_artifacts(CHECKPOINT_DIR)
+        with suppress(Exception):
+            client().delete_tag(run_id, CHECKPOINT_TAG)
+        return
+    for round_ in checkpoint_rounds(run_id):
+        if round_ < below:
+            repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}")

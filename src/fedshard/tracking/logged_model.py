@@ -1,0 +1,84 @@
+"""The model of a run: its final model logged as an MLflow model, and weights loaded back, from
+such a model or a state-dict file, for an experiment to start from (`init_from`)."""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import first_line
+from .store import client, tracking_uri
+
+MODEL_NAME = "model"  # the final model: runs:/<run id>/model
+# fedshard's own code travels with the model (MLflow's code_paths), so loading needs no fedshard install.
+_FEDSHARD_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def log_model(run_id: str, weights: dict, example=None) -> None:
+    """The final model as an MLflow model: `mlflow.pytorch.load_model("runs:/<id>/model")` gives
+    fedshard's AlexNet, registrable with `mlflow.register_model`. Its signature: a float32 batch
+    (N, 3, 32, 32) of CIFAR images normalised as in training (training.normalize) -> (N, 100)
+    log-probabilities. fedshard's code travels with it, so loading needs no fedshard install."""
+    import logging
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from ..model import AlexNet
+
+    with torch.device("meta"):
+        model = AlexNet()
+    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}, assign=True)
+    model.eval()
+    x = np.asarray(example if example is not None else np.zeros((2, 3, 32, 32)), dtype=np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    # Created here, in the run's own experiment: left to itself, MLflow puts a model logged by run id
+    # into the process's current experiment (Default), not the run's.
+    # Pickled, not torch.export's pt2, so that load_model gives back the AlexNet class itself; MLflow
+    # warns about pickle on every save, which is no news to whoever runs fedshard's own model.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    run = client().get_run(run_id)
+    logged = client().create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                          params=dict(run.data.params))
+    mlflow.pytorch.log_model(
+        model, name=MODEL_NAME, model_id=logged.model_id, run_id=run_id, signature=infer_signature(x, y),
+        serialization_format="pickle", code_paths=[str(_FEDSHARD_PACKAGE)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
+
+
+def load_weights(uri: str) -> dict:
+    """The state dict that `init_from` names: a state-dict file (path or file: URI), or an MLflow
+    model (runs:/<run id>/model, models:/<name>/<version>). Raises FileNotFoundError when there is
+    nothing to load there, ValueError when what is there is no state dict."""
+    import torch
+
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        path = Path(urlparse(uri).path if scheme == "file" else uri).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from={uri!r}: no weights file at {path}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"init_from={uri!r}: {path} is not a state dict: {first_line(exc)}") from exc
+    import mlflow.pytorch
+
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
+    except Exception as exc:
+        if uri.startswith("runs:/"):  # a run from before final models were MLflow models: model/weights.pt
+            with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+                legacy = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/weights.pt", dst_path=tmp,
+                                                             tracking_uri=tracking_uri())
+                return torch.load(legacy, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"init_from={uri!r}: cannot load it as an MLflow model: {first_line(exc)}") from exc
+
+
+def load_final_weights(run_id: str) -> dict:
+    """The final model of a FINISHED run, as a state dict."""
+    return load_weights(f"runs:/{run_id}/{MODEL_NAME}")

@@ -1,0 +1,82 @@
+"""Who owns a run: the process responsible for ending it, recorded in the run's tags, so that a
+later sweep or `fedshard run --resume` recognises a RUNNING run whose owner was killed outright
+(SIGKILL, OOM) as stale, and leaves alone one whose owner still runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runs import RunRecord
+
+HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
+# The owner's start time (seconds since the epoch, psutil's create_time): a pid is reused by later
+# processes, a (pid, start time) pair names one process.
+PID_STARTED_TAG = "fedshard.pid_started"
+# How far a recorded start time may be from the process's own and still be its: create_time is the
+# boot time plus the ticks since boot, and the boot time follows steps of the system clock (NTP).
+# A process that reuses the pid starts after the owner ended, not within a second of its start.
+START_TOLERANCE = 1.0
+# Python's options that take a value as the next argument (`python -W error -m fedshard`).
+_PYTHON_OPTIONS_WITH_VALUE = {"-W", "-X", "--check-hash-based-pycs"}
+
+
+def owner_tags() -> dict[str, str]:
+    """This process as a run's owner: its host, pid and start time."""
+    import psutil
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            PID_STARTED_TAG: f"{psutil.Process().create_time():.2f}"}
+
+
+def owner_alive(run: RunRecord) -> bool | None:
+    """Whether the process that owns a RUNNING run still runs: True or False on this host, None
+    when it lives on another host (or never said where). The owner is the process with the
+    recorded pid and start time; a run recorded without a start time (by an older fedshard) is
+    owned by the process with its pid if that process runs fedshard."""
+    import psutil
+
+    if run.tags.get(HOST_TAG) != socket.gethostname():
+        return None
+    pid = int(run.tags.get(PID_TAG) or 0)
+    if not pid:
+        return False
+    started = run.tags.get(PID_STARTED_TAG)
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is None:
+            return runs_fedshard(proc.cmdline())
+        return abs(proc.create_time() - float(started)) <= START_TOLERANCE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or another user's: not our owner
+        return False
+
+
+def runs_fedshard(cmdline: list[str]) -> bool:
+    """Whether a command line runs fedshard: `python -m fedshard ...`, the `fedshard` console
+    script, or fedshard's `sweep.py` as the script (by name: it may be another checkout's). Only
+    the program and the script count, not words anywhere in its arguments."""
+    if not cmdline:
+        return False
+    program = Path(cmdline[0]).name
+    if program == "fedshard":  # the console script, run by its own name
+        return True
+    if not program.startswith("python"):
+        return False
+    args = iter(cmdline[1:])
+    for arg in args:
+        if arg == "-m":
+            return next(args, None) == "fedshard"
+        if arg.startswith("-m"):  # -mfedshard
+            return arg[2:] == "fedshard"
+        if arg in _PYTHON_OPTIONS_WITH_VALUE:
+            next(args, None)
+        elif arg == "-c" or arg == "-":  # a command or stdin: no script
+            return False
+        elif not arg.startswith("-"):  # the script; the console script runs as one too
+            return Path(arg).name in ("fedshard", "sweep.py")
+    return False
