@@ -12,11 +12,19 @@ Figures (their targets are TARGETS in report.py; how each is measured is in its 
                           same batch size, input pipeline alone, both on one torch thread.
   eval_speedup            pipeline.py: training.evaluate (large batches, inference_mode) vs a
                           batch-size-1 DataLoader loop, same model and images.
+  cpu_bf16_speedup        precision_figures.py (CPU only): full-AlexNet training images/s in bf16
+                          autocast over fp32 (batch 64, the threads a world-size-1 trainer gets),
+                          cpu_train_images_per_s_fp32 / _bf16, and the same for evaluation
+                          (cpu_eval_bf16_speedup); bf16 only where the CPU computes it natively.
   round_overhead_ratio    experiment.py: a real experiment (`fedshard run`, world_size 1) - best
                           round_seconds of rounds >= 2 - over the best time of the same local
                           training (train_local, same images, threads, batch size) in this process.
   startup_seconds         experiment.py: from starting `fedshard run` to the first training step
                           (the time the trainer logs), with an existing MLflow store.
+  startup_seconds_full_files_cold / _cached
+                          experiment.py: startup_seconds of a one-round experiment reading files of
+                          CIFAR-100's full size (150 MB), the dataset digests hashed (as at every
+                          start before the digest cache) and then read from the cache.
   exchange_gbytes_per_s   exchange.py: full AlexNet weights (~220 MB) to a trainer process and
                           back through fedshard.transport on loopback: 2 x bytes / seconds.
   checkpoint_seconds      experiment.py: storing one round's checkpoint (220 MB) in the run's
@@ -53,6 +61,7 @@ import cuda_figures
 import exchange
 import experiment
 import pipeline
+import precision_figures
 from common import say
 from report import Report
 
@@ -118,6 +127,11 @@ def main(argv=None) -> int:
         e = report.add("eval", pipeline.eval_section(test_x, test_y, device, sizes["eval_fast_images"],
                                                      sizes["eval_plain_images"]))
 
+        # ------------------------------------------------------------------- fp32 against bf16 (CPU)
+        if not on_cuda:
+            say("CPU: fp32 against bf16, full AlexNet, training and evaluation")
+            report.add("precision", precision_figures.precision_section(common.cores()))
+
         # ------------------------------------------------------------------- weight exchange
         say("weight exchange: full AlexNet there and back through fedshard.transport")
         report.add("exchange", exchange.exchange_section(sizes["exchange_repeats"]))
@@ -126,6 +140,9 @@ def main(argv=None) -> int:
         n = sizes["experiment_images"]
         report.add("experiment", experiment.experiment_section(tmp / "data", tmp, train_x[:n], train_y[:n], device,
                                                                sizes["experiment_rounds"], sizes["local_repeats"]))
+
+        # ------------------------------------------------------------------- startup, full-size files
+        report.add("startup", experiment.startup_section(tmp, device.type))
 
         # ------------------------------------------------------------------- extension
         if not args.no_sweeps:

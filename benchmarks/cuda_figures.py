@@ -45,7 +45,7 @@ def random_data(n: int, device: torch.device, generator: torch.Generator) -> tra
 def train_once(model, data: training.DeviceData, generator: torch.Generator) -> training.TrainResult:
     """One local epoch as a run trains it on a GPU: batch 64, bf16 autocast."""
     return training.train_local(model, data, learning_rate=1e-3, epochs=1, batch_size=64, generator=generator,
-                                amp=True)
+                                bf16=True)
 
 
 def bench_cuda_training(device, n_images: int, widths: dict | None, seconds_cap: float) -> dict:

@@ -10,6 +10,10 @@ training in this process without any federation, and a small sweep with and with
                         measured it (mean of rounds >= 1), in the background of the next round.
   extension_speedup     a sweep with every run from round 0 over the same sweep with each
                         4-round run extending its 2-round twin.
+  startup_seconds_full_files
+                        startup_seconds with files of CIFAR-100's full size (50,000 + 10,000
+                        images, 150 MB), the dataset digests first hashed (every start before the
+                        digest cache: "cold") and then read from the cache ("cached").
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fedshard import training
+from fedshard import precision, training
 from fedshard.model import AlexNet
 
 import common
@@ -27,7 +31,7 @@ from common import say
 from report import Section
 
 
-def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, device: str) -> dict:
+def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, device: str, **env: str) -> dict:
     """`fedshard run` as a user starts it; returns the run id, startup time and per-round metrics."""
     from fedshard import tracking
 
@@ -35,7 +39,7 @@ def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, dev
     os.environ["MLFLOW_TRACKING_URI"] = uri
     tracking.ensure_store()  # an existing store, as a user's is
     command = common.fedshard_run(data_dir, device, 1, rounds, n_train, 32, "bench", "--batch-size", "64")
-    done = common.run_command(command, 1800, cwd=workdir, env=common.store_env(workdir), watch_roles=True)
+    done = common.run_command(command, 1800, cwd=workdir, env=common.store_env(workdir, **env), watch_roles=True)
     if done.code != 0:
         raise RuntimeError(f"fedshard run failed ({done.code}):\n{done.output[-6000:]}")
     run = common.read_run(done.output, uri, workdir)
@@ -46,18 +50,18 @@ def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, dev
             "startup_breakdown": {f"{role}_spawned_s": s for role, s in in_order}}
 
 
-def bench_local_training(images, labels, device, batch_size: int, repeats: int, amp: bool) -> dict:
+def bench_local_training(images, labels, device, batch_size: int, repeats: int, bf16: bool) -> dict:
     """train_local over the same images as the experiment's trainer, in this process."""
     data = training.DeviceData.from_numpy(images, labels, device)
     torch.manual_seed(0)
     model = AlexNet().to(device)
     warm = training.DeviceData(data.images[: 2 * batch_size], data.labels[: 2 * batch_size])
     training.train_local(model, warm, learning_rate=1e-3, epochs=1, batch_size=batch_size,
-                         generator=torch.Generator(device).manual_seed(0), amp=amp)
+                         generator=torch.Generator(device).manual_seed(0), bf16=bf16)
     times = []
     for r in range(repeats):
         result = training.train_local(model, data, learning_rate=1e-3, epochs=1, batch_size=batch_size,
-                                      generator=torch.Generator(device).manual_seed(r), amp=amp)
+                                      generator=torch.Generator(device).manual_seed(r), bf16=bf16)
         times.append(result.seconds)
     return {"images": len(data), "seconds": times, "best_seconds": min(times)}
 
@@ -82,13 +86,14 @@ def round_figures(exp: dict, local: dict) -> dict:
 
 def experiment_section(data_dir: Path, workdir: Path, images, labels, device, rounds: int, repeats: int) -> Section:
     """Local training before and after the experiment, so that both sides sample the machine's load."""
-    n, amp = len(labels), device.type == "cuda"
+    # in the precision the experiment computes in (precision=auto), so both sides do the same work
+    n, bf16 = len(labels), precision.resolve("auto", device.type) == "bf16"
     say(f"local training without federation: {n} images, {repeats} repeats")
-    before = bench_local_training(images, labels, device, 64, 1, amp=amp)
+    before = bench_local_training(images, labels, device, 64, 1, bf16=bf16)
     say(f"experiment: fedshard run, world_size 1, {rounds} rounds over {n} images")
     exp = run_experiment(data_dir, workdir, n, rounds, device.type)
     say("local training again (so both sides sample the machine's load)")
-    after = bench_local_training(images, labels, device, 64, repeats - 1, amp=amp)
+    after = bench_local_training(images, labels, device, 64, repeats - 1, bf16=bf16)
     local = {"images": n, "seconds": before["seconds"] + after["seconds"]}
     local["best_seconds"] = min(local["seconds"])
     r = round_figures(exp, local)
@@ -104,6 +109,28 @@ def experiment_section(data_dir: Path, workdir: Path, images, labels, device, ro
         ("checkpoint_seconds (in the background)", r["checkpoint_seconds"], "s"),
         ("startup_seconds", exp["startup_seconds"], "s"),
         *[(f"  {k.replace('_spawned_s', '')} process started", v, "s") for k, v in exp["startup_breakdown"].items()]])
+
+
+# ----------------------------------------------------------------------------- startup, full-size files
+
+
+def startup_section(workdir: Path, device: str) -> Section:
+    """One-round experiments reading files of CIFAR-100's full size: first with an empty digest cache
+    (the launcher hashes both files, as it did at every start before the cache), then with it."""
+    from fedshard.synthetic import write_synthetic_cifar100
+
+    data_dir, cache = workdir / "full-size", workdir / "cache"
+    say("startup with full-size files: writing 50,000 + 10,000 synthetic images")
+    write_synthetic_cifar100(data_dir, n_train=50_000, n_test=10_000, n_classes=100, seed=0)
+    seconds = {}
+    for name in ("cold", "cached"):
+        say(f"startup with full-size files, digests {name}")
+        where = workdir / f"startup-{name}"
+        where.mkdir()
+        seconds[name] = run_experiment(data_dir, where, 64, 1, device, XDG_CACHE_HOME=str(cache))["startup_seconds"]
+    figures = {f"startup_seconds_full_files_{k}": v for k, v in seconds.items()}
+    return Section(figures, figures, [("startup_seconds_full_files_cold (digests hashed)", seconds["cold"], "s"),
+                                      ("startup_seconds_full_files_cached", seconds["cached"], "s")])
 
 
 # ----------------------------------------------------------------------------- extension

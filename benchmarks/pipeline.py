@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedshard import training
+from fedshard import precision, training
 from fedshard.model import AlexNet
 
 from common import best_of, sync, threads
@@ -88,7 +88,7 @@ def data_pipeline_section(images, labels, device, repeats: int) -> Section:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def bench_eval(images, labels, device, n_fast: int, n_plain: int, amp: bool, repeats: int) -> dict:
+def bench_eval(images, labels, device, n_fast: int, n_plain: int, bf16: bool, repeats: int) -> dict:
     """training.evaluate vs a batch-size-1 DataLoader loop, full AlexNet, the process's threads."""
     torch.manual_seed(0)
     model = AlexNet().to(device)
@@ -97,7 +97,7 @@ def bench_eval(images, labels, device, n_fast: int, n_plain: int, amp: bool, rep
                                         batch_size=1, shuffle=False, num_workers=0)
 
     def fast():
-        training.evaluate(model, fast_data, batch_size=1000, amp=amp)
+        training.evaluate(model, fast_data, batch_size=1000, bf16=bf16)
 
     def plain_loop():
         model.eval()
@@ -110,17 +110,18 @@ def bench_eval(images, labels, device, n_fast: int, n_plain: int, amp: bool, rep
                 correct += int((out.argmax(1) == y).item())
         return loss, correct
 
-    training.evaluate(model, training.DeviceData(fast_data.images[:8], fast_data.labels[:8]), amp=amp)  # warm-up
+    training.evaluate(model, training.DeviceData(fast_data.images[:8], fast_data.labels[:8]), bf16=bf16)  # warm-up
     fast_s, _ = best_of(fast, repeats)
     plain_s, _ = best_of(plain_loop, 1)
-    return {"fedshard_images": n_fast, "plain_images": n_plain, "amp": amp,
+    return {"fedshard_images": n_fast, "plain_images": n_plain, "bf16": bf16,
             "fedshard_images_per_s": n_fast / fast_s, "plain_images_per_s": n_plain / plain_s,
             "eval_speedup": (n_fast / fast_s) / (n_plain / plain_s)}
 
 
 def eval_section(images, labels, device, n_fast: int, n_plain: int) -> Section:
-    """On a GPU with bf16 autocast, as a run evaluates there."""
-    e = bench_eval(images, labels, device, n_fast, n_plain, amp=device.type == "cuda", repeats=2)
+    """In the precision a run evaluates in on this device (precision=auto)."""
+    bf16 = precision.resolve("auto", device.type) == "bf16"
+    e = bench_eval(images, labels, device, n_fast, n_plain, bf16=bf16, repeats=2)
     return Section(e, {"eval_speedup": e["eval_speedup"]}, [
         ("eval_speedup", e["eval_speedup"], "x"),
         ("  fedshard evaluate", e["fedshard_images_per_s"], "img/s"),

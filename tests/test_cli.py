@@ -52,7 +52,7 @@ def test_every_config_field_is_an_option_of_fedshard_run():
 def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_model(tmp_path, data_dir, store):
     import mlflow
 
-    from fedshard import data, tracking
+    from fedshard import data, precision, tracking
     from fedshard.model import AlexNet
     from fedshard.training import DeviceData, evaluate
 
@@ -79,16 +79,22 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     assert len(runs) == 1  # fedshard logged into the run `mlflow run` made, not a second one
     run = runs[0]
     assert run.info.status == "FINISHED"
+    # MLflow logged precision=auto before fedshard started; what it computed in is the tag (and the config
+    # read back from the run), and bf16 would be in its name
+    computed = precision.resolve("auto", "cpu")
+    assert run.data.params["precision"] == "auto" and run.data.tags["fedshard.precision"] == computed
+    assert tracking.run_record(run.info.run_id).config().precision == computed
     # named by what it is in the UI's run table, not like languid-bear-729
-    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-bs16-train32-test16-init"
+    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-bs16-train32-test16-init" + "-bf16" * (computed == "bf16")
     assert ExperimentConfig.from_mapping({"learning_rate": run.data.params["learning_rate"]}).learning_rate == 1e-5
-    assert run.data.params["amp"] == "true"  # a bool MLproject passes as a string is the config's canonical one
+    assert run.data.params["enable_swapping"] == "true"  # a bool MLproject passes as a string, canonical
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert sorted(history) == [0, 1]
     # Round 0 is the model it was told to start from, the registered model.
     model = AlexNet()
     model.load_state_dict(weights)
-    expected, _ = evaluate(model, DeviceData.from_numpy(*data.load_split(data_dir, "test", 16), torch.device("cpu")))
+    expected, _ = evaluate(model, DeviceData.from_numpy(*data.load_split(data_dir, "test", 16), torch.device("cpu")),
+                           bf16=computed == "bf16")
     assert history[0] == pytest.approx(expected, rel=1e-5)
 
 

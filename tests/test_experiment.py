@@ -20,8 +20,9 @@ from fedshard.training import normalize
 CHANCE = 0.25  # the test data has 4 classes
 
 
-def run_experiment(tmp_path, data_dir, **params):
-    result = fedshard("run", *experiment_args(data_dir, **params), "--experiment-name", "tests", cwd=tmp_path)
+def run_experiment(tmp_path, data_dir, launcher_args=(), **params):
+    result = fedshard("run", *experiment_args(data_dir, **params), "--experiment-name", "tests", *launcher_args,
+                      cwd=tmp_path)
     match = re.search(r"fedshard: run ([0-9a-f]{32}):", result.stdout)
     assert match, result.stdout + result.stderr
     run_id = match.group(1)
@@ -139,9 +140,12 @@ def test_world_size_one_is_centralised_training_and_learns(tmp_path, data_dir, s
 
 def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tmp_path, data_dir, store):
     rounds, every = 3, 1
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=rounds, swap_every=every,
-                                          enable_swapping=True, local_epochs=2, **LEARNS)
+    result, run_id, pids = run_experiment(tmp_path, data_dir, ["--progress-every", "1"], world_size=2, rounds=rounds,
+                                          swap_every=every, enable_swapping=True, local_epochs=2, **LEARNS)
     check_finished_run(result, run_id, rounds)
+    # inside the rounds, not a terminal: a progress line every second (16 steps per trainer and round)
+    assert re.search(r"^round [1-3]/3: steps \d+/32 \(\d+%\), \d+ img/s, ETA \d+:\d\d", result.stdout, re.M), \
+        result.stdout
     for k in range(2):
         trained = history(run_id, f"trainer_{k}/slice")
         assert trained == {r: expected_slice(k, r, 2, every) for r in range(1, rounds + 1)}

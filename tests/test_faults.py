@@ -28,9 +28,13 @@ ALL_UP = r"aggregator: trainer 1 joined"  # every process is up; round 1 is star
 
 def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
     # short rounds (16 images per trainer) so that only the stopped trainer misses the deadline
-    exp = Launcher(tmp_path, data_dir, world_size=2, rounds=20, max_train_samples=32, round_timeout=12)
+    exp = Launcher(tmp_path, data_dir, world_size=2, rounds=20, max_train_samples=32, round_timeout=12,
+                   launcher_args=["--progress-every", "1"])
     exp.wait_for(r"round 0/")  # in a round: every process group member is connected
     os.kill(exp.trainers[0], signal.SIGSTOP)  # alive, but never answers
+    # the progress lines say so while the run still waits (a third of round_timeout on, here 4 s)
+    silent = exp.wait_for(r"round \d+/20: .*; trainer 0 silent for (\d+)s", timeout=30)
+    assert 4 <= int(silent.group(1)) < 12 and exp.proc.poll() is None
     elapsed = exp.finish(timeout=60)
     assert exp.proc.returncode == 1
     assert elapsed < 40, elapsed
@@ -146,3 +150,29 @@ def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path,
         time.sleep(0.2)
     status, reason = run_info(run_id)
     assert status == "KILLED" and reason == "interrupted by SIGTERM"
+
+
+def test_a_launcher_killed_outright_leaves_its_directory_and_the_next_one_removes_it(tmp_path, monkeypatch):
+    import json
+    import tempfile
+
+    import psutil
+
+    from fedshard import launcher
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    dirs = {name: tmp_path / f"fedshard-{name}" for name in ("killed", "alive", "reused", "making")}
+    for d in dirs.values():
+        d.mkdir()
+        (d / "start.pt").write_bytes(b"x" * 1000)
+    owners = {"killed": (gone.pid, started), "alive": (os.getpid(), psutil.Process().create_time()),
+              "reused": (os.getpid(), psutil.Process().create_time() - 3600)}  # this pid, an older process
+    for name, (pid, when) in owners.items():
+        (dirs[name] / "owner.json").write_text(json.dumps({"pid": pid, "started": when}))
+    mine = launcher.make_workdir()
+    # "making": no owner file yet (a launcher between mkdtemp and writing it): left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "fedshard-alive", "fedshard-making"])
+    assert json.loads((mine / "owner.json").read_text())["pid"] == os.getpid()

@@ -45,13 +45,13 @@ def test_fixed_params_and_grid_file(tmp_path):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({
         "world_sizes": [2], "learning_rates": "1e-4", "swap": [True], "rounds": [5, 7], "seeds": [1],
-        "params": {"data_dir": "/data", "max_train_samples": 5000, "amp": False},
+        "params": {"data_dir": "/data", "max_train_samples": 5000, "precision": "fp32"},
     }))
     # options given on the command line win over the file, -P over the file's params
     grid = make_grid({"rounds": "9"}, ["max_train_samples=100", "batch_size=16"], grid_file)
     (cfg,) = expand(grid)
     assert cfg.key() == (2, 1e-4, True, 9, 1)
-    assert (cfg.data_dir, cfg.max_train_samples, cfg.batch_size, cfg.amp) == ("/data", 100, 16, False)
+    assert (cfg.data_dir, cfg.max_train_samples, cfg.batch_size, cfg.precision) == ("/data", 100, 16, "fp32")
 
 
 @pytest.mark.parametrize("options, assignments, message", [

@@ -34,7 +34,7 @@ BYTES = {(2, "tensor_parallel", False): (1_000_000, 1_000_000), (2, "tensor_para
          (2, "fedavg", False): (2_000_000, 2_000_000), (1, "tensor_parallel", False): None}
 CONSTANT = {"learning_rate": "0.001", "rounds": "3", "local_epochs": "1", "batch_size": "64", "swap_every": "2",
             "partition": "iid", "dirichlet_alpha": "0.5", "max_train_samples": "0", "max_test_samples": "0",
-            "init_from": "", "amp": "True"}
+            "init_from": "", "precision": "fp32"}
 
 
 def write_csv(path):
@@ -211,7 +211,7 @@ def test_formats_are_told_apart_by_content_not_name(tmp_path):
 def test_frames_round_trip_through_both_formats(tmp_path):
     path = write_csv(tmp_path / "hand.csv")
     frame = results.read(path)
-    assert frame["init_from"].tolist() == [""] * 40 and frame["amp"].dtype == bool
+    assert frame["init_from"].tolist() == [""] * 40 and set(frame["precision"]) == {"fp32"}
     assert frame["bytes_total"].isna().sum() == 4  # E's rounds
     again = results.read(results.write_atomic(tmp_path / "again.csv", results.csv_bytes(frame)))
     pd.testing.assert_frame_equal(again, frame)

@@ -18,13 +18,15 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
-from fedshard import cli, tracking
+from fedshard import cli, precision, tracking
 from fedshard.config import ExperimentConfig
 
 # Rounds of about 3 s here: time to act between one round's checkpoint and the run's end.
 CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
-              max_test_samples=32, batch_size=16)
+              max_test_samples=32, batch_size=16, precision="fp32")
 METRICS = ("test_loss", "test_accuracy")
+NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "
+                  "precision=bf16 here, as PyTorch would emulate it tens of times slower")
 
 
 def history(run_id: str, client=None) -> dict[str, dict[int, float]]:
@@ -104,8 +106,10 @@ def test_a_killed_trainer_then_a_sigkilled_launcher_each_leave_a_run_that_resume
     assert_gone(again.children() + meta, exp.run_id)
     stale = tracking.run_record(exp.run_id)
     assert stale.status == "RUNNING" and stale.checkpoint_round == 2
+    (left,) = tmp_path.glob("fedshard-*")  # the killed launcher's directory, with its 220 MB start checkpoint
 
     result = resume(tmp_path, exp.run_id)
+    assert not left.exists() and list(tmp_path.glob("fedshard-*")) == []  # the next launcher removed it
     assert "round 1/3" not in result.stdout and "round 2/3" not in result.stdout and "round 3/3" in result.stdout
     assert_continued_exactly(exp.run_id, reference, 2)
     assert fedshard_processes(exp.run_id) == []
@@ -230,15 +234,19 @@ def snapshot(run_id: str):
     ("no_checkpoint", "the run has no checkpoint"),
     ("missing", "no such run"),
     ("options", "continues the run with its own configuration and experiment; drop --rounds"),
+    ("legacy_auto", "recorded on device=auto before fedshard recorded the precision"),
 ])
 def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(data_dir, store, case, message):
-    params = ExperimentConfig(world_size=1, rounds=2, data_dir=str(data_dir)).params()
+    params = ExperimentConfig(world_size=1, rounds=2, data_dir=str(data_dir), precision="fp32").params()
     run_id = {
         "finished": lambda: make_run("refuse", "FINISHED", params),
         "foreign": lambda: make_run("refuse", "FAILED", {"alpha": "0.5"}),  # another project's run
         "no_checkpoint": lambda: make_run("refuse", "FAILED", params),
         "missing": lambda: "0123456789abcdef0123456789abcdef",
         "options": lambda: make_run("refuse", "FAILED", params, checkpoint=1),
+        # recorded before `precision` existed, on device=auto: bf16 or fp32 cannot be known
+        "legacy_auto": lambda: make_run("refuse", "FAILED", {**{k: v for k, v in params.items() if k != "precision"},
+                                                             "device": "auto", "amp": "true"}, checkpoint=1),
     }[case]()
     before = snapshot(run_id) if case != "missing" else None
     extra = ["--rounds", "5"] if case == "options" else []
@@ -266,17 +274,24 @@ def test_extending_needs_a_finished_shorter_run_of_the_same_configuration(data_d
     assert len(MlflowClient().search_runs([tracking.experiment_id("refuse")])) == 2  # no run was created
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_deterministic_run_reproduces_itself_and_resumes_exactly(tmp_path, data_dir, store):
-    """On CUDA with --deterministic: an uninterrupted run, and a run whose trainer is killed after
-    round 1 and which is then resumed, give the same history bit for bit."""
-    cuda = dict(CONFIG, device="cuda", deterministic=True)
-    whole = fedshard("run", *experiment_args(data_dir, **cuda), "--experiment-name", "cuda", cwd=tmp_path)
+@pytest.mark.parametrize("faster", [
+    pytest.param(dict(device="cuda", deterministic=True, precision="bf16"), id="cuda-deterministic-bf16",
+                 marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")),
+    pytest.param(dict(device="cpu", precision="bf16"), id="cpu-bf16",
+                 marks=pytest.mark.skipif(not precision.cpu_has_native_bf16(), reason=NO_NATIVE_BF16)),
+])
+def test_a_bf16_run_reproduces_itself_and_resumes_exactly(tmp_path, data_dir, store, faster):
+    """In bf16 (on CUDA with --deterministic, or on a CPU with native bf16, for a fixed number of
+    threads): an uninterrupted run, and a run whose trainer is killed after round 1 and which is
+    then resumed, give the same history bit for bit; both record that they computed in bf16."""
+    config = dict(CONFIG, **faster)
+    whole = fedshard("run", *experiment_args(data_dir, **config), "--experiment-name", "bf16", cwd=tmp_path)
     assert whole.returncode == 0, whole.stdout + whole.stderr
-    (reference_run,) = sweep_runs("cuda")
-    exp = Launcher(tmp_path, data_dir, "cuda", **cuda)
+    (reference_run,) = sweep_runs("bf16")
+    exp = Launcher(tmp_path, data_dir, "bf16", **config)
     wait_for_checkpoint(exp.run_id, 1, exp.proc)
     os.kill(exp.trainers[0], signal.SIGKILL)
     exp.finish()
     resume(tmp_path, exp.run_id)
     assert history(exp.run_id) == history(reference_run.info.run_id)
+    assert {r.data.params["precision"] for r in sweep_runs("bf16")} == {"bf16"}

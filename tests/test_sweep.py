@@ -33,7 +33,7 @@ SWEEP = str(REPO / "sweep.py")
 
 
 def test_child_command_forwards_every_parameter_to_fedshard_run():
-    cfg = ExperimentConfig(world_size=3, learning_rate=1e-5, rounds=4, seed=9, init_from="", amp=False,
+    cfg = ExperimentConfig(world_size=3, learning_rate=1e-5, rounds=4, seed=9, init_from="", precision="fp32",
                            data_dir="/some where/data", partition="dirichlet", dirichlet_alpha=0.25)
     argv = child_command(cfg)
     assert argv[:4] == [sys.executable, "-m", "fedshard", "run"]
@@ -113,15 +113,22 @@ def all_runs(experiment: str):
 
 def test_dry_run_prints_what_would_run_and_what_is_skipped_and_runs_nothing(tmp_path, store, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    done = fake_finished_run("dry", world_size="1", learning_rate="0.00001", enable_swapping="false",
-                             rounds="30", seed="123")
-    result = CliRunner().invoke(cli.main, ["sweep", "--dry-run", "--experiment-name", "dry"])
+    key = dict(world_size="1", learning_rate="0.00001", enable_swapping="false")
+    done = fake_finished_run("dry", **key, rounds="30", seed="123", precision="fp32")
+    # Recorded before fedshard recorded its precision: on device=cpu it computed in fp32 whatever amp
+    # said, so it counts; on device=auto which precision it used cannot be known, so it never does.
+    legacy_cpu = fake_finished_run("dry", **key, rounds="30", seed="456", amp="true", device="cpu")
+    fake_finished_run("dry", **key, rounds="50", seed="123", amp="true", device="auto")
+    result = CliRunner().invoke(cli.main, ["sweep", "--dry-run", "-P", "precision=fp32", "--experiment-name", "dry"])
     assert result.exit_code == 0, result.output
-    assert "Total experiments to run: 53 (1 already finished)" in result.output
-    assert "Would run 1/53: world_size=1, lr=1e-05, swap=False, rounds=30, seed=456" in result.output
-    assert "Would run 53/53: world_size=2, lr=0.001, swap=True, rounds=50, seed=789" in result.output
+    assert "Total experiments to run: 52 (2 already finished)" in result.output
+    assert "Would run 1/52: world_size=1, lr=1e-05, swap=False, rounds=30, seed=789" in result.output
+    assert ("Would run 2/52: world_size=1, lr=1e-05, swap=False, rounds=50, seed=123 (extend FINISHED run "
+            f"{done} from round 30: 20 rounds to train)") in result.output
+    assert "Would run 52/52: world_size=2, lr=0.001, swap=True, rounds=50, seed=789" in result.output
     assert f"Skip (FINISHED run {done}): world_size=1, lr=1e-05, swap=False, rounds=30, seed=123" in result.output
-    assert [r.info.run_id for r in all_runs("dry")] == [done]
+    assert f"Skip (FINISHED run {legacy_cpu}): world_size=1, lr=1e-05, swap=False, rounds=30, seed=456" in result.output
+    assert len(all_runs("dry")) == 3  # a dry run creates nothing
 
 
 @pytest.mark.parametrize("args, message", [
@@ -172,7 +179,8 @@ def test_mlproject_entry_points_forward_their_parameters():
 
 
 def tiny(data_dir, train=16) -> list[str]:
-    return ["-P", f"data_dir={data_dir}", "-P", f"max_train_samples={train}", "-P", "max_test_samples=16",
+    return ["-P", f"data_dir={data_dir}", "-P", "precision=fp32", "-P", f"max_train_samples={train}",
+            "-P", "max_test_samples=16",
             "-P", "batch_size=16"]
 
 
@@ -277,7 +285,7 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
             "--experiment-name", "sig"]
     # Seed 1 finished earlier (logged as `mlflow run -P learning_rate=0.00010` would): skipped, never touched.
     earlier = ExperimentConfig(world_size=1, learning_rate=1e-4, rounds=1, seed=1, data_dir=str(data),
-                               max_train_samples=16, max_test_samples=16, batch_size=16)
+                               max_train_samples=16, max_test_samples=16, batch_size=16, precision="fp32")
     done = fake_finished_run("sig", **{**earlier.params(), "learning_rate": "0.00010"})
     before = MlflowClient().get_run(done).info
 

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from . import checkpoint, data, strategies, transport
+from . import checkpoint, data, precision, progress, strategies, transport
 from .config import ExperimentConfig
 from .errors import first_line
 from .model import AlexNet
@@ -73,8 +73,9 @@ class Rounds:
     """The state the round loop carries from round to round: the model, the bytes moved so far,
     the evaluation copy of the model and the background committer."""
 
-    def __init__(self, cfg: ExperimentConfig, run_id: str, weights: dict, moved: float | None, test: DeviceData):
-        self.cfg, self.run_id, self.weights, self.test = cfg, run_id, weights, test
+    def __init__(self, cfg: ExperimentConfig, run_id: str, weights: dict, moved: float | None, test: DeviceData,
+                 relay: progress.Relay | None = None):
+        self.cfg, self.run_id, self.weights, self.test, self.relay = cfg, run_id, weights, test, relay
         self.moved = moved  # cumulative bytes; None for a run recorded before bytes were counted
         self.strategy = strategies.build(cfg)
         self.committer = Committer(run_id)
@@ -88,6 +89,8 @@ class Rounds:
         parts = self.strategy.assignment(round_)
         payloads = self.strategy.split(self.weights, parts)
         self.started = time.perf_counter()
+        if self.relay is not None:
+            self.relay.round_started(round_)
         return Dispatched(round_, parts, payloads, transport.send_round(round_, parts, payloads, self.cfg.round_timeout))
 
     def collect(self, sent: Dispatched) -> list[transport.TrainerReport]:
@@ -114,7 +117,7 @@ class Rounds:
         """Evaluate the current model, make the round durable in the background, and say it."""
         self.model.load_state_dict(self.weights)
         start = time.perf_counter()
-        loss, acc = evaluate(self.model, self.test, self.cfg.eval_batch_size, self.cfg.amp)
+        loss, acc = evaluate(self.model, self.test, self.cfg.eval_batch_size, self.cfg.precision == "bf16")
         metrics = {"test_loss": loss, "test_accuracy": acc, "eval_seconds": time.perf_counter() - start, **extra}
         # Round 0 needs no checkpoint: the seed (or init_from) makes that model again.
         self.committer.submit(round_, metrics, self.weights if round_ > 0 else None)
@@ -123,10 +126,13 @@ class Rounds:
 
 
 def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", join_timeout: float = 600.0,
-        start_from: str | None = None) -> None:
-    """Run rounds 1..cfg.rounds, or, with `start_from` (a checkpoint file), the rounds after its round."""
+        start_from: str | None = None, progress_file: str | None = None) -> None:
+    """Run rounds 1..cfg.rounds, or, with `start_from` (a checkpoint file), the rounds after its round;
+    with `progress_file`, relay the trainers' progress inside each round there."""
     device = resolve_device(cfg.device)
     configure_backends(device, cfg.deterministic)
+    # What this experiment computes in, decided once, here, for every process (precision.py).
+    cfg = cfg.replace(precision=precision.resolve(cfg.precision, device.type))
     store = transport.open_experiment(metaserver, run_id, secret, timeout=cfg.round_timeout)
     # Trainers read the one frozen config from here, so every process runs the same experiment.
     store.set("config", cfg.to_json())
@@ -136,7 +142,9 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         first, weights, moved = begin.round, begin.weights, begin.metrics.get("comm/bytes_total")
     else:
         first, weights, moved = 0, load_initial_weights(cfg), 0.0
-    rounds = Rounds(cfg, run_id, weights, moved, test)
+    relay = progress.Relay(transport.experiment_store(metaserver, run_id, secret, cfg.round_timeout), progress_file,
+                           cfg.world_size, cfg.rounds, cfg.round_timeout).start() if progress_file else None
+    rounds = Rounds(cfg, run_id, weights, moved, test, relay)
     print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
     transport.await_trainers(store, cfg.world_size, join_timeout, report=lambda m: print(m, flush=True))
     transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout, metaserver)
@@ -147,6 +155,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     from . import tracking  # only now: importing MLflow takes seconds the trainers need not wait for
 
     tracking.log_extra_params(run_id, strategies.model_sizes(cfg))
+    tracking.record_precision(run_id, cfg)
     if first == 0:
         rounds.evaluate_and_commit(0, {})
     for round_ in range(first + 1, cfg.rounds + 1):
@@ -156,6 +165,8 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
             sent = rounds.dispatch(round_ + 1)
         rounds.evaluate_and_commit(round_, metrics)
     rounds.committer.wait()
+    if relay is not None:
+        relay.close()
     transport.stop_trainers(cfg.world_size)
     tracking.log_model(run_id, rounds.weights, example=normalize(test.images[:2]).cpu().numpy())
     transport.leave()

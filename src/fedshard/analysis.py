@@ -32,7 +32,7 @@ LABELS = {
     "local_epochs": "Local Epochs", "batch_size": "Batch Size", "swap_every": "Swap Every",
     "strategy": "Strategy", "partition": "Partition", "dirichlet_alpha": "Dirichlet Alpha",
     "max_train_samples": "Train Samples", "max_test_samples": "Test Samples", "init_from": "Init From",
-    "amp": "AMP", "seed": "Seed",
+    "precision": "Precision", "seed": "Seed",
 }
 
 

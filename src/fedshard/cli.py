@@ -16,31 +16,8 @@ from pathlib import Path
 import click
 
 from . import lifecycle
-from .config import ConfigError, ExperimentConfig
+from .config import HELP, RENAMED, ConfigError, ExperimentConfig
 from .processes import exit_now, role_process, role_threads
-
-HELP = {
-    "world_size": "number of trainers (tensor_parallel: 1..96)",
-    "learning_rate": "Adam learning rate of local training",
-    "enable_swapping": "rotate slices between trainers every swap_every rounds (true/false)",
-    "rounds": "federated rounds",
-    "seed": "seed of initialisation, partition, shuffling, augmentation and dropout",
-    "local_epochs": "passes over its partition a trainer makes per round",
-    "batch_size": "local training batch size",
-    "swap_every": "rounds between slice rotations when swapping",
-    "strategy": "tensor_parallel (slices) or fedavg (whole model per trainer)",
-    "partition": "how training images are divided: iid, contiguous or dirichlet",
-    "dirichlet_alpha": "concentration of the dirichlet partition (smaller = more skewed)",
-    "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
-    "max_train_samples": "use only the first N training images (0 = all)",
-    "max_test_samples": "evaluate on the first N test images only (0 = all)",
-    "init_from": "start from these weights: a state-dict file, runs:/<id>/model or models:/<name>/<version>",
-    "eval_batch_size": "evaluation batch size",
-    "round_timeout": "seconds a round's exchange may take before the experiment fails",
-    "device": "auto (cuda when available), cpu or cuda",
-    "amp": "bf16 autocast on CUDA (ignored on CPU)",
-    "deterministic": "bit-for-bit reproducible CUDA kernels (slower)",
-}
 
 _TYPES = {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL, "str": click.STRING}
 
@@ -81,8 +58,13 @@ def main():
 @click.option("--extend", "extend_id", default=None, metavar="RUN_ID",
               help="start from the final model of this FINISHED run of the same configuration with fewer rounds; "
               "its rounds are copied in and only the later ones are trained")
+@click.option("--progress-every", default=30.0, type=click.FloatRange(0), metavar="SECONDS",
+              help="progress inside a round: a line every SECONDS when the output is not a terminal (a live bar "
+              "when it is); 0 turns it off")
+@click.option("--amp", hidden=True, is_flag=False, flag_value="true", default=None, expose_value=False,
+              callback=lambda ctx, param, value: value is None or _amp_is_gone(value))
 def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join_timeout, resume_id, extend_id,
-        **values):
+        progress_every, **values):
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
     from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
 
@@ -101,6 +83,10 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
                 _refuse(str(exc))
             for note in notes:
                 click.echo(f"fedshard: note: {note}")
+            if extend_id:  # the shorter run computed in bf16 or fp32: so must its extension
+                from . import precision
+
+                cfg = precision.resolved(cfg)
             start = lifecycle.extended(cfg, extend_id) if extend_id else None
             if start:
                 click.echo(f"fedshard: extending run {extend_id}: its rounds 0..{start.copied_rounds} are copied "
@@ -112,7 +98,8 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
         open_run = functools.partial(lifecycle.open_run, cfg, datasets, experiment_name=experiment_name,
                                      resume_id=resume_id, extend_id=extend_id, start=start)
         placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
-        code = launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start)
+        code = launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start,
+                            progress_every=progress_every)
     except lifecycle.Refused as exc:  # from open_run too: the launcher has stopped the metaserver again
         fail(str(exc), exc.code)
     exit_now(code)
@@ -126,6 +113,11 @@ def _resume_alone(run_id: str, extend_id, experiment_name, values) -> None:
     given += ["--extend"] * bool(extend_id) + ["--experiment-name"] * bool(experiment_name)
     if given:
         fail(f"--resume {run_id} continues the run with its own configuration and experiment; drop {', '.join(given)}")
+
+
+def _amp_is_gone(value: str):
+    """Scripts and `mlflow run -P amp=...` from before precision existed: say what replaced it."""
+    _refuse(f"--amp {value}: the setting is gone; it is now {RENAMED['amp']}: use --precision bf16, fp32 or auto")
 
 
 def _refuse(message: str):
@@ -169,14 +161,15 @@ def role_options(func):
               help="seconds to wait for every trainer to join")
 @click.option("--start-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="a checkpoint file: continue after its round instead of starting at round 0")
-def aggregator(address, run_id, secret, threads, config_path, join_timeout, start_from):
+@click.option("--progress-file", default=None, help="relay the trainers' progress inside a round to this file")
+def aggregator(address, run_id, secret, threads, config_path, join_timeout, start_from, progress_file):
     """Rank 0: send slices, collect them, assemble, evaluate and log every round."""
     from . import aggregator as role
 
     role_threads(threads)
     with role_process("aggregator"):
         role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout,
-                 start_from)
+                 start_from, progress_file)
 
 
 @main.command()

@@ -15,6 +15,12 @@ from dataclasses import dataclass, fields
 STRATEGIES = ("tensor_parallel", "fedavg")
 PARTITIONS = ("iid", "contiguous", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
+# What a run computes in (precision.py): auto is bf16 where the device computes it natively, else
+# fp32; a run records the one it really used.
+PRECISIONS = ("auto", "bf16", "fp32")
+# Settings that are gone, and what took their place: named when someone still gives them.
+RENAMED = {"amp": "precision (bf16 for amp=true, fp32 for amp=false; auto: bf16 wherever the device computes "
+                  "it natively, which is what amp did on CUDA)"}
 # The narrowest split width of AlexNet (conv1 has 96 output channels): a
 # tensor-parallel world cannot have more trainers than that.
 MAX_TENSOR_PARALLEL_WORLD = 96
@@ -32,7 +38,7 @@ KEY_SETTINGS = ("world_size", "learning_rate", "enable_swapping", "rounds", "see
 NAME_PARTS = {
     "local_epochs": "ep{}", "batch_size": "bs{}", "swap_every": "every{}", "strategy": "{}",
     "partition": "{}", "dirichlet_alpha": "alpha{}", "max_train_samples": "train{}",
-    "max_test_samples": "test{}", "init_from": "init", "amp": "amp{}",
+    "max_test_samples": "test{}", "init_from": "init", "precision": "{}",
 }
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -41,6 +47,32 @@ _FALSE = {"false", "0", "no", "off"}
 
 class ConfigError(ValueError):
     """An invalid experiment setting; the message names the value and what is valid."""
+
+
+# What each setting means: `fedshard run --help`, and the MLproject's parameters.
+HELP = {
+    "world_size": "number of trainers (tensor_parallel: 1..96)",
+    "learning_rate": "Adam learning rate of local training",
+    "enable_swapping": "rotate slices between trainers every swap_every rounds (true/false)",
+    "rounds": "federated rounds",
+    "seed": "seed of initialisation, partition, shuffling, augmentation and dropout",
+    "local_epochs": "passes over its partition a trainer makes per round",
+    "batch_size": "local training batch size",
+    "swap_every": "rounds between slice rotations when swapping",
+    "strategy": "tensor_parallel (slices) or fedavg (whole model per trainer)",
+    "partition": "how training images are divided: iid, contiguous or dirichlet",
+    "dirichlet_alpha": "concentration of the dirichlet partition (smaller = more skewed)",
+    "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
+    "max_train_samples": "use only the first N training images (0 = all)",
+    "max_test_samples": "evaluate on the first N test images only (0 = all)",
+    "init_from": "start from these weights: a state-dict file, runs:/<id>/model or models:/<name>/<version>",
+    "eval_batch_size": "evaluation batch size",
+    "round_timeout": "seconds a round's exchange may take before the experiment fails",
+    "device": "auto (cuda when available), cpu or cuda",
+    "precision": "what to compute in: auto (bf16 where the device computes it natively: CUDA, or a CPU with "
+                 "avx512_bf16 or AMX; else fp32), bf16 or fp32; the run records the one it used",
+    "deterministic": "bit-for-bit reproducible CUDA kernels (slower)",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +95,7 @@ class ExperimentConfig:
     eval_batch_size: int = 1000
     round_timeout: float = 1800.0
     device: str = "auto"
-    amp: bool = True
+    precision: str = "auto"
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -130,6 +162,8 @@ class ExperimentConfig:
             p.append(f"round_timeout={self.round_timeout!r}: must be a number of seconds > 0")
         if self.device not in DEVICES:
             p.append(f"device={self.device!r}: must be one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            p.append(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
         if not self.data_dir:
             p.append("data_dir is empty: give the directory that holds (or will hold) cifar-100-python/")
         return p
@@ -151,8 +185,11 @@ class ExperimentConfig:
 
     def run_name(self) -> str:
         """The run's name in the MLflow UI: the pickle key's five settings, then every other setting
-        that differs from its default, e.g. ws2-lr0.001-swapfalse-r30-s123-fedavg."""
-        p, default = self.params(), ExperimentConfig().params()
+        that differs from its default, e.g. ws2-lr0.001-swapfalse-r30-s123-fedavg; bf16 is named,
+        fp32 (what the original harness computed in) is not."""
+        p, default = self.params(), dict(ExperimentConfig().params(), precision="fp32")
+        if p["precision"] == "auto":
+            p["precision"] = "fp32"
         name = f"ws{self.world_size}-lr{p['learning_rate']}-swap{p['enable_swapping']}-r{self.rounds}-s{self.seed}"
         extra = [NAME_PARTS[k].format(p[k]) for k in RESULT_SETTINGS if k in NAME_PARTS and p[k] != default[k]]
         return "-".join([name, *extra])
@@ -190,7 +227,9 @@ class ExperimentConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown experiment parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+            renamed = "".join(f"; {name} is now {RENAMED[name]}" for name in unknown if name in RENAMED)
+            raise ConfigError(f"unknown experiment parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+                              + renamed)
         return cls(**values)
 
     def replace(self, **changes) -> "ExperimentConfig":

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig, field_names
+from .config import KEY_SETTINGS, RENAMED, RESULT_SETTINGS, ConfigError, ExperimentConfig, field_names
 from .errors import first_line
 
 # Option (and grid-file key) of the five classic axes -> the setting it varies.
@@ -91,7 +91,8 @@ def parse_assignments(items, axes=()) -> dict[str, str]:
                              f"(a single value is a one-value axis)")
         if key not in field_names():
             valid = [n for n in field_names() if n not in KEY_SETTINGS]
-            raise SweepError(f"-P {item!r}: unknown experiment parameter {key!r}; valid: {', '.join(valid)}")
+            renamed = f"; {key} is now {RENAMED[key]}" if key in RENAMED else ""
+            raise SweepError(f"-P {item!r}: unknown experiment parameter {key!r}; valid: {', '.join(valid)}{renamed}")
         fixed[key] = value.strip()
     return fixed
 

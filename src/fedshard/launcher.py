@@ -8,6 +8,7 @@ run: FINISHED only when every round was logged, else FAILED or KILLED with the r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,9 +18,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import progress
 from .config import ExperimentConfig
-from .processes import (Experiment, ExperimentFailed, Placement,
-                        interrupted, terminate_with_parent)
+from .processes import (Experiment, ExperimentFailed, Placement, interrupted, process_alive, started_at,
+                        terminate_with_parent)
 
 if TYPE_CHECKING:
     from .resume import Start
@@ -38,9 +40,11 @@ class CheckFailed(Exception):
 def check(cfg: ExperimentConfig) -> list:
     """Everything that can be wrong with the inputs, found before any process or run exists.
     Returns the data sets the experiment reads (data.DatasetInput), for its run to record."""
-    from . import data
+    from . import data, precision
 
     try:
+        if cfg.precision == "bf16" and cfg.device != "cuda":  # bf16 where the device cannot: refused now
+            precision.resolve(cfg.precision, cfg.device)
         _, test_labels = data.load_split(cfg.data_dir, "test", cfg.max_test_samples)
         _, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
         try:
@@ -58,17 +62,18 @@ def check(cfg: ExperimentConfig) -> list:
 
 
 def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement(),
-        start: Start | None = None) -> int:
+        start: Start | None = None, progress_every: float = 30.0) -> int:
     """Run one experiment and end its MLflow run; returns the process exit code.
 
     `open_run` opens the run and returns its id. It is called once the metaserver is starting,
     so that the two start-ups (seconds of imports each) overlap; if it raises, the metaserver is
     stopped again and the exception propagates, with no run to end. With `start` the
     aggregator begins after that checkpoint's round (resume, extension) instead of round 0.
+    Progress inside a round is shown every `progress_every` seconds (progress.Display).
     """
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` or a sweep: go down with whoever started us
         terminate_with_parent()
-    workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
+    workdir = make_workdir()
     start_file = None
     if start is not None:
         from . import checkpoint
@@ -82,11 +87,31 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
         exp.teardown()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    status, reason, code = _run_to_the_end(exp, run_id)
+    display = progress.Display(exp.progress_file, progress_every, echo)
+    exp.echo = display.write
+    try:
+        status, reason, code = _run_to_the_end(exp, run_id, display.tick)
+    finally:
+        display.close()
+        exp.echo = echo
     _record_the_end(exp, run_id, status, reason, start.copied_rounds if start else 0)
     shutil.rmtree(workdir, ignore_errors=True)
     echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
     return code
+
+
+def make_workdir() -> Path:
+    """A fresh directory for the experiment's config, logs and start checkpoint (220 MB), which the
+    launcher removes at the end. It names its owner, so that the directories of launchers killed
+    outright (SIGKILL, OOM), which could not remove their own, are removed here."""
+    for owner_file in Path(tempfile.gettempdir()).glob("fedshard-*/owner.json"):
+        with suppress(OSError, ValueError, KeyError, TypeError):
+            owner = json.loads(owner_file.read_text())
+            if not process_alive(int(owner["pid"]), float(owner["started"])):
+                shutil.rmtree(owner_file.parent, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix="fedshard-"))
+    (workdir / "owner.json").write_text(json.dumps({"pid": os.getpid(), "started": started_at()}))
+    return workdir
 
 
 @contextmanager
@@ -110,7 +135,7 @@ def _signals_interrupt():
             signal.signal(s, handler)
 
 
-def _run_to_the_end(exp: Experiment, run_id: str) -> tuple[str, str | None, int]:
+def _run_to_the_end(exp: Experiment, run_id: str, tick=None) -> tuple[str, str | None, int]:
     """Start the experiment's processes, watch them to the end and tear them down whatever happens;
     returns the run's (status, reason, exit code): FINISHED only when every round was logged."""
     from . import tracking  # already imported by open_run
@@ -124,7 +149,7 @@ def _run_to_the_end(exp: Experiment, run_id: str) -> tuple[str, str | None, int]
             tracking.log_artifact(run_id, exp.config_path)
             exp.start(run_id)
             _announce(exp)
-            exp.watch()
+            exp.watch(tick)
             missing = sorted(set(range(cfg.rounds + 1)) - tracking.logged_steps(run_id))
             if missing:
                 raise ExperimentFailed(f"aggregator exited but rounds {missing} of 0..{cfg.rounds} were not logged")

@@ -90,6 +90,31 @@ def role_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+# How far a recorded start time may be from the process's own and still be its: psutil's create_time
+# is the boot time plus the ticks since boot, and the boot time follows steps of the system clock (NTP).
+# A process that reuses the pid starts after the first one ended, not within a second of its start.
+START_TOLERANCE = 1.0
+
+
+def started_at() -> float:
+    """This process's start time (seconds since the epoch): with its pid, it names this process."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def process_alive(pid: int, started: float) -> bool:
+    """Whether the process with this pid and start time still runs (on this host); a pid is reused
+    by later processes, a (pid, start time) pair is not."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) <= START_TOLERANCE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or another user's: not the one meant
+        return False
+
+
 def describe_exit(code: int) -> str:
     """'exited with code 1', 'killed by SIGKILL': a return code as Popen gives it, in words."""
     if code < 0:
@@ -167,6 +192,8 @@ class Experiment:
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "config.json"
         self.config_path.write_text(cfg.to_json())
+        # Where the aggregator relays the trainers' progress (progress.py): a sweep names the file.
+        self.progress_file = Path(os.environ.get("FEDSHARD_PROGRESS_FILE") or workdir / "progress.json")
 
     def spawn(self, name: str, args: list[str], threads: int, **env_extra: str) -> Child:
         log = self.workdir / "logs" / f"{name}.log"
@@ -210,7 +237,8 @@ class Experiment:
 
         start = ["--start-from", str(self.start_file)] if self.start_file else []
         self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path),
-                                                    "--join-timeout", str(self.placement.join_timeout), *start],
+                                                    "--join-timeout", str(self.placement.join_timeout), *start,
+                                                    "--progress-file", str(self.progress_file)],
                                      cores, MLFLOW_TRACKING_URI=tracking.tracking_uri())
         if self.placement.remote_trainers:
             return
@@ -227,11 +255,14 @@ class Experiment:
         return [shlex.join(["fedshard", "trainer", "--metaserver", self.address, "--run-id", self.run_id,
                             "--rank", str(k), "--secret", self.secret]) for k in range(self.cfg.world_size)]
 
-    def watch(self) -> None:
-        """Return when the aggregator completed; raise ExperimentFailed as soon as any child fails."""
+    def watch(self, tick=None) -> None:
+        """Return when the aggregator completed; raise ExperimentFailed as soon as any child fails.
+        `tick()` is called at every look (the progress display)."""
         while True:
             for line in self.aggregator.new_lines():
                 self.echo(line)
+            if tick is not None:
+                tick()
             if self.aggregator.proc.poll() == 0:
                 return
             if any(self._failed(c) for c in self.children):

@@ -56,6 +56,10 @@ def for_resume(run_id: str, warn=None) -> tuple[ExperimentConfig, Start]:
             raise ContinueError(f"--resume {run_id}: the run is RUNNING and its owner ({where}) "
                                 f"{'is alive' if alive else 'may be alive on that host'}; stop it first "
                                 f"(a FAILED, KILLED, or RUNNING run whose launcher is gone can be resumed)")
+    if cfg.precision == "auto":
+        raise ContinueError(f"--resume {run_id}: the run was recorded on device=auto before fedshard recorded the "
+                            f"precision it computed in, so its rounds cannot be continued exactly; run the "
+                            f"configuration again (precision=fp32 reproduces what it computed on a CPU)")
     start = _resume_point(run_id, record, cfg, warn)
     beyond = sorted(s for s in tracking.logged_steps(run_id) if s > start.checkpoint.round)
     if beyond:  # training them again would log those rounds twice

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from . import data, strategies, transport
+from . import data, precision, progress, strategies, transport
 from .config import ExperimentConfig
 from .model import AlexNet
 from .training import DeviceData, configure_backends, resolve_device, train_local
@@ -36,14 +36,19 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     device = resolve_device(cfg.device)
     configure_backends(device, cfg.deterministic)
+    # The aggregator has resolved `auto`; bf16 on a CPU that does not compute it natively is refused.
+    bf16 = precision.resolve(cfg.precision, device.type) == "bf16"
     images, labels = data.load_split(cfg.data_dir, "train", cfg.max_train_samples)
     mine = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)[trainer]
     own = DeviceData.from_numpy(images[mine], labels[mine], device)
     del images, labels
-    print(f"trainer {trainer}: {len(own)} training images on {device}", flush=True)
+    print(f"trainer {trainer}: {len(own)} training images on {device}, {'bf16' if bf16 else 'fp32'}", flush=True)
     transport.claim_rank(store, trainer)
     transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout, metaserver)
     strategy = strategies.build(cfg)
+    # Progress inside a round, and a beat while waiting, over a store connection of its own (progress.py).
+    reporter = progress.TrainerReporter(transport.experiment_store(metaserver, run_id, secret, cfg.round_timeout),
+                                        trainer, cfg.batch_size)
     models: dict[int, AlexNet] = {}
     rounds_trained = 0
     while True:
@@ -65,11 +70,13 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
             # Wall-clock time of the first training step, for startup measurements (benchmarks/bench.py).
             print(f"trainer {trainer}: first training step at unix time {time.time():.3f}", flush=True)
         rounds_trained += 1
+        reporter.round_started(round_, len(own) * cfg.local_epochs)
         result = train_local(model, own, learning_rate=cfg.learning_rate, epochs=cfg.local_epochs,
-                             batch_size=cfg.batch_size, generator=generator, amp=cfg.amp)
+                             batch_size=cfg.batch_size, generator=generator, bf16=bf16, on_step=reporter)
         print(f"trainer {trainer}: round {round_} slice {part} loss={result.mean_loss:.4f} "
               f"({result.samples} images, {result.seconds:.1f}s)", flush=True)
         transport.send_result(parameters_to_vector(model.parameters()).cpu(), part,
                               result.samples, result.mean_loss, result.seconds)
+    reporter.close()
     transport.leave()
     print(f"trainer {trainer}: done", flush=True)

@@ -4,18 +4,22 @@ As in airbench, a trainer's whole partition is one uint8 tensor on its device;
 random crop (pad 4) and horizontal flip are drawn per image but applied to a
 whole batch at once with one gather, then normalised. No DataLoader, no PIL.
 
-On CUDA, `amp` (on by default, recorded as a param) means bf16 autocast *and*
-channels_last activations: AlexNet has no batch norm, so channels_last changes
-only which convolution kernels run, not the arithmetic. `configure_backends`
-chooses between fast (cuDNN autotuning) and bit-for-bit reproducible kernels.
+`bf16` (a run's precision, precision.py) means bf16 autocast, on CUDA and on a CPU
+that computes bf16 natively; weights, optimiser state and losses stay fp32. On CUDA
+it goes with channels_last activations (AlexNet has no batch norm, so the layout
+changes only which convolution kernels run, not the arithmetic); on a CPU
+channels_last measured slower (benchmarks/RESULTS.md) and is not used.
+`configure_backends` chooses between fast (cuDNN autotuning) and bit-for-bit
+reproducible kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,15 +144,15 @@ def input_batches(
         yield x, data.labels.index_select(0, batch)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, bf16: bool):
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _use_channels_last(device: torch.device, amp: bool, channels_last: bool | None) -> bool:
-    """channels_last goes with amp on CUDA unless asked for explicitly (True/False)."""
-    return (amp and device.type == "cuda") if channels_last is None else channels_last
+def _use_channels_last(device: torch.device, bf16: bool, channels_last: bool | None) -> bool:
+    """channels_last goes with bf16 on CUDA unless asked for explicitly (True/False)."""
+    return (bf16 and device.type == "cuda") if channels_last is None else channels_last
 
 
 @contextlib.contextmanager
@@ -181,16 +185,18 @@ def train_local(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
-    amp: bool = False,
+    bf16: bool = False,
     channels_last: bool | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """A fresh Adam(lr, weight_decay=1e-4) and `epochs` shuffled passes over `data`.
 
-    channels_last None: on with amp on CUDA (see the module docstring).
+    channels_last None: on with bf16 on CUDA (see the module docstring). `on_step(done, total)`
+    is told after every optimiser step how many of the round's steps are done (progress).
     """
     start = time.perf_counter()
     device = data.images.device
-    fast_layout = _use_channels_last(device, amp, channels_last)
+    fast_layout = _use_channels_last(device, bf16, channels_last)
     model.train()
     n = len(data)
     total = torch.zeros((), device=device)  # summed on the device: no sync per step
@@ -199,25 +205,29 @@ def train_local(
         # one pass over the 55 M parameters per step instead of several; on a CPU at batch 8
         # it cut a full-model step from 0.98 s to 0.40 s (benchmarks/RESULTS.md).
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-4, fused=True)
+        steps, done = epochs * math.ceil(n / batch_size), 0
         for _ in range(epochs):
             for x, y in input_batches(data, batch_size, generator, fast_layout):
-                with _autocast(device, amp):
+                with _autocast(device, bf16):
                     loss = _nll_loss(model(x).float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.detach() * len(y)
+                done += 1
+                if on_step is not None:
+                    on_step(done, steps)
         mean_loss = total.item() / (n * epochs)
     return TrainResult(samples=n, mean_loss=mean_loss, seconds=time.perf_counter() - start)
 
 
 def evaluate(
-    model: nn.Module, data: DeviceData, batch_size: int = 1000, amp: bool = False, channels_last: bool | None = None
+    model: nn.Module, data: DeviceData, batch_size: int = 1000, bf16: bool = False, channels_last: bool | None = None
 ) -> tuple[float, float]:
     """(mean NLL, fraction correct) over all of `data`, in large batches; one host sync at the end."""
     model.eval()
     device = data.images.device
-    fast_layout = _use_channels_last(device, amp, channels_last)
+    fast_layout = _use_channels_last(device, bf16, channels_last)
     # The layout change happens outside inference mode: weights converted inside it would
     # become inference tensors that a later load_state_dict or training step cannot touch.
     with _memory_format(model, fast_layout), torch.inference_mode():
@@ -227,7 +237,7 @@ def evaluate(
             x = normalize(images)
             if fast_layout:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
+            with _autocast(device, bf16):
                 out = model(x).float()
             loss += _nll_loss(out, labels, reduction="sum").double()
             correct += (out.argmax(1) == labels).sum()

@@ -63,6 +63,11 @@ def open_experiment(address: str, run_id: str, secret: str, timeout: float) -> d
     return dist.PrefixStore(namespace(run_id, secret), base)
 
 
+def experiment_store(address: str, run_id: str, secret: str, timeout: float) -> dist.Store:
+    """A connection of its own to the experiment's key space (for a thread beside the process group)."""
+    return dist.PrefixStore(namespace(run_id, secret), _client(address, timeout))
+
+
 def enter_experiment(address: str, run_id: str, secret: str, timeout: float) -> dist.Store:
     """Trainer side: wait for the experiment (up to `timeout`), prove the secret, enter its key space."""
     base = _client(address, timeout)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+from .. import precision
 from ..grid import Grid, SweepError, describe, expand, label
 from ..planning import Plan, plan
 from .reporting import Report, parses
@@ -36,7 +37,9 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
     """What `python sweep.py` does, after the options were parsed; returns the exit code."""
     from .. import tracking
 
-    configs = expand(grid)
+    # A run records the precision it computed in, so `auto` is decided here, on this machine, before
+    # the store's runs are compared with the grid (on a cluster whose nodes differ, name it: -P precision=).
+    configs = list(dict.fromkeys(precision.resolved(c) for c in expand(grid)))
     tracking.ensure_store()
     experiment_name = _experiment(experiment_name)
     runs = tracking.list_runs(experiment_name)

@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 
 # How often the sweep looks at its running experiments' latest round (console, parent run counters).
 PROGRESS_SECONDS = 5.0
+# How often it says where each running experiment stands inside its round (steps, img/s, ETA).
+STEPS_SECONDS = 30.0
 
 
-def _clock(seconds: float) -> str:
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -56,7 +60,8 @@ class Report:
         self.t0 = time.monotonic()
         self.rounds_done = 0  # rounds this sweep's experiments trained, as seen in their runs
         self.counter_step = 0
-        self.looked = 0.0  # when the running experiments' rounds were last looked at
+        self.looked = self.looked_eta = 0.0  # when the running experiments' rounds, and the ETA, were last looked at
+        self.stepped = time.monotonic()  # when their steps were last said
         self.note = ""
 
     def say(self, message: str) -> None:
@@ -107,7 +112,7 @@ class Report:
             # instead (see _advance).
             self.bar = tqdm(total=len(self.sweep.configs), unit="exp", desc="sweep", file=sys.stderr, disable=None,
                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-                            "[{elapsed}<{remaining}{postfix}]")
+                            "[{elapsed}{postfix}]")
             self.bar.set_postfix_str("0 failed")
         self.t0 = time.monotonic()
         s = self.sweep
@@ -233,10 +238,43 @@ class Report:
                              f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})")
         return changed
 
+    def look_at_steps(self, jobs) -> None:
+        """Every STEPS_SECONDS, each running experiment's progress inside its round, from the figures
+        its launcher shows (progress.py): a round of many minutes is not silence."""
+        from .. import progress
+
+        if not self.progress or time.monotonic() - self.stepped < STEPS_SECONDS:
+            return
+        self.stepped = time.monotonic()
+        for job in jobs:
+            f = progress.figures(progress.read(job.progress)) if job.progress else None
+            if f is not None and f.news:
+                self.say(f"  [{job.index}/{len(self.sweep.configs)}] {f.line()} (run {job.run_id[:8]})")
+
+    def eta(self) -> float | None:
+        """Seconds until the sweep ends: each running experiment's own ETA (its launcher's figures),
+        and the pending ones' rounds at the pace rounds go at here, over the experiments at once."""
+        from .. import progress
+
+        s, now = self.sweep, time.monotonic()
+        figures = {id(j): progress.figures(progress.read(j.progress)) if j.progress else None for j in s.running}
+        paces = [f.pace for f in figures.values() if f is not None and f.pace is not None]
+        per_round = (sorted(paces)[len(paces) // 2] if paces else
+                     (now - self.t0) * s.parallel / self.rounds_done if self.rounds_done else None)
+        if per_round is None:
+            return None
+        left = sum(f.eta_run if (f := figures[id(j)]) is not None and f.eta_run is not None
+                   else per_round * (j.cfg.rounds - j.last_round) for j in s.running)
+        left += per_round * sum(j.task.rounds_to_train for j in s.pending)
+        return left / max(1, min(s.parallel, len(s.running) + len(s.pending)))
+
     def tick(self) -> None:
-        """Keep the bar's elapsed time ticking between completions."""
-        if self.bar is not None and not self.bar.disable:
-            self.bar.refresh()
+        """Keep the bar's elapsed time and the sweep's ETA current between completions."""
+        self.look_at_steps(self.sweep.running)
+        if self.bar is not None and not self.bar.disable and time.monotonic() - self.looked_eta >= 1:
+            self.looked_eta = time.monotonic()
+            with suppress(Exception):  # an estimate is never worth failing the sweep for
+                self.bar.set_postfix_str(f"{len(self.sweep.failed)} failed, ETA {_clock(self.eta())}")
 
     def _advance(self) -> None:
         """One more experiment done (finished, or failed for good): the bar, or a Progress line."""
@@ -247,9 +285,9 @@ class Report:
             self.bar.update(1)
         elif self.progress:
             elapsed = time.monotonic() - self.t0
-            eta = elapsed / done * (total - done)
+            eta = self.eta()
             self.say(f"Progress: {done}/{total} done ({len(s.failed)} failed), elapsed {_clock(elapsed)}, "
-                     f"ETA {_clock(eta)}")
+                     f"ETA {_clock(eta if eta is not None else elapsed / done * (total - done))}")
 
     # -- the end ---------------------------------------------------------------------------------
     def summary(self) -> None:

@@ -53,6 +53,7 @@ class Job:
     gpu: str | None = None
     started: float = 0.0
     last_round: int = 0  # the highest round its run has logged, as last seen
+    progress: Path | None = None  # where its aggregator relays the progress inside a round (progress.py)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -200,6 +201,8 @@ class Sweep:
         if job.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = job.gpu
         job.log = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.log"
+        job.progress = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.progress.json"
+        env["FEDSHARD_PROGRESS_FILE"] = str(job.progress)
         try:
             job.handle = self.executor.start(job.cfg, task_command(task), env, job.log)
         except Exception as exc:

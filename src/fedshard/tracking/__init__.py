@@ -36,8 +36,8 @@ from .metrics import (
     copy_round_metrics, latest, log_missing, log_round, logged_steps, metric_history, monitor_system)
 from .owners import HOST_TAG, PID_TAG, owner_alive, owner_tags
 from .runs import (
-    FAILURE_TAG, RunRecord, create_child_run, end_run, list_runs, log_extra_params, reopen_run, run_record,
-    run_status, set_tags, start_run, start_sweep_run)
+    FAILURE_TAG, RunRecord, create_child_run, end_run, list_runs, log_extra_params, record_precision, reopen_run,
+    run_record, run_status, set_tags, start_run, start_sweep_run)
 from .store import (
     NOTE_TAG, TrackingError, default_experiment_name, ensure_store, experiment_id, experiment_name_of_run,
     experiment_names, tracking_uri)
@@ -51,6 +51,6 @@ __all__ = [
     "ensure_store", "experiment_id", "experiment_name_of_run", "experiment_names", "latest", "list_runs",
     "load_checkpoint", "load_final_weights", "load_weights", "log_artifact", "log_artifacts", "log_datasets",
     "log_extra_params", "log_missing", "log_model", "log_round", "log_table", "log_text", "logged_steps",
-    "metric_history", "monitor_system", "owner_alive", "owner_tags", "reopen_run", "run_record", "run_status",
-    "set_tags", "start_run", "start_sweep_run", "tracking_uri",
+    "metric_history", "monitor_system", "owner_alive", "owner_tags", "record_precision", "reopen_run", "run_record",
+    "run_status", "set_tags", "start_run", "start_sweep_run", "tracking_uri",
 ]

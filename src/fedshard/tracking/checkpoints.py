@@ -94,14 +94,14 @@ def load_checkpoint(run_id: str, warn=None):
 
 def delete_checkpoints(run_id: str, below: int | None = None) -> None:
     """Delete the checkpoint files of rounds before `below`; without it, every one (and the tag)."""
-    from .. import checkpoint
-
     repo = _artifacts(run_id)
-    if below is None:
+    if below is None:  # the launcher, at a run's end: no need to import PyTorch (1.5 s) for that
         repo.delete_artifacts(CHECKPOINT_DIR)
         with suppress(Exception):
             client().delete_tag(run_id, CHECKPOINT_TAG)
         return
+    from .. import checkpoint
+
     for round_ in checkpoint_rounds(run_id):
         if round_ < below:
             repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}")

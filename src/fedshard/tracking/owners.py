@@ -9,27 +9,22 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..processes import process_alive, started_at
+
 if TYPE_CHECKING:
     from .runs import RunRecord
 
 HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
 # The owner's start time (seconds since the epoch, psutil's create_time): a pid is reused by later
-# processes, a (pid, start time) pair names one process.
+# processes, a (pid, start time) pair names one process (processes.process_alive).
 PID_STARTED_TAG = "fedshard.pid_started"
-# How far a recorded start time may be from the process's own and still be its: create_time is the
-# boot time plus the ticks since boot, and the boot time follows steps of the system clock (NTP).
-# A process that reuses the pid starts after the owner ended, not within a second of its start.
-START_TOLERANCE = 1.0
 # Python's options that take a value as the next argument (`python -W error -m fedshard`).
 _PYTHON_OPTIONS_WITH_VALUE = {"-W", "-X", "--check-hash-based-pycs"}
 
 
 def owner_tags() -> dict[str, str]:
     """This process as a run's owner: its host, pid and start time."""
-    import psutil
-
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            PID_STARTED_TAG: f"{psutil.Process().create_time():.2f}"}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_STARTED_TAG: f"{started_at():.2f}"}
 
 
 def owner_alive(run: RunRecord) -> bool | None:
@@ -45,13 +40,11 @@ def owner_alive(run: RunRecord) -> bool | None:
     if not pid:
         return False
     started = run.tags.get(PID_STARTED_TAG)
+    if started is not None:
+        return process_alive(pid, float(started))
     try:
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if started is None:
-            return runs_fedshard(proc.cmdline())
-        return abs(proc.create_time() - float(started)) <= START_TOLERANCE
+        return proc.status() != psutil.STATUS_ZOMBIE and runs_fedshard(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or another user's: not our owner
         return False
 

@@ -59,9 +59,16 @@ class RunRecord:
     def config(self, only=None) -> ExperimentConfig:
         """The run's configuration, parsed from its params whatever their spelling ('0.00001' and
         '1e-05' are one learning rate); `only` restricts it to those params (others default).
-        Raises ConfigError for params no config can have."""
+        Its precision is the one it really computed in (precision.recorded): runs from before
+        fedshard recorded it, and `mlflow run` runs that logged `auto`, are read from their other
+        params and tags. Raises ConfigError for params no config can have."""
+        from ..precision import recorded
+
         known = set(only or ExperimentConfig.__dataclass_fields__)
-        return ExperimentConfig.from_mapping({k: _unquote(v) for k, v in self.params.items() if k in known})
+        values = {k: _unquote(v) for k, v in self.params.items() if k in known}
+        if "precision" in known:
+            values["precision"] = recorded(self.params, self.tags)
+        return ExperimentConfig.from_mapping(values)
 
 
 def run_record(run_id: str) -> RunRecord:
@@ -174,18 +181,29 @@ def source_tags() -> dict[str, str]:
 
 def log_params(run_id: str, cfg: ExperimentConfig) -> None:
     """Log every config field canonically. `mlflow run` has already logged its parameters as
-    typed (MLflow forbids changing a param), so those are only checked to mean the same value."""
+    typed (MLflow forbids changing a param), so those are only checked to mean the same value,
+    read with the same rules (a setting that does not apply takes one value on both sides).
+    precision=auto is not logged: the aggregator records what it resolves to (record_precision)."""
     existing = client().get_run(run_id).data.params
     ours = cfg.params()
-    mismatched = []
-    for name, value in existing.items():
-        if name in ours and ExperimentConfig.from_mapping({name: _unquote(value)}).params()[name] != ours[name]:
-            mismatched.append(f"{name}: logged {value!r}, running with {ours[name]!r}")
-    # Swapping that does not apply is switched off by the config; that is no mismatch.
-    mismatched = [m for m in mismatched if not (m.startswith("enable_swapping") and not cfg.swapping_applies)]
+    logged = {k: _unquote(v) for k, v in existing.items() if k in ours}
+    theirs = ExperimentConfig.from_mapping({**ours, **logged}).params()
+    mismatched = [f"{k}: logged {existing[k]!r}, running with {ours[k]!r}" for k in logged if theirs[k] != ours[k]]
     if mismatched:
         raise TrackingError(f"run {run_id} already has different params: " + "; ".join(mismatched))
-    log_extra_params(run_id, {k: v for k, v in ours.items() if k not in existing})
+    log_extra_params(run_id, {k: v for k, v in ours.items()
+                              if k not in existing and not (k == "precision" and v == "auto")})
+
+
+def record_precision(run_id: str, cfg: ExperimentConfig) -> None:
+    """What the run really computes in (cfg.precision, resolved: bf16 or fp32), as its param
+    `precision` where none is logged yet, else (after `mlflow run` logged `auto`) as the tag
+    precision.TAG; the run's name follows, as bf16 is part of it."""
+    from ..precision import TAG
+
+    if "precision" not in client().get_run(run_id).data.params:
+        log_extra_params(run_id, {"precision": cfg.precision})
+    set_tags(run_id, {TAG: cfg.precision, RUN_NAME_TAG: cfg.run_name()})
 
 
 def _unquote(value: str) -> str:
