@@ -94,3 +94,27 @@ def test_trainer_reports_and_beats_reach_the_relays_file_through_a_real_store(tm
         reporter.close()
         relay.close()
     assert progress.read(path)["closed"] and progress.figures(progress.read(path)) is None
+
+
+def test_the_sweep_says_each_experiments_steps_and_bases_its_eta_on_them(tmp_path):
+    """A sweep with one experiment in round 2 of 5 (ETA 12 s in this round, 22 s a round at its pace)
+    and one pending with 4 rounds to train, two at a time: (12 + 3 x 22 + 4 x 22) / 2 seconds left."""
+    from types import SimpleNamespace
+
+    from fedshard.sweep.reporting import Report
+
+    path = tmp_path / "progress.json"
+    path.write_text(json.dumps({**state(t0=report(), t1=report()), "round_started": time.time() - 10}))
+    job = SimpleNamespace(index=1, run_id="abcdef0123456789", progress=path, cfg=SimpleNamespace(rounds=5),
+                          last_round=1)
+    pending = SimpleNamespace(task=SimpleNamespace(rounds_to_train=4))
+    sweep = SimpleNamespace(grid=None, configs=[1, 2, 3], running=[job], pending=[pending], parallel=2, failed=[])
+    lines = []
+    reporting = Report(sweep, echo=lines.append)
+    assert reporting.eta() == pytest.approx((12 + 3 * 22 + 4 * 22) / 2, abs=1)
+    reporting.look_at_steps([job])
+    assert lines == []  # at most every STEPS_SECONDS
+    reporting.stepped -= 60
+    reporting.look_at_steps([job])
+    assert len(lines) == 1 and lines[0].startswith("  [1/3] round 2/5: steps 8/20 (40%), 8 img/s, ETA 0:12")
+    assert lines[0].endswith("(run abcdef01)")
