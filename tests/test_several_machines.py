@@ -260,7 +260,7 @@ def namespaces():
     except subprocess.CalledProcessError as exc:
         if "permission" in exc.stderr.lower() or "not permitted" in exc.stderr.lower():
             pytest.skip(f"network namespaces not permitted here: {exc.stderr.strip()}; run as root, "
-                        f"see README 'Several machines'")
+                        f"see docs/several-machines.md")
         raise
     created = [agg]
     try:

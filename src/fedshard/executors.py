@@ -221,7 +221,7 @@ class RayExecutor:
         uri = tracking.tracking_uri()
         if self.address and urlparse(uri).scheme in ("", "file", "sqlite"):
             echo(f"Note: the tracking store {uri} is a file on this machine; experiments on other nodes "
-                 f"reach it only through a shared filesystem. See README 'Several machines' for a server.")
+                 f"reach it only through a shared filesystem. See docs/several-machines.md for a server.")
         for cfg in configs:
             cpus, gpus = self.resources(cfg)
             if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
