@@ -206,3 +206,53 @@ def test_plots_with_a_single_learning_rate(tmp_path):
     results = {(1, 0.001, False, 2, seed): [(0, 4.6, 0.01), (1, 4.0, 0.1), (2, 3.5, 0.2)] for seed in (1, 2)}
     paths = make_plots(results, tmp_path)
     assert [p.name for p in paths] == ["learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png"]
+
+
+def test_a_nan_last_round_is_the_final_value_not_an_earlier_round_s():
+    from fedshard.analysis import per_run
+
+    diverged = {(2, 0.001, True, 2, 1): [(0, 4.6, 0.01), (1, 3.0, 0.3), (2, math.nan, 0.01)],
+                (2, 0.001, True, 2, 2): [(0, 4.6, 0.01), (1, 3.0, 0.2), (2, math.nan, math.nan)]}
+    first, second = per_run(diverged).to_dict("records")
+    assert math.isnan(first["final_loss"]) and first["final_accuracy"] == 0.01 and first["best_accuracy"] == 0.3
+    assert math.isnan(second["final_loss"]) and math.isnan(second["final_accuracy"])
+    assert second["best_accuracy"] == 0.2  # the best of the rounds that have an accuracy
+
+
+def test_one_experiment_is_never_compared_with_itself():
+    """A legacy pickle holds world size 1 with swapping on and off: swapping does not apply to one
+    trainer, so the two are one experiment and no "swap effect at world size 1" is shown."""
+    from fedshard.analysis import comparisons
+
+    legacy = {(ws, 0.001, swap, 2, seed): curve([0.01, 0.1 * ws + 0.01 * seed + 0.05 * swap, 0.2 * ws + swap * 0.1])
+              for ws in (1, 2) for swap in (False, True) for seed in (1, 2)}
+    table = comparisons(legacy)
+    swap = table[table["setting"] == "enable_swapping"]
+    assert swap["world_size"].tolist() == [2, 2]  # final and best accuracy, world size 2 only
+    sizes = table[table["setting"] == "world_size"]
+    assert sorted(sizes["enable_swapping"].tolist()) == [False, False, True, True]  # ws 1 -> 2 without, with swap
+
+
+def test_every_setting_has_a_label_and_no_two_share_one():
+    from fedshard.analysis import setting_label
+    from fedshard.config import RESULT_SETTINGS
+
+    labels = [setting_label(s) for s in RESULT_SETTINGS]
+    assert all(labels) and len(set(labels)) == len(labels)
+    assert setting_label("learning_rate") == "LR" and setting_label("a_new_knob") == "A New Knob"
+
+
+def test_settings_every_run_shares_count_in_telling_experiments_apart():
+    """partition=dirichlet is the same for every run (so no column of the tables), yet it is what
+    makes two alphas two experiments."""
+    import pandas as pd
+
+    from fedshard.analysis import comparisons
+
+    frame = pd.DataFrame([{"world_size": 2, "learning_rate": 1e-3, "enable_swapping": True, "rounds": 1, "seed": seed,
+                           "partition": "dirichlet", "dirichlet_alpha": alpha, "round": r, "test_loss": 4.6 - r,
+                           "test_accuracy": 0.01 + r * alpha / 10 + seed / 100}
+                          for alpha in (0.1, 1.0) for seed in (1, 2) for r in (0, 1)])
+    table = comparisons(frame)
+    assert table["setting"].tolist() == ["dirichlet_alpha"] * 2
+    assert table["mean_difference"].tolist() == pytest.approx([0.09, 0.09])

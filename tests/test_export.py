@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from fedshard import cli, export, files, tracking
 from fedshard.config import RESULT_SETTINGS
+from fedshard.results import ResultsError, pickle_dict
 
 
 def make_run(experiment, status="FINISHED", losses=(), accs=(), steps=None, start_time=None, tags=None,
@@ -178,3 +179,35 @@ def test_bad_where_exits_2_and_writes_nothing(tmp_path, store, where, message):
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert not output.exists()
+
+
+def test_where_keeps_the_value_given_whatever_the_other_settings_default_to():
+    # dirichlet_alpha applies only to partition=dirichlet and the default partition is iid: the value
+    # given is still what selects, not the default 0.5 that iid runs record
+    assert export.parse_where(["dirichlet_alpha=0.1"]) == {"dirichlet_alpha": "0.1"}
+    assert export.parse_where(["learning_rate=0.00001 enable_swapping=yes"]) == {
+        "learning_rate": "1e-05", "enable_swapping": "true"}
+    # 128 trainers cannot share AlexNet's 96 conv1 channels, but FedAvg runs them: a world size to select
+    assert export.parse_where(["world_size=128"]) == {"world_size": "128"}
+    for where, message in (("dirichlet_alpha=abc", "--where 'dirichlet_alpha=abc': dirichlet_alpha='abc': must be a "
+                                                   "number"),
+                           ("dirichlet_alpha=-1", "dirichlet_alpha=-1.0: must be a finite number > 0"),
+                           ("world_size=0", "world_size=0: must be an integer >= 1"),
+                           ("strategy=weird", "strategy='weird': must be one of tensor_parallel, fedavg")):
+        with pytest.raises(export.SelectionError) as refused:
+            export.parse_where([where])
+        assert message in str(refused.value)
+
+
+def test_the_pickle_refusal_is_the_rule_of_results_pickle_dict():
+    """Runs under different keys that differ in a setting outside the key are refused too: the
+    pickle would not say which run had which strategy."""
+    table = pd.DataFrame([{"world_size": ws, "learning_rate": 1e-3, "enable_swapping": False, "rounds": 1, "seed": 1,
+                           "strategy": strategy, "round": 0, "test_loss": 4.6, "test_accuracy": 0.01}
+                          for ws, strategy in ((1, "tensor_parallel"), (2, "fedavg"))])
+    refusal = export.pickle_refusal(table, "mix")
+    assert "differ in strategy (fedavg, tensor_parallel), which the results pickle's key" in refusal
+    assert "--where strategy=fedavg (or tensor_parallel)" in refusal
+    with pytest.raises(ResultsError, match=r"differ in strategy \(fedavg, tensor_parallel\)"):
+        pickle_dict(table)
+    assert export.pickle_refusal(table[table["strategy"] == "fedavg"], "mix") is None

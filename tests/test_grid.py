@@ -165,3 +165,15 @@ def test_the_baselines_grid_file_is_the_researchers_grid_and_fedavg_at_the_same_
     assert len(fedavg) == 18 and {c.world_size for c in fedavg} == {2} and not any(c.enable_swapping for c in fedavg)
     assert {c.identity() for c in fedavg} == {c.replace(strategy="fedavg").identity() for c in method
                                               if c.world_size == 2}
+
+
+def test_a_value_is_checked_with_the_axes_it_runs_with_not_with_the_defaults_of_the_others():
+    # tensor_parallel (the default strategy) allows 1..96 trainers; FedAvg any number
+    fedavg = make_grid({"world_sizes": "128", "learning_rates": "1e-3", "rounds": "1", "seeds": "1"},
+                       axes=["strategy=fedavg"])
+    assert [(c.world_size, c.strategy) for c in expand(fedavg)] == [(128, "fedavg")]
+    both = make_grid({"world_sizes": "2,128"}, axes=["strategy=tensor_parallel,fedavg"])
+    with pytest.raises(SweepError) as err:
+        expand(both)  # 128 with tensor_parallel in 12 combinations: said once
+    assert str(err.value) == ("invalid sweep:\n  world_size=128: tensor_parallel slicing allows 1..96 "
+                              "(conv1 has 96 channels to split)")

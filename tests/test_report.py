@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from fedshard import analysis, cli, report, results
+from fedshard import analysis, cli, files, report, results
 from test_analyze_cli import analyze
 
 SEEDS = (1, 2, 3)
@@ -213,7 +213,7 @@ def test_frames_round_trip_through_both_formats(tmp_path):
     frame = results.read(path)
     assert frame["init_from"].tolist() == [""] * 40 and set(frame["precision"]) == {"fp32"}
     assert frame["bytes_total"].isna().sum() == 4  # E's rounds
-    again = results.read(results.write_atomic(tmp_path / "again.csv", results.csv_bytes(frame)))
+    again = results.read(files.write_atomic(tmp_path / "again.csv", results.csv_bytes(frame)))
     pd.testing.assert_frame_equal(again, frame)
     classic = results.pickle_dict(frame.drop(columns="strategy").query("world_size == 1"))
     assert classic == {(1, 0.001, False, 3, 1): [(0, 4.6, 0.01), (1, 3.6, 0.1), (2, 2.6, 0.15), (3, 1.6, 0.2)]}
@@ -221,7 +221,7 @@ def test_frames_round_trip_through_both_formats(tmp_path):
     text = results.csv_bytes(results.frame_from_pickle(classic)).decode().splitlines()
     assert text[0] == ",".join(results.CSV_COLUMNS)
     assert text[1] == "1,0.001,False,3,1,,,,,,,,,,,,0,4.6,0.01,,,"
-    assert results.pickle_dict(results.read(results.write_atomic(tmp_path / "classic.csv", "\n".join(text).encode()))
+    assert results.pickle_dict(results.read(files.write_atomic(tmp_path / "classic.csv", "\n".join(text).encode()))
                                ) == classic
     with pytest.raises(results.ResultsError, match="differ in strategy"):
         results.pickle_dict(frame)  # A and C share their five key settings
@@ -243,7 +243,7 @@ def test_one_seed_shows_no_spread(tmp_path):
     frame = results.read(write_csv(tmp_path / "hand.csv"))
     summary = analysis.summarize(frame)
     assert summary["final_accuracy_std"].isna().tolist() == [False, False, False, True]
-    shown = report.summary_display(frame)
+    shown = report.summary_display(summary)
     cells = dict(zip(shown["World Size"], shown["Final Acc (mean ± std)"]))
     assert cells["1"] == "0.2000" and "±" in shown["Final Acc (mean ± std)"].iloc[-1]
 
@@ -261,3 +261,20 @@ def test_every_difference_equal_gives_a_point_interval():
     n, mean, low, high = analysis.paired_interval(pd.Series([0.25, 0.25, 0.25]))
     assert (n, mean, low, high) == (3, 0.25, 0.25, 0.25)
     assert analysis.paired_interval(pd.Series([0.25]))[2:] == (pytest.approx(math.nan, nan_ok=True),) * 2
+
+
+def test_the_tables_compute_each_run_once(tmp_path, monkeypatch):
+    frame = results.read(write_csv(tmp_path / "hand.csv"))
+    calls = []
+    real = analysis.per_run
+    monkeypatch.setattr(analysis, "per_run", lambda r: calls.append(r) or real(r))
+    t = report.tables(frame)
+    report.console_lines(t)
+    report.markdown(t, [])
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(t.summary, analysis.summarize(frame))
+
+
+def test_bytes_are_shown_in_one_unit_choice():
+    assert [analysis.bytes_text(b) for b in (512, 2_500, 2_500_000, 4e9)] == ["512 B", "2.5 kB", "2.5 MB", "4.0 GB"]
+    assert analysis.byte_unit(2_500_000) == ("MB", 1e6)

@@ -18,15 +18,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .config import KEY_SETTINGS, RESULT_SETTINGS
-from .results import to_frame
+from .config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig
+from .results import plain, settings_of, to_frame
 
 CONFIG_FIELDS = KEY_SETTINGS[:4]
-KEY_FIELDS = KEY_SETTINGS
 METRICS = ("final_accuracy", "best_accuracy")
 CONFIDENCE = 0.95
 # Default targets: these fractions of the best configuration's mean final accuracy.
 TARGET_FRACTIONS = (0.5, 0.75, 0.9)
+# How tables and figures name a setting; one not named here is named by setting_label.
 LABELS = {
     "world_size": "World Size", "learning_rate": "LR", "enable_swapping": "Swap", "rounds": "Rounds",
     "local_epochs": "Local Epochs", "batch_size": "Batch Size", "swap_every": "Swap Every",
@@ -39,18 +39,27 @@ LABELS = {
 # --------------------------------------------------------------------------- configurations
 
 
+def setting_label(setting: str) -> str:
+    """How tables and figures name a setting: its LABELS entry, else its name in words ('Swap Every')."""
+    return LABELS.get(setting) or setting.replace("_", " ").title()
+
+
+def extra_settings(frame: pd.DataFrame) -> list[str]:
+    """The settings beyond the classic four that tell configurations apart here: every other
+    setting of the frame (seed excluded) that takes more than one value."""
+    return [s for s in RESULT_SETTINGS if s not in KEY_SETTINGS and s in frame.columns
+            and frame[s].nunique(dropna=False) > 1]
+
+
 def config_settings(frame: pd.DataFrame) -> list[str]:
-    """The settings that tell configurations apart here: the classic four always, then every
-    other setting of the frame (seed excluded) that takes more than one value."""
-    extra = [s for s in RESULT_SETTINGS if s not in KEY_SETTINGS and s in frame.columns
-             and frame[s].nunique(dropna=False) > 1]
-    return [*CONFIG_FIELDS, *extra]
+    """The settings that tell configurations apart here: the classic four always, then
+    extra_settings."""
+    return [*CONFIG_FIELDS, *extra_settings(frame)]
 
 
 def format_value(setting: str, value) -> str:
     """A setting's value as people read it: LR 1e-05 (not np.float64(1e-05)), True, 'none'."""
-    if hasattr(value, "item"):
-        value = value.item()
+    value = plain(value)
     if isinstance(value, float):
         return repr(value)
     if setting == "init_from" and value == "":
@@ -60,7 +69,19 @@ def format_value(setting: str, value) -> str:
 
 def config_text(row, settings) -> str:
     """'World Size: 2, LR: 0.001, Swap: False, Rounds: 1, Strategy: fedavg' of a row (a mapping)."""
-    return ", ".join(f"{LABELS[s]}: {format_value(s, row[s])}" for s in settings)
+    return ", ".join(f"{setting_label(s)}: {format_value(s, row[s])}" for s in settings)
+
+
+def byte_unit(count: float) -> tuple[str, float]:
+    """The unit to show `count` bytes in, and its size: ('MB', 1e6) for 2_500_000."""
+    return next(((unit, scale) for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if count >= scale),
+                ("B", 1.0))
+
+
+def bytes_text(count: float) -> str:
+    """'2.5 MB', '1.0 GB', '512 B'."""
+    unit, scale = byte_unit(count)
+    return f"{count:.0f} B" if unit == "B" else f"{count / scale:.1f} {unit}"
 
 
 def mean_std_text(mean: float, std: float) -> str:
@@ -77,27 +98,28 @@ def accuracy_text(mean: float, std: float, n: int) -> str:
 
 
 def per_run(results) -> pd.DataFrame:
-    """One row per run (configuration and seed): final_accuracy (the last round's),
-    best_accuracy (the highest over its rounds), final_loss."""
+    """One row per run (configuration and seed), in settings order: final_accuracy and final_loss
+    (the last round's, NaN where that is NaN), best_accuracy (the highest over its rounds)."""
     frame = to_frame(results)
     keys = [*config_settings(frame), "seed"]
-    ordered = frame.sort_values("round", kind="mergesort")
-    runs = ordered.groupby(keys, sort=True, dropna=False).agg(
-        final_accuracy=("test_accuracy", "last"),
-        best_accuracy=("test_accuracy", "max"),
-        final_loss=("test_loss", "last"),
-    )
-    return runs.reset_index()
+    ordered = frame.sort_values([*keys, "round"], kind="mergesort")
+    # Each run's last-round row as it is: groupby's "last" would skip a NaN for an earlier round's value.
+    last = ordered.drop_duplicates(keys, keep="last")
+    best = ordered.groupby(keys, sort=True, dropna=False)["test_accuracy"].max().rename("best_accuracy")
+    runs = last[keys].assign(final_accuracy=last["test_accuracy"], final_loss=last["test_loss"])
+    return runs.merge(best.reset_index(), on=keys, how="left")[
+        [*keys, "final_accuracy", "best_accuracy", "final_loss"]].reset_index(drop=True)
 
 
-def summarize(results) -> pd.DataFrame:
-    """One row per configuration, seeds aggregated, best final accuracy first.
+def summarize(results, *, runs=None) -> pd.DataFrame:
+    """One row per configuration, seeds aggregated, best final accuracy first; `runs` is
+    per_run(results) where the caller has it already.
 
     Columns: the configuration's settings (config_settings), final_accuracy_mean,
     final_accuracy_std (sample std; NaN for a single seed, whose spread is unknown), n,
     best_accuracy_mean, final_loss_mean.
     """
-    runs = per_run(results)
+    runs = per_run(results) if runs is None else runs
     table = runs.groupby(config_settings(runs), sort=True, dropna=False).agg(
         final_accuracy_mean=("final_accuracy", "mean"),
         final_accuracy_std=("final_accuracy", "std"),
@@ -111,9 +133,10 @@ def summarize(results) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def ranking_lines(results, top: int = 5) -> list[str]:
-    """The classic "Top N Configurations by Final Accuracy" lines, with mean ± std (n)."""
-    table = summarize(results)
+def ranking_lines(results, top: int = 5, *, summary=None) -> list[str]:
+    """The classic "Top N Configurations by Final Accuracy" lines, with mean ± std (n); `summary`
+    is summarize(results) where the caller has it already."""
+    table = summarize(results) if summary is None else summary
     settings = config_settings(table)
     lines = [f"Top {top} Configurations by Final Accuracy:"]
     for i, row in enumerate(table.head(top).to_dict("records"), 1):
@@ -140,34 +163,49 @@ def paired_interval(differences: pd.Series) -> tuple[int, float, float, float]:
     return n, mean, float(low), float(high)
 
 
-def _py(value):
-    return value.item() if hasattr(value, "item") else value
+def same_experiment(context: dict, setting: str, a, b) -> bool:
+    """Whether values a and b of `setting` make one experiment in `context` (the other settings)
+    once settings that do not apply are canonicalised: a legacy pickle's (1, lr, True, rounds) is
+    its (1, lr, False, rounds), as swapping does not apply to one trainer."""
+    try:
+        return ExperimentConfig.from_mapping({**context, setting: a}) == ExperimentConfig.from_mapping(
+            {**context, setting: b})
+    except ConfigError:  # not a configuration fedshard would run: not one experiment either
+        return False
 
 
-def _pairs(group: pd.DataFrame, setting: str, context: dict, metric: str) -> list[dict]:
-    """Rows for every two values of `setting` within one context (the other settings fixed),
-    a < b in natural order; the runs are paired by seed."""
-    by_value = {value: g.set_index("seed")[metric] for value, g in group.groupby(setting, sort=True)}
+def _pairs(group: pd.DataFrame, setting: str, shared: dict, context: dict, metric: str) -> list[dict]:
+    """Rows for every two values of `setting` within one context (the other settings fixed; `shared`:
+    those every run has), a < b in natural order, that are two experiments (same_experiment); the
+    runs are paired by seed."""
+    by_value = {plain(value): g.set_index("seed")[metric] for value, g in group.groupby(setting, sort=True)}
     rows = []
     for a, b in itertools.combinations(sorted(by_value), 2):
+        if same_experiment({**shared, **context}, setting, a, b):
+            continue
         n, mean, low, high = paired_interval((by_value[b] - by_value[a]).dropna())
-        rows.append({"metric": metric, "setting": setting, "value_a": _py(a), "value_b": _py(b),
+        rows.append({"metric": metric, "setting": setting, "value_a": a, "value_b": b,
                      **context, setting: None,
                      "n": n, "mean_difference": mean, "ci_low": low, "ci_high": high})
     return rows
 
 
-def comparisons(results) -> pd.DataFrame:
-    """Every two configurations that differ in exactly one setting, paired by seed: the mean
-    difference b − a of each metric (METRICS) and its 95 % interval.
+def comparisons(results, *, runs=None) -> pd.DataFrame:
+    """Every two configurations that differ in exactly one setting (and are two experiments:
+    same_experiment), paired by seed: the mean difference b − a of each metric (METRICS) and its
+    95 % interval; `runs` is per_run(results) where the caller has it already.
 
     Columns: metric, setting, value_a, value_b, the configuration's settings (the compared
     one's own column empty), n (seeds in both), mean_difference, ci_low, ci_high. value_a <
     value_b in natural order (False < True, 1 < 2, fedavg < tensor_parallel), so a row is the
     effect of going from a to b. Settings with one value are never compared.
     """
-    runs = per_run(results)
+    frame = to_frame(results)
+    runs = per_run(frame) if runs is None else runs
     settings = config_settings(runs)
+    # The settings every run shares are part of each context too: a dirichlet_alpha matters with
+    # partition=dirichlet, however constant that is.
+    shared = {s: plain(frame[s].iloc[0]) for s in settings_of(frame) if s not in settings and s != "seed"}
     rows = []
     for metric in METRICS:
         for setting in settings:
@@ -175,7 +213,7 @@ def comparisons(results) -> pd.DataFrame:
                 continue
             others = [s for s in settings if s != setting]
             for context, group in runs.groupby(others, sort=True, dropna=False):
-                rows += _pairs(group, setting, dict(zip(others, map(_py, context))), metric)
+                rows += _pairs(group, setting, shared, dict(zip(others, map(plain, context))), metric)
     # Settings and values as objects: an int column with an empty cell must not become 2.0.
     table = pd.DataFrame({c: pd.Series([row[c] for row in rows], dtype=object)
                           for c in ["metric", "setting", "value_a", "value_b", *settings]})
@@ -187,20 +225,30 @@ def comparisons(results) -> pd.DataFrame:
 # --------------------------------------------------------------------------- rounds to target
 
 
-def default_targets(results) -> list[float]:
-    """TARGET_FRACTIONS of the best configuration's mean final accuracy, each rounded to 2
-    decimals; a target that rounds to 0 (every run starts there) is dropped."""
-    best = float(summarize(results)["final_accuracy_mean"].max())
+def best_mean_final_accuracy(summary: pd.DataFrame) -> float:
+    """The best configuration's mean final accuracy, of a summarize table."""
+    return float(summary["final_accuracy_mean"].max())
+
+
+def targets_for(best: float) -> list[float]:
+    """TARGET_FRACTIONS of `best` (best_mean_final_accuracy), each rounded to 2 decimals; a target
+    that rounds to 0 (met by round 0's accuracy, before any training) is dropped."""
     return sorted({t for fraction in TARGET_FRACTIONS if (t := round(fraction * best, 2)) > 0})
 
 
-def targets_table(results, targets) -> pd.DataFrame:
+def default_targets(results) -> list[float]:
+    """targets_for the best configuration's mean final accuracy."""
+    return targets_for(best_mean_final_accuracy(summarize(results)))
+
+
+def targets_table(results, targets, *, runs=None) -> pd.DataFrame:
     """Per configuration and target accuracy: rounds_to_target (the first round whose test
     accuracy is at or above the target, mean over the seeds that reach it; NaN when none does),
     reached (seeds that do), n (seeds), bytes_to_target (mean bytes_total at that round over the
-    seeds that reached it and whose bytes are known; NaN otherwise)."""
+    seeds that reached it and whose bytes are known; NaN otherwise). `runs` is per_run(results)
+    where the caller has it already."""
     frame = to_frame(results)
-    runs = per_run(frame)
+    runs = per_run(frame) if runs is None else runs
     settings = config_settings(runs)
     keys = [*settings, "seed"]
     curves = frame.sort_values("round", kind="mergesort")

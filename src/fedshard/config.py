@@ -261,6 +261,15 @@ def canonical(value) -> str:
     return str(value)
 
 
+def setting_value(name: str, value) -> str:
+    """One setting's value as runs record it (canonical), checked by that setting's own rules; a
+    ConfigError names it and what is valid. Whether it suits the other settings is not asked
+    (FedAvg, which runs any world size, stands in for the strategy), and the rules for settings that
+    do not apply are left out: dirichlet_alpha=0.1 stays 0.1 whatever the partition."""
+    ExperimentConfig.from_mapping({"strategy": "fedavg", name: value})
+    return canonical(_coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value))
+
+
 def field_names() -> list[str]:
     return [f.name for f in fields(ExperimentConfig)]
 

@@ -9,7 +9,7 @@ are one entry: the newest (by start time) wins, with a warning. Runs that differ
 setting never mix: the pickle's key holds only five settings, so when the selected runs differ
 in another one (strategy, partition, ...) the pickle is refused, naming it, and `--where
 strategy=fedavg` selects; the CSV has a column for every setting, and the communication bytes
-of every round. Files are written atomically (results.write_atomic).
+of every round. Files are written atomically (files.write_atomic).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import math
 import pickle
 from dataclasses import dataclass, field
 
-from .config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig
+from .config import RESULT_SETTINGS, ConfigError, ExperimentConfig, setting_value
 from .errors import last_line
+from .files import write_atomic
 
 FORMATS = ("pickle", "csv")
 DEFAULT_OUTPUT = {"pickle": "experiment_results.pkl", "csv": "experiment_results.csv"}
@@ -80,9 +81,9 @@ def _span(steps) -> str:
 
 
 def parse_where(items) -> dict[str, str]:
-    """--where NAME=VALUE items (or several in one, space-separated) -> {setting: canonical value}; a
-    name that is no result setting, or a value the setting refuses, is a SelectionError naming what
-    is valid."""
+    """--where NAME=VALUE items (or several in one, space-separated) -> {setting: canonical value}
+    (config.setting_value); a name that is no result setting, or a value the setting refuses, is a
+    SelectionError naming what is valid."""
     where: dict[str, str] = {}
     for item in (part for raw in items for part in str(raw).split()):  # MLproject passes one string
         name, sep, value = str(item).partition("=")
@@ -92,7 +93,7 @@ def parse_where(items) -> dict[str, str]:
         if name not in RESULT_SETTINGS:
             raise SelectionError(f"--where {item!r}: unknown setting {name!r}; valid: {', '.join(RESULT_SETTINGS)}")
         try:
-            where[name] = ExperimentConfig.from_mapping({name: value.strip()}).params()[name]
+            where[name] = setting_value(name, value.strip())
         except ConfigError as exc:
             raise SelectionError(f"--where {item!r}: {last_line(exc)}") from None
     return where
@@ -134,24 +135,16 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
     return dict(sorted(chosen.items(), key=lambda item: (item[1].key, item[0])))
 
 
-def differing(exported: dict[tuple, ExportedRun]) -> dict[str, list[str]]:
-    """The settings outside the pickle's key in which the runs differ -> their values."""
-    values: dict[str, set] = {}
-    for run in exported.values():
-        for name, value in run.cfg.settings().items():
-            values.setdefault(name, set()).add(value)
-    return {name: sorted(v) for name, v in values.items() if len(v) > 1 and name not in KEY_SETTINGS}
+def pickle_refusal(table, experiment_name: str) -> str | None:
+    """Why the runs of `table` (a results frame) cannot go into one classic pickle (results.differing,
+    the rule results.pickle_dict keeps), or None when they can."""
+    from . import results
 
-
-def pickle_refusal(exported: dict[tuple, ExportedRun], experiment_name: str) -> str | None:
-    """Why these runs cannot go into one classic pickle, or None when they can."""
-    differ = differing(exported)
+    differ = results.differing(table)
     if not differ:
         return None
     name, values = next(iter(differ.items()))
-    return (f"the FINISHED runs of experiment {experiment_name!r} differ in "
-            + "; ".join(f"{n} ({', '.join(v)})" for n, v in differ.items())
-            + f", which the results pickle's key ({', '.join(KEY_SETTINGS)}) cannot keep apart. Select runs "
+    return (f"the FINISHED runs of experiment {experiment_name!r} {results.differ_text(differ)}. Select runs "
             f"with --where {name}={values[0]} (or {', '.join(values[1:])}), or export them all with --format "
             f"csv, which has a column for every setting; nothing written")
 
@@ -189,14 +182,15 @@ def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=pri
     if not exported:
         raise ExportError(f"experiment {experiment_name!r} has no FINISHED experiment run to export; "
                           f"nothing written")
+    table = frame(exported)
     if fmt == "pickle":
-        if (refusal := pickle_refusal(exported, experiment_name)) is not None:
+        if (refusal := pickle_refusal(table, experiment_name)) is not None:
             raise SelectionError(refusal)
-        data = pickle.dumps(results.pickle_dict(frame(exported)), protocol=PICKLE_PROTOCOL)
+        data = pickle.dumps(results.pickle_dict(table), protocol=PICKLE_PROTOCOL)
     else:
-        data = results.csv_bytes(frame(exported))
+        data = results.csv_bytes(table)
     try:
-        path = results.write_atomic(output, data)
+        path = write_atomic(output, data)
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return path, exported

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .analysis import CONFIG_FIELDS, LABELS, config_settings, format_value, per_run  # noqa: E402
+from .analysis import byte_unit, config_settings, extra_settings, format_value, per_run, setting_label  # noqa: E402
 from .results import to_frame  # noqa: E402
 
 # The classic figures, in the order make_plots writes them (swap_comparison only where a
@@ -33,21 +33,17 @@ PLOT_FILES = (
 BYTES_PLOT_FILE = "accuracy_vs_bytes.png"
 
 
-def _lr_label(lr: float) -> str:
-    return repr(float(lr))
-
-
 def _extras_label(row, extras) -> str:
-    return ", ".join(f"{LABELS[s].lower()} {format_value(s, row[s])}" for s in extras)
+    return ", ".join(f"{setting_label(s).lower()} {format_value(s, row[s])}" for s in extras)
 
 
-def _labelled(frame: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
+def _labelled(frame: pd.DataFrame, settings: list[str], extras: list[str]) -> pd.DataFrame:
     """Categorical text columns for seaborn (which would otherwise treat world size and learning
-    rate as continuous hues with a colour bar instead of a legend), and panel names."""
+    rate as continuous hues with a colour bar instead of a legend), and panel names; `extras` are
+    the settings beyond the classic four (analysis.extra_settings)."""
     frame = frame.copy()
-    extras = settings[len(CONFIG_FIELDS):]
     records = frame[settings].to_dict("records")
-    frame["LR"] = frame["learning_rate"].map(_lr_label)
+    frame["LR"] = frame["learning_rate"].map(lambda lr: format_value("learning_rate", lr))
     frame["world size"] = frame["world_size"].astype(str)
     frame["swapping"] = frame["enable_swapping"].map({True: "swap on", False: "swap off"})
     # What the classic four leave open: "" for a classic results file.
@@ -58,7 +54,7 @@ def _labelled(frame: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
         for r, v in zip(records, frame["variant"])
     ]
     frame["configuration"] = [
-        ", ".join(filter(None, [f"ws {r['world_size']}", f"lr {_lr_label(r['learning_rate'])}",
+        ", ".join(filter(None, [f"ws {r['world_size']}", f"lr {format_value('learning_rate', r['learning_rate'])}",
                                 "swap" if r["enable_swapping"] else "no swap", f"{r['rounds']} rounds", v]))
         for r, v in zip(records, frame["variant"])
     ]
@@ -155,7 +151,7 @@ def _accuracy_vs_bytes(curves, settings, path) -> Path | None:
     # Seeds of one configuration send (nearly) the same bytes per round: plot each round at
     # their mean, so that seaborn averages the accuracies of one round, not of one byte count.
     mean_bytes = known.groupby([*settings, "round"], dropna=False)["bytes_total"].transform("mean")
-    unit, scale = ("GB", 1e9) if mean_bytes.max() >= 1e9 else ("MB", 1e6)
+    unit, scale = byte_unit(mean_bytes.max())
     known = known.assign(communicated=mean_bytes / scale)
     grid = sns.relplot(
         data=known, kind="line", x="communicated", y="test_accuracy",
@@ -167,8 +163,9 @@ def _accuracy_vs_bytes(curves, settings, path) -> Path | None:
     return _save(grid, path, "Test accuracy vs communication (mean ± sd over seeds)")
 
 
-def make_plots(results, output_dir) -> list[Path]:
-    """Write the PNG figures into output_dir (created if missing); return their paths.
+def make_plots(results, output_dir, *, runs=None) -> list[Path]:
+    """Write the PNG figures into output_dir (created if missing); return their paths. `runs` is
+    analysis.per_run(results) where the caller has it already.
 
     swap_comparison.png is only drawn for settings that have both a swapping and a
     non-swapping configuration at world_size > 1; accuracy_vs_bytes.png only when the results
@@ -177,11 +174,10 @@ def make_plots(results, output_dir) -> list[Path]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = to_frame(results)
-    settings = config_settings(frame)
-    runs = _labelled(per_run(frame), settings)
-    curves = _labelled(frame, settings)
-    lr_order = [_lr_label(lr) for lr in sorted(runs["learning_rate"].unique())]
-    extras = settings[len(CONFIG_FIELDS):]
+    settings, extras = config_settings(frame), extra_settings(frame)
+    runs = _labelled(per_run(frame) if runs is None else runs, settings, extras)
+    curves = _labelled(frame, settings, extras)
+    lr_order = [format_value("learning_rate", lr) for lr in sorted(runs["learning_rate"].unique())]
     settings_order = _ordered(runs, "setting", ["world_size", "enable_swapping", *extras])
     drawn = [
         _learning_curves(curves, lr_order, settings_order, out / PLOT_FILES[0]),

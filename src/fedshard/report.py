@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import analysis
-from .analysis import LABELS, config_settings, format_value
+from .analysis import config_settings, format_value, setting_label
+from .files import write_atomic
 from .plots import BYTES_PLOT_FILE, make_plots
-from .results import read, to_frame, write_atomic
+from .results import read, to_frame
 
 REPORT_FILE = "report.md"
 COMPARISONS_FILE = "comparisons.csv"
@@ -53,8 +54,11 @@ def parse_targets(values) -> list[float] | None:
 
 @dataclass(frozen=True)
 class Tables:
-    """Everything the console and report.md show, computed once."""
-    frame: pd.DataFrame
+    """Everything the console, report.md and the figures show, each computed once."""
+    frame: pd.DataFrame  # the results frame
+    runs: pd.DataFrame  # analysis.per_run
+    summary: pd.DataFrame  # analysis.summarize
+    settings: list  # the settings that tell configurations apart (analysis.config_settings)
     comparisons: pd.DataFrame
     reached: pd.DataFrame
     targets_note: str
@@ -72,16 +76,19 @@ def _targets_text(targets) -> str:
 def tables(results, targets=None) -> Tables:
     """The analysis of `results`; targets None (or empty) means the default targets."""
     frame = to_frame(results)
+    runs = analysis.per_run(frame)
+    summary = analysis.summarize(frame, runs=runs)
     if targets:
         note = f"targets given: {_targets_text(targets)}"
     else:
-        targets = analysis.default_targets(frame)
-        best = analysis.summarize(frame)["final_accuracy_mean"].max()
+        best = analysis.best_mean_final_accuracy(summary)
+        targets = analysis.targets_for(best)
         *first, last = (f"{fraction * 100:g} %" for fraction in analysis.TARGET_FRACTIONS)
         fractions = f"{', '.join(first)} and {last}" if first else last
         note = (f"default targets {_targets_text(targets) or '(none)'}: {fractions} of the best configuration's "
                 f"mean final accuracy ({best:.4f}), rounded to 2 decimals")
-    return Tables(frame, analysis.comparisons(frame), analysis.targets_table(frame, targets), note)
+    return Tables(frame, runs, summary, config_settings(runs), analysis.comparisons(frame, runs=runs),
+                  analysis.targets_table(frame, targets, runs=runs), note)
 
 
 # --------------------------------------------------------------------------- display tables
@@ -89,18 +96,17 @@ def tables(results, targets=None) -> Tables:
 
 def _settings_cells(table: pd.DataFrame, settings) -> dict:
     # None marks the compared setting's own column in a comparison: shown empty.
-    return {LABELS[s]: ["" if v is None else format_value(s, v) for v in table[s].tolist()] for s in settings}
+    return {setting_label(s): ["" if v is None else format_value(s, v) for v in table[s].tolist()] for s in settings}
 
 
 # Display tables hold text cells only, built from lists: the source tables' own row order (a
 # sorted, filtered index) never leaks in through index alignment.
 
 
-def summary_display(results) -> pd.DataFrame:
-    """The summary table as text cells, one row per configuration in settings order."""
-    table = analysis.summarize(results)
-    settings = config_settings(table)
-    table = table.sort_values(settings, kind="mergesort")
+def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary table (analysis.summarize) as text cells, one row per configuration in settings order."""
+    settings = config_settings(summary)
+    table = summary.sort_values(settings, kind="mergesort")
     return pd.DataFrame({
         **_settings_cells(table, settings),
         "Final Acc (mean ± std)": list(map(analysis.mean_std_text, table["final_accuracy_mean"],
@@ -111,9 +117,10 @@ def summary_display(results) -> pd.DataFrame:
     })
 
 
-def ranking_display(results, top: int) -> pd.DataFrame:
-    """The ranking as a table: rank, settings, final accuracy (mean ± std), n."""
-    table = analysis.summarize(results).head(top)
+def ranking_display(summary: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The ranking of the summary table (analysis.summarize) as a table: rank, settings, final
+    accuracy (mean ± std), n."""
+    table = summary.head(top)
     return pd.DataFrame({
         "Rank": [str(i) for i in range(1, len(table) + 1)],
         **_settings_cells(table, config_settings(table)),
@@ -123,12 +130,11 @@ def ranking_display(results, top: int) -> pd.DataFrame:
     })
 
 
-def comparisons_display(comparisons: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One metric's paired comparisons as text cells."""
+def comparisons_display(comparisons: pd.DataFrame, metric: str, settings) -> pd.DataFrame:
+    """One metric's paired comparisons as text cells; `settings` are the configurations' (Tables.settings)."""
     rows = comparisons[comparisons["metric"] == metric]
-    settings = list(rows.columns[4:-4])
     return pd.DataFrame({
-        "Setting": [LABELS[s] for s in rows["setting"]],
+        "Setting": [setting_label(s) for s in rows["setting"]],
         "a": [format_value(s, v) for s, v in zip(rows["setting"], rows["value_a"])],
         "b": [format_value(s, v) for s, v in zip(rows["setting"], rows["value_b"])],
         **_settings_cells(rows, settings),
@@ -139,16 +145,9 @@ def comparisons_display(comparisons: pd.DataFrame, metric: str) -> pd.DataFrame:
     })
 
 
-def _human_bytes(count: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count:.0f} B"
-
-
-def targets_display(reached: pd.DataFrame, with_bytes: bool) -> pd.DataFrame:
-    """Rounds to each target as text: '2.0 (3/3 seeds)', 'never (0/3 seeds)'."""
-    settings = list(reached.columns[:reached.columns.get_loc("target")])
+def targets_display(reached: pd.DataFrame, settings, with_bytes: bool) -> pd.DataFrame:
+    """Rounds to each target as text: '2.0 (3/3 seeds)', 'never (0/3 seeds)'; `settings` are the
+    configurations' (Tables.settings)."""
     shown = pd.DataFrame({
         **_settings_cells(reached, settings),
         "Target": [target_text(t) for t in reached["target"]],
@@ -158,7 +157,7 @@ def targets_display(reached: pd.DataFrame, with_bytes: bool) -> pd.DataFrame:
         ],
     })
     if with_bytes:
-        shown["Bytes to target"] = ["" if pd.isna(b) else _human_bytes(b) for b in reached["bytes_to_target"]]
+        shown["Bytes to target"] = ["" if pd.isna(b) else analysis.bytes_text(b) for b in reached["bytes_to_target"]]
     return shown
 
 
@@ -199,27 +198,26 @@ def _section(title: str, text: str, shown: pd.DataFrame, empty: str, level: str 
 
 def markdown(t: Tables, files, top: int = 5, source=None) -> str:
     """report.md: every table, the targets used, and the files written beside it."""
-    summary = analysis.summarize(t.frame)
     lines = ["# fedshard analysis", "",
-             f"{int(summary['n'].sum())} experiments (runs) in {len(summary)} configurations"
+             f"{int(t.summary['n'].sum())} experiments (runs) in {len(t.summary)} configurations"
              + (f", from `{source}`." if source else "."),
              "Final accuracy is a run's last-round test accuracy, best accuracy its highest over all rounds; "
              "± is the sample standard deviation over seeds (none is shown for a single seed).", ""]
-    lines += _section("Summary", "", summary_display(t.frame), "no configurations")
-    lines += _section(f"Top {top} configurations by final accuracy", "", ranking_display(t.frame, top), "none")
+    lines += _section("Summary", "", summary_display(t.summary), "no configurations")
+    lines += _section(f"Top {top} configurations by final accuracy", "", ranking_display(t.summary, top), "none")
     lines += ["## Paired comparisons", "",
               "Every two configurations that differ in exactly one setting, paired by seed: b − a is the mean "
               "over the seeds both ran of (b − a), with its 95 % confidence interval (Student t on the paired "
               "differences; none below two pairs). a < b in natural order (False < True, numbers ascending, "
               "names alphabetically).", ""]
     for metric, title in METRIC_TITLES.items():
-        lines += _section(title.capitalize(), "", comparisons_display(t.comparisons, metric),
+        lines += _section(title.capitalize(), "", comparisons_display(t.comparisons, metric, t.settings),
                           "no two configurations differ in exactly one setting", level="###")
     lines += _section("Rounds to target accuracy",
                       f"Targets: {t.targets_note}. The first round whose test accuracy is at or above the target, "
                       "mean over the seeds that reach it (how many of all seeds do, in brackets; never: none "
                       "does); bytes: mean cumulative bytes exchanged up to that round.",
-                      targets_display(t.reached, _has_bytes(t.frame)), "no targets")
+                      targets_display(t.reached, t.settings, _has_bytes(t.frame)), "no targets")
     lines += ["## Files", "", *(f"- [{p.name}]({p.name}): {FILE_NOTES.get(p.name, '')}" for p in files)]
     return "\n".join(lines) + "\n"
 
@@ -236,7 +234,7 @@ def _write(t: Tables, output_dir, plots: bool, top: int, source) -> list[Path]:
     files = [write_atomic(out / COMPARISONS_FILE, _csv(t.comparisons)),
              write_atomic(out / TARGETS_FILE, _csv(t.reached))]
     if plots:
-        files += make_plots(t.frame, out)
+        files += make_plots(t.frame, out, runs=t.runs)
     # Written last, so that it names only files that exist.
     return [write_atomic(out / REPORT_FILE, markdown(t, files, top, source).encode()), *files]
 
@@ -252,14 +250,14 @@ def write_report(frame, output_dir, targets=None, plots: bool = True, *, top: in
 def console_lines(t: Tables, top: int = 5) -> list[str]:
     """The tables as the console shows them: summary, ranking, comparisons, rounds to target."""
     lines = ["Summary statistics (final test accuracy over seeds: mean ± std, n):",
-             summary_display(t.frame).to_string(index=False), "",
-             *analysis.ranking_lines(t.frame, top)]
+             summary_display(t.summary).to_string(index=False), "",
+             *analysis.ranking_lines(t.frame, top, summary=t.summary)]
     for metric, title in METRIC_TITLES.items():
-        shown = comparisons_display(t.comparisons, metric)
+        shown = comparisons_display(t.comparisons, metric, t.settings)
         lines += ["", f"Paired comparisons, {title} (b − a over the seeds both ran, 95 % CI):",
                   shown.to_string(index=False) if not shown.empty
                   else "  none: no two configurations differ in exactly one setting"]
-    shown = targets_display(t.reached, _has_bytes(t.frame))
+    shown = targets_display(t.reached, t.settings, _has_bytes(t.frame))
     lines += ["", f"Rounds to target accuracy ({t.targets_note}):",
               shown.to_string(index=False) if not shown.empty else "  none: no targets"]
     return lines
@@ -269,11 +267,9 @@ def report(results_file, output_dir="plots", top: int = 5, plots: bool = True, t
            echo=print) -> None:
     """What `fedshard analyze` shows; unless plots=False (print the tables only, write nothing),
     also write_report into output_dir."""
-    frame = read(results_file)
-    summary = analysis.summarize(frame)
-    echo(f"Loaded {int(summary['n'].sum())} experiments ({len(summary)} configurations) from {results_file}")
+    t = tables(read(results_file), targets)
+    echo(f"Loaded {int(t.summary['n'].sum())} experiments ({len(t.summary)} configurations) from {results_file}")
     echo("")
-    t = tables(frame, targets)
     for line in console_lines(t, top):
         echo(line)
     if plots:

@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig
-from .files import write_atomic  # noqa: F401  (export writes its files through results, as analysis reads them)
+from .config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig, canonical
 
-KEY_FIELDS = KEY_SETTINGS
 KEY_TYPES = (int, float, bool, int, int)
 BYTES_COLUMNS = ("bytes_down", "bytes_up", "bytes_total")
 CSV_COLUMNS = (*RESULT_SETTINGS, "run_id", "round", "test_loss", "test_accuracy", *BYTES_COLUMNS)
@@ -71,8 +69,8 @@ def _is_number(x) -> bool:
 
 def _key_problem(key) -> str | None:
     if type(key) is not tuple or len(key) != 5:
-        return f"key {key!r} is not a 5-tuple {KEY_FIELDS}"
-    for field, expected, value in zip(KEY_FIELDS, KEY_TYPES, key):
+        return f"key {key!r} is not a 5-tuple {KEY_SETTINGS}"
+    for field, expected, value in zip(KEY_SETTINGS, KEY_TYPES, key):
         if type(value) is not expected:
             return (
                 f"key {key!r}: {field} is {type(value).__name__} {value!r}, "
@@ -160,6 +158,10 @@ def load_pickle(path) -> dict:
     return _unpickle(path, _read_bytes(path))
 
 
+def plain(value):
+    """A numpy scalar as the Python value it holds (np.float64(1e-05) -> 1e-05, whose repr is the
+    short one); anything else as is."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def frame_from_pickle(results: dict) -> pd.DataFrame:
@@ -185,19 +187,36 @@ def settings_of(frame: pd.DataFrame) -> list[str]:
     return [s for s in RESULT_SETTINGS if s in frame.columns]
 
 
+def differing(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """The settings outside the pickle's key (KEY_SETTINGS) in which the runs of `frame` differ ->
+    their values (canonical strings, in natural order). The pickle tells runs apart by its key
+    only, so runs that differ in any of these cannot go into one pickle, even under different
+    keys: nothing would say which run had which strategy."""
+    values = {s: sorted(set(frame[s].tolist())) for s in settings_of(frame) if s not in KEY_SETTINGS}
+    return {s: [canonical(v) for v in vs] for s, vs in values.items() if len(vs) > 1}
+
+
+def differ_text(differ: dict[str, list[str]]) -> str:
+    """'differ in strategy (fedavg, tensor_parallel), which the results pickle's key (...) cannot
+    keep apart' of differing()'s answer."""
+    return ("differ in " + "; ".join(f"{s} ({', '.join(vs)})" for s, vs in differ.items())
+            + f", which the results pickle's key ({', '.join(KEY_SETTINGS)}) cannot keep apart")
+
+
 def pickle_dict(frame: pd.DataFrame) -> dict:
     """The classic results dict of a frame: exact Python types, rounds sorted, round 0 first.
 
-    The pickle tells runs apart by the five key settings only: runs that share them (they differ
-    in another setting) cannot all go into one, so that is a ResultsError, not a silent choice."""
+    Runs that differ in a setting outside the key (differing) cannot go into one pickle: that is
+    a ResultsError naming the setting and its values, not a silent choice."""
+    if differ := differing(frame):
+        raise ResultsError(f"the runs {differ_text(differ)}; export them as CSV instead")
     out = {}
     ordered = frame.sort_values([*KEY_SETTINGS, "round"], kind="mergesort")
     for values, run in ordered.groupby(list(KEY_SETTINGS), sort=True):
-        key = tuple(kind(v.item() if hasattr(v, "item") else v) for kind, v in zip(KEY_TYPES, values))
-        if run["round"].duplicated().any():
-            differ = [s for s in settings_of(run) if run[s].nunique() > 1] or ["run_id"]
-            raise ResultsError(f"{key!r} has several runs (they differ in {', '.join(differ)}): the results "
-                               "pickle holds one run per key; export these as CSV instead")
+        key = tuple(kind(v) for kind, v in zip(KEY_TYPES, values))
+        if run["round"].duplicated().any():  # the same settings twice: only a hand-made frame has that
+            raise ResultsError(f"{key!r} has several runs (their run ids differ): the results pickle holds one "
+                               "run per key")
         out[key] = [(int(r), float(loss), float(acc)) for r, loss, acc
                     in zip(run["round"].tolist(), run["test_loss"].tolist(), run["test_accuracy"].tolist())]
     return out
@@ -210,10 +229,7 @@ def _cell(column: str, value) -> str:
     """One CSV cell: empty for a missing value, True/False, floats as repr (1e-05), bytes as ints."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return ""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        return str(bool(value))
-    if hasattr(value, "item"):  # numpy scalar -> the Python one, whose repr is the short one
-        value = value.item()
+    value = plain(value)  # a numpy bool_ too: True, False
     if isinstance(value, float):
         return str(int(value)) if column in BYTES_COLUMNS and value.is_integer() else repr(value)
     return str(value)
