@@ -105,7 +105,7 @@ def test_the_sweep_says_each_experiments_steps_and_bases_its_eta_on_them(tmp_pat
 
     path = tmp_path / "progress.json"
     path.write_text(json.dumps({**state(t0=report(), t1=report()), "round_started": time.time() - 10}))
-    job = SimpleNamespace(index=1, run_id="abcdef0123456789", progress=path, cfg=SimpleNamespace(rounds=5),
+    job = SimpleNamespace(index=1, run_id="abcdef0123456789", progress_file=path, cfg=SimpleNamespace(rounds=5),
                           last_round=1)
     pending = SimpleNamespace(task=SimpleNamespace(rounds_to_train=4))
     sweep = SimpleNamespace(grid=None, configs=[1, 2, 3], running=[job], pending=[pending], parallel=2, failed=[])
@@ -118,3 +118,25 @@ def test_the_sweep_says_each_experiments_steps_and_bases_its_eta_on_them(tmp_pat
     reporting.look_at_steps([job])
     assert len(lines) == 1 and lines[0].startswith("  [1/3] round 2/5: steps 8/20 (40%), 8 img/s, ETA 0:12")
     assert lines[0].endswith("(run abcdef01)")
+
+
+def test_without_figures_the_sweeps_eta_takes_the_experiment_seconds_each_round_took():
+    """--parallel 4, but one experiment ran: 20 s for its rounds 1 and 2, so 10 s a round (not 4 x as
+    much, as if all four slots had been busy). 3 rounds are left of it and 4 of a pending one, and
+    two experiments can run at once: (3 x 10 + 4 x 10) / 2 = 35 s."""
+    from types import SimpleNamespace
+
+    from fedshard.sweep.reporting import Report
+
+    job = SimpleNamespace(progress_file=None, cfg=SimpleNamespace(rounds=5), last_round=2)
+    pending = SimpleNamespace(task=SimpleNamespace(rounds_to_train=4))
+    sweep = SimpleNamespace(grid=None, configs=[1, 2], running=[], pending=[pending], parallel=4, failed=[])
+    reporting = Report(sweep, echo=lambda line: None)
+    assert reporting.eta() is None  # no round trained yet: no pace to go by
+    reporting.tallied = 100.0
+    reporting.tally(105.0)  # nothing ran for 5 s: no experiment-seconds
+    sweep.running = [job]
+    reporting.tally(125.0)
+    reporting.rounds_done = 2
+    assert reporting.busy == pytest.approx(20.0)
+    assert reporting.eta() == pytest.approx((3 * 10 + 4 * 10) / 2)

@@ -26,7 +26,7 @@ CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learni
               max_test_samples=32, batch_size=16, precision="fp32")
 METRICS = ("test_loss", "test_accuracy")
 NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "
-                  "precision=bf16 here, as PyTorch would emulate it tens of times slower")
+                  "precision=bf16 here, as PyTorch would emulate it over ten times slower")
 
 
 def history(run_id: str, client=None) -> dict[str, dict[int, float]]:
@@ -272,6 +272,22 @@ def test_extending_needs_a_finished_shorter_run_of_the_same_configuration(data_d
     result = CliRunner().invoke(cli.main, ["run", *experiment_args(data_dir, world_size=1), "--extend", running])
     assert result.exit_code == 2 and "only a FINISHED run can be extended" in result.output
     assert len(MlflowClient().search_runs([tracking.experiment_id("refuse")])) == 2  # no run was created
+
+
+def test_a_reopened_run_that_cannot_be_prepared_ends_failed_with_the_reason(store):
+    """The run is RUNNING again once reopened: logging its checkpoint's metrics failing must end it."""
+    from fedshard import lifecycle
+    from fedshard.checkpoint import Checkpoint
+    from fedshard.resume import Start
+
+    cfg = ExperimentConfig(world_size=1, rounds=2, precision="fp32")
+    run_id = make_run("reopen", "KILLED", cfg.params(), checkpoint=1)
+    unloggable = Start(Checkpoint(1, {}, {"bad name!": 0.5}))  # a metric name MLflow refuses
+    with pytest.raises(lifecycle.Refused, match="could not prepare run .*MlflowException: Invalid value") as refused:
+        lifecycle.open_run(cfg, [], resume_id=run_id, start=unloggable)
+    assert refused.value.code == 1
+    record = tracking.run_record(run_id)
+    assert record.status == "FAILED" and record.tags[tracking.FAILURE_TAG] == str(refused.value)
 
 
 @pytest.mark.parametrize("faster", [

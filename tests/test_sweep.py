@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -20,11 +21,11 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, fedshard, fedshard_processes
-from fedshard import cli, tracking
+from fedshard import cli, executors, precision, tracking
 from fedshard.config import ExperimentConfig, field_names
 from fedshard.grid import NAMED_AXES, expand, make_grid
 from fedshard.planning import plan
-from fedshard.sweep import child_command, cpus_per_experiment, pick_gpu, visible_gpus
+from fedshard.sweep import Job, Sweep, child_command, cpus_per_experiment, pick_gpu, visible_gpus
 
 SWEEP = str(REPO / "sweep.py")
 
@@ -144,6 +145,19 @@ def test_bad_input_exits_2_with_a_clear_message_and_creates_no_run(tmp_path, sto
     assert message in result.output
     assert "Traceback" not in result.output
     assert MlflowClient().get_experiment_by_name("bad-input") is None
+
+
+def test_bf16_where_this_cpu_cannot_is_refused_before_any_run(tmp_path, data_dir, store, monkeypatch):
+    """Not one refused launcher per configuration (each retried): the sweep refuses, and creates nothing."""
+    monkeypatch.setenv(precision.OVERRIDE, "0")  # this CPU computes no bf16 natively
+    result = CliRunner().invoke(cli.main, [
+        "sweep", "--world-sizes", "1", "--learning-rates", "1e-4", "--swap", "false", "--rounds", "1", "--seeds", "1",
+        "--axis", "precision=fp32,bf16", "-P", "device=cpu", "-P", f"data_dir={data_dir}",
+        "-P", "max_train_samples=16", "-P", "max_test_samples=16", "--experiment-name", "bf16"])
+    assert result.exit_code == 2, result.output
+    assert "precision=bf16: this CPU does not compute bf16 natively" in result.output
+    assert "Traceback" not in result.output
+    assert MlflowClient().get_experiment_by_name("bf16") is None
 
 
 def test_mlproject_entry_points_forward_their_parameters():
@@ -274,7 +288,7 @@ def assert_sweep_run_worth_opening(parent, out):
     ranking = client.download_artifacts(run_id, "analysis/ranking.txt")
     best = open(ranking).read().splitlines()[1].split(". ", 1)[1]
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("fedshard sweep over world_sizes 1 x learning_rates 1e-4,1e-3")
+    assert note.startswith("fedshard sweep over world_sizes=1 (1) x learning_rates=1e-4,1e-3 (2)")
     assert note.endswith(f"Best configuration: {best}.")
     assert re.search(r"  \[[12]/2\] round 1/1: test_accuracy=0\.\d{4} \(run [0-9a-f]{8}\)", out), out
 
@@ -335,8 +349,9 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
     assert (after.status, after.end_time) == ("FINISHED", before.end_time)  # a finished run is never touched
 
 
-def test_a_failing_configuration_is_retried_then_reported_with_reason_and_run_id(tmp_path, data_dir, store):
-    # Four trainers cannot share three training images: each attempt fails its input check.
+def test_a_refused_configuration_is_reported_with_reason_and_run_id_and_not_retried(tmp_path, data_dir, store):
+    # Four trainers cannot share three training images: the launcher refuses the input (exit 2), and
+    # another attempt would be refused the same way. (Retrying: test_a_refused_experiment_is_not_retried...)
     result = run_sweep(tmp_path, "--world-sizes", "4", "--learning-rates", "1e-4", "--swap", "false",
                        "--rounds", "1", "--seeds", "123", *tiny(data_dir, train=3), "--max-retries", "1",
                        "--experiment-name", "failing")
@@ -344,17 +359,102 @@ def test_a_failing_configuration_is_retried_then_reported_with_reason_and_run_id
     assert result.returncode == 1, out + result.stderr
     (parent,), children = split_runs("failing")
     assert parent.info.status == "FAILED"
-    assert len(children) == 2  # the first attempt and one retry
+    assert len(children) == 1  # the first attempt, no retry
     for run in children:
         assert run.info.status == "FAILED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert "cannot split N=3 samples into n=4" in run.data.tags["fedshard.failure_reason"]
-    assert "=== Retrying experiment 1/1 (attempt 2/2) ===" in out
+    assert "=== Retrying experiment" not in out and "will retry" not in out
     last = max(children, key=lambda r: r.info.start_time).info.run_id
     assert "Finished: 0\nFailed: 1\n" in out
     summary = out.split("=== Sweep summary ===")[1]
     assert "(4, 0.0001, False, 1, 123): " in summary and "cannot split N=3 samples" in summary
-    assert f"(run {last}, 2 attempt(s))" in summary
+    assert f"(run {last}, 1 attempt(s))" in summary
+
+
+# --------------------------------------------------------------------------- scheduling, with stand-in launchers
+
+
+def started_sweep(tmp_path, experiments: int, lines: list) -> Sweep:
+    """A sweep of `experiments` configurations with its parent run made and no job started or pending."""
+    configs = [ExperimentConfig(world_size=1, rounds=3, seed=s, precision="fp32") for s in range(experiments)]
+    sweep = Sweep(plan(configs, []), "scheduling", echo=lines.append, show_progress=False)
+    sweep.logs = tmp_path
+    sweep.parent_run_id, sweep.experiment_id = sweep.report.start_parent_run()
+    sweep.pending.clear()
+    return sweep
+
+
+def launched(sweep: Sweep, index: int, code: str) -> Job:
+    """Job `index` with its child run, its launcher a Python process running `code`."""
+    job = Job(sweep.plan.tasks[index], index + 1)
+    job.run_id = tracking.create_child_run(job.cfg, sweep.experiment_id, sweep.parent_run_id)
+    job.log = sweep.logs / f"{index}.log"
+    job.handle = executors.LocalProcess([sys.executable, "-c", code], dict(os.environ), job.log)
+    return job
+
+
+def test_a_refused_experiment_is_not_retried_a_failed_one_is(tmp_path, store):
+    lines = []
+    sweep = started_sweep(tmp_path, 2, lines)  # --max-retries 1
+    refused = launched(sweep, 0, "import sys; sys.exit(2)")
+    crashed = launched(sweep, 1, "import sys; print('trainer 0 died'); sys.exit(1)")
+    for job in (refused, crashed):
+        job.handle.wait(60)
+        sweep._finish(job)
+    assert [(o.run_id, o.reason) for o in sweep.failed] == [(refused.run_id, "exited with code 2")]
+    assert [(j.index, j.attempt) for j in sweep.pending] == [(2, 2)]  # the crashed one, a second time
+    assert tracking.run_status(refused.run_id) == tracking.run_status(crashed.run_id) == "FAILED"
+    assert f"Experiment failed: (1, 0.001, False, 3, 1): exited with code 1: trainer 0 died (run {crashed.run_id}); " \
+           "will retry, from round 0 (1/2 attempts used)" in lines
+
+
+def test_an_experiment_that_ended_while_the_sweep_stopped_counts_as_it_ended(tmp_path, store):
+    """A signal came; meanwhile one launcher had finished its run and one had failed it: only the one
+    still running is stopped and counted Interrupted."""
+    lines = []
+    sweep = started_sweep(tmp_path, 3, lines)
+    done, failed = launched(sweep, 0, "pass"), launched(sweep, 1, "import sys; sys.exit(1)")
+    busy = launched(sweep, 2, "import time; time.sleep(120)")
+    for job, status in ((done, "FINISHED"), (failed, "FAILED")):
+        job.handle.wait(60)
+        tracking.end_run(job.run_id, status, "round 1 timed out" if status == "FAILED" else None)
+    sweep.running, sweep.stop_signal = [done, failed, busy], signal.SIGINT
+    sweep._stop_all(None)
+    assert [o.run_id for o in sweep.finished] == [done.run_id]
+    assert [o.run_id for o in sweep.failed] == [failed.run_id] and not sweep.pending  # stopping: no retry
+    assert [o.run_id for o in sweep.killed] == [busy.run_id]
+    assert [tracking.run_status(j.run_id) for j in (done, failed, busy)] == ["FINISHED", "FAILED", "KILLED"]
+    assert tracking.run_record(busy.run_id).tags[tracking.FAILURE_TAG] == "sweep interrupted by SIGINT"
+    assert "Sweep interrupted by SIGINT: stopping 3 running experiment(s)..." in lines
+    assert [line for line in lines if line.startswith("Experiment stopped")] == [
+        f"Experiment stopped: (1, 0.001, False, 3, 2) (run {busy.run_id} KILLED)"]
+    assert "Experiment completed successfully: (1, 0.001, False, 3, 0)" in " ".join(lines)
+
+
+def test_an_error_that_coincides_with_a_signal_is_what_the_sweep_says(tmp_path, store):
+    lines = []
+    sweep = started_sweep(tmp_path, 1, lines)
+    busy = launched(sweep, 0, "import time; time.sleep(120)")
+    sweep.running, sweep.stop_signal = [busy], signal.SIGINT
+    error = OSError(28, "No space left on device")
+    sweep._stop_all(error)
+    assert "Sweep failed: OSError: [Errno 28] No space left on device: stopping 1 running experiment(s)..." in lines
+    assert tracking.run_record(busy.run_id).tags[tracking.FAILURE_TAG] == \
+        "sweep failed: OSError: [Errno 28] No space left on device"
+    assert sweep._end_reason(error) == "OSError: [Errno 28] No space left on device"  # the parent run's reason
+
+
+def test_a_sweep_that_cannot_start_leaves_no_log_directory(tmp_path, store, monkeypatch):
+    # Its parent run would be the one `mlflow run` made, which has already ended: refused.
+    ended = MlflowClient().create_run(tracking.experiment_id("scheduling")).info.run_id
+    MlflowClient().set_terminated(ended, "FINISHED")
+    monkeypatch.setenv("MLFLOW_RUN_ID", ended)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sweep = Sweep(plan([ExperimentConfig(rounds=1, precision="fp32")], []), "scheduling", echo=print)
+    with pytest.raises(tracking.TrackingError, match="not RUNNING"):
+        sweep.run()
+    assert list(tmp_path.glob("fedshard-sweep-*")) == []
 
 
 # The layer table of docs/experiments.md, written out here independently of fedshard.model: (out, in, kernel) and the

@@ -68,10 +68,10 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
     from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
 
-    if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
-        _refuse(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine that the "
-                f"trainers' machines reach (not {metaserver_host or 'empty'})")
     try:
+        if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
+            raise lifecycle.refuse(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine "
+                                   f"that the trainers' machines reach (not {metaserver_host or 'empty'})")
         if resume_id:
             _resume_alone(resume_id, extend_id, experiment_name, values)
             cfg, start = lifecycle.resumed(resume_id, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True))
@@ -80,7 +80,7 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
             try:
                 cfg, notes = ExperimentConfig.with_notes(values)
             except ConfigError as exc:
-                _refuse(str(exc))
+                raise lifecycle.refuse(str(exc)) from None
             for note in notes:
                 click.echo(f"fedshard: note: {note}")
             if extend_id:  # the shorter run computed in bf16 or fp32: so must its extension
@@ -94,7 +94,7 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
         try:
             datasets = launcher.check(cfg)
         except launcher.CheckFailed as exc:
-            _refuse(str(exc))
+            raise lifecycle.refuse(str(exc)) from None
         open_run = functools.partial(lifecycle.open_run, cfg, datasets, experiment_name=experiment_name,
                                      resume_id=resume_id, extend_id=extend_id, start=start)
         placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
@@ -116,14 +116,10 @@ def _resume_alone(run_id: str, extend_id, experiment_name, values) -> None:
 
 
 def _amp_is_gone(value: str):
-    """Scripts and `mlflow run -P amp=...` from before precision existed: say what replaced it."""
-    _refuse(f"--amp {value}: the setting is gone; it is now {RENAMED['amp']}: use --precision bf16, fp32 or auto")
-
-
-def _refuse(message: str):
-    """Bad input: say so (exit 2), and never leave the run `mlflow run` created RUNNING."""
-    lifecycle.fail_outer_run(message)
-    fail(message)
+    """Scripts and `mlflow run -P amp=...` from before precision existed: say what replaced it (exit 2;
+    a click callback: outside `run`'s handling of refusals)."""
+    fail(str(lifecycle.refuse(f"--amp {value}: the setting is gone; it is now {RENAMED['amp']}: "
+                              f"use --precision bf16, fp32 or auto")))
 
 
 @main.command()
@@ -222,7 +218,9 @@ _GRID_HELP = "comma-separated values [default: {}]"
               "resuming its run from its last checkpoint")
 @click.option("--no-extend", is_flag=True, help="train every configuration from round 0 instead of starting a "
               "longer run from the final model of its shorter twin")
-@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--no-progress", is_flag=True, help="no progress bar (nor, when the output is not a terminal, a "
+              "Progress line with the ETA after each experiment), and no lines on each experiment's steps "
+              "inside a round; the lines on each round's result stay")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: child processes of this sweep; ray: Ray tasks on a cluster (pip install -e '.[ray]')")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
@@ -258,7 +256,7 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
         runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
         grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes])
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
-                             progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
+                             show_progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
     except (grids.SweepError, ConfigError, executors.ExecutorError) as exc:
         fail(str(exc))
     except tracking.TrackingError as exc:

@@ -17,6 +17,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .config import ExperimentConfig
+from .errors import described
 
 if TYPE_CHECKING:  # resume imports tracking, hence MLflow
     from .resume import Start
@@ -100,18 +101,21 @@ def open_run(cfg: ExperimentConfig, datasets: list, experiment_name: str | None 
         tracking.ensure_store()
         if resume_id:
             tracking.reopen_run(resume_id, {tracking.RESUMED_TAG: str(start.checkpoint.round)})
-            tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
-            return resume_id
-        run_id = tracking.start_run(cfg, experiment_name)
+            run_id = resume_id
+        else:
+            run_id = tracking.start_run(cfg, experiment_name)
     except tracking.TrackingError as exc:
         raise refuse(str(exc)) from None  # the launcher stops the metaserver it started
-    try:
-        tracking.log_datasets(run_id, datasets)
-        if extend_id:
-            tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
-            tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
+    try:  # the run is RUNNING from here on: whatever fails ends it
+        if resume_id:
+            tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
+        else:
+            tracking.log_datasets(run_id, datasets)
+            if extend_id:
+                tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
+                tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
     except Exception as exc:
-        reason = f"could not prepare run {run_id}: {type(exc).__name__}: {exc}"
+        reason = f"could not prepare run {run_id}: {described(exc)}"
         tracking.end_run(run_id, "FAILED", reason)
         raise Refused(reason, 1) from None
     return run_id

@@ -22,10 +22,21 @@ strategy or batch size never is.
 
 from __future__ import annotations
 
-from contextlib import suppress
 from dataclasses import dataclass, field
 
 from .config import ConfigError, ExperimentConfig
+
+
+def config_of(run) -> ExperimentConfig | None:
+    """The configuration of an experiment run (tracking.RunRecord-like); None for a sweep's parent
+    run or any other run that is no experiment, and for params no configuration can have: such a
+    run is never skipped, resumed, extended, analysed or counted as running elsewhere."""
+    if not run.is_experiment:
+        return None
+    try:
+        return run.config()
+    except ConfigError:
+        return None
 
 
 def finished_configs(runs) -> dict[tuple, tuple[ExperimentConfig, str]]:
@@ -33,10 +44,8 @@ def finished_configs(runs) -> dict[tuple, tuple[ExperimentConfig, str]]:
     excluded)."""
     done = {}
     for run in runs:
-        if run.status == "FINISHED" and run.is_experiment:
-            with suppress(ConfigError):
-                cfg = run.config()
-                done[cfg.identity()] = (cfg, run.run_id)
+        if run.status == "FINISHED" and (cfg := config_of(run)) is not None:
+            done[cfg.identity()] = (cfg, run.run_id)
     return done
 
 
@@ -45,11 +54,10 @@ def resumable(runs, stale=()) -> dict[tuple, tuple[int, str]]:
     and stale (`stale`: ids of RUNNING runs whose owner is gone) runs."""
     best: dict[tuple, tuple[int, str]] = {}
     for run in runs:
-        if run.status in ("FAILED", "KILLED") or run.run_id in stale:
-            with suppress(ConfigError):
-                round_, identity = run.checkpoint_round, run.config().identity()
-                if run.is_experiment and round_ > best.get(identity, (0, ""))[0]:
-                    best[identity] = (round_, run.run_id)
+        if (run.status in ("FAILED", "KILLED") or run.run_id in stale) and (cfg := config_of(run)) is not None:
+            identity = cfg.identity()
+            if run.checkpoint_round > best.get(identity, (0, ""))[0]:
+                best[identity] = (run.checkpoint_round, run.run_id)
     return best
 
 
@@ -105,6 +113,13 @@ class Plan:
                 f"{' or '.join(ways) or 'extending shorter runs or resuming'})")
 
 
+def _rank(task: Task) -> tuple[int, int]:
+    """The most rounds already in place wins; on a tie, what needs no new run (resuming its own), then
+    no waiting (extending a FINISHED run), then extending a run this plan makes, then round 0."""
+    way = 3 if task.resume else 2 if task.extends else 1 if task.after is not None else 0
+    return task.start, way
+
+
 def plan(configs, runs, resume: bool = True, extend: bool = True, stale=()) -> Plan:
     """What to run of `configs` given the store's `runs` (tracking.RunRecord-like), in grid order.
     Only a FINISHED run makes a configuration done; `resume` / `extend` False train every
@@ -133,8 +148,5 @@ def plan(configs, runs, resume: bool = True, extend: bool = True, stale=()) -> P
         if planned:
             twin = max(planned, key=lambda c: c.rounds)
             options.append(Task(cfg, start=twin.rounds, after=twin))
-        # The most rounds already in place wins; on a tie, what needs no new run or no waiting.
-        preference = {"resume": 3, "extends": 2, "after": 1}
-        tasks.append(max(options, key=lambda t: (t.start, max((v for k, v in preference.items()
-                                                                 if getattr(t, k)), default=0))))
+        tasks.append(max(options, key=_rank))
     return Plan(tasks, [(c, done[c.identity()][1]) for c in configs if c.identity() in done])

@@ -19,12 +19,14 @@ the package sits among fedshard's modules, docs/architecture.md.
 
 from __future__ import annotations
 
+import math
 import os
 
 from .. import precision
-from ..grid import Grid, SweepError, describe, expand, label
-from ..planning import Plan, plan
-from .reporting import Report, parses
+from ..config import ExperimentConfig
+from ..grid import Grid, SweepError, describe, expand
+from ..planning import Plan, config_of, plan
+from .reporting import Report, axes_text
 from .resources import child_command, cpus_per_experiment, pick_gpu, visible_gpus
 from .scheduling import Job, Outcome, Sweep
 
@@ -33,13 +35,11 @@ __all__ = ["Job", "Outcome", "Report", "Sweep", "SweepError", "child_command", "
 
 
 def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: int, dry_run: bool,
-         echo=print, progress: bool = True, executor=None, resume: bool = True, extend: bool = True) -> int:
+         echo=print, show_progress: bool = True, executor=None, resume: bool = True, extend: bool = True) -> int:
     """What `python sweep.py` does, after the options were parsed; returns the exit code."""
     from .. import tracking
 
-    # A run records the precision it computed in, so `auto` is decided here, on this machine, before
-    # the store's runs are compared with the grid (on a cluster whose nodes differ, name it: -P precision=).
-    configs = list(dict.fromkeys(precision.resolved(c) for c in expand(grid)))
+    configs = list(dict.fromkeys(_resolved(c) for c in expand(grid)))
     tracking.ensure_store()
     experiment_name = _experiment(experiment_name)
     runs = tracking.list_runs(experiment_name)
@@ -50,8 +50,8 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
     echo(f"Total experiments to run: {len(work.tasks)} ({len(work.skipped)} already finished)")
     echo(work.rounds_line())
     todo = {t.cfg for t in work.tasks}
-    running_elsewhere = {r.config().identity() for r in runs if r.status == "RUNNING" and r.is_experiment
-                         and r.run_id not in stale and parses(r)} & {c.identity() for c in todo}
+    running_elsewhere = {cfg.identity() for r in runs if r.status == "RUNNING" and r.run_id not in stale
+                         and (cfg := config_of(r)) is not None} & {c.identity() for c in todo}
     if running_elsewhere:
         echo(f"Note: {len(running_elsewhere)} of them have a RUNNING run (another sweep, or one that was "
              f"killed hard); they run again here.")
@@ -62,7 +62,18 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         echo(f"Nothing to run: every configuration already has a FINISHED run in {experiment_name!r}.")
         return 0
     _ensure_data(todo)
-    return Sweep(work, experiment_name, parallel, max_retries, grid, echo, progress, executor, resume).run()
+    return Sweep(work, experiment_name, parallel, max_retries, grid, echo, show_progress, executor, resume).run()
+
+
+def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The configuration in the precision it computes in here. A run records that precision, so
+    `auto` is decided on this machine before the store's runs are compared with the grid (on a
+    cluster whose nodes differ, name it: -P precision=); bf16 where it cannot be is refused now,
+    before any run exists, not by every experiment's launcher."""
+    try:
+        return cfg.replace(precision=precision.resolve(cfg.precision, cfg.device))
+    except precision.PrecisionError as exc:
+        raise SweepError(str(exc)) from None
 
 
 def _experiment(experiment_name: str | None) -> str:
@@ -109,10 +120,8 @@ def _dry_run(grid: Grid, configurations: int, work: Plan, experiment_name: str, 
 
 def _axes_line(grid: Grid, configurations: int) -> str:
     """'Axes: world_sizes=1,2 (2) x ... = 24 combinations, 18 configurations (...)'."""
-    combinations = 1
-    for values in grid.axes.values():
-        combinations *= len(values)
-    line = "Axes: " + " x ".join(f"{label(s)}={','.join(v)} ({len(v)})" for s, v in grid.axes.items())
+    combinations = math.prod(len(values) for values in grid.axes.values())
+    line = f"Axes: {axes_text(grid)}"
     collapsed = (" (combinations where a setting does not apply, such as swapping for world size 1 or "
                  "FedAvg, are one configuration)") if configurations < combinations else ""
     return f"{line} = {combinations} combinations, {configurations} configurations{collapsed}"

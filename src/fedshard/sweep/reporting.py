@@ -14,16 +14,20 @@ none of the sweep's lists.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError
+from ..errors import described
 from ..grid import describe, label, named
+from ..planning import config_of
+from ..progress import clock
 
 if TYPE_CHECKING:
+    from ..grid import Grid
     from ..planning import Task
     from .scheduling import Job, Outcome, Sweep
 
@@ -33,32 +37,22 @@ PROGRESS_SECONDS = 5.0
 STEPS_SECONDS = 30.0
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def parses(run) -> bool:
-    """Whether a run's params make a configuration: a run with params no configuration can have
-    is neither analysed nor counted as running elsewhere."""
-    try:
-        run.config()
-        return True
-    except ConfigError:
-        return False
+def axes_text(grid: Grid) -> str:
+    """The grid's axes, each with its values and their count: 'world_sizes=1,2 (2) x seeds=1,2,3 (3)'."""
+    return " x ".join(f"{label(s)}={','.join(v)} ({len(v)})" for s, v in grid.axes.items())
 
 
 class Report:
     """The sweep as its user and its parent run see it."""
 
-    def __init__(self, sweep: Sweep, echo=print, progress: bool = True):
-        self.sweep, self.echo, self.progress = sweep, echo, progress
+    def __init__(self, sweep: Sweep, echo=print, show_progress: bool = True):
+        self.sweep, self.echo, self.show_progress = sweep, echo, show_progress
         self.extra = sweep.grid.extra_axes if sweep.grid is not None else []  # further axes, named in console lines
         self.bar = None  # the tqdm progress bar, on stderr
         self.t0 = time.monotonic()
         self.rounds_done = 0  # rounds this sweep's experiments trained, as seen in their runs
+        self.busy = 0.0  # experiment-seconds: the seconds each running experiment has run, summed
+        self.tallied = self.t0  # when `busy` was last brought up to date
         self.counter_step = 0
         self.looked = self.looked_eta = 0.0  # when the running experiments' rounds, and the ETA, were last looked at
         self.stepped = time.monotonic()  # when their steps were last said
@@ -92,8 +86,7 @@ class Report:
         if s.grid is not None:  # the grid as params: its axes, and what every experiment shares
             params.update({f"grid.{label(k)}": ",".join(v) for k, v in s.grid.axes.items()})
             params.update({f"fixed.{k}": v for k, v in s.grid.fixed.items()})
-            grid_words = (" x ".join(f"{label(k)} {','.join(v)}" for k, v in s.grid.axes.items())
-                          + "".join(f"; {k}={v}" for k, v in s.grid.fixed.items()))
+            grid_words = axes_text(s.grid) + "".join(f"; {k}={v}" for k, v in s.grid.fixed.items())
         self.note = (f"fedshard sweep over {grid_words or 'a grid'}: {len(s.configs)} experiments to run, "
                      f"{len(s.skipped)} already FINISHED. {s.plan.rounds_line()}.")
         tags[tracking.NOTE_TAG] = self.note
@@ -104,7 +97,7 @@ class Report:
         from .. import tracking
 
         self.log_counters()
-        if self.progress:
+        if self.show_progress:
             from tqdm import tqdm
 
             tqdm.monitor_interval = 0  # no monitor thread: children are started with a preexec_fn
@@ -114,7 +107,7 @@ class Report:
                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
                             "[{elapsed}{postfix}]")
             self.bar.set_postfix_str("0 failed")
-        self.t0 = time.monotonic()
+        self.t0 = self.tallied = time.monotonic()
         s = self.sweep
         self.say(f"Sweep run {s.parent_run_id} in experiment {s.experiment_name!r} "
                  f"({tracking.tracking_uri()}); logs in {s.logs}")
@@ -145,7 +138,7 @@ class Report:
             if analyse:
                 self.log_analysis()
         except Exception as exc:  # the sweep's own results are safe in its experiments' runs
-            self.say(f"Note: could not log the analysis to the sweep's run: {type(exc).__name__}: {exc}")
+            self.say(f"Note: could not log the analysis to the sweep's run: {described(exc)}")
         with suppress(Exception):
             tracking.end_run(self.sweep.parent_run_id, status, reason)
 
@@ -158,19 +151,22 @@ class Report:
         s = self.sweep
         mine = {c.identity() for c in s.configs} | {c.identity() for c, _ in s.skipped}
         runs = [r for r in tracking.list_runs(s.experiment_name, status="FINISHED")
-                if r.is_experiment and parses(r) and r.config().identity() in mine]
+                if (cfg := config_of(r)) is not None and cfg.identity() in mine]
         exported = export.collect(runs, tracking.metric_history, warn=None)
         if not exported:
             return
         results = export.frame(exported)
-        tracking.log_table(s.parent_run_id, analysis.summarize(results), "analysis/summary.json")
+        summary = analysis.summarize(results)
+        tracking.log_table(s.parent_run_id, summary, "analysis/summary.json")
         ranking = analysis.ranking_lines(results, top=5)
         tracking.log_text(s.parent_run_id, "\n".join(ranking) + "\n", "analysis/ranking.txt")
         with tempfile.TemporaryDirectory(prefix="fedshard-report-") as tmp:
             report.write_report(results, tmp)
             tracking.log_artifacts(s.parent_run_id, tmp, "analysis")
-        best = ranking[1].split(". ", 1)[1]
-        tracking.set_tags(s.parent_run_id, {tracking.NOTE_TAG: f"{self.note} Best configuration: {best}."})
+        best = summary.head(1).to_dict("records")[0]  # the summary comes best first
+        accuracy = analysis.accuracy_text(best["final_accuracy_mean"], best["final_accuracy_std"], best["n"])
+        best_text = f"{analysis.config_text(best, analysis.config_settings(summary))}, Accuracy: {accuracy}"
+        tracking.set_tags(s.parent_run_id, {tracking.NOTE_TAG: f"{self.note} Best configuration: {best_text}."})
 
     # -- one experiment ------------------------------------------------------------------------
     def starting(self, job: Job) -> None:
@@ -243,38 +239,46 @@ class Report:
         its launcher shows (progress.py): a round of many minutes is not silence."""
         from .. import progress
 
-        if not self.progress or time.monotonic() - self.stepped < STEPS_SECONDS:
+        if not self.show_progress or time.monotonic() - self.stepped < STEPS_SECONDS:
             return
         self.stepped = time.monotonic()
         for job in jobs:
-            f = progress.figures(progress.read(job.progress)) if job.progress else None
+            f = progress.figures(progress.read(job.progress_file)) if job.progress_file else None
             if f is not None and f.news:
                 self.say(f"  [{job.index}/{len(self.sweep.configs)}] {f.line()} (run {job.run_id[:8]})")
 
+    def tally(self, now: float) -> None:
+        """Count the experiment-seconds since the last tally: as many as experiments ran."""
+        self.busy += len(self.sweep.running) * (now - self.tallied)
+        self.tallied = now
+
     def eta(self) -> float | None:
         """Seconds until the sweep ends: each running experiment's own ETA (its launcher's figures),
-        and the pending ones' rounds at the pace rounds go at here, over the experiments at once."""
+        and the pending ones' rounds at the pace rounds go at here, over the experiments at once.
+        The pace of a round: the median of the running experiments' own, else the experiment-seconds
+        spent per round trained so far."""
         from .. import progress
 
-        s, now = self.sweep, time.monotonic()
-        figures = {id(j): progress.figures(progress.read(j.progress)) if j.progress else None for j in s.running}
-        paces = [f.pace for f in figures.values() if f is not None and f.pace is not None]
-        per_round = (sorted(paces)[len(paces) // 2] if paces else
-                     (now - self.t0) * s.parallel / self.rounds_done if self.rounds_done else None)
+        s = self.sweep
+        figures = [progress.figures(progress.read(j.progress_file)) if j.progress_file else None for j in s.running]
+        paces = [f.pace for f in figures if f is not None and f.pace is not None]
+        per_round = (statistics.median(paces) if paces else
+                     self.busy / self.rounds_done if self.rounds_done else None)
         if per_round is None:
             return None
-        left = sum(f.eta_run if (f := figures[id(j)]) is not None and f.eta_run is not None
-                   else per_round * (j.cfg.rounds - j.last_round) for j in s.running)
+        left = sum(f.eta_run if f is not None and f.eta_run is not None
+                   else per_round * (j.cfg.rounds - j.last_round) for j, f in zip(s.running, figures))
         left += per_round * sum(j.task.rounds_to_train for j in s.pending)
         return left / max(1, min(s.parallel, len(s.running) + len(s.pending)))
 
     def tick(self) -> None:
         """Keep the bar's elapsed time and the sweep's ETA current between completions."""
+        self.tally(time.monotonic())
         self.look_at_steps(self.sweep.running)
         if self.bar is not None and not self.bar.disable and time.monotonic() - self.looked_eta >= 1:
             self.looked_eta = time.monotonic()
             with suppress(Exception):  # an estimate is never worth failing the sweep for
-                self.bar.set_postfix_str(f"{len(self.sweep.failed)} failed, ETA {_clock(self.eta())}")
+                self.bar.set_postfix_str(f"{len(self.sweep.failed)} failed, ETA {clock(self.eta())}")
 
     def _advance(self) -> None:
         """One more experiment done (finished, or failed for good): the bar, or a Progress line."""
@@ -283,11 +287,11 @@ class Report:
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(f"{len(s.failed)} failed")
             self.bar.update(1)
-        elif self.progress:
+        elif self.show_progress:
             elapsed = time.monotonic() - self.t0
             eta = self.eta()
-            self.say(f"Progress: {done}/{total} done ({len(s.failed)} failed), elapsed {_clock(elapsed)}, "
-                     f"ETA {_clock(eta if eta is not None else elapsed / done * (total - done))}")
+            self.say(f"Progress: {done}/{total} done ({len(s.failed)} failed), elapsed {clock(elapsed)}, "
+                     f"ETA {clock(eta if eta is not None else elapsed / done * (total - done))}")
 
     # -- the end ---------------------------------------------------------------------------------
     def summary(self) -> None:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from .. import executors
 from ..config import ExperimentConfig
-from ..errors import one_line
+from ..errors import described, one_line
 from ..files import tail
 from ..grid import Grid, SweepError
 from ..planning import Plan, Task
-from ..processes import interrupted
+from ..processes import describe_exit, interrupted
 from .reporting import Report
 from .resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
 
@@ -40,6 +40,8 @@ POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 30.0
 # The launcher's output, stored with its run; one per attempt, as a resumed run has several.
 LAUNCHER_LOG = "fedshard-run-attempt{}.log"
+# What a launcher that refused its input says (`fedshard run` exits 2): another attempt would be refused too.
+REFUSED = describe_exit(2)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Job:
     gpu: str | None = None
     started: float = 0.0
     last_round: int = 0  # the highest round its run has logged, as last seen
-    progress: Path | None = None  # where its aggregator relays the progress inside a round (progress.py)
+    progress_file: Path | None = None  # where its aggregator relays the progress inside a round (progress.py)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -72,7 +74,8 @@ class Sweep:
     """Runs configurations `parallel` at a time, each as its own cancellable `fedshard run`."""
 
     def __init__(self, work: Plan, experiment_name: str, parallel: int = 1, max_retries: int = 1,
-                 grid: Grid | None = None, echo=print, progress: bool = True, executor=None, resume: bool = True):
+                 grid: Grid | None = None, echo=print, show_progress: bool = True, executor=None,
+                 resume: bool = True):
         self.plan, self.configs, self.experiment_name = work, [t.cfg for t in work.tasks], experiment_name
         self.parallel, self.max_retries, self.resume = parallel, max_retries, resume
         self.skipped, self.grid = list(work.skipped), grid
@@ -87,7 +90,7 @@ class Sweep:
         self.env: dict[str, str] = {}
         self.logs: Path | None = None  # the launchers' logs, kept when something failed
         self.executor = executor or executors.LocalExecutor()
-        self.report = Report(self, echo, progress)
+        self.report = Report(self, echo, show_progress)
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
@@ -108,15 +111,14 @@ class Sweep:
             error = exc
             raise
         finally:
-            self._stop_all(interrupted(self.stop_signal) if self.stop_signal
-                           else f"sweep failed: {type(error).__name__}: {error}")
+            self._stop_all(error)
             self.executor.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.report.close(status, self._end_reason(error), analyse=not self.stop_signal)
+            if not self.failed and not self.killed:  # else the launchers' logs tell what happened
+                shutil.rmtree(self.logs, ignore_errors=True)
         self.report.summary()
-        if not self.failed and not self.killed:
-            shutil.rmtree(self.logs, ignore_errors=True)
         if self.stop_signal:
             return 128 + self.stop_signal
         return 1 if self.failed else 0
@@ -133,11 +135,12 @@ class Sweep:
         self.report.begin()
 
     def _end_reason(self, error: BaseException | None) -> str | None:
-        """Why the parent run did not finish: the signal, the sweep's own error, or the failures."""
+        """Why the parent run did not finish: the sweep's own error (even when a signal came too: the
+        error is the news), the signal, or the failures."""
+        if error:
+            return described(error)
         if self.stop_signal:
             return interrupted(self.stop_signal)
-        if error:
-            return f"{type(error).__name__}: {error}"
         return f"{len(self.failed)} experiment(s) failed" if self.failed else None
 
     def _on_signal(self, signum, _frame) -> None:
@@ -201,8 +204,8 @@ class Sweep:
         if job.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = job.gpu
         job.log = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.log"
-        job.progress = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.progress.json"
-        env["FEDSHARD_PROGRESS_FILE"] = str(job.progress)
+        job.progress_file = self.logs / f"{job.index:03d}-{job.run_id[:8]}-attempt{job.attempt}.progress.json"
+        env["FEDSHARD_PROGRESS_FILE"] = str(job.progress_file)
         try:
             job.handle = self.executor.start(job.cfg, task_command(task), env, job.log)
         except Exception as exc:
@@ -212,9 +215,10 @@ class Sweep:
         self.running.append(job)
         self.report.started(job)
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: Job, retry: bool = True) -> None:
         """A job whose launcher ended: FINISHED, or failed, with the reason its run recorded (else
-        its log's last lines), and retried while attempts are left."""
+        its log's last lines), and retried while attempts are left (`retry`), unless its launcher
+        refused the input (exit 2): that refusal would only come again."""
         from .. import tracking
 
         record = tracking.run_record(job.run_id)
@@ -230,7 +234,7 @@ class Sweep:
         if record.status == "RUNNING":  # the launcher died (or its node was lost) before it could end its run
             tracking.end_run(job.run_id, "FAILED", reason)
         outcome.reason = one_line(reason)
-        if job.attempt <= self.max_retries:
+        if retry and job.attempt <= self.max_retries and job.handle.outcome() != REFUSED:
             # The retry continues from the failed run's checkpoint if it stored one: no round twice.
             retry = job.task
             if self.resume and record.checkpoint_round:
@@ -251,15 +255,17 @@ class Sweep:
             tracking.log_artifact(job.run_id, copy, "logs")
 
     # -- stopping -------------------------------------------------------------------------
-    def _stop_all(self, why: str) -> None:
+    def _stop_all(self, error: BaseException | None) -> None:
         """Stop every launcher (SIGTERM, or a Ray cancel that sends it; each tears its experiment down
         and marks its run KILLED), kill whatever is left after the grace period, and make sure no
-        run stays RUNNING."""
+        run stays RUNNING. An experiment that ended on its own meanwhile (FINISHED, or FAILED) counts
+        as such, not as stopped. Why they stop: the sweep's `error`, else the signal."""
         from .. import tracking
 
         jobs, self.running = self.running, []
         if not jobs:
             return
+        why = f"failed: {described(error)}" if error else interrupted(self.stop_signal)
         self.report.stopping(why, jobs)
         for job in jobs:
             job.handle.stop()
@@ -268,9 +274,15 @@ class Sweep:
             job.handle.wait(max(0.0, deadline - time.monotonic()))
             if not job.handle.done():
                 job.handle.kill()
+            status = None
+            with suppress(Exception):  # a broken store: the run is counted stopped
+                status = tracking.run_status(job.run_id)
+            if status in ("FINISHED", "FAILED"):
+                self._finish(job, retry=False)
+                continue
             reason = f"sweep {why}"
             with suppress(Exception):
-                if tracking.run_status(job.run_id) == "RUNNING":
+                if status == "RUNNING":
                     tracking.end_run(job.run_id, "KILLED", reason)
             self._upload_log(job)
             self.killed.append(Outcome(job.cfg, job.run_id, job.attempt, reason))
