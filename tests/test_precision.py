@@ -17,7 +17,7 @@ from fedshard.synthetic import write_synthetic_cifar100
 
 NATIVE = precision.cpu_has_native_bf16()
 NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): PyTorch emulates it "
-                  "here, 36 s for one batch-8 step of the full model; the reduced-width bf16 test runs instead")
+                  "here, many times slower (benchmarks/RESULTS.md); the reduced-width bf16 test runs instead")
 FLAGS = "flags\t\t: fpu sse2 avx2 avx512f {}\n"
 
 
@@ -74,6 +74,38 @@ def test_amp_is_gone_with_a_clear_message(data_dir, shared_store):
 ])
 def test_a_recorded_run_is_read_as_what_it_computed(params, tags, expected):
     assert precision.recorded(params, tags) == expected
+
+
+def test_the_cpu_flags_are_read_once_and_the_override_still_counts(monkeypatch):
+    monkeypatch.delenv(precision.OVERRIDE, raising=False)
+    precision._cpuinfo.cache_clear()
+    native = precision.cpu_has_native_bf16()
+    assert precision.resolve("auto", "cpu") == ("bf16" if native else "fp32")
+    assert precision._cpuinfo.cache_info().misses == 1  # /proc/cpuinfo read once, not at every resolve
+    monkeypatch.setenv(precision.OVERRIDE, "0" if native else "1")  # as the tests and users set it
+    assert precision.cpu_has_native_bf16() != native
+
+
+def test_a_run_that_mlflow_run_logged_with_quoted_params_is_read_unquoted():
+    from fedshard.tracking import RunRecord
+
+    legacy = RunRecord("r", "0", "FINISHED", 0, {"world_size": "2", "device": "'cuda'", "amp": "'true'"}, {})
+    assert legacy.config().precision == "bf16"
+    quoted = RunRecord("r", "0", "FINISHED", 0, {"world_size": "2", "precision": "'fp32'"}, {})
+    assert quoted.config().precision == "fp32"
+
+
+def test_log_probabilities_and_losses_are_fp32_under_cpu_autocast():
+    """On a CPU, autocast would leave log_softmax in bf16 (on CUDA it computes it in fp32): the
+    model gives fp32 log-probabilities, so losses and their gradients are not bf16-quantised.
+    A 1/16-width slice and two images: seconds even where bf16 is emulated."""
+    torch.manual_seed(0)
+    model, x = AlexNet(slice_widths(16, 0)), torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.fc4(torch.randn(2, model.fc4.in_features)).dtype == torch.bfloat16  # autocast's own
+        log_probs = model(x)
+    assert log_probs.dtype == torch.float32
+    assert model(x).dtype == torch.float32
 
 
 def one_round(model_widths, bf16: bool, data, test, steps_seed=1):

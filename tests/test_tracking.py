@@ -70,6 +70,16 @@ def test_a_sweep_run_that_mlflow_run_made_is_renamed_for_the_sweep(store, monkey
     assert run_id == outer and client.get_run(outer).info.run_name == "sweep-20261202-120000"
 
 
+def test_a_run_goes_to_the_experiment_that_mlflow_experiment_id_names(store, monkeypatch):
+    """What `mlflow run --experiment-id` and MLflow's own tools set: the run lands there, not in Default."""
+    from fedshard.config import ExperimentConfig
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", tracking.experiment_id("by-id"))
+    run_id = tracking.start_run(ExperimentConfig(precision="fp32"))
+    assert tracking.run_record(run_id).experiment_id == tracking.experiment_id("by-id")
+
+
 def test_weights_that_do_not_load_are_reported_in_one_line(tmp_path):
     """torch explains a refused file over several lines; init_from's error quotes the first."""
     junk = tmp_path / "junk.pt"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -62,11 +63,14 @@ class Committer:
             pending.result()
 
 
+@dataclass
 class Dispatched:
     """A round sent to the trainers: what collecting it needs, and the bytes sent to each trainer."""
 
-    def __init__(self, round_: int, parts: list[int], payloads: list[dict], sent: list[int]):
-        self.round, self.parts, self.payloads, self.sent = round_, parts, payloads, sent
+    round: int
+    parts: list[int]
+    payloads: list[dict]
+    bytes_down: list[int]
 
 
 class Rounds:
@@ -93,23 +97,24 @@ class Rounds:
             self.relay.round_started(round_)
         return Dispatched(round_, parts, payloads, transport.send_round(round_, parts, payloads, self.cfg.round_timeout))
 
-    def collect(self, sent: Dispatched) -> list[transport.TrainerReport]:
-        return transport.collect_round(sent.round, sent.parts, sent.payloads, timeout=self.cfg.round_timeout)
+    def collect(self, dispatched: Dispatched) -> list[transport.TrainerReport]:
+        return transport.collect_round(dispatched.round, dispatched.parts, dispatched.payloads,
+                                       timeout=self.cfg.round_timeout)
 
-    def combine(self, sent: Dispatched, reports: list[transport.TrainerReport]) -> dict[str, float]:
+    def combine(self, dispatched: Dispatched, reports: list[transport.TrainerReport]) -> dict[str, float]:
         """The new model from the trainers' parts; returns the round's training and traffic figures."""
         samples = [r.samples for r in reports]
-        self.weights = self.strategy.combine([r.state for r in reports], samples, sent.parts)
+        self.weights = self.strategy.combine([r.state for r in reports], samples, dispatched.parts)
         metrics = {"train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
                    "round_seconds": time.perf_counter() - self.started,
-                   "comm/bytes_down": sum(sent.sent), "comm/bytes_up": sum(r.nbytes for r in reports)}
+                   "comm/bytes_down": sum(dispatched.bytes_down), "comm/bytes_up": sum(r.nbytes for r in reports)}
         if self.moved is not None:
             self.moved += metrics["comm/bytes_down"] + metrics["comm/bytes_up"]
             metrics["comm/bytes_total"] = self.moved
         for r in reports:  # under a prefix per trainer, so the UI groups them in a section of their own
             metrics.update({f"trainer_{r.trainer}/train_loss": r.train_loss, f"trainer_{r.trainer}/slice": r.part,
                             f"trainer_{r.trainer}/seconds": r.seconds,
-                            f"trainer_{r.trainer}/bytes_down": sent.sent[r.trainer],
+                            f"trainer_{r.trainer}/bytes_down": dispatched.bytes_down[r.trainer],
                             f"trainer_{r.trainer}/bytes_up": r.nbytes})
         return metrics
 
@@ -151,7 +156,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     if first:
         print(f"aggregator: continuing after round {first} (rounds 0..{first} are in the run)", flush=True)
 
-    sent = rounds.dispatch(first + 1) if first < cfg.rounds else None
+    dispatched = rounds.dispatch(first + 1) if first < cfg.rounds else None
     from . import tracking  # only now: importing MLflow takes seconds the trainers need not wait for
 
     tracking.log_extra_params(run_id, strategies.model_sizes(cfg))
@@ -159,10 +164,10 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     if first == 0:
         rounds.evaluate_and_commit(0, {})
     for round_ in range(first + 1, cfg.rounds + 1):
-        reports = rounds.collect(sent)
-        metrics = rounds.combine(sent, reports)
+        reports = rounds.collect(dispatched)
+        metrics = rounds.combine(dispatched, reports)
         if round_ < cfg.rounds:
-            sent = rounds.dispatch(round_ + 1)
+            dispatched = rounds.dispatch(round_ + 1)
         rounds.evaluate_and_commit(round_, metrics)
     rounds.committer.wait()
     if relay is not None:

@@ -8,7 +8,8 @@ stopped after writing the checkpoint but before logging the round can log it on
 resume instead of training it again.
 
 This module is the file format only: pure PyTorch, no MLflow (tracking/checkpoints.py stores
-the files as run artifacts, one per round, the newest kept).
+the files as run artifacts, one per round, the newest kept). PyTorch is imported only to save
+or load one: the names of the files are all the launcher needs at a run's end.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import first_line
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "fedshard-checkpoint-1"
 _NAME = re.compile(r"round-(\d{5,})\.pt")
@@ -48,6 +51,8 @@ def round_of(name: str) -> int | None:
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> Path:
+    import torch
+
     path = Path(path)
     torch.save({"format": FORMAT, "round": int(ckpt.round),
                 "weights": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ckpt.weights.items()},
@@ -57,6 +62,8 @@ def save(ckpt: Checkpoint, path: str | Path) -> Path:
 
 def load(path: str | Path) -> Checkpoint:
     """Read and check a checkpoint: it must be complete and hold the full AlexNet's weights."""
+    import torch
+
     from .model import AlexNet
 
     path = Path(path)

@@ -167,8 +167,8 @@ def _validated(batch, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     data = batch["data"]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == ROW_LENGTH):
-        described = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise fail(f"data is {described}, expected uint8 array of shape (N, {ROW_LENGTH})")
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise fail(f"data is {found}, expected uint8 array of shape (N, {ROW_LENGTH})")
     labels = np.asarray(batch["fine_labels"])
     if labels.shape != (len(data),):
         raise fail(f"fine_labels has shape {labels.shape}, expected ({len(data)},) to match data")

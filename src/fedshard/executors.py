@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import ExperimentConfig
 from .errors import first_line
-from .processes import describe_exit, terminated_with_parent  # no import may run between fork and exec
+from .processes import describe_exit, preexec_launcher  # no import may run between fork and exec
 
 POLL_SECONDS = 0.2
 # A launcher's output comes back with its Ray task; a few rounds' lines fit easily.
@@ -44,7 +44,7 @@ class LocalProcess:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
         with log.open("wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, preexec_fn=terminated_with_parent)
+                                         env=env, start_new_session=True, preexec_fn=preexec_launcher())
         self.where = f"pid {self.proc.pid}"
 
     def done(self) -> bool:
@@ -113,7 +113,7 @@ def run_on_node(args: list[str], overrides: dict[str, str], cwd: str) -> tuple[i
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=child_env(overrides), cwd=workdir,
-                                start_new_session=True, preexec_fn=terminated_with_parent)
+                                start_new_session=True, preexec_fn=preexec_launcher())
         try:
             while proc.poll() is None:  # short sleeps: ray.cancel interrupts between them
                 time.sleep(POLL_SECONDS)

@@ -14,20 +14,21 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import progress
 from .config import ExperimentConfig
+from .errors import described
 from .processes import (Experiment, ExperimentFailed, Placement, interrupted, process_alive, started_at,
-                        terminate_with_parent)
+                        terminate_when_parent_dies)
 
 if TYPE_CHECKING:
     from .resume import Start
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # not an Exception: no `except Exception` may swallow it
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -69,11 +70,21 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
     so that the two start-ups (seconds of imports each) overlap; if it raises, the metaserver is
     stopped again and the exception propagates, with no run to end. With `start` the
     aggregator begins after that checkpoint's round (resume, extension) instead of round 0.
-    Progress inside a round is shown every `progress_every` seconds (progress.Display).
+    Progress inside a round is shown every `progress_every` seconds (progress.Display). The work
+    directory goes whatever happens.
     """
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` or a sweep: go down with whoever started us
-        terminate_with_parent()
+        terminate_when_parent_dies()
     workdir = make_workdir()
+    try:
+        return _run_in(workdir, cfg, open_run, echo, placement, start, progress_every)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_in(workdir: Path, cfg: ExperimentConfig, open_run: Callable[[], str], echo, placement: Placement,
+            start: Start | None, progress_every: float) -> int:
+    """run(), in the work directory that run() removes."""
     start_file = None
     if start is not None:
         from . import checkpoint
@@ -85,7 +96,6 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
         run_id = open_run()
     except BaseException:
         exp.teardown()
-        shutil.rmtree(workdir, ignore_errors=True)
         raise
     display = progress.Display(exp.progress_file, progress_every, echo)
     exp.echo = display.write
@@ -95,7 +105,6 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
         display.close()
         exp.echo = echo
     _record_the_end(exp, run_id, status, reason, start.copied_rounds if start else 0)
-    shutil.rmtree(workdir, ignore_errors=True)
     echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
     return code
 
@@ -114,36 +123,40 @@ def make_workdir() -> Path:
     return workdir
 
 
-@contextmanager
-def _signals_interrupt():
-    """SIGINT, SIGTERM and SIGHUP raise Interrupted, once: a second Ctrl-C must not interrupt the
-    teardown that the first one started."""
-    stopping = False
+class _Signals:
+    """While entered, SIGINT, SIGTERM and SIGHUP: the first one is kept in `signum` and, while
+    `raising`, raises Interrupted; later ones are ignored: a second Ctrl-C must not interrupt the
+    teardown that the first one started, nor may a first one that comes during the teardown."""
 
-    def on_signal(signum, _frame):
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise Interrupted(signum)
+    def __init__(self):
+        self.signum: int | None = None
+        self.raising = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        stopping = True
-        for s, handler in previous.items():
+    def _on_signal(self, signum, _frame):
+        if self.signum is None:
+            self.signum = signum
+            if self.raising:
+                raise Interrupted(signum)
+
+    def __enter__(self) -> "_Signals":
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
 def _run_to_the_end(exp: Experiment, run_id: str, tick=None) -> tuple[str, str | None, int]:
     """Start the experiment's processes, watch them to the end and tear them down whatever happens;
-    returns the run's (status, reason, exit code): FINISHED only when every round was logged."""
+    returns the run's (status, reason, exit code): FINISHED only when every round was logged, KILLED
+    when a signal came before that, even during the teardown."""
     from . import tracking  # already imported by open_run
 
     cfg = exp.cfg
     status, reason, code = "FAILED", None, 1
     monitor = None
-    with _signals_interrupt():
+    with _Signals() as signals:
         try:
             monitor = tracking.monitor_system(run_id)
             tracking.log_artifact(run_id, exp.config_path)
@@ -154,14 +167,18 @@ def _run_to_the_end(exp: Experiment, run_id: str, tick=None) -> tuple[str, str |
             if missing:
                 raise ExperimentFailed(f"aggregator exited but rounds {missing} of 0..{cfg.rounds} were not logged")
             status, code = "FINISHED", 0
-        except Interrupted as exc:
-            status, reason, code = "KILLED", interrupted(exc.signum), 128 + exc.signum
+        except Interrupted:
+            pass  # said below, as a signal that comes during the teardown is
         except ExperimentFailed as exc:
             reason = str(exc)
         except Exception as exc:  # anything else in the launcher itself is still a failed run, not a RUNNING one
-            reason = f"launcher error: {type(exc).__name__}: {exc}"
+            reason = f"launcher error: {described(exc)}"
         finally:
+            signals.raising = False  # from here on a first signal is only kept: the teardown goes to its end
             exp.teardown()
+    if signals.signum is not None and status != "FINISHED":  # a FINISHED run lost nothing: it stays so
+        after = f" (tearing down after: {reason})" if reason else ""
+        status, reason, code = "KILLED", interrupted(signals.signum) + after, 128 + signals.signum
     for line in exp.aggregator.new_lines() if exp.aggregator else []:
         exp.echo(line)
     if monitor is not None:

@@ -74,7 +74,9 @@ class AlexNet(nn.Module):
         x = F.dropout(F.relu(self.fc1(x)), 0.5, self.training)
         x = F.dropout(F.relu(self.fc2(x)), 0.5, self.training)
         x = F.dropout(F.relu(self.fc3(x)), 0.5, self.training)
-        return F.log_softmax(self.fc4(x), dim=1)
+        # In fp32 under autocast too: on a CPU autocast would leave log_softmax in bf16, and the loss
+        # and its gradients with it (on CUDA it computes log_softmax in fp32 itself).
+        return F.log_softmax(self.fc4(x).float(), dim=1)
 
 
 def _shapes(widths: dict[str, int] | None) -> AlexNet:

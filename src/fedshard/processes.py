@@ -13,6 +13,7 @@ records.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import secrets
 import shlex
@@ -21,41 +22,53 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ExperimentConfig
+from .errors import described
 from .files import tail
 
 _PR_SET_PDEATHSIG = 1
+# Resolved once, here: not in a preexec_fn, where loading a library after fork, with other threads
+# of the parent holding its locks, may deadlock.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def signal_when_parent_dies(sig: int) -> None:
-    """Ask the kernel to send `sig` to this process when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, sig)
+def signal_when_parent_dies(sig: int, parent: int) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent dies. False when the parent,
+    `parent` (its pid), had already died: the kernel then never sends it."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+    return os.getppid() == parent
 
 
-def killed_with_parent() -> None:
-    """preexec_fn of an experiment's role: SIGKILL when the launcher dies (runs between fork and exec)."""
-    signal_when_parent_dies(signal.SIGKILL)
+def _die_with(parent: int, sig: int, unblock: bool) -> None:
+    if unblock:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if not signal_when_parent_dies(sig, parent):
+        os._exit(128 + sig)  # the parent died between fork and now: start nothing
 
 
-def terminated_with_parent() -> None:
-    """preexec_fn of a launcher started by a sweep or a Ray worker: SIGTERM when that parent dies,
-    so the launcher tears its experiment down and marks its run KILLED. Ray's processes block
-    SIGINT, and a signal mask survives exec: the launcher must get its signals."""
-    signal_when_parent_dies(signal.SIGTERM)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+def preexec_role() -> Callable[[], None]:
+    """The preexec_fn (it runs between fork and exec) of an experiment's role started by this
+    process: SIGKILL when this process dies, and no role at all if it died before that was asked."""
+    return functools.partial(_die_with, os.getpid(), signal.SIGKILL, False)
 
 
-def terminate_with_parent() -> None:
+def preexec_launcher() -> Callable[[], None]:
+    """The preexec_fn of a launcher started by this process (a sweep, a Ray worker): SIGTERM when
+    this process dies, so the launcher tears its experiment down and marks its run KILLED, and no
+    launcher at all if it died before that was asked. Ray's processes block SIGINT, and a signal
+    mask survives exec: the launcher must get its signals."""
+    return functools.partial(_die_with, os.getpid(), signal.SIGTERM, True)
+
+
+def terminate_when_parent_dies() -> None:
     """For a launcher started by `mlflow run`: SIGTERM when that process dies, even by SIGKILL.
     If it died before the request was in place, terminate now."""
-    parent = os.getppid()
-    signal_when_parent_dies(signal.SIGTERM)
-    if os.getppid() != parent:
+    if not signal_when_parent_dies(signal.SIGTERM, os.getppid()):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -77,7 +90,7 @@ def role_process(role: str):
         yield
     except Exception as exc:
         traceback.print_exc()
-        print(f"{role}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"{role}: error: {described(exc)}", file=sys.stderr, flush=True)
         code = 1
     exit_now(code)
 
@@ -206,7 +219,7 @@ class Experiment:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedshard", *args, "--threads", str(threads)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                process_group=0, preexec_fn=killed_with_parent,
+                process_group=0, preexec_fn=preexec_role(),
             )
         child = Child(name, proc, log)
         self.children.append(child)

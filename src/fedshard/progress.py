@@ -33,14 +33,16 @@ class TrainerReporter:
     """A trainer's reports: as train_local's on_step, the round, its steps done of all, images and
     seconds; from a thread of its own, the same report again every second with a beat count, also
     between rounds and while weights travel. So a trainer that waits is heard, and only one that is
-    stopped, hung in a system call, dead or cut off falls silent."""
+    stopped, hung in a system call, dead or cut off falls silent. Only that thread talks to the
+    store: a training step never waits for it, and a store error (a hiccup, or the experiment
+    ending) fails no round and silences no trainer: the next beat tries again."""
 
     def __init__(self, store, trainer: int, batch_size: int):
         self.store, self.key, self.batch = store, key(trainer), batch_size
         self.lock = threading.Lock()
         self.report = {"round": 0, "done": 0, "total": 0, "images": 0, "seconds": 0.0, "beat": 0}
         self.round_images, self.round_start = 0, time.monotonic()
-        self.stop = threading.Event()
+        self.stop, self.now = threading.Event(), threading.Event()
         threading.Thread(target=self._beat, name="progress", daemon=True).start()
 
     def round_started(self, round_: int, images: int) -> None:
@@ -54,22 +56,23 @@ class TrainerReporter:
             self.report.update(done=done, total=total, images=min(done * self.batch, self.round_images),
                                seconds=time.monotonic() - self.round_start)
         if done in (1, total):  # the first and the last step at once; the beat carries the others
-            self._publish()
-
-    def _publish(self) -> None:
-        with self.lock:
-            self.report["beat"] += 1
-            self.store.set(self.key, json.dumps(self.report))
+            self.now.set()
 
     def _beat(self) -> None:
-        while not self.stop.wait(REPORT_SECONDS):
-            try:
-                self._publish()
-            except Exception:  # the store is gone: the experiment is ending, or the trainer will fail anyway
+        while True:
+            self.now.wait(REPORT_SECONDS)
+            if self.stop.is_set():
                 return
+            self.now.clear()
+            with self.lock:
+                self.report["beat"] += 1
+                raw = json.dumps(self.report)
+            with contextlib.suppress(Exception):
+                self.store.set(self.key, raw)
 
     def close(self) -> None:
         self.stop.set()
+        self.now.set()
 
 
 class Relay:
@@ -82,6 +85,7 @@ class Relay:
                       "silent_after": min(SILENT_SECONDS, round_timeout / 3), "trainers": {}}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self.writing, self.closed = threading.Lock(), False
 
     def start(self) -> "Relay":
         self.thread.start()
@@ -98,16 +102,24 @@ class Relay:
                     if self.store.check([key(k)]) and (raw := self.store.get(key(k)).decode()) != seen.get(k):
                         seen[k] = raw
                         self.state["trainers"][str(k)] = {**json.loads(raw), "heard": time.time()}
-                write_atomic(self.path, json.dumps({**self.state, "written": time.time()}).encode())
+                self._write()
             except Exception:  # progress is never worth failing a round for; the next second tries again
                 continue
+
+    def _write(self, closed: bool = False) -> None:
+        """Write the state, unless the relay is closed: the closed state is the file's last, even
+        when the thread was still waiting for the store then."""
+        with self.writing:
+            if self.closed:
+                return
+            self.closed = closed
+            write_atomic(self.path, json.dumps({**self.state, "closed": closed, "written": time.time()}).encode())
 
     def close(self) -> None:
         """Stop, and say so in the file: the rounds are over, nobody is silent any more."""
         self.stop.set()
-        self.thread.join(timeout=2 * REPORT_SECONDS)
         with contextlib.suppress(OSError):
-            write_atomic(self.path, json.dumps({**self.state, "closed": True, "written": time.time()}).encode())
+            self._write(closed=True)
 
 
 def read(path) -> dict | None:
@@ -197,9 +209,12 @@ class Display:
         self.bar, self.looked, self.said = None, 0.0, time.monotonic()
 
     def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
+        """`echo` the line, to its own stream (the round lines of `fedshard run > log` reach the log),
+        the bar cleared while it is written and drawn again below it."""
+        if self.bar is None:
+            self.echo(line)
+            return
+        with self.bar.external_write_mode(file=self.stream):
             self.echo(line)
 
     def tick(self) -> None:

@@ -140,6 +140,16 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
 
 
+def flat_payloads(payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each payload flattened, the same payload once: FedAvg sends every trainer the one model, and
+    n copies of its 220 MB would all be alive until the sends complete."""
+    flats: dict[int, torch.Tensor] = {}  # by id: the payloads are alive, so their ids are their own
+    for payload in payloads:
+        if id(payload) not in flats:
+            flats[id(payload)] = flatten(list(payload.values()))
+    return [flats[id(payload)] for payload in payloads]
+
+
 def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Views into `flat` shaped like the tensors of `like` (no copies)."""
     sizes = [t.numel() for t in like.values()]
@@ -189,9 +199,8 @@ def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str
     """Send trainer k its part `parts[k]` and the weights `payloads[k]` of that part; return the
     bytes sent to each trainer."""
     sends, sent = [], []
-    for k, (part, payload) in enumerate(zip(parts, payloads)):
+    for k, (part, flat) in enumerate(zip(parts, flat_payloads(payloads))):
         header = torch.tensor([TRAIN, round_, part], dtype=torch.int64)
-        flat = flatten(list(payload.values()))
         sends += [(k, dist.isend(header, k + 1)), (k, dist.isend(flat, k + 1))]
         sent.append(nbytes(header, flat))
     _wait_all(sends, timeout, round_, "taking their weights")

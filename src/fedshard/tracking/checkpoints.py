@@ -14,6 +14,8 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from .. import checkpoint
+from ..errors import described
 from .metrics import log_round
 from .store import client
 
@@ -53,8 +55,6 @@ def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: d
 def _store_checkpoint(run_id: str, round_: int, metrics: dict[str, float], weights: dict) -> None:
     """Write round `round_`'s checkpoint into the run's artifacts, or raise CheckpointWriteError
     with no part of it left behind."""
-    from .. import checkpoint
-
     name = checkpoint.file_name(round_)
     with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
         try:
@@ -65,13 +65,11 @@ def _store_checkpoint(run_id: str, round_: int, metrics: dict[str, float], weigh
                 _artifacts(run_id).delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
             raise CheckpointWriteError(f"round {round_}: cannot store the checkpoint in the run's artifacts "
                                        f"({client().get_run(run_id).info.artifact_uri}): "
-                                       f"{type(exc).__name__}: {exc}") from exc
+                                       f"{described(exc)}") from exc
 
 
 def checkpoint_rounds(run_id: str) -> list[int]:
     """Rounds of the run's checkpoint files, newest first."""
-    from .. import checkpoint
-
     rounds = (checkpoint.round_of(a.path) for a in client().list_artifacts(run_id, CHECKPOINT_DIR))
     return sorted((r for r in rounds if r is not None), reverse=True)
 
@@ -79,8 +77,6 @@ def checkpoint_rounds(run_id: str) -> list[int]:
 def load_checkpoint(run_id: str, warn=None):
     """The run's newest checkpoint that loads completely (a torn newer file is passed over, with a
     warning), or None when it has none."""
-    from .. import checkpoint
-
     for round_ in checkpoint_rounds(run_id):
         with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
             try:
@@ -93,15 +89,14 @@ def load_checkpoint(run_id: str, warn=None):
 
 
 def delete_checkpoints(run_id: str, below: int | None = None) -> None:
-    """Delete the checkpoint files of rounds before `below`; without it, every one (and the tag)."""
+    """Delete the checkpoint files of rounds before `below`; without it, all of them: the folder
+    goes (a FINISHED run's artifacts show no empty checkpoint folder), and the tag."""
     repo = _artifacts(run_id)
-    if below is None:  # the launcher, at a run's end: no need to import PyTorch (1.5 s) for that
+    if below is None:
         repo.delete_artifacts(CHECKPOINT_DIR)
         with suppress(Exception):
             client().delete_tag(run_id, CHECKPOINT_TAG)
         return
-    from .. import checkpoint
-
     for round_ in checkpoint_rounds(run_id):
         if round_ < below:
             repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}")

@@ -18,7 +18,7 @@ from mlflow.entities import Param
 from ..config import ExperimentConfig
 from .checkpoints import CHECKPOINT_TAG
 from .owners import owner_tags
-from .store import DEFAULT_EXPERIMENT, NOTE_TAG, TrackingError, client, experiment_id
+from .store import NOTE_TAG, TrackingError, client, default_experiment_name, experiment_id
 
 FAILURE_TAG = "fedshard.failure_reason"
 RUN_NAME_TAG = "mlflow.runName"  # setting it renames the run
@@ -67,7 +67,7 @@ class RunRecord:
         known = set(only or ExperimentConfig.__dataclass_fields__)
         values = {k: _unquote(v) for k, v in self.params.items() if k in known}
         if "precision" in known:
-            values["precision"] = recorded(self.params, self.tags)
+            values["precision"] = recorded({k: _unquote(v) for k, v in self.params.items()}, self.tags)
         return ExperimentConfig.from_mapping(values)
 
 
@@ -116,7 +116,7 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
     if outer is not None:
         run_id = outer.info.run_id
     else:
-        name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        name = default_experiment_name(experiment_name)
         run_id = c.create_run(experiment_id(name), run_name=cfg.run_name(), tags=tags or {}).info.run_id
     existing = c.get_run(run_id).data.tags  # what `mlflow run` or a sweep recorded stays
     source = {k: v for k, v in source_tags().items() if k not in existing}
