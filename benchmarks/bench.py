@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """fedshard speed benchmark: every figure measured side by side, in one run, on one machine.
 
-    python benchmarks/bench.py --quick                  # < 5 minutes on a 2-core CPU
+    python benchmarks/bench.py --quick                  # about 8 minutes on a 2-core CPU (below)
     python benchmarks/bench.py --json results.json      # bigger sizes, figures also as JSON
 
 Figures (their targets are TARGETS in report.py; how each is measured is in its module):
@@ -13,7 +13,8 @@ Figures (their targets are TARGETS in report.py; how each is measured is in its 
   eval_speedup            pipeline.py: training.evaluate (large batches, inference_mode) vs a
                           batch-size-1 DataLoader loop, same model and images.
   cpu_bf16_speedup        precision_figures.py (CPU only): full-AlexNet training images/s in bf16
-                          autocast over fp32 (batch 64, the threads a world-size-1 trainer gets),
+                          autocast over fp32 (batch 64, the threads a world-size-1 trainer gets;
+                          --quick times fewer steps and evaluates fewer images),
                           cpu_train_images_per_s_fp32 / _bf16, and the same for evaluation
                           (cpu_eval_bf16_speedup); bf16 only where the CPU computes it natively.
   round_overhead_ratio    experiment.py: a real experiment (`fedshard run`, world_size 1) - best
@@ -35,12 +36,21 @@ Figures (their targets are TARGETS in report.py; how each is measured is in its 
                           two seeds, one experiment at a time) trained with --no-extend over the
                           same sweep where each 4-round run extends its 2-round twin.
   CUDA only               cuda_figures.py: training images/s (full model and a world_size-2
-                          slice), achieved TFLOP/s against the device's bf16 dense peak, and the
-                          projected wall time of the default 54-run grid (projection.py).
+                          slice), achieved TFLOP/s against the device's bf16 dense peak, and
+                          (unless --no-projection) the packing of --pack trainers on the GPU and
+                          the projected wall time of the default 54-run grid (projection.py).
 
-Every figure is the best of a few repeats (other processes on a shared machine only ever add
-time), and the load average is printed so a reader can judge the noise. This is a benchmark,
-not a test: nothing here runs in CI.
+How each figure is taken. A timing that is repeated is the best of its repeats (common.best_of:
+other processes on a shared machine only ever add time): the input pipeline, fedshard's
+evaluation, the precision figures (after 2 warm-up steps), local training, the exchange and CUDA
+training. A round of the experiment is its best round of rounds >= 2. Measured once: the
+batch-size-1 evaluation loop, the CUDA packing (one timed period of trainers side by side),
+startup_seconds and the full-size start-ups (one experiment each), extension_speedup (one sweep
+each way); checkpoint_seconds is the mean of the run's rounds. The load average is printed so a
+reader can judge the noise. This is a benchmark, not a test: nothing here runs in CI.
+
+--quick: about 8 minutes on a 2-core CPU, about 4.5 with --no-sweeps (an estimate from the
+sections' times in the runs of benchmarks/RESULTS.md, not a timed run of this version).
 """
 
 from __future__ import annotations
@@ -68,16 +78,18 @@ from report import Report
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: under 5 minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="small sizes: about 8 minutes on a 2-core CPU")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--pack", type=int, default=4, help="CUDA: runs sharing the GPU in the grid projection")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the sweeps with and without extension")
+    parser.add_argument("--no-projection", action="store_true",
+                        help="CUDA: skip the packing and the grid projection (gpu_check.py makes its own)")
     return parser.parse_args(argv)
 
 
 def choose_sizes(quick: bool, on_cuda: bool) -> dict:
-    """Images and repeats of each measurement: --quick fits a 2-core CPU in under 5 minutes."""
+    """Images and repeats of each measurement: --quick for a first look (see the module docstring)."""
     def pick(cpu_quick, cpu_full, cuda_quick, cuda_full):
         return (cuda_quick if quick else cuda_full) if on_cuda else (cpu_quick if quick else cpu_full)
 
@@ -87,6 +99,8 @@ def choose_sizes(quick: bool, on_cuda: bool) -> dict:
         "experiment_images": pick(512, 1024, 8192, 50_000),
         "experiment_rounds": 3 if quick else 4, "local_repeats": 2 if quick else 3,
         "exchange_repeats": 3 if quick else 10,
+        # training keeps batch 64, a trainer's; fewer timed steps and evaluated images
+        "precision_steps": 3 if quick else 4, "precision_eval_images": 256 if quick else 1000,
         "cuda_train_images": 16384 if quick else 50_000,
         "sweep_images": pick(128, 512, 8192, 50_000),
     }
@@ -99,6 +113,17 @@ def write_data(root: Path, sizes: dict):
     say(f"writing synthetic CIFAR-100 ({n_train} train, {n_test} test images)")
     write_synthetic_cifar100(root, n_train=n_train, n_test=n_test, n_classes=100, seed=0)
     return load_split(root, "train"), load_split(root, "test")
+
+
+def cuda(report: Report, args, device, sizes: dict) -> None:
+    """The CUDA-only sections, after the others: the grid projection uses their figures."""
+    say("CUDA: training throughput, TFLOP/s")
+    c = report.add("cuda", cuda_figures.cuda_section(device, sizes["cuda_train_images"], report.info.get("gpu", "")))
+    if not args.no_projection:
+        say("CUDA: packing, grid projection")
+        report.add("grid", cuda_figures.grid_section(
+            c.details, args.pack, 10 if args.quick else 20, report.results["details"]["eval"]["fedshard_images_per_s"],
+            report.figures["exchange_gbytes_per_s"], report.figures["startup_seconds"]))
 
 
 def main(argv=None) -> int:
@@ -124,13 +149,14 @@ def main(argv=None) -> int:
 
         # ------------------------------------------------------------------- evaluation
         say("evaluation: batched vs batch size 1")
-        e = report.add("eval", pipeline.eval_section(test_x, test_y, device, sizes["eval_fast_images"],
-                                                     sizes["eval_plain_images"]))
+        report.add("eval", pipeline.eval_section(test_x, test_y, device, sizes["eval_fast_images"],
+                                                 sizes["eval_plain_images"]))
 
         # ------------------------------------------------------------------- fp32 against bf16 (CPU)
         if not on_cuda:
             say("CPU: fp32 against bf16, full AlexNet, training and evaluation")
-            report.add("precision", precision_figures.precision_section(common.cores()))
+            report.add("precision", precision_figures.precision_section(
+                common.cores(), sizes["precision_steps"], sizes["precision_eval_images"]))
 
         # ------------------------------------------------------------------- weight exchange
         say("weight exchange: full AlexNet there and back through fedshard.transport")
@@ -150,13 +176,8 @@ def main(argv=None) -> int:
             report.add("extension", experiment.extension_section(tmp / "data", tmp, sizes["sweep_images"],
                                                                  device.type))
 
-        # ------------------------------------------------------------------- CUDA only
         if on_cuda:
-            say("CUDA: training throughput, TFLOP/s, packing, grid projection")
-            report.add("cuda", cuda_figures.cuda_section(
-                device, sizes["cuda_train_images"], info.get("gpu", ""), args.pack, 10 if args.quick else 20,
-                e.details["fedshard_images_per_s"], report.figures["exchange_gbytes_per_s"],
-                report.figures["startup_seconds"]))
+            cuda(report, args, device, sizes)
 
     report.finish()
     print(report.text())

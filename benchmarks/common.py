@@ -3,8 +3,9 @@ running a command, a `fedshard run` experiment or a sweep in a store of its own 
 experiment's figures back from MLflow.
 
 Only public tools time things (time.perf_counter, torch.cuda.synchronize, psutil), so a reader can
-check any figure with the same tools. Every figure is the best of a few repeats where it can be:
-other processes on a shared machine only ever add time (the timeit convention).
+check any figure with the same tools. A timing that is repeated takes the best of its repeats
+(`best_of`; other processes on a shared machine only ever add time, the timeit convention); the
+figures that are not repeated say so where they are described (bench.py's docstring).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,8 +52,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_of(fn, repeats: int) -> tuple[float, list[float]]:
-    """(best, all) seconds of `repeats` calls of fn()."""
+def best_of(fn, repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
+    """(best, all) seconds of `repeats` calls of fn(), after `warmup` calls that are not timed."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,13 +79,6 @@ def threads(n: int):
 
 def utc_date() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def device_name(device: str) -> str:
-    """The GPU's name for "cuda", else the processor's as the platform reports it."""
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict:
@@ -191,7 +188,8 @@ def sweep(data_dir: Path, device: str, train_images: int, test_images: int, *axe
 
 def read_run(output: str, uri: str, workdir: Path) -> dict:
     """What a finished `fedshard run` logged: its run id (from its output), the per-round metrics,
-    and the unix times trainer 0 took its first training step (from its log, an artifact)."""
+    and the unix time trainer 0 took its first training step (from its log, an artifact; None
+    when the log has no such line)."""
     from mlflow.tracking import MlflowClient
 
     match = RUN_ID_LINE.search(output)
@@ -204,7 +202,43 @@ def read_run(output: str, uri: str, workdir: Path) -> dict:
         return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
     log = Path(client.download_artifacts(run_id, "logs/trainer_0.log", str(workdir)))
+    first_step = FIRST_STEP_LINE.search(log.read_text())
     return {"run_id": run_id, "round_seconds": history("round_seconds"),
             "trainer_seconds": history("trainer_0/seconds"), "eval_seconds": history("eval_seconds"),
             "checkpoint_seconds": history("checkpoint_seconds"),
-            "first_steps": [float(m.group(1)) for m in FIRST_STEP_LINE.finditer(log.read_text())]}
+            "first_step": float(first_step.group(1)) if first_step else None}
+
+
+def open_store(store: Path) -> str:
+    """Create the SQLite MLflow store in `store` now, as a user's exists before their runs: its
+    one-time creation is not start-up. MLFLOW_TRACKING_URI points at it only meanwhile."""
+    from fedshard import tracking
+
+    with unittest.mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": store_uri(store)}):
+        return tracking.ensure_store()
+
+
+def run_experiment(data_dir: Path, store: Path, *, world_size: int, rounds: int, train_images: int,
+                   test_images: int, device: str, timeout: float, experiment: str, extra: tuple = (),
+                   **env: str) -> tuple[Finished, dict | None]:
+    """The one way both benchmark scripts run and time an experiment: `fedshard run` as a user
+    starts it, in `store` (an existing MLflow store, `open_store`). Returns how the command ended
+    and, when it logged a run, what `read_run` reads with startup_seconds (from the command's
+    start to trainer 0's first training step; None without one) and startup_breakdown (when
+    each role's process was first seen)."""
+    open_store(store)
+    command = fedshard_run(data_dir, device, world_size, rounds, train_images, test_images, experiment, *extra)
+    done = run_command(command, timeout, cwd=store, env=store_env(store, **env), watch_roles=True)
+    if done.code != 0 or not RUN_ID_LINE.search(done.output):
+        return done, None
+    run = read_run(done.output, store_uri(store), store)
+    startup = run["first_step"] - done.started if run["first_step"] is not None else None
+    in_order = sorted(done.spawned.items(), key=lambda kv: kv[1])
+    return done, {**run, "startup_seconds": startup,
+                  "startup_breakdown": {f"{role}_spawned_s": s for role, s in in_order}}
+
+
+def best_steady_round(seconds_by_round: dict[int, float]) -> float:
+    """The best of rounds >= 2 (round 1 also pays the warm-ups): the best, not a median, as for
+    every repeated timing here."""
+    return min(s for r, s in seconds_by_round.items() if r >= 2)

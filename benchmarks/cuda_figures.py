@@ -1,6 +1,7 @@
 """CUDA only: training images/s (the full model and a world-size-2 slice, bf16 autocast and
-channels_last as in a run), the TFLOP/s that achieves against the device's bf16 dense peak, the
-throughput of several trainers sharing the GPU, and from these the default grid's projection.
+channels_last as in a run) and the TFLOP/s that achieves against the device's bf16 dense peak
+(cuda_section); the throughput of several trainers sharing the GPU, and from these the default
+grid's projection (grid_section, which gpu_check.py leaves out: it projects from real runs).
 
     python benchmarks/cuda_figures.py --packed-worker SLICES SECONDS GO_FILE DEVICE IMAGES
                                       # one of the trainers bench_packing starts side by side
@@ -112,29 +113,36 @@ def project_grid(full: dict, half: dict, eval_ips: float, exchange_gbps: float, 
     return {**projection.project(per_round, startup_s, speedup), "packed_processes": packing["processes"]}
 
 
-def cuda_section(device, n_images: int, gpu: str, pack: int, packing_seconds: float, eval_ips: float,
-                 exchange_gbps: float, startup_s: float) -> Section:
+def cuda_section(device, n_images: int, gpu: str) -> Section:
+    """Training images/s of the full model and of a world-size-2 slice, and the TFLOP/s achieved."""
     full = bench_cuda_training(device, n_images, None, 120)
     half = bench_cuda_training(device, n_images, slice_widths(2, 0), 120)
     achieved = projection.training_flops_per_image() * full["images_per_s"] / 1e12
     peak = bf16_peak_tflops(gpu)
-    single = bench_packing(1, 1, packing_seconds)
-    packed = bench_packing(pack, 1, packing_seconds) if pack > 1 else single
-    packing = {**packed, "single_images_per_s": single["images_per_s_total"]}
-    grid = project_grid(full, half, eval_ips, exchange_gbps, startup_s, packing)
     details = {"train_full": full, "train_half_slice": half,
                "forward_gflop_per_image": forward_flops() / 1e9, "achieved_tflops": achieved,
-               "bf16_peak_tflops": peak, "packing": packing, "grid": grid}
-    figures = {"train_images_per_s": full["images_per_s"], "achieved_tflops": achieved,
-               "grid_projected_minutes": grid["grid_projected_minutes"]}
+               "bf16_peak_tflops": peak}
+    figures = {"train_images_per_s": full["images_per_s"], "achieved_tflops": achieved}
     return Section(details, figures, [
         ("train_images_per_s (full model)", full["images_per_s"], "img/s"),
         ("  world_size-2 slice", half["images_per_s"], "img/s"),
         ("achieved_tflops", achieved, "TFLOP/s"),
-        ("  of bf16 dense peak", achieved / peak if peak else None, f"of {peak:g}" if peak else ""),
-        (f"  packing speedup ({pack} runs)", grid["packing_speedup"], "x"),
+        ("  of bf16 dense peak", achieved / peak if peak else None, f"of {peak:g}" if peak else "")])
+
+
+def grid_section(training: dict, pack: int, packing_seconds: float, eval_ips: float, exchange_gbps: float,
+                 startup_s: float) -> Section:
+    """`pack` trainers sharing the GPU against one, and the default grid's projection from the
+    parts (`training`: cuda_section's details)."""
+    single = bench_packing(1, 1, packing_seconds)
+    packed = bench_packing(pack, 1, packing_seconds) if pack > 1 else single
+    packing = {**packed, "single_images_per_s": single["images_per_s_total"]}
+    grid = project_grid(training["train_full"], training["train_half_slice"], eval_ips, exchange_gbps, startup_s,
+                        packing)
+    return Section({"packing": packing, "grid": grid}, {"grid_projected_minutes": grid["grid_projected_minutes"]}, [
         ("grid_projected_minutes", grid["grid_projected_minutes"], "min"),
-        ("  one run at a time", grid["serial_minutes"], "min")])
+        ("  one run at a time", grid["serial_minutes"], "min"),
+        (f"  packing speedup ({pack} runs)", grid["packing_speedup"], "x")])
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--packed-worker"]:

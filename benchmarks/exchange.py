@@ -51,7 +51,7 @@ def _round_trips(state: dict, repeats: int) -> list[float]:
     times = []
     for r in range(repeats + 1):
         start = time.perf_counter()
-        transport.send_round(r + 1, [0], [state], timeout=600)
+        transport.send_round(r + 1, [0], [state], timeout=TIMEOUT)
         reports = transport.collect_round(r + 1, [0], [state], timeout=TIMEOUT)
         times.append(time.perf_counter() - start)
     back = reports[0].state

@@ -5,7 +5,8 @@ training in this process without any federation, and a small sweep with and with
                         while round r+1 trains, so these exclude evaluation) over the best time of
                         train_local on the same images, threads and batch size in this process.
   startup_seconds       from starting `fedshard run` to the trainer's first training step, with an
-                        existing MLflow store (its one-time creation is not startup).
+                        existing MLflow store (its one-time creation is not startup), in the
+                        experiment above: one measurement (common.run_experiment).
   checkpoint_seconds    storing a round's checkpoint in the run's artifacts, as the aggregator
                         measured it (mean of rounds >= 1), in the background of the next round.
   extension_speedup     a sweep with every run from round 0 over the same sweep with each
@@ -13,12 +14,12 @@ training in this process without any federation, and a small sweep with and with
   startup_seconds_full_files
                         startup_seconds with files of CIFAR-100's full size (50,000 + 10,000
                         images, 150 MB), the dataset digests first hashed (every start before the
-                        digest cache: "cold") and then read from the cache ("cached").
+                        digest cache: "cold") and then read from the cache ("cached"); one
+                        one-round experiment each.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -32,22 +33,16 @@ from report import Section
 
 
 def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, device: str, **env: str) -> dict:
-    """`fedshard run` as a user starts it; returns the run id, startup time and per-round metrics."""
-    from fedshard import tracking
-
-    uri = common.store_uri(workdir)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    tracking.ensure_store()  # an existing store, as a user's is
-    command = common.fedshard_run(data_dir, device, 1, rounds, n_train, 32, "bench", "--batch-size", "64")
-    done = common.run_command(command, 1800, cwd=workdir, env=common.store_env(workdir, **env), watch_roles=True)
-    if done.code != 0:
+    """`fedshard run` (world size 1, batch 64, 32 test images) through common.run_experiment;
+    returns the run id, startup time and per-round metrics, or raises if the run failed."""
+    done, run = common.run_experiment(data_dir, workdir, world_size=1, rounds=rounds, train_images=n_train,
+                                      test_images=32, device=device, timeout=1800, experiment="bench",
+                                      extra=("--batch-size", "64"), **env)
+    if run is None:
         raise RuntimeError(f"fedshard run failed ({done.code}):\n{done.output[-6000:]}")
-    run = common.read_run(done.output, uri, workdir)
-    if not run["first_steps"]:
+    if run["startup_seconds"] is None:
         raise RuntimeError("the trainer's log has no 'first training step' line")
-    in_order = sorted(done.spawned.items(), key=lambda kv: kv[1])
-    return {**run, "startup_seconds": max(run["first_steps"]) - done.started,
-            "startup_breakdown": {f"{role}_spawned_s": s for role, s in in_order}}
+    return run
 
 
 def bench_local_training(images, labels, device, batch_size: int, repeats: int, bf16: bool) -> dict:
@@ -67,9 +62,8 @@ def bench_local_training(images, labels, device, batch_size: int, repeats: int, 
 
 
 def round_figures(exp: dict, local: dict) -> dict:
-    later = {r: s for r, s in exp["round_seconds"].items() if r >= 2}
-    best_round = min(later.values())
-    best_trainer = min(s for r, s in exp["trainer_seconds"].items() if r >= 2)
+    best_round = common.best_steady_round(exp["round_seconds"])
+    best_trainer = common.best_steady_round(exp["trainer_seconds"])
     return {
         "round_overhead_ratio": best_round / local["best_seconds"],
         "best_round_seconds": best_round,

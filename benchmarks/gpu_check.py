@@ -4,33 +4,36 @@
     bash benchmarks/gpu_check.sh            # from a fresh clone, on a machine with one NVIDIA GPU
     bash benchmarks/gpu_check.sh --dry      # the same steps on the CPU at toy sizes (plumbing only)
 
-Steps, each timed and each allowed to fail without losing the others' figures:
+Steps, in this order, each timed and each allowed to fail without losing the others' figures:
 
   cuda_tests      the CUDA tests of the suite (pytest -k cuda): correctness of bf16, determinism,
                   a resumed run on CUDA.
-  bench           benchmarks/bench.py --quick on the device: eval_speedup, training images/s,
-                  TFLOP/s, packing of concurrent trainers.
-  full_run        a real `fedshard run` at full size: 50,000 training images of CIFAR-100-format
-                  data written here, the full 10,000-image test set, world size 2, 3 rounds; the
-                  round times come from the run's own metrics (round_seconds, eval_seconds,
-                  checkpoint_seconds) and its startup from the trainer's first step.
+  full_run        a real `fedshard run` at full size (common.run_experiment, as bench.py runs its
+                  experiment): 50,000 training images of CIFAR-100-format data written here, the
+                  full 10,000-image test set, world size 2, 3 rounds; the round times come from the
+                  run's own metrics (round_seconds, eval_seconds, checkpoint_seconds), its startup
+                  from trainer 0's first step, with the MLflow store created beforehand.
   packing         `sweep.py --parallel N` on the one GPU for each N in --pack (1 2 4 8), on a
                   small real grid; experiments per hour, and the GPU memory used at the peak.
+  bench           benchmarks/bench.py --quick --no-sweeps --no-projection on the device:
+                  eval_speedup, training images/s, TFLOP/s, and its other figures; without its
+                  own packing measurement and grid projection, which this check makes from real
+                  runs instead.
 
-It writes every figure to benchmarks/results/<gpu-name>.json (on --dry: <cpu>-dry.json), with
-figures.full_round_seconds, figures.eval_speedup, figures.best_parallel and
-figures.grid_projected_minutes: the default grid with extension (projection.py), each
-world-size-2 round taking the measured full-size round time, each world-size-1 round that time
-scaled by the training FLOPs of its round against a world-size-2 round's (projection.round_flops,
-from the model's layer shapes), plus each run's measured startup, divided by the speedup of the
-best packing.
+It writes every figure to benchmarks/results/<gpu-name>.json (on --dry: <cpu>-dry.json), once:
+`figures` holds bench.py's figures and this check's own, full_round_seconds (the best of the
+full run's rounds >= 2, as bench.py takes rounds), full_run_startup_seconds, best_parallel and
+grid_projected_minutes: the default grid with extension (projection.py), each world-size-2
+round taking the measured full-size round time, each world-size-1 round that time scaled by the
+training FLOPs of its round against a world-size-2 round's (projection.round_flops, from the
+model's layer shapes), plus each run's measured startup, divided by the speedup of the best
+packing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import shutil
 import sys
@@ -39,13 +42,17 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 import common
 import projection
 from common import REPO, say
-from report import TARGETS, met
+from report import judge
 
 RESULTS = REPO / "benchmarks" / "results"
 JUDGED = ("grid_projected_minutes", "eval_speedup")  # the figures of this check that have a target
+# bench.py on the device: its quick sizes, without the sweeps and the grid projection this check makes itself
+BENCH_ARGS = ("--quick", "--no-sweeps", "--no-projection")
 
 
 def file_name(device_name: str, dry: bool) -> str:
@@ -75,12 +82,9 @@ def project_grid(full_round_seconds: float, startup_seconds: float, packing: dic
 
 
 def verdicts(figures: dict, dry: bool = False) -> dict:
-    """Each target met or not; None where unmeasured, and on a dry run (toy sizes on a CPU)."""
-    out = {}
-    for name in JUDGED:
-        op, bound, _ = TARGETS[name]
-        out[name] = {"op": op, "bound": bound, "value": figures.get(name), "met": met(name, figures.get(name), not dry)}
-    return out
+    """report.judge on the figures of this check that have a target; on a dry run (toy sizes on
+    a CPU) none is judged."""
+    return judge(figures, on_gpu=not dry, names=JUDGED)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -123,8 +127,7 @@ def step_cuda_tests(args) -> dict:
 
 def step_bench(args, work: Path) -> dict:
     path = work / "bench.json"
-    # Without bench.py's own extension sweeps: the packing step runs sweeps of its own.
-    done = common.run_command([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--no-sweeps",
+    done = common.run_command([sys.executable, str(REPO / "benchmarks" / "bench.py"), *BENCH_ARGS,
                                "--device", args.device, "--json", str(path)], args.timeout, cwd=REPO)
     result = {"ok": done.code == 0, "seconds": done.seconds, "output_tail": done.output[-4000:]}
     if done.code == 0:
@@ -135,21 +138,18 @@ def step_bench(args, work: Path) -> dict:
 def step_full_run(args, work: Path) -> dict:
     store = work / "full"
     store.mkdir()
-    command = common.fedshard_run(args.data, args.device, 2, args.full_rounds, args.train_images,
-                                  args.test_images, "gpu-check")
-    env = common.store_env(store, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     with MemoryPeak(not args.dry) as memory:
-        done = common.run_command(command, args.timeout, cwd=store, env=env)
+        done, run = common.run_experiment(args.data, store, world_size=2, rounds=args.full_rounds,
+                                          train_images=args.train_images, test_images=args.test_images,
+                                          device=args.device, timeout=args.timeout, experiment="gpu-check",
+                                          MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     result = {"ok": done.code == 0, "seconds": done.seconds, "gpu_memory_peak_mib": memory.peak_mib,
               "output_tail": done.output[-4000:]}
-    if done.code != 0 or not common.RUN_ID_LINE.search(done.output):
+    if run is None:
         return result
-    run = common.read_run(done.output, common.store_uri(store), store)
-    steady = [s for r, s in sorted(run["round_seconds"].items()) if r >= 2] or list(run["round_seconds"].values())
-    result.update(run_id=run["run_id"], round_seconds=run["round_seconds"], eval_seconds=run["eval_seconds"],
-                  checkpoint_seconds=run["checkpoint_seconds"], trainer_seconds=run["trainer_seconds"],
-                  full_round_seconds=sorted(steady)[len(steady) // 2],  # the median of the steady rounds
-                  startup_seconds=(run["first_steps"][0] - done.started) if run["first_steps"] else None)
+    result.update({k: run[k] for k in ("run_id", "round_seconds", "eval_seconds", "checkpoint_seconds",
+                                       "trainer_seconds", "startup_seconds", "startup_breakdown")},
+                  full_round_seconds=common.best_steady_round(run["round_seconds"]))
     return result
 
 
@@ -209,28 +209,34 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def summarise(steps: dict) -> tuple[dict, dict | None]:
-    """The headline figures of the steps, and the grid projection where the full run measured one."""
-    full = steps["full_run"]
-    figures = {"eval_speedup": (steps["bench"].get("figures") or {}).get("eval_speedup"),
-               "full_round_seconds": full.get("full_round_seconds"), "startup_seconds": full.get("startup_seconds"),
-               "experiments_per_hour": {n: p["experiments_per_hour"] for n, p in steps["packing"].items()},
-               "gpu_memory_peak_mib": {n: p["gpu_memory_peak_mib"] for n, p in steps["packing"].items()},
-               "best_parallel": best_parallel(steps["packing"])}
-    if not figures["full_round_seconds"] or figures["startup_seconds"] is None:
+    """Every figure of the check, each once: bench.py's (moved out of its step) and this check's
+    own; and the grid projection, where the full run measured a round and a startup."""
+    full, packing = steps["full_run"], steps["packing"]
+    own = {"full_round_seconds": full.get("full_round_seconds"),
+           "full_run_startup_seconds": full.get("startup_seconds"),
+           "experiments_per_hour": {n: p["experiments_per_hour"] for n, p in packing.items()},
+           "gpu_memory_peak_mib": {n: p["gpu_memory_peak_mib"] for n, p in packing.items()},
+           "best_parallel": best_parallel(packing)}
+    figures = {**steps["bench"].pop("figures", {}), **own}
+    if not own["full_round_seconds"] or own["full_run_startup_seconds"] is None:
         return figures, None
-    grid = project_grid(figures["full_round_seconds"], figures["startup_seconds"], steps["packing"])
+    grid = project_grid(own["full_round_seconds"], own["full_run_startup_seconds"], packing)
     figures["grid_projected_minutes"] = grid["grid_projected_minutes"]
     return figures, grid
+
+
+def start_results(args) -> tuple[dict, Path]:
+    """The results so far (the machine, as bench.py describes it) and the file they go to."""
+    info = common.machine(torch.device(args.device))
+    output = args.output or RESULTS / file_name(info.get("gpu", info["cpu"]), args.dry)
+    return {"machine": info, "dry": args.dry, "steps": {}}, output
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    name = common.device_name(args.device)
-    say(f"device: {name}{' (dry run: CPU, toy sizes)' if args.dry else ''}")
-    results = {"device": name, "dry": args.dry, "date": common.utc_date(), "python": platform.python_version(),
-               "steps": {}}
-    output = args.output or RESULTS / file_name(name, args.dry)
+    results, output = start_results(args)
+    say(f"machine: {results['machine']}{' (dry run: CPU, toy sizes)' if args.dry else ''}")
     output.parent.mkdir(parents=True, exist_ok=True)
 
     def save():

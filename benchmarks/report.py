@@ -22,7 +22,7 @@ TARGETS = {  # figure -> (comparison, bound, the device the bound is set for)
     "grid_projected_minutes": ("<=", projection.TARGET_MINUTES, projection.TARGET_DEVICE),
 }
 # Sections of bench.py's table, top to bottom (they are measured in another order).
-ROW_ORDER = ("data_pipeline", "eval", "precision", "experiment", "startup", "exchange", "extension", "cuda")
+ROW_ORDER = ("data_pipeline", "eval", "precision", "experiment", "startup", "exchange", "extension", "cuda", "grid")
 
 
 def met(metric: str, value, on_gpu: bool) -> bool | None:
@@ -34,6 +34,14 @@ def met(metric: str, value, on_gpu: bool) -> bool | None:
     if where != "CPU" and not on_gpu:
         return None
     return value >= bound if op == ">=" else value <= bound
+
+
+def judge(figures: dict, on_gpu: bool, names=tuple(TARGETS)) -> dict:
+    """The verdict on each target of `names`, as both benchmark scripts record it: the comparison,
+    the bound, the device it is set for, the figure's value and `met` (see met)."""
+    return {m: {"op": op, "bound": bound, "where": where, "value": figures.get(m),
+                "met": met(m, figures.get(m), on_gpu)}
+            for m in names for op, bound, where in [TARGETS[m]]}
 
 
 def verdict(metric: str, value, on_gpu: bool) -> tuple[str, str]:
@@ -94,9 +102,7 @@ class Report:
         """The load at the end, the figures and each target's verdict, into the results."""
         self.info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
         self.results["figures"] = self.figures
-        self.results["targets"] = {
-            m: {"op": op, "bound": b, "where": w, "met": met(m, self.figures.get(m), self.on_gpu)}
-            for m, (op, b, w) in TARGETS.items()}
+        self.results["targets"] = judge(self.figures, self.on_gpu)
 
     def text(self) -> str:
         info = self.info

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 
 import pytest
@@ -113,3 +114,64 @@ def test_targets_are_judged_only_when_measured():
         "met"] is False
     dry = gpu_check.verdicts({"grid_projected_minutes": 29.0, "eval_speedup": 25.0}, dry=True)
     assert [v["met"] for v in dry.values()] == [None, None]  # toy sizes on a CPU prove nothing
+
+
+def test_gpu_check_runs_bench_without_the_packing_and_projection_it_makes_itself():
+    bench = importlib.import_module("bench")
+    args = bench.parse_args(list(gpu_check.BENCH_ARGS))
+    assert args.quick and args.no_sweeps and args.no_projection
+
+
+def packing_step(n: int, rate: float) -> dict:
+    return {"ok": True, "experiments_per_hour": rate, "gpu_memory_peak_mib": 1000.0 * n}
+
+
+def test_the_results_hold_each_figure_once_and_project_from_the_full_run():
+    steps = {"bench": {"ok": True, "figures": {"eval_speedup": 25.0, "startup_seconds": 5.0,
+                                               "train_images_per_s": 9000.0}},
+             "full_run": {"ok": True, "full_round_seconds": 2.0, "startup_seconds": 12.0},
+             "packing": {1: packing_step(1, 100.0), 2: packing_step(2, 150.0)}}
+    figures, grid = gpu_check.summarise(steps)
+    assert "figures" not in steps["bench"]  # moved to the top level, not copied
+    assert figures["startup_seconds"] == 5.0 and figures["full_run_startup_seconds"] == 12.0
+    assert figures["eval_speedup"] == 25.0 and figures["train_images_per_s"] == 9000.0
+    assert grid == gpu_check.project_grid(2.0, 12.0, steps["packing"])
+    assert figures["grid_projected_minutes"] == grid["grid_projected_minutes"]
+    assert figures["gpu_memory_peak_mib"] == {1: 1000.0, 2: 2000.0} and figures["best_parallel"] == 2
+
+
+def test_both_scripts_record_verdicts_with_the_one_helper():
+    figures = {"grid_projected_minutes": 29.0, "eval_speedup": 12.0, "startup_seconds": 5.0}
+    assert gpu_check.verdicts(figures) == {n: report.judge(figures, on_gpu=True)[n] for n in gpu_check.JUDGED}
+    assert gpu_check.verdicts(figures)["eval_speedup"] == {"op": ">=", "bound": 20.0, "where": "H200",
+                                                           "value": 12.0, "met": False}
+    bench_report = report.Report({"load_average_1min_start": 0.0}, quick=True, sizes={}, on_gpu=False)
+    bench_report.figures.update(figures)
+    bench_report.finish()
+    assert bench_report.results["targets"] == report.judge(figures, on_gpu=False)
+    assert bench_report.results["targets"]["startup_seconds"]["met"] is True
+
+
+def test_the_results_describe_the_machine_as_bench_does(tmp_path):
+    common = importlib.import_module("common")
+    results, output = gpu_check.start_results(gpu_check.parse_args(["--dry"]))
+    described = common.machine(torch.device("cpu"))
+    assert {k: v for k, v in results["machine"].items() if k not in ("date", "load_average_1min_start")} == {
+        k: v for k, v in described.items() if k not in ("date", "load_average_1min_start")}
+    assert output == gpu_check.RESULTS / gpu_check.file_name(described["cpu"], dry=True)
+    assert gpu_check.start_results(gpu_check.parse_args(["--dry", "--output", str(tmp_path / "r.json")]))[1] == (
+        tmp_path / "r.json")
+
+
+def test_the_full_run_step_runs_and_times_its_experiment_as_bench_does(data_dir, tmp_path, monkeypatch):
+    """A real `fedshard run` at toy sizes: world size 2, 2 rounds, through common.run_experiment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = gpu_check.parse_args(["--dry"])
+    args.data, args.train_images, args.test_images, args.timeout = data_dir, 16, 8, 300.0
+    result = gpu_check.step_full_run(args, tmp_path)
+    assert result["ok"], result["output_tail"]
+    assert (tmp_path / "full" / "mlflow.db").exists() and "MLFLOW_TRACKING_URI" not in os.environ
+    assert sorted(result["round_seconds"]) == [1, 2]
+    assert result["full_round_seconds"] == result["round_seconds"][2]  # the best of rounds >= 2
+    assert 0 < result["startup_seconds"] < result["seconds"]
+    assert {"metaserver_spawned_s", "aggregator_spawned_s", "trainer_spawned_s"} <= set(result["startup_breakdown"])

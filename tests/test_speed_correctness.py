@@ -1,4 +1,4 @@
-"""The fast paths compute what the plain ones do (issue 4).
+"""The fast paths compute what the plain ones do.
 
 Augmentation runs batched on the device, evaluation runs in large batches, and on
 CUDA the model may run channels_last; none of that may change what is computed.
