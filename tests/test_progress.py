@@ -36,6 +36,14 @@ def test_figures_are_the_steps_of_all_trainers_their_speed_and_the_slowest_eta()
     assert f.line() == "round 2/5: steps 10/20 (50%), 10 img/s, ETA 0:12 (run 1:18)" and f.news
 
 
+def test_no_line_until_every_trainer_has_stepped_in_the_round():
+    # trainer 1 still waits for its weights: 1 step of 10 + ? is no figure to print
+    one = progress.figures(state(t0=report(done=1, total=10, seconds=0.5), t1=report(round_=1, done=10)), now=NOW)
+    assert (one.done, one.total, one.eta_round, one.news) == (1, 10, None, False)
+    both = progress.figures(state(t0=report(done=1, total=10, seconds=0.5), t1=report(done=1, total=10)), now=NOW)
+    assert (both.done, both.total, both.news) == (2, 20, True)
+
+
 def test_a_trainer_not_heard_from_is_silent_and_one_that_waits_is_not():
     late = progress.figures(state(t0=report(done=10, total=10, heard=NOW + 20),  # done, waiting, still beating
                                   t1=report(round_=1, done=10, total=10, heard=NOW - 100)), now=NOW + 25)

@@ -144,9 +144,10 @@ class Figures:
 
     @property
     def news(self) -> bool:
-        """Worth a line: steps of the round under way (a finished round's figures are its result's
-        line), or a silent trainer."""
-        return bool(self.silent) or 0 < self.done < self.total
+        """Worth a line: steps of the round under way once every trainer has taken one of them (before
+        that the count of all steps is not known: a trainer still waiting for its weights has said
+        nothing of this round; a finished round's figures are its result's line), or a silent trainer."""
+        return bool(self.silent) or (self.eta_round is not None and 0 < self.done < self.total)
 
     def line(self) -> str:
         """'round 2/5: steps 12/32 (38%), 41 img/s, ETA 0:48 (run 3:12)'."""
