@@ -33,11 +33,11 @@ from report import Section
 
 
 def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, device: str, **env: str) -> dict:
-    """`fedshard run` (world size 1, batch 64, 32 test images) through common.run_experiment;
+    """`fedshard run` (world size 1, batch 64, one local epoch, 32 test images) through common.run_experiment;
     returns the run id, startup time and per-round metrics, or raises if the run failed."""
     done, run = common.run_experiment(data_dir, workdir, world_size=1, rounds=rounds, train_images=n_train,
                                       test_images=32, device=device, timeout=1800, experiment="bench",
-                                      extra=("--batch-size", "64"), **env)
+                                      extra=("--batch-size", "64", "--local-epochs", "1"), **env)
     if run is None:
         raise RuntimeError(f"fedshard run failed ({done.code}):\n{done.output[-6000:]}")
     if run["startup_seconds"] is None:

@@ -112,8 +112,9 @@ def fedshard_processes(marker: str) -> list[psutil.Process]:
 def experiment_args(data_dir: Path, **params) -> list[str]:
     # fp32 by default: the tests' learning thresholds and exact histories were measured in fp32, and a
     # CPU with native bf16 would otherwise switch (precision=auto); the bf16 tests ask for it.
-    base = {"max_train_samples": 64, "max_test_samples": 32, "batch_size": 16, "learning_rate": 1e-4,
-            "precision": "fp32"}
+    # One local epoch (the harness's default is 3): the tests' rounds are kept short.
+    base = {"max_train_samples": 64, "max_test_samples": 32, "batch_size": 16, "local_epochs": 1,
+            "learning_rate": 1e-4, "precision": "fp32"}
     base.update(params)
     args = ["--data-dir", str(data_dir)]
     for name, value in base.items():

@@ -68,7 +68,7 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
         loaded = tracking.load_weights(uri)
         assert all(torch.equal(loaded[k], weights[k]) for k in weights), uri
     params = ["-P", f"data_dir={data_dir}", "-P", "world_size=2", "-P", "rounds=1", "-P", "learning_rate=0.00001",
-              "-P", "max_train_samples=32", "-P", "max_test_samples=16", "-P", "batch_size=16",
+              "-P", "max_train_samples=32", "-P", "max_test_samples=16", "-P", "batch_size=16", "-P", "local_epochs=1",
               "-P", f"init_from=models:/start-here/{version}"]
     mlflow = Path(sys.executable).with_name("mlflow")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

@@ -66,14 +66,16 @@ def test_settings_that_do_not_apply_take_one_value_with_a_note():
     # One trainer trains the whole model whatever the strategy; swap_every means nothing without
     # swapping; dirichlet_alpha nothing for another partition: each is recorded as one value.
     cfg, notes = ExperimentConfig.with_notes({"world_size": "1", "strategy": "fedavg", "enable_swapping": "true",
-                                              "swap_every": "3", "partition": "iid", "dirichlet_alpha": "0.1"})
-    assert (cfg.strategy, cfg.enable_swapping, cfg.swap_every, cfg.dirichlet_alpha) == (
-        "tensor_parallel", False, 2, 0.5)
-    assert cfg == ExperimentConfig(world_size=1)
+                                              "swap_every": "3", "partition": "iid", "dirichlet_alpha": "0.1",
+                                              "enable_layerwise_swapping": "true"})
+    assert (cfg.strategy, cfg.enable_swapping, cfg.swap_every, cfg.dirichlet_alpha, cfg.enable_layerwise_swapping) == (
+        "tensor_parallel", False, 2, 0.5, False)
+    assert cfg == ExperimentConfig(world_size=1, partition="iid")
     assert notes == [
         "one trainer trains the whole model whatever the strategy; running it as centralised training "
         "(strategy=tensor_parallel)",
         "swapping does not apply to world_size=1 with strategy=fedavg; running without it (enable_swapping=false)",
+        "layerwise swapping does not apply to world_size=1; running without it (enable_layerwise_swapping=false)",
         "swap_every applies only when slices are swapped; recorded as the default (swap_every=2)",
         "dirichlet_alpha applies only to partition=dirichlet; recorded as the default (dirichlet_alpha=0.5)",
     ]
@@ -86,7 +88,8 @@ def test_identity_is_every_setting_that_can_change_a_result():
     here = ExperimentConfig(world_size=2, data_dir="/a", eval_batch_size=10, round_timeout=5, device="cpu")
     there = ExperimentConfig(world_size=2, data_dir="/b", deterministic=True)
     assert here != there and here.identity() == there.identity()
-    for change in ({"strategy": "fedavg"}, {"batch_size": 16}, {"partition": "contiguous"}, {"seed": 1},
+    for change in ({"strategy": "fedavg"}, {"batch_size": 16}, {"partition": "iid"}, {"seed": 1},
+                   {"enable_layerwise_swapping": True},
                    {"max_train_samples": 100}, {"local_epochs": 2}, {"init_from": "w.pt"}):
         assert ExperimentConfig(world_size=2, **change).identity() != here.identity(), change
     assert [name for name, _ in here.identity()][:5] == ["world_size", "learning_rate", "enable_swapping",

@@ -126,7 +126,7 @@ def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path,
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     params = [f"data_dir={data_dir}", "world_size=2", "rounds=20", "max_train_samples=128", "max_test_samples=32",
-              "batch_size=16"]
+              "batch_size=16", "local_epochs=1"]
     proc = subprocess.Popen([mlflow, "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlterm",
                              *[a for p in params for a in ("-P", p)]], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -55,7 +55,7 @@ def test_fixed_params_and_grid_file(tmp_path):
 
 
 @pytest.mark.parametrize("options, assignments, message", [
-    ({}, ["foo=1"], "unknown experiment parameter 'foo'; valid: local_epochs, batch_size"),
+    ({}, ["foo=1"], "unknown experiment parameter 'foo'; valid: enable_layerwise_swapping, local_epochs"),
     ({}, ["data_dir"], "expected KEY=VALUE"),
     ({}, ["rounds=3"], "rounds is a grid axis; give it as --rounds"),
     ({}, ["batch_size=0"], "batch_size=0: must be an integer >= 1"),

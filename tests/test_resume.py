@@ -23,7 +23,7 @@ from fedshard.config import ExperimentConfig
 
 # Rounds of about 3 s here: time to act between one round's checkpoint and the run's end.
 CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
-              max_test_samples=32, batch_size=16, precision="fp32")
+              max_test_samples=32, batch_size=16, local_epochs=1, precision="fp32")
 METRICS = ("test_loss", "test_accuracy")
 NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "
                   "precision=bf16 here, as PyTorch would emulate it over ten times slower")

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def tiny(data_dir) -> list[str]:
     return ["-P", f"data_dir={data_dir}", "-P", "max_train_samples=16", "-P", "max_test_samples=16",
-            "-P", "batch_size=16"]
+            "-P", "batch_size=16", "-P", "local_epochs=1"]
 
 
 # --------------------------------------------------------------------------- options (no processes)

@@ -93,9 +93,9 @@ def test_tensor_parallel_strategy_round_trips_through_split_and_combine(full_sta
     assert isinstance(tp, strategies.TensorParallel)
     parts = tp.assignment(2)  # a rotated round
     assert parts == [1, 2, 0]
-    payloads = tp.split(full_state, parts)
+    payloads = tp.split(full_state, 2)
     assert payloads[0]["conv1.weight"].shape[0] == slice_widths(3, 1)["conv1"]
-    back = tp.combine(payloads, [5, 5, 5], parts)
+    back = tp.combine(full_state, payloads, payloads, [5, 5, 5], 2)
     for name in full_state:
         assert torch.equal(back[name], full_state[name])
 
@@ -106,7 +106,7 @@ def test_fedavg_is_the_sample_weighted_mean():
     cfg = ExperimentConfig(world_size=3, strategy="fedavg")
     fa = strategies.build(cfg)
     assert fa.assignment(4) == [0, 0, 0] and fa.widths(0) == FULL_WIDTHS
-    merged = fa.combine(models, [1, 2, 5], [0, 0, 0])
+    merged = fa.combine(models[0], fa.split(models[0], 4), models, [1, 2, 5], 4)
     for name in ("conv1.weight", "fc4.bias"):
         expected = sum(w * m[name].double().numpy() for w, m in zip([1, 2, 5], models)) / 8
         np.testing.assert_allclose(merged[name].numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -143,3 +143,64 @@ def test_model_size_and_forward_flops_match_pytorch_own_counts(n, index):
     assert sizes["model.params_per_trainer"] == parameter_count(slice_widths(n, largest))
     fedavg = strategies.model_sizes(ExperimentConfig(world_size=max(n, 2), strategy="fedavg"))
     assert fedavg["model.params_per_trainer"] == 55_063_268
+
+
+# --- layerwise swapping (docs/experiments.md), computed by hand on tiny tensors ----------------------
+
+
+def _tiny_model() -> dict[str, torch.Tensor]:
+    """conv1 (output-split) and conv2 (input-split) with 4 channels between them: two blocks of 2
+    for two trainers. Weights are small integers, so every sum below is exact in float32."""
+    return {"conv1.weight": torch.arange(4.0).view(4, 1), "conv1.bias": torch.zeros(4),
+            "conv2.weight": torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]),
+            "conv2.bias": torch.tensor([1.0, -1.0])}
+
+
+def _round(strategy, model, round_, change):
+    """One round in which trainer k adds change[k] to every tensor it received."""
+    sent = strategy.split(model, round_)
+    trained = [{name: t + change[k] for name, t in payload.items()} for k, payload in enumerate(sent)]
+    return sent, strategy.combine(model, sent, trained, [5, 5], round_)
+
+
+def test_layerwise_swapping_adds_each_change_at_the_trainers_own_block():
+    lw = strategies.build(ExperimentConfig(world_size=2, enable_swapping=False, enable_layerwise_swapping=True))
+    model = _tiny_model()
+    # Round 1: trainer 0 trains slice 0 and receives conv2's input block (0 + 1) mod 2 = 1; trainer 1 block 0.
+    sent, after1 = _round(lw, model, 1, [1.0, 10.0])
+    assert torch.equal(sent[0]["conv2.weight"], torch.tensor([[3.0, 4.0], [7.0, 8.0]]))
+    assert torch.equal(sent[1]["conv2.weight"], torch.tensor([[1.0, 2.0], [5.0, 6.0]]))
+    assert torch.equal(sent[0]["conv1.weight"], torch.tensor([[0.0], [1.0]]))  # other layers: its own slice
+    # Each change lands at the trainer's own slice position: block 0 gets trainer 0's +1, block 1 trainer 1's +10.
+    assert torch.equal(after1["conv2.weight"], torch.tensor([[2.0, 3.0, 13.0, 14.0], [6.0, 7.0, 17.0, 18.0]]))
+    assert torch.equal(after1["conv1.weight"], torch.tensor([[1.0], [2.0], [12.0], [13.0]]))
+    assert torch.equal(after1["conv2.bias"], torch.tensor([6.5, 4.5]))  # + the mean change, 5.5
+    # Round 2: (s + 2) mod 2 = s, every trainer receives its own block again.
+    sent, after2 = _round(lw, after1, 2, [-2.0, 4.0])
+    assert torch.equal(sent[0]["conv2.weight"], torch.tensor([[2.0, 3.0], [6.0, 7.0]]))
+    assert torch.equal(after2["conv2.weight"], torch.tensor([[0.0, 1.0, 17.0, 18.0], [4.0, 5.0, 21.0, 22.0]]))
+    assert torch.equal(after2["conv2.bias"], torch.tensor([7.5, 5.5]))
+
+
+def test_layerwise_swapping_follows_the_rotated_slice():
+    # With slice swapping, s is the slice after rotation: in round 2 trainer 0 trains slice 1 and so
+    # receives conv2's input block (1 + 2) mod 2 = 1, and its change lands at block 1.
+    both = strategies.build(ExperimentConfig(world_size=2, enable_swapping=True, enable_layerwise_swapping=True))
+    assert both.assignment(2) == [1, 0]
+    sent, after = _round(both, _tiny_model(), 2, [1.0, 10.0])
+    assert torch.equal(sent[0]["conv2.weight"], torch.tensor([[3.0, 4.0], [7.0, 8.0]]))
+    assert torch.equal(sent[0]["conv1.weight"], torch.tensor([[2.0], [3.0]]))
+    assert torch.equal(after["conv2.weight"], torch.tensor([[11.0, 12.0, 4.0, 5.0], [15.0, 16.0, 8.0, 9.0]]))
+
+
+def test_layerwise_combine_is_change_based():
+    # Trainers that change nothing leave the model as it was, though each held another block of
+    # conv2: a rule that put the trained weights back (weight-based) would swap conv2's two blocks.
+    lw = strategies.build(ExperimentConfig(world_size=2, enable_swapping=False, enable_layerwise_swapping=True))
+    model = _tiny_model()
+    _, after = _round(lw, model, 1, [0.0, 0.0])
+    for name in model:
+        assert torch.equal(after[name], model[name]), name
+    plain = strategies.build(ExperimentConfig(world_size=2, enable_swapping=False))
+    weight_based = plain.combine(model, lw.split(model, 1), lw.split(model, 1), [5, 5], 1)
+    assert not torch.equal(weight_based["conv2.weight"], model["conv2.weight"])

@@ -195,7 +195,7 @@ def test_mlproject_entry_points_forward_their_parameters():
 def tiny(data_dir, train=16) -> list[str]:
     return ["-P", f"data_dir={data_dir}", "-P", "precision=fp32", "-P", f"max_train_samples={train}",
             "-P", "max_test_samples=16",
-            "-P", "batch_size=16"]
+            "-P", "batch_size=16", "-P", "local_epochs=1"]
 
 
 def sweep_env(tmp_path) -> dict:

@@ -91,7 +91,7 @@ class Rounds:
     def dispatch(self, round_: int) -> Dispatched:
         """Send round `round_`'s parts to the trainers, from the current model."""
         parts = self.strategy.assignment(round_)
-        payloads = self.strategy.split(self.weights, parts)
+        payloads = self.strategy.split(self.weights, round_)
         self.started = time.perf_counter()
         if self.relay is not None:
             self.relay.round_started(round_)
@@ -104,7 +104,8 @@ class Rounds:
     def combine(self, dispatched: Dispatched, reports: list[transport.TrainerReport]) -> dict[str, float]:
         """The new model from the trainers' parts; returns the round's training and traffic figures."""
         samples = [r.samples for r in reports]
-        self.weights = self.strategy.combine([r.state for r in reports], samples, dispatched.parts)
+        self.weights = self.strategy.combine(self.weights, dispatched.payloads, [r.state for r in reports], samples,
+                                             dispatched.round)
         metrics = {"train_loss": sum(r.train_loss * r.samples for r in reports) / sum(samples),
                    "round_seconds": time.perf_counter() - self.started,
                    "comm/bytes_down": sum(dispatched.bytes_down), "comm/bytes_up": sum(r.nbytes for r in reports)}

@@ -36,7 +36,8 @@ KEY_SETTINGS = ("world_size", "learning_rate", "enable_swapping", "rounds", "see
 # How a run's name spells a setting that differs from its default (the five of the key are
 # always in it): ws2-lr0.001-swaptrue-r30-s123-fedavg-bs16.
 NAME_PARTS = {
-    "local_epochs": "ep{}", "batch_size": "bs{}", "swap_every": "every{}", "strategy": "{}",
+    "enable_layerwise_swapping": "layerwise", "local_epochs": "ep{}", "batch_size": "bs{}", "swap_every": "every{}",
+    "strategy": "{}",
     "partition": "{}", "dirichlet_alpha": "alpha{}", "max_train_samples": "train{}",
     "max_test_samples": "test{}", "init_from": "init", "precision": "{}",
 }
@@ -54,6 +55,9 @@ HELP = {
     "world_size": "number of trainers (tensor_parallel: 1..96)",
     "learning_rate": "Adam learning rate of local training",
     "enable_swapping": "rotate slices between trainers every swap_every rounds (true/false)",
+    "enable_layerwise_swapping": "the original harness's layerwise swapping: in round r the trainer of slice s receives "
+                                 "input block (s + r) mod n of the input-split layers, and its change is added at "
+                                 "block s (tensor_parallel only; true/false)",
     "rounds": "federated rounds",
     "seed": "seed of initialisation, partition, shuffling, augmentation and dropout",
     "local_epochs": "passes over its partition a trainer makes per round",
@@ -82,11 +86,13 @@ class ExperimentConfig:
     enable_swapping: bool = True
     rounds: int = 30
     seed: int = 123
-    local_epochs: int = 1
-    batch_size: int = 64
+    enable_layerwise_swapping: bool = False
+    # The original harness's recipe: 3 local epochs at batch 32 on contiguous shards.
+    local_epochs: int = 3
+    batch_size: int = 32
     swap_every: int = 2
     strategy: str = "tensor_parallel"
-    partition: str = "iid"
+    partition: str = "contiguous"
     dirichlet_alpha: float = 0.5
     data_dir: str = "./data"
     max_train_samples: int = 0
@@ -119,6 +125,9 @@ class ExperimentConfig:
         if self.enable_swapping and not self.swapping_applies:
             out["enable_swapping"] = (False, f"swapping does not apply to world_size={self.world_size} with "
                                              f"strategy={self.strategy}; running without it")
+        if self.enable_layerwise_swapping and self.world_size == 1:
+            out["enable_layerwise_swapping"] = (False, "layerwise swapping does not apply to world_size=1; "
+                                                       "running without it")
         if not (self.enable_swapping and self.swapping_applies) and self.swap_every != _default("swap_every"):
             out["swap_every"] = (_default("swap_every"), "swap_every applies only when slices are swapped; "
                                                          "recorded as the default")
@@ -142,6 +151,8 @@ class ExperimentConfig:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             p.append(f"learning_rate={self.learning_rate!r}: must be a finite number > 0")
+        if self.enable_layerwise_swapping and self.world_size > 1:
+            p.extend(_layerwise_problems(self.world_size, self.strategy))
         if self.rounds < 1:
             p.append(f"rounds={self.rounds}: must be an integer >= 1")
         if self.seed < 0:
@@ -203,7 +214,8 @@ class ExperimentConfig:
             how = "centralised training of the full model (world size 1)"
         else:
             how = (f"{self.world_size} trainers, each training a 1/{self.world_size}-width tensor-parallel slice, "
-                   + (f"slices swapped every {self.swap_every} rounds" if self.enable_swapping else "no swapping"))
+                   + (f"slices swapped every {self.swap_every} rounds" if self.enable_swapping else "no swapping")
+                   + (", input blocks swapped layerwise every round" if self.enable_layerwise_swapping else ""))
         data = f"{self.partition} partition" + (f", first {self.max_train_samples} training images"
                                                 if self.max_train_samples else "")
         return (f"AlexNet on CIFAR-100: {how}; Adam lr {lr}, {self.rounds} rounds of {self.local_epochs} local "
@@ -248,6 +260,24 @@ class ExperimentConfig:
 RESULT_SETTINGS = tuple(f.name for f in fields(ExperimentConfig) if f.name not in NOT_RESULT_SETTINGS)
 
 
+def _layerwise_problems(world_size: int, strategy: str) -> list[str]:
+    """Layerwise swapping hands a trainer another slice's input block, which must have its own
+    block's width: every split width must divide evenly (as the harness's `width // n` assumed)."""
+    if strategy != "tensor_parallel":
+        return [f"enable_layerwise_swapping=true: layerwise swapping exchanges input blocks of tensor-parallel "
+                f"slices; strategy={strategy} trains whole models (use strategy=tensor_parallel or "
+                f"enable_layerwise_swapping=false)"]
+    from .model import FULL_WIDTHS  # only here: the model module imports PyTorch
+
+    uneven = {layer: width for layer, width in FULL_WIDTHS.items() if width % world_size}
+    if uneven:
+        even = [n for n in range(2, MAX_TENSOR_PARALLEL_WORLD + 1) if all(w % n == 0 for w in FULL_WIDTHS.values())]
+        return [f"enable_layerwise_swapping=true with world_size={world_size}: the split widths "
+                f"{', '.join(f'{k}={v}' for k, v in uneven.items())} do not divide into {world_size} equal blocks; "
+                f"layerwise swapping needs world_size in {', '.join(map(str, even))}"]
+    return []
+
+
 def _default(name: str):
     return ExperimentConfig.__dataclass_fields__[name].default
 
@@ -263,10 +293,11 @@ def canonical(value) -> str:
 
 def setting_value(name: str, value) -> str:
     """One setting's value as runs record it (canonical), checked by that setting's own rules; a
-    ConfigError names it and what is valid. Whether it suits the other settings is not asked
-    (FedAvg, which runs any world size, stands in for the strategy), and the rules for settings that
+    ConfigError names it and what is valid. Whether it suits the other settings is not asked (a
+    world size is checked with FedAvg, which runs any number of trainers; every other setting with
+    the default tensor-parallel experiment, where each applies), and the rules for settings that
     do not apply are left out: dirichlet_alpha=0.1 stays 0.1 whatever the partition."""
-    ExperimentConfig.from_mapping({"strategy": "fedavg", name: value})
+    ExperimentConfig.from_mapping({"strategy": "fedavg", name: value} if name == "world_size" else {name: value})
     return canonical(_coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value))
 
 

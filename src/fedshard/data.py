@@ -190,7 +190,8 @@ def _invalid_hint(path: pathlib.Path) -> str:
 
 
 def partition(labels: np.ndarray, n: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5) -> list[np.ndarray]:
-    """Split the indices of labels into n disjoint, non-empty, sorted int64 parts covering all of them."""
+    """Split the indices of labels into n disjoint, non-empty, sorted int64 parts. iid and dirichlet
+    cover every index; contiguous, as the original harness, leaves out the last N mod n."""
     if scheme not in _SCHEMES:
         raise ValueError(f"unknown partition scheme {scheme!r}: expected one of {PARTITIONS}")
     if not alpha > 0:
@@ -213,7 +214,10 @@ def _iid(labels, n, rng, alpha):
 
 
 def _contiguous(labels, n, rng, alpha):
-    return np.array_split(np.arange(len(labels)), n)
+    """Trainer k gets images k*(N//n) .. (k+1)*(N//n) - 1, exactly as the original harness shards
+    them: equal shards, and the last N mod n images (none for 50,000 and n = 1, 2, 4, 8) unused."""
+    share = len(labels) // n
+    return [np.arange(k * share, (k + 1) * share) for k in range(n)]
 
 
 def _dirichlet(labels, n, rng, alpha):

@@ -42,6 +42,11 @@ def slice_state(state: Mapping[str, torch.Tensor], n: int) -> list[StateDict]:
     return slices
 
 
+def input_split(names) -> list[str]:
+    """The names among `names` cut along their inputs (dim 1): what layerwise swapping exchanges."""
+    return [name for name in names if _split_dim(name) == 1]
+
+
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Weighted mean, computed as first + sum(w_i (x_i - first)) so equal inputs come back bit-exact."""
     if weights is None:

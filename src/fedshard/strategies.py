@@ -31,21 +31,28 @@ class Strategy(Protocol):
     def widths(self, part: int) -> dict[str, int]:
         """The split widths of the model that `part` is (model.AlexNet(widths) builds it)."""
 
-    def split(self, weights: StateDict, assignment: Sequence[int]) -> list[StateDict]:
-        """The weights each trainer receives, trainer order, from the full model's."""
+    def split(self, weights: StateDict, round_: int) -> list[StateDict]:
+        """The weights each trainer receives in round `round_`, trainer order, from the full model's."""
 
-    def combine(self, trained: Sequence[StateDict], samples: Sequence[int],
-                assignment: Sequence[int]) -> StateDict:
-        """The full model's weights from what the trainers trained (trainer order) on how many images."""
+    def combine(self, weights: StateDict, sent: Sequence[StateDict], trained: Sequence[StateDict],
+                samples: Sequence[int], round_: int) -> StateDict:
+        """The full model after round `round_`: from the model before it (`weights`), what each trainer
+        received (`sent`, as `split` made it) and trained from it, on how many images (trainer order)."""
 
 
 class TensorParallel:
-    """Each trainer trains one width-wise slice; slices may rotate between trainers (swapping)."""
+    """Each trainer trains one width-wise slice; slices may rotate between trainers (swapping).
+
+    With layerwise swapping (the original harness's), the trainer of slice s receives, in round r,
+    input block (s + r) mod n of every input-split weight, and its *change* to it is added at block
+    s. So unless n divides r, the update lands on another block than it was trained from: the
+    harness's behaviour, reproduced as it is (docs/experiments.md)."""
 
     name = "tensor_parallel"
 
     def __init__(self, cfg: ExperimentConfig):
         self.n, self.swapping, self.every = cfg.world_size, cfg.enable_swapping, cfg.swap_every
+        self.layerwise = cfg.enable_layerwise_swapping
 
     def assignment(self, round_: int) -> list[int]:
         return sharding.assignment(round_, self.n, self.swapping, self.every)
@@ -53,15 +60,27 @@ class TensorParallel:
     def widths(self, part: int) -> dict[str, int]:
         return slice_widths(self.n, part)
 
-    def split(self, weights: StateDict, assignment: Sequence[int]) -> list[StateDict]:
+    def split(self, weights: StateDict, round_: int) -> list[StateDict]:
         slices = sharding.slice_state(weights, self.n)
-        return [slices[part] for part in assignment]
+        payloads = [slices[part] for part in self.assignment(round_)]
+        if not self.layerwise:
+            return payloads
+        blocks = {name: [s[name] for s in slices] for name in sharding.input_split(weights)}
+        return [{**payload, **{name: blocks[name][(part + round_) % self.n] for name in blocks}}
+                for part, payload in zip(self.assignment(round_), payloads)]
 
-    def combine(self, trained: Sequence[StateDict], samples: Sequence[int], assignment: Sequence[int]) -> StateDict:
-        # Put the trained slices back in slice order; whole-kept biases are averaged weighted by
-        # the samples of the trainer that trained each slice.
-        by_slice = sorted(zip(assignment, trained, samples), key=lambda t: t[0])
-        return sharding.assemble([t for _, t, _ in by_slice], [s for _, _, s in by_slice])
+    def combine(self, weights: StateDict, sent: Sequence[StateDict], trained: Sequence[StateDict],
+                samples: Sequence[int], round_: int) -> StateDict:
+        # Slice order: trained parts, or (layerwise) the changes, are put back at their slice's place;
+        # whole-kept biases are averaged weighted by the samples of the trainer that trained each slice.
+        parts = self.assignment(round_)
+        if self.layerwise:  # change-based, as the harness: the model sent plus the assembled changes
+            trained = [{name: t[name] - s[name] for name in t} for t, s in zip(trained, sent)]
+        by_slice = sorted(zip(parts, trained, samples), key=lambda t: t[0])
+        assembled = sharding.assemble([t for _, t, _ in by_slice], [s for _, _, s in by_slice])
+        if not self.layerwise:  # the trained weights themselves: the same model, without a rounding step
+            return assembled
+        return {name: weights[name] + assembled[name] for name in weights}
 
 
 class FedAvg:
@@ -78,10 +97,11 @@ class FedAvg:
     def widths(self, part: int) -> dict[str, int]:
         return slice_widths(1, 0)
 
-    def split(self, weights: StateDict, assignment: Sequence[int]) -> list[StateDict]:
-        return [weights] * len(assignment)
+    def split(self, weights: StateDict, round_: int) -> list[StateDict]:
+        return [weights] * self.n
 
-    def combine(self, trained: Sequence[StateDict], samples: Sequence[int], assignment: Sequence[int]) -> StateDict:
+    def combine(self, weights: StateDict, sent: Sequence[StateDict], trained: Sequence[StateDict],
+                samples: Sequence[int], round_: int) -> StateDict:
         return {name: sharding.weighted_mean([t[name] for t in trained], samples) for name in trained[0]}
 
 
