@@ -167,6 +167,21 @@ def test_the_baselines_grid_file_is_the_researchers_grid_and_fedavg_at_the_same_
                                               if c.world_size == 2}
 
 
+def test_the_harness_grid_files_are_the_researchers_two_studies():
+    from pathlib import Path
+
+    grids = Path(__file__).resolve().parents[1] / "grids"
+    first = expand(make_grid({}, [], grids / "harness.yaml"))
+    assert len(first) == 63 and {c.world_size for c in first} == {1, 2, 4, 8} and {c.seed for c in first} == {123, 42, 77}
+    assert {(c.rounds, c.batch_size, c.local_epochs, c.partition, c.init_from) for c in first} == {
+        (10, 32, 3, "contiguous", "")}
+    source, *second = expand(make_grid({}, [], grids / "harness-pretrained.yaml"))
+    assert source in first and source.key() == (1, 1e-4, False, 10, 77)
+    assert [c.replace(init_from="", enable_layerwise_swapping=False) for c in second] == first
+    assert {c.init_from for c in second} == {"run:ws1-lr0.0001-swapfalse-r10-s77"}
+    assert all(c.enable_layerwise_swapping == (c.world_size > 1) for c in second)
+
+
 def test_a_value_is_checked_with_the_axes_it_runs_with_not_with_the_defaults_of_the_others():
     # tensor_parallel (the default strategy) allows 1..96 trainers; FedAvg any number
     fedavg = make_grid({"world_sizes": "128", "learning_rates": "1e-3", "rounds": "1", "seeds": "1"},

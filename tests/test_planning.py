@@ -9,7 +9,7 @@ import pytest
 
 from fedshard import tracking
 from fedshard.config import ExperimentConfig
-from fedshard.grid import expand, make_grid
+from fedshard.grid import SweepError, expand, make_grid
 from fedshard.planning import Task, plan
 
 _ids = itertools.count()
@@ -100,3 +100,49 @@ def test_runs_match_by_the_settings_of_a_result_not_where_their_data_sat():
     (task,) = plan([cfg(50)], [record(cfg(50, eval_batch_size=7), "FAILED", checkpoint=9)]).tasks
     assert (task.start, bool(task.resume)) == (9, True)
     assert plan([cfg(50)], [record(cfg(30, strategy="fedavg"))]).tasks == [Task(cfg(50))]
+
+
+# --- chains: init_from=run:<name> (a pretrain run, then a grid from its final model) ----------------
+
+
+def test_a_grid_that_starts_from_one_of_its_runs_runs_that_one_first(tmp_path):
+    grid_file = tmp_path / "chain.yaml"
+    grid_file.write_text("pretrain: {world_size: 1, learning_rate: 1e-4, rounds: 10, seed: 77}\n"
+                         "world_sizes: [2]\nlearning_rates: [1e-3]\nswap: [false, true]\nrounds: [10]\nseeds: [1]\n"
+                         "params: {enable_layerwise_swapping: true}\n")
+    configs = expand(make_grid({}, ["max_train_samples=100"], grid_file))
+    source, *grid = configs
+    assert (source.world_size, source.rounds, source.seed, source.init_from) == (1, 10, 77, "")
+    assert source.max_train_samples == 100  # the fixed settings are the pretrain run's too
+    assert [c.init_from for c in grid] == ["run:ws1-lr0.0001-swapfalse-r10-s77-train100"] * 2
+    assert all(c.enable_layerwise_swapping for c in grid)
+    # Listed last in the grid, the source still goes first; what starts from it waits for it.
+    work = plan([*grid, source], [])
+    assert [t.cfg for t in work.tasks] == [source, *grid]
+    assert [t.source for t in work.tasks] == [None, source, source]
+    assert "once run ws1-lr0.0001-swapfalse-r10-s77-train100 of this sweep has FINISHED" in work.tasks[1].describe()
+    # A FINISHED source: nothing waits; a resumed dependent never waits for it.
+    done = plan(configs, [record(source), record(grid[0], "FAILED", checkpoint=3)])
+    assert [(t.cfg, t.source, t.start) for t in done.tasks] == [(grid[0], None, 3), (grid[1], None, 0)]
+
+
+def test_a_run_to_start_from_that_is_nowhere_is_refused_before_anything_runs():
+    lost = cfg(init_from="run:ws1-lr0.0001-swapfalse-r10-s77")
+    with pytest.raises(SweepError, match="no FINISHED run named 'ws1-lr0.0001-swapfalse-r10-s77' in the experiment, "
+                                         "and no configuration of this grid has that name"):
+        plan([lost], [])
+    finished_elsewhere = record(cfg(rounds=10), **{"mlflow.runName": "ws1-lr0.0001-swapfalse-r10-s77"})
+    assert plan([lost], [finished_elsewhere]).tasks == [Task(lost)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pretrain: [1]\n", "pretrain must be a mapping such as {world_size: 1"),
+    ("pretrain: {wrold_size: 1}\n", "pretrain: unknown setting(s) wrold_size; valid: world_size"),
+    ("pretrain: {world_size: 1}\nparams: {init_from: w.pt}\n", "pretrain sets init_from of every configuration"),
+])
+def test_a_bad_pretrain_is_refused(tmp_path, text, message):
+    grid_file = tmp_path / "bad.yaml"
+    grid_file.write_text(text)
+    with pytest.raises(SweepError) as err:
+        expand(make_grid({}, [], grid_file))
+    assert message in str(err.value)

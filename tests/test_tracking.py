@@ -90,6 +90,30 @@ def test_weights_that_do_not_load_are_reported_in_one_line(tmp_path):
     assert str(refused.value).endswith(": " + first_line(refused.value.__cause__))
 
 
+def test_a_run_to_start_from_is_the_newest_finished_run_of_that_name_in_the_experiment(store, monkeypatch):
+    """init_from=run:<name>: the name says what it is (a configuration), the id which run it was."""
+    client = MlflowClient()
+    name = "ws1-lr0.0001-swapfalse-r10-s77"
+
+    def run(experiment: str, status: str, run_name: str = name) -> str:
+        run_id = client.create_run(tracking.experiment_id(experiment), run_name=run_name).info.run_id
+        client.set_terminated(run_id, status)
+        return run_id
+
+    run("study", "FINISHED")
+    newest = run("study", "FINISHED")
+    run("study", "FAILED")
+    run("elsewhere", "FINISHED")
+    run("study", "FINISHED", run_name=name + "-fedavg")
+    assert tracking.source_run(f"run:{name}", "study") == newest
+    assert tracking.source_run("runs:/x/model", "study") is None  # not a run named
+    with pytest.raises(FileNotFoundError, match=f"init_from='run:{name}-bs8': experiment 'study' has no FINISHED run "
+                                                f"named '{name}-bs8'"):
+        tracking.source_run(f"run:{name}-bs8", "study")
+    monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(tracking.experiment_id("elsewhere")).info.run_id)
+    assert tracking.source_run(f"run:{name}") != newest  # under `mlflow run` or a sweep: the run's experiment
+
+
 # --- who owns a run ---------------------------------------------------------------------
 
 @pytest.fixture
@@ -100,7 +124,11 @@ def spawn():
     def start(*args, **kwargs):
         proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
         started.append(proc)
-        return psutil.Process(proc.pid)
+        process, deadline = psutil.Process(proc.pid), time.monotonic() + 30
+        # Until it has exec'd, the child is a copy of pytest, with pytest's command line: wait for its own.
+        while process.cmdline()[1:] != list(args)[1:] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return process
 
     yield start
     for proc in started:

@@ -19,26 +19,36 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint, data, precision, progress, strategies, transport
-from .config import ExperimentConfig
+from .config import RUN_PREFIX, ExperimentConfig
 from .errors import first_line
 from .model import AlexNet
 from .training import DeviceData, configure_backends, evaluate, normalize, resolve_device
 
 
-def load_initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """The starting model: seeded random init, or the `init_from` weights (checked to fit)."""
+def load_initial_weights(cfg: ExperimentConfig, experiment_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The starting model: seeded random init, or the `init_from` weights (checked to fit); a run
+    named by init_from=run:<name> is looked for in `experiment_name` (default: the experiment meant)."""
     torch.manual_seed(cfg.seed)
     model = AlexNet()
     if cfg.init_from:
         from . import tracking
 
-        state = tracking.load_weights(cfg.init_from)
+        state = tracking.load_weights(cfg.init_from, experiment_name)
         try:
             model.load_state_dict(state)
         except Exception as exc:
             raise ValueError(f"init_from={cfg.init_from!r} is not a fedshard AlexNet state dict: "
                              f"{first_line(exc)}") from exc
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _experiment_if_named(cfg: ExperimentConfig, run_id: str) -> str | None:
+    """The experiment of this run, where init_from names a run of it (run:<name>): looked for there."""
+    if not cfg.init_from.startswith(RUN_PREFIX):
+        return None
+    from . import tracking
+
+    return tracking.experiment_name_of_run(run_id)
 
 
 class Committer:
@@ -147,7 +157,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
         begin = checkpoint.load(start_from)
         first, weights, moved = begin.round, begin.weights, begin.metrics.get("comm/bytes_total")
     else:
-        first, weights, moved = 0, load_initial_weights(cfg), 0.0
+        first, weights, moved = 0, load_initial_weights(cfg, _experiment_if_named(cfg, run_id)), 0.0
     relay = progress.Relay(transport.experiment_store(metaserver, run_id, secret, cfg.round_timeout), progress_file,
                            cfg.world_size, cfg.rounds, cfg.round_timeout).start() if progress_file else None
     rounds = Rounds(cfg, run_id, weights, moved, test, relay)
@@ -161,6 +171,9 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     from . import tracking  # only now: importing MLflow takes seconds the trainers need not wait for
 
     tracking.log_extra_params(run_id, strategies.model_sizes(cfg))
+    if first == 0 and cfg.init_from.startswith(RUN_PREFIX):  # the name says what it was, the id which run
+        tracking.set_tags(run_id, {tracking.INIT_FROM_RUN_TAG: tracking.source_run(cfg.init_from,
+                                                                                   _experiment_if_named(cfg, run_id))})
     tracking.record_precision(run_id, cfg)
     if first == 0:
         rounds.evaluate_and_commit(0, {})

@@ -92,7 +92,7 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
                 click.echo(f"fedshard: extending run {extend_id}: its rounds 0..{start.copied_rounds} are copied "
                            f"in, rounds {start.copied_rounds + 1}..{cfg.rounds} are trained here")
         try:
-            datasets = launcher.check(cfg)
+            datasets = launcher.check(cfg, experiment_name)
         except launcher.CheckFailed as exc:
             raise lifecycle.refuse(str(exc)) from None
         open_run = functools.partial(lifecycle.open_run, cfg, datasets, experiment_name=experiment_name,

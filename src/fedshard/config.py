@@ -21,6 +21,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # Settings that are gone, and what took their place: named when someone still gives them.
 RENAMED = {"amp": "precision (bf16 for amp=true, fp32 for amp=false; auto: bf16 wherever the device computes "
                   "it natively, which is what amp did on CUDA)"}
+# init_from=run:<run name>: the final model of the FINISHED run of that name in the same experiment.
+RUN_PREFIX = "run:"
 # The narrowest split width of AlexNet (conv1 has 96 output channels): a
 # tensor-parallel world cannot have more trainers than that.
 MAX_TENSOR_PARALLEL_WORLD = 96
@@ -69,7 +71,8 @@ HELP = {
     "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
     "max_train_samples": "use only the first N training images (0 = all)",
     "max_test_samples": "evaluate on the first N test images only (0 = all)",
-    "init_from": "start from these weights: a state-dict file, runs:/<id>/model or models:/<name>/<version>",
+    "init_from": "start from these weights: a state-dict file, runs:/<id>/model, models:/<name>/<version>, or "
+                 "run:<run name> (the final model of the FINISHED run of that name in the same experiment)",
     "eval_batch_size": "evaluation batch size",
     "round_timeout": "seconds a round's exchange may take before the experiment fails",
     "device": "auto (cuda when available), cpu or cuda",

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import KEY_SETTINGS, RENAMED, RESULT_SETTINGS, ConfigError, ExperimentConfig, field_names
+from .config import KEY_SETTINGS, RENAMED, RESULT_SETTINGS, RUN_PREFIX, ConfigError, ExperimentConfig, field_names
 from .errors import first_line
 
 # Option (and grid-file key) of the five classic axes -> the setting it varies.
@@ -34,7 +34,8 @@ DEFAULT_GRID = {
     "rounds": ["30", "50"],
     "seed": ["123", "456", "789"],
 }
-GRID_FILE_KEYS = (*NAMED_AXES, "axes", "params")
+GRID_FILE_KEYS = (*NAMED_AXES, "axes", "params", "pretrain")
+
 
 
 class SweepError(ValueError):
@@ -104,7 +105,9 @@ def parse_assignments(items, axes=()) -> dict[str, str]:
 
 def load_grid_file(path) -> dict:
     """A YAML grid: any of world_sizes, learning_rates, swap, rounds, seeds (lists or comma strings),
-    axes (a mapping of further settings to their values) and params (a mapping of fixed settings)."""
+    axes (a mapping of further settings to their values), params (a mapping of fixed settings) and
+    pretrain (the settings of one run that goes first, whose final model every configuration of
+    the grid starts from)."""
     import yaml
 
     try:
@@ -122,17 +125,23 @@ def load_grid_file(path) -> dict:
         raise SweepError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(GRID_FILE_KEYS)}")
     out: dict = {NAMED_AXES[key]: split_values(f"grid file {path}: {key}", data[key])
                  for key in NAMED_AXES if data.get(key) is not None}
-    for key in ("axes", "params"):
+    examples = {"axes": "{strategy: [tensor_parallel, fedavg]}", "params": "{data_dir: /data}",
+                "pretrain": "{world_size: 1, learning_rate: 1e-4, rounds: 10, seed: 77}"}
+    for key, example in examples.items():
         if not isinstance(data.get(key) or {}, dict):
-            raise SweepError(f"grid file {path}: {key} must be a mapping such as "
-                             + ("{strategy: [tensor_parallel, fedavg]}" if key == "axes" else "{data_dir: /data}"))
+            raise SweepError(f"grid file {path}: {key} must be a mapping such as {example}")
     for name, values in (data.get("axes") or {}).items():
         setting = _axis_setting(str(name), f"grid file {path}: axes")
         if setting in out:
             raise SweepError(f"grid file {path}: {setting} is given twice")
         out[setting] = split_values(f"grid file {path}: axes {setting}", values)
-    out["params"] = {str(k): ("true" if v else "false") if isinstance(v, bool) else ("" if v is None else str(v))
-                     for k, v in (data.get("params") or {}).items()}
+    for key in ("params", "pretrain"):
+        out[key] = {str(k): ("true" if v else "false") if isinstance(v, bool) else ("" if v is None else str(v))
+                    for k, v in (data.get(key) or {}).items()}
+    unknown = sorted(set(out["pretrain"]) - set(field_names()))
+    if unknown:
+        raise SweepError(f"grid file {path}: pretrain: unknown setting(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(field_names())}")
     return out
 
 
@@ -140,6 +149,9 @@ def load_grid_file(path) -> dict:
 class Grid:
     axes: dict  # setting -> list of value strings: the five named axes first, then any others
     fixed: dict = field(default_factory=dict)  # experiment parameter -> value string, the same for every run
+    # The settings of one run that goes first (with the fixed ones); every configuration of the grid
+    # starts from its final model (init_from=run:<its name>). Empty: no such run.
+    pretrain: dict = field(default_factory=dict)
 
     @property
     def extra_axes(self) -> list[str]:
@@ -163,33 +175,46 @@ def make_grid(options: dict, assignments=(), grid_file=None, axes=()) -> Grid:
                 raise SweepError(f"{setting} is given twice: as {_option(option)} and as --axis {setting}")
             given[setting] = split_values(_option(option), options[option])
     grid_axes = {s: given.get(s) or from_file.get(s) or list(DEFAULT_GRID[s]) for s in KEY_SETTINGS}
-    for setting in [s for s in from_file if s != "params"] + list(given):
+    for setting in [s for s in from_file if s not in ("params", "pretrain")] + list(given):
         if setting not in KEY_SETTINGS:
             grid_axes[setting] = given.get(setting) or from_file[setting]
     fixed = parse_assignments((f"{k}={v}" for k, v in from_file.get("params", {}).items()), grid_axes)
     fixed.update(parse_assignments(assignments, grid_axes))
-    return Grid(grid_axes, fixed)
+    pretrain = from_file.get("pretrain", {})
+    if pretrain and ("init_from" in grid_axes or "init_from" in fixed):
+        raise SweepError(f"grid file {grid_file}: pretrain sets init_from of every configuration (the pretrain run); "
+                         f"init_from cannot also be an axis or a parameter")
+    return Grid(grid_axes, fixed, pretrain)
 
 
-def expand(grid: Grid) -> list[ExperimentConfig]:
+def expand(grid: Grid, resolve=None) -> list[ExperimentConfig]:
     """Every configuration of the grid, validated, canonical and without duplicates, in grid order
     (the five named axes, then the others). Settings that do not apply collapse (swapping for world
     size 1 and FedAvg, ...), so the default grid is 18 + 36 = 54 runs. A value is checked in each
     combination it is part of, never against the defaults of the other axes (world size 128 is
-    fine where only fedavg runs); a problem is reported once, however many combinations have it."""
+    fine where only fedavg runs); a problem is reported once, however many combinations have it.
+    `resolve` (a configuration -> the one that runs) is applied to each, the pretrain run first, so
+    that what starts from it names the run it really is (its precision decided, say)."""
     problems: list[str] = []
 
     def config(values: dict) -> ExperimentConfig | None:
         try:
-            return ExperimentConfig.from_mapping(values)
-        except ConfigError as exc:
+            cfg = ExperimentConfig.from_mapping(values)
+            return resolve(cfg) if resolve is not None else cfg
+        except (ConfigError, SweepError) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines()]
             problems.extend(ln for ln in (lines[1:] or lines) if ln not in problems)
             return None
 
-    configs, seen = [], set()
+    configs, seen, start = [], set(), {}
+    if grid.pretrain:  # the run that goes first, and what every other configuration starts from
+        first = config({**grid.fixed, **grid.pretrain})
+        if first is not None:
+            seen.add(first)
+            configs.append(first)
+            start = {"init_from": RUN_PREFIX + first.run_name()}
     for combo in itertools.product(*grid.axes.values()):
-        cfg = config({**grid.fixed, **dict(zip(grid.axes, combo))})
+        cfg = config({**grid.fixed, **dict(zip(grid.axes, combo)), **start})
         if cfg is not None and cfg not in seen:
             seen.add(cfg)
             configs.append(cfg)

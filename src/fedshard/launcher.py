@@ -38,9 +38,10 @@ class CheckFailed(Exception):
     """The experiment cannot start (data, init_from, partition); nothing was started."""
 
 
-def check(cfg: ExperimentConfig) -> list:
-    """Everything that can be wrong with the inputs, found before any process or run exists.
-    Returns the data sets the experiment reads (data.DatasetInput), for its run to record."""
+def check(cfg: ExperimentConfig, experiment_name: str | None = None) -> list:
+    """Everything that can be wrong with the inputs, found before any process or run exists (a run
+    that init_from=run:<name> names is looked for in `experiment_name`, or the one this process
+    works in). Returns the data sets the experiment reads (data.DatasetInput), for its run to record."""
     from . import data, precision
 
     try:
@@ -55,7 +56,7 @@ def check(cfg: ExperimentConfig) -> list:
         if cfg.init_from:
             from . import aggregator  # imports PyTorch: only when there are weights to check
 
-            aggregator.load_initial_weights(cfg)
+            aggregator.load_initial_weights(cfg, experiment_name)
     except (data.DataError, ValueError, FileNotFoundError) as exc:
         raise CheckFailed(str(exc)) from exc
     return data.inputs(cfg.data_dir, parts, len(test_labels), cfg.partition, cfg.seed, cfg.max_train_samples,

@@ -15,6 +15,11 @@ says, per configuration, whether it is done (a FINISHED run), and if not, where 
 Whichever trains the fewest rounds wins. The default grid has every setting at 30
 and 50 rounds: extension trains 1,350 rounds of it instead of 2,160.
 
+A configuration that starts from another run's final model (init_from=run:<name>) whose
+configuration is in the plan waits for it: the source goes first, and a task that trains from
+round 0 names it (`source`). A source that is neither in the grid nor FINISHED in the store
+is refused before anything runs.
+
 Runs are matched by their configuration's identity (config.RESULT_SETTINGS): a run whose
 data sat elsewhere or whose timeout differed is the same configuration, one with another
 strategy or batch size never is.
@@ -24,7 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ConfigError, ExperimentConfig
+from .config import RUN_PREFIX, ConfigError, ExperimentConfig
+from .grid import SweepError
 
 
 def config_of(run) -> ExperimentConfig | None:
@@ -70,13 +76,16 @@ def twin_key(cfg: ExperimentConfig) -> tuple:
 class Task:
     """One configuration to run, and where it starts: after round `start`, which is round 0 (from
     scratch), a checkpoint of run `resume`, the final model of FINISHED run `extends`, or the
-    final model of the run this plan makes for `after` (which it then waits for)."""
+    final model of the run this plan makes for `after` (which it then waits for). `source`: the
+    configuration of this plan whose FINISHED run it starts from (init_from=run:<name>), which it
+    waits for too."""
 
     cfg: ExperimentConfig
     start: int = 0
     resume: str = ""
     extends: str = ""
     after: ExperimentConfig | None = None
+    source: ExperimentConfig | None = None
 
     @property
     def rounds_to_train(self) -> int:
@@ -89,6 +98,8 @@ class Task:
             return f"extend FINISHED run {self.extends} from round {self.start}"
         if self.after is not None:
             return f"extend the {self.after.rounds}-round run of this sweep from round {self.start}"
+        if self.source is not None:
+            return f"from round 0, once run {self.source.run_name()} of this sweep has FINISHED"
         return "from round 0"
 
 
@@ -149,4 +160,30 @@ def plan(configs, runs, resume: bool = True, extend: bool = True, stale=()) -> P
             twin = max(planned, key=lambda c: c.rounds)
             options.append(Task(cfg, start=twin.rounds, after=twin))
         tasks.append(max(options, key=_rank))
+    tasks = _chained(tasks, configs, runs)
     return Plan(tasks, [(c, done[c.identity()][1]) for c in configs if c.identity() in done])
+
+
+def source_name(cfg: ExperimentConfig) -> str | None:
+    """The name of the run `cfg` starts from (init_from=run:<name>), or None."""
+    return cfg.init_from[len(RUN_PREFIX):] if cfg.init_from.startswith(RUN_PREFIX) else None
+
+
+def _chained(tasks: list[Task], configs, runs) -> list[Task]:
+    """Tasks that train from round 0 from a run the plan makes wait for it (`source`), and sources go
+    first; a source that is neither in the grid nor a FINISHED run of the store is refused."""
+    by_name = {c.run_name(): c for c in configs}
+    finished = {r.tags.get("mlflow.runName") for r in runs if r.status == "FINISHED"}
+    planned = {t.cfg for t in tasks}
+    chained, sources = [], set()
+    for task in tasks:
+        name = source_name(task.cfg)
+        if name is not None and name not in by_name and name not in finished:
+            raise SweepError(f"init_from={task.cfg.init_from}: no FINISHED run named {name!r} in the experiment, and "
+                             f"no configuration of this grid has that name")
+        source = by_name.get(name)
+        if source is not None and source in planned and not (task.start or task.resume):
+            task = Task(task.cfg, source=source)
+            sources.add(source)
+        chained.append(task)
+    return sorted(chained, key=lambda t: t.cfg not in sources)  # stable: sources first, grid order kept

@@ -39,7 +39,7 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
     """What `python sweep.py` does, after the options were parsed; returns the exit code."""
     from .. import tracking
 
-    configs = list(dict.fromkeys(_resolved(c) for c in expand(grid)))
+    configs = expand(grid, _resolved)
     tracking.ensure_store()
     experiment_name = _experiment(experiment_name)
     runs = tracking.list_runs(experiment_name)
@@ -108,12 +108,15 @@ def _dry_run(grid: Grid, configurations: int, work: Plan, experiment_name: str, 
     from .. import tracking
 
     echo(f"Dry run: experiment {experiment_name!r} in {tracking.tracking_uri()}; nothing is started.")
-    echo(_axes_line(grid, configurations))
+    echo(_axes_line(grid, configurations - bool(grid.pretrain)))
     if grid.fixed:
         echo("Fixed parameters: " + ", ".join(f"{k}={v}" for k, v in grid.fixed.items()))
+    if grid.pretrain:
+        echo("Pretrain run, first: " + ", ".join(f"{k}={v}" for k, v in grid.pretrain.items())
+             + "; every configuration of the grid starts from its final model")
     for i, task in enumerate(work.tasks, 1):
         echo(f"Would run {i}/{len(work.tasks)}: {describe(task.cfg, grid.extra_axes)}"
-             + (f" ({task.describe()}: {task.rounds_to_train} rounds to train)" if task.start else ""))
+             + (f" ({task.describe()}: {task.rounds_to_train} rounds to train)" if task.start or task.source else ""))
     for cfg, run_id in work.skipped:
         echo(f"Skip (FINISHED run {run_id}): {describe(cfg, grid.extra_axes)}")
 

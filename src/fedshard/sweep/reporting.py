@@ -192,6 +192,11 @@ class Report:
         self.say(f"Note: {describe(job.cfg, self.extra)} was to extend the {after.rounds}-round run, which failed; "
                  f"it trains from round 0 instead")
 
+    def not_started(self, outcome: Outcome) -> None:
+        self.say(f"Not started: {named(outcome.cfg, self.extra)}: {outcome.reason}; run the sweep again once it "
+                 f"has finished")
+        self._advance()
+
     def completed(self, job: Job) -> None:
         self.say(f"Experiment completed successfully: {named(job.cfg, self.extra)} "
                  f"({time.monotonic() - job.started:.0f}s)")
@@ -283,7 +288,7 @@ class Report:
     def _advance(self) -> None:
         """One more experiment done (finished, or failed for good): the bar, or a Progress line."""
         s = self.sweep
-        done, total = len(s.finished) + len(s.failed), len(s.configs)
+        done, total = len(s.finished) + len(s.failed) + len(s.not_started), len(s.configs)
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(f"{len(s.failed)} failed")
             self.bar.update(1)
@@ -308,6 +313,10 @@ class Report:
             say(f"Interrupted: {len(s.killed)} (marked KILLED)")
             for o in s.killed:
                 say(f"  {named(o.cfg, self.extra)} (run {o.run_id})")
+        if s.not_started:
+            say(f"Not started (the run they start from did not finish): {len(s.not_started)}")
+            for o in s.not_started:
+                say(f"  {named(o.cfg, self.extra)}: {o.reason}")
         not_started = len({j.index for j in s.pending})
         if s.stop_signal and not_started:
             say(f"Not started: {not_started}")

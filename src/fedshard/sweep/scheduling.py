@@ -9,8 +9,10 @@ launchers run - child processes here, or Ray tasks on a cluster - is the executo
 (executors.py).
 
 Where each experiment starts is the plan's business (planning.py); here a task that extends a
-twin of this sweep waits until that twin is FINISHED, and a failed experiment is retried by
-resuming it from its checkpoint when it has one, so no finished round is trained twice.
+twin of this sweep, or starts from the final model of another of its runs (init_from=run:), waits
+until that run is FINISHED, and a failed experiment is retried by resuming it from its checkpoint
+when it has one, so no finished round is trained twice. Whatever starts from a run that failed is
+not started: the next sweep continues the chain.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Sweep:
         self.finished: list[Outcome] = []
         self.failed: list[Outcome] = []
         self.killed: list[Outcome] = []
+        self.not_started: list[Outcome] = []  # what was to start from a run of this sweep that failed
         self.running: list[Job] = []
         self.pending: deque[Job] = deque(Job(t, i) for i, t in enumerate(work.tasks, 1))
         self.stop_signal: int | None = None
@@ -169,9 +172,21 @@ class Sweep:
     # -- one experiment -------------------------------------------------------------------
     def _next_ready(self) -> Job | None:
         """The first pending job that can start now: one that extends a twin of this sweep waits
-        until the twin is FINISHED (then extends its run), or trains from round 0 if it failed."""
+        until the twin is FINISHED (then extends its run), or trains from round 0 if it failed; one
+        that starts from a run of this sweep (init_from=run:) waits until it is FINISHED, and is not
+        started if it failed."""
         finished = {o.cfg: o.run_id for o in self.finished}
         for job in list(self.pending):
+            source = job.task.source
+            if source is not None and source not in finished:
+                lost = next((o for o in self.failed + self.not_started if o.cfg == source), None)
+                if lost is not None:
+                    self.pending.remove(job)
+                    outcome = Outcome(job.cfg, "", 0, f"the run it starts from, {source.run_name()}, did not finish"
+                                                      + (f" (run {lost.run_id})" if lost.run_id else ""))
+                    self.not_started.append(outcome)
+                    self.report.not_started(outcome)
+                continue  # the source is still pending or running
             after = job.task.after
             if after is not None:
                 if after in finished:

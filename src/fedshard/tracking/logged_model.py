@@ -8,10 +8,13 @@ from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..config import RUN_PREFIX
 from ..errors import first_line
-from .store import client, tracking_uri
+from .store import client, experiment_id, experiment_meant, tracking_uri
 
 MODEL_NAME = "model"  # the final model: runs:/<run id>/model
+# The run an experiment started from, when init_from named it (run:<name>): a name, recorded as an id too.
+INIT_FROM_RUN_TAG = "fedshard.init_from_run_id"
 # fedshard's own code travels with the model (MLflow's code_paths), so loading needs no fedshard install.
 _FEDSHARD_PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -51,12 +54,33 @@ def log_model(run_id: str, weights: dict, example=None) -> None:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
 
 
-def load_weights(uri: str) -> dict:
-    """The state dict that `init_from` names: a state-dict file (path or file: URI), or an MLflow
-    model (runs:/<run id>/model, models:/<name>/<version>). Raises FileNotFoundError when there is
-    nothing to load there, ValueError when what is there is no state dict."""
+def source_run(uri: str, experiment_name: str | None = None) -> str | None:
+    """The id of the run init_from=run:<name> names: the newest FINISHED run of that name in the
+    experiment (experiment_name, else the one this process works in: experiment_meant); None for
+    any other init_from. FileNotFoundError when there is no such run."""
+    if not uri.startswith(RUN_PREFIX):
+        return None
+    name, experiment = uri[len(RUN_PREFIX):], experiment_meant(experiment_name)
+    exp_id = experiment_id(experiment, create=False)
+    runs = [] if exp_id is None or "'" in name else client().search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.runName` = '{name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise FileNotFoundError(f"init_from={uri!r}: experiment {experiment!r} has no FINISHED run named {name!r} "
+                                f"(run names are the configurations, e.g. ws1-lr0.0001-swapfalse-r10-s77)")
+    return runs[0].info.run_id
+
+
+def load_weights(uri: str, experiment_name: str | None = None) -> dict:
+    """The state dict that `init_from` names: a state-dict file (path or file: URI), an MLflow
+    model (runs:/<run id>/model, models:/<name>/<version>), or the final model of a run named in
+    `experiment_name` (run:<name>, source_run). Raises FileNotFoundError when there is nothing to
+    load there, ValueError when what is there is no state dict."""
     import torch
 
+    run_id = source_run(uri, experiment_name)
+    if run_id is not None:
+        return load_weights(f"runs:/{run_id}/{MODEL_NAME}")
     scheme = urlparse(uri).scheme
     if scheme in ("", "file"):
         path = Path(urlparse(uri).path if scheme == "file" else uri).expanduser()

@@ -128,6 +128,13 @@ def default_experiment_name(name: str | None = None) -> str:
     return DEFAULT_EXPERIMENT
 
 
+def experiment_meant(name: str | None = None) -> str:
+    """The experiment this process works in: that of the run it logs to (MLFLOW_RUN_ID: `mlflow run`,
+    a sweep's child), else the one named, as default_experiment_name says."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    return experiment_name_of_run(run_id) if run_id else default_experiment_name(name)
+
+
 def experiment_names() -> list[str]:
     return sorted(e.name for e in client().search_experiments())
 
