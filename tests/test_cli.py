@@ -85,7 +85,7 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     assert run.data.params["precision"] == "auto" and run.data.tags["fedshard.precision"] == computed
     assert tracking.run_record(run.info.run_id).config().precision == computed
     # named by what it is in the UI's run table, not like languid-bear-729
-    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-bs16-train32-test16-init" + "-bf16" * (computed == "bf16")
+    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-ep1-bs16-train32-test16-init" + "-bf16" * (computed == "bf16")
     assert ExperimentConfig.from_mapping({"learning_rate": run.data.params["learning_rate"]}).learning_rate == 1e-5
     assert run.data.params["enable_swapping"] == "true"  # a bool MLproject passes as a string, canonical
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
