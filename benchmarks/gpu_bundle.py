@@ -15,7 +15,7 @@ DEST/bundle.json).
 
 `install` installs fedshard from this working tree (editable) into the environment of the Python
 that runs it, with PIP_NO_INDEX=1 and without pip's configuration: what the environment lacks can
-come from the bundle alone, and pip's resolver fails, naming it, when the bundle and the
+come from the bundle alone (also setuptools, to build fedshard in an environment of its own), and pip's resolver fails, naming it, when the bundle and the
 environment together miss something. It then checks pip's report: every package it installed
 came from the bundle. With --fallback, a failed resolution installs the bundle without
 dependency checks instead, says so and exits UNCHECKED (3): the GPU machine gets one short
@@ -69,13 +69,17 @@ def image_packages() -> dict[str, str]:
     return {canonical(re.split(r"[=<>!~ ]", r, maxsplit=1)[0]): r for r in reqs}
 
 
+def pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
 def fedshard_requirements() -> dict[str, str]:
     """fedshard's requirements (pyproject.toml) and what the check runs besides (CHECK_NEEDS),
     each -> who requires it."""
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return {**dict.fromkeys(project["dependencies"], "fedshard"), **dict.fromkeys(CHECK_NEEDS, "the check")}
+    return {**dict.fromkeys(pyproject()["project"]["dependencies"], "fedshard"),
+            **dict.fromkeys(CHECK_NEEDS, "the check")}
 
 
 def pip(*args: str, env=None, capture=False) -> subprocess.CompletedProcess:
@@ -129,7 +133,8 @@ def describe(bundle: dict) -> str:
     """What `build` prints and writes to BUNDLE.txt: the wheels, their size, what the machine must have."""
     lines = [f"bundled for CPython {bundle['python_version']}, manylinux x86_64: {len(bundle['wheels'])} wheels, "
              f"{bundle['mib']:.1f} MiB (at most {MAX_MIB:g})"]
-    lines += [f"  {name}  {mib:.2f} MiB" for name, mib in bundle["wheels"].items()]
+    lines += [f"  {name}  {mib:.2f} MiB{'  (only to build fedshard)' if name in bundle['build_only'] else ''}"
+              for name, mib in bundle["wheels"].items()]
     lines += ["expected on the GPU machine (benchmarks/gpu_image.txt lists its image), as required by fedshard, "
               "the check and the bundle:"]
     lines += [f"  {name}: {', '.join(reqs)}" for name, reqs in bundle["expected"].items()]
@@ -146,12 +151,16 @@ def build(dest: Path, python_version: str) -> str:
     missing = [r for r in roots if canonical(Requirement(r).name) not in image]
     items = resolve(missing, python_version) if missing else []
     bundled = [i for i in items if canonical(i["metadata"]["name"]) not in image]
+    # pip builds fedshard in an environment of its own, from the bundle too: whatever the image's setuptools
+    builders = resolve(pyproject()["build-system"]["requires"], python_version)
+    build_names = {canonical(i["metadata"]["name"]) for i in builders}
     dest = dest.resolve()
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
-        wheels = download(bundled, Path(tmp), python_version) if bundled else []
+        wheels = download(bundled + builders, Path(tmp), python_version)
         sizes = {w.name: w.stat().st_size / 2**20 for w in wheels}
         bundle = {"python_version": python_version, "platforms": PLATFORMS, "mib": sum(sizes.values()),
-                  "wheels": sizes, "expected": expectations(roots, bundled, python_version, image)}
+                  "wheels": sizes, "build_only": [w.name for w in wheels if canonical(w.name.split("-")[0]) in build_names],
+                  "expected": expectations(roots, bundled, python_version, image)}
         text = describe(bundle)
         if bundle["mib"] > MAX_MIB:
             raise BundleError(f"{text}the bundle is {bundle['mib']:.1f} MiB, over its limit of {MAX_MIB:g} MiB: "
@@ -190,8 +199,8 @@ def install(wheels: Path, fallback: bool = False) -> tuple[list[str], bool]:
     env = offline_env()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        done = pip("install", "--no-index", "--find-links", str(wheels), "--no-build-isolation", "--no-compile",
-                   "--quiet", "--report", str(report), "-e", str(REPO), env=env)
+        done = pip("install", "--no-index", "--find-links", str(wheels), "--no-compile", "--quiet",
+                   "--report", str(report), "-e", str(REPO), env=env)
         if done.returncode == 0:
             stray = outside_the_bundle(json.loads(report.read_text()), wheels)
             if stray:
@@ -202,9 +211,10 @@ def install(wheels: Path, fallback: bool = False) -> tuple[list[str], bool]:
         raise BundleError(f"the environment and the bundle in {wheels} do not hold everything fedshard needs "
                           "(pip's message above)")
     print("gpu_bundle: installing the bundle without dependency checks instead", file=sys.stderr, flush=True)
-    every = [str(w) for w in sorted(wheels.glob("*.whl"))]
+    build_only = json.loads((wheels / MANIFEST_JSON).read_text())["build_only"]
+    every = [str(w) for w in sorted(wheels.glob("*.whl")) if w.name not in build_only]
     if pip("install", "--no-index", "--no-deps", *every, env=env).returncode or pip(
-            "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(REPO), env=env).returncode:
+            "install", "--no-index", "--find-links", str(wheels), "--no-deps", "-e", str(REPO), env=env).returncode:
         raise BundleError("the bundle could not be installed even without dependency checks (above)")
     pip("check", env=env)
     return [Path(w).name for w in every] + ["fedshard (editable)"], False

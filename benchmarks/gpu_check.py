@@ -116,10 +116,11 @@ def verdicts(figures: dict, dry: bool = False) -> dict:
 
 
 class MemoryPeak:
-    """The GPU memory in use (all processes, MiB), sampled through NVML while a step runs."""
+    """The GPU memory in use (all processes, MiB), sampled through NVML while a step runs; None
+    where not sampled (a dry run)."""
 
     def __init__(self, enabled: bool):
-        self.peak_mib, self.stop, self.thread = 0.0, threading.Event(), None
+        self.peak_mib, self.stop, self.thread = (0.0 if enabled else None), threading.Event(), None
         if enabled:
             self.thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -292,9 +293,10 @@ def closing_lines(output: Path, grids: dict) -> list[str]:
     lines = [f"results: {output}"]
     for name, label in (("default", "default grid"), ("harness", "harness grid (grids/harness.yaml)")):
         grid = grids.get(name)
-        lines.append(f"{label}: {grid['runs']} runs, {grid['grid_projected_minutes']:.1f} min projected "
-                     f"(best --parallel {grid['best_parallel']})" if grid else
-                     f"{label}: not projected (the full run measured no round >= 2 and startup)")
+        packed = (f"best --parallel {grid['best_parallel']}" if grid and grid["best_parallel"] else
+                  "one at a time: no packing measured")
+        lines.append(f"{label}: {grid['runs']} runs, {grid['grid_projected_minutes']:.1f} min projected ({packed})"
+                     if grid else f"{label}: not projected (the full run measured no round >= 2 and startup)")
     return lines
 
 
