@@ -155,20 +155,23 @@ def build(dest: Path, python_version: str) -> str:
     builders = resolve(pyproject()["build-system"]["requires"], python_version)
     build_names = {canonical(i["metadata"]["name"]) for i in builders}
     dest = dest.resolve()
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
-        wheels = download(bundled + builders, Path(tmp), python_version)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))  # beside dest: renamed into place
+    try:
+        wheels = download(bundled + builders, tmp, python_version)
         sizes = {w.name: w.stat().st_size / 2**20 for w in wheels}
         bundle = {"python_version": python_version, "platforms": PLATFORMS, "mib": sum(sizes.values()),
-                  "wheels": sizes, "build_only": [w.name for w in wheels if canonical(w.name.split("-")[0]) in build_names],
-                  "expected": expectations(roots, bundled, python_version, image)}
+                  "wheels": sizes, "expected": expectations(roots, bundled, python_version, image),
+                  "build_only": [w.name for w in wheels if canonical(w.name.split("-")[0]) in build_names]}
         text = describe(bundle)
         if bundle["mib"] > MAX_MIB:
             raise BundleError(f"{text}the bundle is {bundle['mib']:.1f} MiB, over its limit of {MAX_MIB:g} MiB: "
                               f"{dest} is left as it was")
-        (Path(tmp) / MANIFEST).write_text(text)
-        (Path(tmp) / MANIFEST_JSON).write_text(json.dumps(bundle, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(text)
+        (tmp / MANIFEST_JSON).write_text(json.dumps(bundle, indent=1) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
-        Path(tmp).rename(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return text
 
 
@@ -202,19 +205,20 @@ def install(wheels: Path, fallback: bool = False) -> tuple[list[str], bool]:
         done = pip("install", "--no-index", "--find-links", str(wheels), "--no-compile", "--quiet",
                    "--report", str(report), "-e", str(REPO), env=env)
         if done.returncode == 0:
-            stray = outside_the_bundle(json.loads(report.read_text()), wheels)
+            installed = json.loads(report.read_text())
+            stray = outside_the_bundle(installed, wheels)
             if stray:
                 raise BundleError("installed from outside the bundle: " + ", ".join(stray))
-            return [f"{i['metadata']['name']}=={i['metadata']['version']}"
-                    for i in json.loads(report.read_text())["install"]], True
+            return [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installed["install"]], True
     if not fallback:
         raise BundleError(f"the environment and the bundle in {wheels} do not hold everything fedshard needs "
                           "(pip's message above)")
     print("gpu_bundle: installing the bundle without dependency checks instead", file=sys.stderr, flush=True)
     build_only = json.loads((wheels / MANIFEST_JSON).read_text())["build_only"]
     every = [str(w) for w in sorted(wheels.glob("*.whl")) if w.name not in build_only]
-    if pip("install", "--no-index", "--no-deps", *every, env=env).returncode or pip(
-            "install", "--no-index", "--find-links", str(wheels), "--no-deps", "-e", str(REPO), env=env).returncode:
+    quick = ("install", "--no-index", "--no-deps", "--no-compile", "--quiet")
+    if pip(*quick, *every, env=env).returncode or pip(*quick, "--find-links", str(wheels), "-e", str(REPO),
+                                                       env=env).returncode:
         raise BundleError("the bundle could not be installed even without dependency checks (above)")
     pip("check", env=env)
     return [Path(w).name for w in every] + ["fedshard (editable)"], False
@@ -240,10 +244,10 @@ def site_packages(python: Path) -> Path:
 
 def layered_env(path: Path, site_dirs: list[Path]) -> Path:
     """A fresh virtual environment of this Python at `path` (replacing one there) that also sees
-    the packages of `site_dirs` (a .pth file), as the GPU machine's python3 sees its image's: an
-    install adds to it only what they lack. Returns its python."""
+    the packages of `site_dirs` (a .pth file), pip among them, as the GPU machine's python3 sees
+    its image's: an install adds to it only what they lack. Returns its python."""
     shutil.rmtree(path, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
     (site_packages(python) / "gpu-image.pth").write_text("".join(f"{d}\n" for d in site_dirs))
     return python
