@@ -36,18 +36,27 @@ dev_python() {
     echo "$venv/bin/python"
 }
 
+# The options, checked before anything is installed or built.
+usage="usage: bash benchmarks/gpu_check.sh --bundle | [--dry [--offline]] [--budget SECONDS] [--output DIR]"
+refuse() { echo "gpu_check.sh: $1; $usage" >&2; exit 2; }
 args=() bundle=0 dry=0 offline=0
-for arg in "$@"; do
-    case $arg in
+while [ $# -gt 0 ]; do
+    case $1 in
         --bundle) bundle=1 ;;
         --offline) offline=1 ;;
-        --dry) dry=1; args+=("$arg") ;;
-        *) args+=("$arg") ;;
+        --dry) dry=1; args+=("$1") ;;
+        --budget) [[ ${2:-} =~ ^[0-9]+([.][0-9]*)?$ ]] || refuse "--budget '${2:-}': expected seconds, e.g. 420"
+                  args+=("$1" "$2"); shift ;;
+        --output) [ -n "${2:-}" ] || refuse "--output needs a directory"
+                  args+=("$1" "$2"); shift ;;
+        *) refuse "unknown option '$1'" ;;
     esac
+    shift
 done
+if [ $bundle = 1 ] && { [ ${#args[@]} -gt 0 ] || [ $offline = 1 ]; }; then refuse "--bundle takes no other option"; fi
 
 if [ $bundle = 1 ]; then
-    exec "$(dev_python)" benchmarks/gpu_bundle.py build "${args[@]}"
+    exec "$(dev_python)" benchmarks/gpu_bundle.py build
 elif [ $dry = 1 ] && [ $offline = 1 ]; then
     python=$(dev_python)
     "$python" benchmarks/gpu_bundle.py build --python-version "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \

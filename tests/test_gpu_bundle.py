@@ -41,7 +41,7 @@ def link_image_packages(farm: Path) -> None:
     modules and their metadata, and nothing of the others (MLflow, what only it pulls in)."""
     image = gpu_bundle.image_packages()
     for dist in importlib.metadata.distributions():
-        if gpu_bundle.canonical(dist.metadata["Name"]) not in image:
+        if gpu_bundle.canonical(dist.metadata["Name"] or "") not in image:
             continue
         for top in {f.parts[0] for f in dist.files or () if f.parts[0] != ".."}:
             source, link = Path(dist.locate_file(top)), farm / top
