@@ -296,7 +296,7 @@ def closing_lines(output: Path, grids: dict) -> list[str]:
         packed = (f"best --parallel {grid['best_parallel']}" if grid and grid["best_parallel"] else
                   "one at a time: no packing measured")
         lines.append(f"{label}: {grid['runs']} runs, {grid['grid_projected_minutes']:.1f} min projected ({packed})"
-                     if grid else f"{label}: not projected (the full run measured no round >= 2 and startup)")
+                     if grid else f"{label}: not projected (the full run measured no round >= 2, or no startup)")
     return lines
 
 
