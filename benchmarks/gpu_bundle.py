@@ -9,15 +9,16 @@
 `build` resolves the requirements of fedshard (pyproject.toml, at the versions of
 .ci/constraints.txt) that the image does not hold (benchmarks/gpu_image.txt) for CPython
 --python-version on manylinux x86_64, keeps the packages of that resolution the image does not
-hold, downloads their wheels, prints the total size (refused above MAX_MIB: nothing is written)
-and lists what it bundled and what it expects the machine to have, also in DEST/BUNDLE.txt (and
-DEST/bundle.json).
+hold, adds the wheels fedshard is built with (pyproject's build-system), downloads them, prints
+the total size (refused above MAX_MIB: nothing is written) and lists what it bundled and what it
+expects the machine to have, also in DEST/BUNDLE.txt (and DEST/bundle.json).
 
 `install` installs fedshard from this working tree (editable) into the environment of the Python
 that runs it, with PIP_NO_INDEX=1 and without pip's configuration: what the environment lacks can
-come from the bundle alone (also setuptools, to build fedshard in an environment of its own), and pip's resolver fails, naming it, when the bundle and the
-environment together miss something. It then checks pip's report: every package it installed
-came from the bundle. With --fallback, a failed resolution installs the bundle without
+come from the bundle alone (also setuptools, to build fedshard in an environment of its own),
+and pip's resolver fails, naming it, when the bundle and the environment together miss
+something. It then checks pip's report: every package it installed came from the bundle (or is
+fedshard, from this tree). With --fallback, a failed resolution installs the bundle without
 dependency checks instead, says so and exits UNCHECKED (3): the GPU machine gets one short
 chance, and an image package a little older than a bundled one asks for may well do.
 
@@ -232,7 +233,8 @@ def expected_requirements(wheels: Path) -> list[str]:
     has one (torch==2.11.0), else the name with every specifier asked of it."""
     image = image_packages()
     expected = json.loads((wheels / MANIFEST_JSON).read_text())["expected"]
-    specifiers = {n: ",".join(r.split(" (")[0] for r in reqs if not r.startswith("any")) for n, reqs in expected.items()}
+    specifiers = {n: ",".join(r.split(" (")[0] for r in reqs if not r.startswith("any"))
+                  for n, reqs in expected.items()}
     return [image[n] if "==" in image[n] else n + specifiers[n] for n in expected]
 
 

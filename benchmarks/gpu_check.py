@@ -5,7 +5,8 @@
     bash benchmarks/gpu_check.sh --dry      # the same steps on the CPU at toy sizes
 
 Steps, in this order, each timed, each stopped when its share of the budget is spent (STEPS) and
-each allowed to fail without losing the others' figures:
+each allowed to fail without losing the others' figures (the check exits 1 when a step failed,
+0 when every step finished or was stopped by the budget):
 
   cuda_tests      the CUDA tests of the suite (pytest -k cuda): correctness of bf16, determinism,
                   a resumed run on CUDA (on a dry run they skip themselves: the plumbing only).
@@ -246,7 +247,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--dry", action="store_true", help="run every step on the CPU at toy sizes")
     parser.add_argument("--budget", type=float, default=420.0,
                         help="seconds the whole check may take; each step is stopped at its share [420]")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="directory of the results file [benchmarks/results]")
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help="directory of the results file [benchmarks/results]")
     parser.add_argument("--install", default="", help="how gpu_check.sh installed fedshard (recorded in the results)")
     args = parser.parse_args(argv)
     if args.budget < 2 * RESERVE_SECONDS:
@@ -300,6 +302,14 @@ def closing_lines(output: Path, grids: dict) -> list[str]:
     return lines
 
 
+def outcome(steps: dict) -> tuple[list[str], list[str]]:
+    """The steps that failed by themselves, and those the budget stopped or skipped."""
+    every = {**{k: v for k, v in steps.items() if k != "packing"},
+             **{f"packing {n}": p for n, p in steps["packing"].items()}}
+    failed = [k for k, v in every.items() if v.get("ok") is False and not v.get("cut_at_budget")]
+    return failed, [k for k, v in every.items() if v.get("cut_at_budget") or "skipped" in v]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0, budget = time.perf_counter(), Budget(args.budget, RESERVE_SECONDS)
@@ -327,10 +337,11 @@ def main(argv=None) -> int:
     save()
     print(json.dumps({"figures": figures, "targets": results["targets"],
                       "wall_seconds": round(results["wall_seconds"], 1)}, indent=2, default=str))
-    failed = [k for k, v in steps.items() if k != "packing" and v.get("ok") is False]
-    failed += [f"packing {n}" for n, p in steps["packing"].items() if p.get("ok") is False]
+    failed, cut = outcome(steps)
+    if cut:
+        say(f"stopped or skipped at the budget, with what they measured: {', '.join(cut)}")
     if failed:
-        say(f"failed or cut steps: {', '.join(failed)} (their output is in the results file)")
+        say(f"failed: {', '.join(failed)} (their output is in the results file)")
     print("\n".join(closing_lines(output, grids)))
     return 1 if failed else 0
 

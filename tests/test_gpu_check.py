@@ -204,6 +204,14 @@ def test_a_check_cut_before_a_steady_round_projects_nothing_and_says_so(tmp_path
     assert all("not projected" in line for line in lines[1:])
 
 
+def test_only_a_step_that_failed_by_itself_fails_the_check():
+    steps = {"cuda_tests": {"ok": True, "cut_at_budget": False},
+             "full_run": {"ok": False, "cut_at_budget": True},
+             "packing": {1: {"ok": True, "cut_at_budget": False}, 2: gpu_check.skipped(3.0)},
+             "bench": {"ok": False, "cut_at_budget": False}}
+    assert gpu_check.outcome(steps) == (["bench"], ["full_run", "packing 2"])
+
+
 def test_the_closing_lines_give_the_results_path_and_both_grids_minutes(tmp_path):
     grids = {"default": {"runs": 54, "grid_projected_minutes": 21.04, "best_parallel": 4},
              "harness": {"runs": 63, "grid_projected_minutes": 35.96, "best_parallel": 4}}
