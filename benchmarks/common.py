@@ -138,6 +138,7 @@ def stop(proc: subprocess.Popen, grace: float) -> None:
     """End `proc` as a user would: SIGTERM (a fedshard launcher or sweep then tears its experiments
     down and marks them KILLED), SIGKILL after `grace` seconds, and then whatever it started that
     is still there, so that no process of it is left behind."""
+    family = []
     with contextlib.suppress(psutil.Error):
         family = psutil.Process(proc.pid).children(recursive=True)
     proc.terminate()
