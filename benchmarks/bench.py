@@ -79,7 +79,7 @@ from report import Report
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: about 8 minutes on a 2-core CPU")
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON (after each section)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--pack", type=int, default=4, help="CUDA: runs sharing the GPU in the grid projection")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the sweeps with and without extension")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     sizes = choose_sizes(args.quick, on_cuda)
     info = common.machine(device)
     say(f"machine: {info}")
-    report = Report(info, args.quick, sizes, on_gpu=on_cuda)
+    report = Report(info, args.quick, sizes, on_gpu=on_cuda, path=args.json)
 
     with tempfile.TemporaryDirectory(prefix="fedshard-bench-") as tmp:
         tmp = Path(tmp)

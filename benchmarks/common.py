@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_ID_LINE = re.compile(r"fedshard: run ([0-9a-f]{32})")
 FIRST_STEP_LINE = re.compile(r"first training step at unix time ([0-9.]+)")
 ROLES = ("metaserver", "aggregator", "trainer")
+# How long a command stopped at its time limit may take to tear down before it is killed.
+GRACE_SECONDS = 10.0
 
 
 # ----------------------------------------------------------------------------- timing and threads
@@ -132,8 +134,26 @@ def _read_back(*files) -> str:
     return b"".join(parts).decode(errors="replace")
 
 
-def run_command(command: list[str], timeout: float, cwd=None, env=None, watch_roles: bool = False) -> Finished:
-    """Run `command` to its end, or kill it after `timeout` seconds. With `watch_roles`, its child
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """End `proc` as a user would: SIGTERM (a fedshard launcher or sweep then tears its experiments
+    down and marks them KILLED), SIGKILL after `grace` seconds, and then whatever it started that
+    is still there, so that no process of it is left behind."""
+    family = []
+    with contextlib.suppress(psutil.Error):
+        family = psutil.Process(proc.pid).children(recursive=True)
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for child in family:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def run_command(command: list[str], timeout: float, cwd=None, env=None, watch_roles: bool = False,
+                grace: float = GRACE_SECONDS) -> Finished:
+    """Run `command` to its end, or stop it (`stop`) after `timeout` seconds. With `watch_roles`, its child
     processes are polled every 50 ms (0.5 s after the first 30 s) for the startup breakdown:
     psutil's create_time comes from the boot time in whole seconds, up to a second off."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -146,7 +166,7 @@ def run_command(command: list[str], timeout: float, cwd=None, env=None, watch_ro
             time.sleep(0.05 if time.perf_counter() - start < 30 else 0.5)
         timed_out = proc.poll() is None
         if timed_out:
-            proc.kill()
+            stop(proc, grace)
         code = proc.wait()
         seconds = time.perf_counter() - start
         output = _read_back(out, err)
@@ -220,18 +240,26 @@ def open_store(store: Path) -> str:
 
 def run_experiment(data_dir: Path, store: Path, *, world_size: int, rounds: int, train_images: int,
                    test_images: int, device: str, timeout: float, experiment: str, extra: tuple = (),
-                   **env: str) -> tuple[Finished, dict | None]:
+                   partial: bool = False, **env: str) -> tuple[Finished, dict | None]:
     """The one way both benchmark scripts run and time an experiment: `fedshard run` as a user
     starts it, in `store` (an existing MLflow store, `open_store`). Returns how the command ended
     and, when it logged a run, what `read_run` reads with startup_seconds (from the command's
     start to trainer 0's first training step; None without one) and startup_breakdown (when
-    each role's process was first seen)."""
+    each role's process was first seen). With `partial`, also what a run that did not finish (one
+    stopped at `timeout`) logged before it ended, where its store can say."""
     open_store(store)
     command = fedshard_run(data_dir, device, world_size, rounds, train_images, test_images, experiment, *extra)
     done = run_command(command, timeout, cwd=store, env=store_env(store, **env), watch_roles=True)
-    if done.code != 0 or not RUN_ID_LINE.search(done.output):
+    if not RUN_ID_LINE.search(done.output) or (done.code != 0 and not partial):
         return done, None
-    run = read_run(done.output, store_uri(store), store)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = read_run(done.output, store_uri(store), store)
+    except (MlflowException, OSError):  # a stopped run may have left its log unwritten: nothing to read
+        if done.code == 0:
+            raise
+        return done, None
     startup = run["first_step"] - done.started if run["first_step"] is not None else None
     in_order = sorted(done.spawned.items(), key=lambda kv: kv[1])
     return done, {**run, "startup_seconds": startup,

@@ -1,4 +1,5 @@
-"""How long the default grid would take on one GPU: the one projection both benchmark scripts make.
+"""How long a grid would take on one GPU: the one projection both benchmark scripts make, for the
+default grid and (gpu_check.py) the harness's.
 
 bench.py and gpu_check.py measure a round in different ways (bench.py from its parts: training
 throughput, evaluation throughput and the weight exchange; gpu_check.py as a whole, from a real
@@ -18,6 +19,12 @@ CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 # A training step costs about 3 forward passes: the forward itself, and a backward pass that
 # computes gradients for both the activations and the weights (2 x the forward's arithmetic).
 FORWARD_PASSES_PER_TRAINING_STEP = 3
+# The grid the researchers' harness ran (DESIGN.md, section 1; grids/harness.yaml holds the same):
+# world sizes 1, 2, 4, 8 x lr 1e-5, 1e-4, 1e-3 x swap x 10 rounds x seeds 123, 42, 77 = 63 runs,
+# batch 32, 3 local epochs.
+HARNESS = {"world_sizes": "1,2,4,8", "learning_rates": "1e-5,1e-4,1e-3", "swap": "false,true", "rounds": "10",
+           "seeds": "123,42,77"}
+HARNESS_PARAMS = ("batch_size=32", "local_epochs=3")
 
 
 def training_flops_per_image(widths: dict[str, int] | None = None) -> int:
@@ -55,12 +62,21 @@ def default_plan() -> planning.Plan:
     return planning.plan(grid.expand(grid.make_grid({})), [])
 
 
-def project(round_seconds: dict[int, float], startup_seconds: float, packing_speedup: float) -> dict:
-    """Minutes for the default grid on one GPU: every run pays its startup and its rounds
-    (`round_seconds` by world size); runs packed several at a time on the GPU (what `sweep
-    --parallel` does) finish sooner by the measured speedup of packing over one at a time."""
-    work = default_plan()
-    serial = sum(startup_seconds + task.rounds_to_train * round_seconds[task.cfg.world_size]
+def harness_plan() -> planning.Plan:
+    """The harness's 63-run grid (HARNESS) as `sweep` plans it: 630 rounds of 3 local epochs."""
+    return planning.plan(grid.expand(grid.make_grid(HARNESS, HARNESS_PARAMS)), [])
+
+
+def project(round_seconds: dict[int, float], startup_seconds: float, packing_speedup: float,
+            work: planning.Plan | None = None) -> dict:
+    """Minutes for a grid (`work`; the default one unless given) on one GPU: every run pays its
+    startup and its rounds, each round `round_seconds` of its world size (a round of one local
+    epoch) times its local epochs, at any batch size (a round is taken to cost its images'
+    arithmetic: a smaller batch that uses the GPU less well makes this too low); runs packed
+    several at a time on the GPU (what `sweep --parallel` does) finish sooner by the measured
+    speedup of packing over one at a time."""
+    work = work or default_plan()
+    serial = sum(startup_seconds + task.rounds_to_train * task.cfg.local_epochs * round_seconds[task.cfg.world_size]
                  for task in work.tasks)
     return {"runs": len(work.tasks), "rounds": work.rounds_to_train, "round_seconds": round_seconds,
             "serial_minutes": serial / 60, "packing_speedup": packing_speedup,

@@ -86,16 +86,21 @@ class Section:
 class Report:
     """Every figure of one bench.py run, gathered section by section."""
 
-    def __init__(self, info: dict, quick: bool, sizes: dict, on_gpu: bool):
-        self.results: dict = {"machine": info, "quick": quick, "sizes": sizes, "details": {}}
-        self.info, self.quick, self.on_gpu = info, quick, on_gpu
-        self.figures: dict[str, float | None] = {}
+    def __init__(self, info: dict, quick: bool, sizes: dict, on_gpu: bool, path: str | None = None):
+        self.results: dict = {"machine": info, "quick": quick, "sizes": sizes, "details": {},
+                              "figures": {}}
+        self.info, self.quick, self.on_gpu, self.path = info, quick, on_gpu, path
+        self.figures: dict[str, float | None] = self.results["figures"]
         self.rows: dict[str, list] = {}
 
     def add(self, name: str, section: Section) -> Section:
+        """One section's results; with a `path`, every result so far is written there at once, so
+        that a run stopped before the end (gpu_check.py's budget) keeps what it measured."""
         self.results["details"][name] = section.details
         self.figures.update(section.figures)
         self.rows[name] = section.rows
+        if self.path:
+            self.write(self.path)
         return section
 
     def finish(self) -> None:

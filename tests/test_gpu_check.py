@@ -7,8 +7,12 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import signal
+import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 
@@ -82,6 +86,53 @@ def test_grid_projection_uses_the_extended_grid_the_round_arithmetic_and_the_pac
     assert grid["grid_projected_minutes"] == pytest.approx(serial / 3.0 / 60)
 
 
+def test_the_harness_grid_is_projected_with_its_world_sizes_and_local_epochs():
+    """63 runs of 10 rounds (9 at world size 1, 18 each at 2, 4 and 8), each round of 3 local
+    epochs, each world size's round the measured one scaled by the FLOPs PyTorch counts."""
+    grid = gpu_check.project_grid(2.0, 10.0, packing(n1=100.0, n4=200.0), projection.harness_plan())
+    assert (grid["runs"], grid["rounds"]) == (63, 630)
+    measured = world_size_2_round()
+    per_round = {n: 2.0 * sum(counted_training_flops(slice_widths(n, k), 50_000 // n) for k in range(n)) / measured
+                 for n in (1, 2, 4, 8)}
+    assert grid["round_seconds"] == pytest.approx(per_round)
+    serial = 63 * 10.0 + sum(runs * 10 * 3 * per_round[n] for n, runs in {1: 9, 2: 18, 4: 18, 8: 18}.items())
+    assert grid["serial_minutes"] == pytest.approx(serial / 60)
+    assert grid["grid_projected_minutes"] == pytest.approx(serial / 2.0 / 60)
+
+
+def test_the_budget_gives_each_step_its_share_of_what_is_left():
+    budget = gpu_check.Budget(1000.0, reserve=100.0)
+    weights = list(gpu_check.STEPS.values())
+    first = budget.allot(weights[0], sum(weights[1:]))
+    assert first == pytest.approx(900.0 * weights[0] / sum(weights), rel=0.01)
+    assert budget.allot(1.0, 0.0) == pytest.approx(900.0, rel=0.01)  # the last step gets all that is left
+    assert gpu_check.Budget(10.0, reserve=20.0).allot(1.0, 0.0) == 0.0  # spent: nothing, never less
+
+
+def test_a_stopped_step_leaves_no_process_behind():
+    """common.stop, as the budget stops a step: SIGTERM, then SIGKILL after the grace period (here
+    the command ignores SIGTERM), then whatever the command started."""
+    common = importlib.import_module("common")
+    script = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              "print(child.pid, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    grandchild = psutil.Process(int(proc.stdout.readline()))
+    common.stop(proc, grace=1.0)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 30  # SIGKILL is sent; the kernel ends the process at once, or nearly
+    while not ended(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ended(grandchild)
+
+
+def ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped by its new parent
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_a_failed_single_sweep_leaves_the_projection_unpacked():
     grid = gpu_check.project_grid(2.0, 5.0, packing(n1=None, n4=300.0))
     assert grid["packing_speedup"] == 1.0
@@ -126,18 +177,47 @@ def packing_step(n: int, rate: float) -> dict:
     return {"ok": True, "experiments_per_hour": rate, "gpu_memory_peak_mib": 1000.0 * n}
 
 
-def test_the_results_hold_each_figure_once_and_project_from_the_full_run():
+def test_the_results_hold_each_figure_once_and_project_both_grids_from_the_full_run():
     steps = {"bench": {"ok": True, "figures": {"eval_speedup": 25.0, "startup_seconds": 5.0,
                                                "train_images_per_s": 9000.0}},
              "full_run": {"ok": True, "full_round_seconds": 2.0, "startup_seconds": 12.0},
              "packing": {1: packing_step(1, 100.0), 2: packing_step(2, 150.0)}}
-    figures, grid = gpu_check.summarise(steps)
+    figures, grids = gpu_check.summarise(steps)
     assert "figures" not in steps["bench"]  # moved to the top level, not copied
     assert figures["startup_seconds"] == 5.0 and figures["full_run_startup_seconds"] == 12.0
     assert figures["eval_speedup"] == 25.0 and figures["train_images_per_s"] == 9000.0
-    assert grid == gpu_check.project_grid(2.0, 12.0, steps["packing"])
-    assert figures["grid_projected_minutes"] == grid["grid_projected_minutes"]
+    assert grids["default"] == gpu_check.project_grid(2.0, 12.0, steps["packing"])
+    assert figures["grid_projected_minutes"] == grids["default"]["grid_projected_minutes"]
+    assert figures["harness_projected_minutes"] == grids["harness"]["grid_projected_minutes"]
     assert figures["gpu_memory_peak_mib"] == {1: 1000.0, 2: 2000.0} and figures["best_parallel"] == 2
+
+
+def test_a_check_cut_before_a_steady_round_projects_nothing_and_says_so(tmp_path):
+    steps = {"cuda_tests": {"ok": True}, "full_run": {"ok": False, "cut_at_budget": True, "startup_seconds": 9.0,
+                                                      "full_round_seconds": None},
+             "packing": {1: gpu_check.skipped(2.0)}, "bench": gpu_check.skipped(1.0)}
+    figures, grids = gpu_check.summarise(steps)
+    assert grids == {} and "grid_projected_minutes" not in figures and figures["best_parallel"] is None
+    lines = gpu_check.closing_lines(tmp_path / "r.json", grids)
+    assert lines[0] == f"results: {tmp_path / 'r.json'}"
+    assert [line.split(":")[0] for line in lines[1:]] == ["default grid", "harness grid (grids/harness.yaml)"]
+    assert all("not projected" in line for line in lines[1:])
+
+
+def test_only_a_step_that_failed_by_itself_fails_the_check():
+    steps = {"cuda_tests": {"ok": True, "cut_at_budget": False},
+             "full_run": {"ok": False, "cut_at_budget": True},
+             "packing": {1: {"ok": True, "cut_at_budget": False}, 2: gpu_check.skipped(3.0)},
+             "bench": {"ok": False, "cut_at_budget": False}}
+    assert gpu_check.outcome(steps) == (["bench"], ["full_run", "packing 2"])
+
+
+def test_the_closing_lines_give_the_results_path_and_both_grids_minutes(tmp_path):
+    grids = {"default": {"runs": 54, "grid_projected_minutes": 21.04, "best_parallel": 4},
+             "harness": {"runs": 63, "grid_projected_minutes": 35.96, "best_parallel": 4}}
+    assert gpu_check.closing_lines(tmp_path / "r.json", grids)[1:] == [
+        "default grid: 54 runs, 21.0 min projected (best --parallel 4)",
+        "harness grid (grids/harness.yaml): 63 runs, 36.0 min projected (best --parallel 4)"]
 
 
 def test_both_scripts_record_verdicts_with_the_one_helper():
@@ -159,17 +239,17 @@ def test_the_results_describe_the_machine_as_bench_does(tmp_path):
     assert {k: v for k, v in results["machine"].items() if k not in ("date", "load_average_1min_start")} == {
         k: v for k, v in described.items() if k not in ("date", "load_average_1min_start")}
     assert output == gpu_check.RESULTS / gpu_check.file_name(described["cpu"], dry=True)
-    assert gpu_check.start_results(gpu_check.parse_args(["--dry", "--output", str(tmp_path / "r.json")]))[1] == (
-        tmp_path / "r.json")
+    assert gpu_check.start_results(gpu_check.parse_args(["--dry", "--output", str(tmp_path)]))[1] == (
+        tmp_path / gpu_check.file_name(described["cpu"], dry=True))
 
 
 def test_the_full_run_step_runs_and_times_its_experiment_as_bench_does(data_dir, tmp_path, monkeypatch):
     """A real `fedshard run` at toy sizes: world size 2, 2 rounds, through common.run_experiment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = gpu_check.parse_args(["--dry"])
-    args.data, args.train_images, args.test_images, args.timeout = data_dir, 16, 8, 300.0
-    result = gpu_check.step_full_run(args, tmp_path)
-    assert result["ok"], result["output_tail"]
+    args.data, args.train_images, args.test_images = data_dir, 16, 8
+    result = gpu_check.step_full_run(args, tmp_path, 300.0)
+    assert result["ok"] and not result["cut_at_budget"], result["output_tail"]
     assert (tmp_path / "full" / "mlflow.db").exists() and "MLFLOW_TRACKING_URI" not in os.environ
     assert sorted(result["round_seconds"]) == [1, 2]
     assert result["full_round_seconds"] == result["round_seconds"][2]  # the best of rounds >= 2
