@@ -9,6 +9,8 @@ the default grid as `sweep` would run it and sets them against the one target, T
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedshard import grid, planning
 from fedshard.model import forward_flops, part_sizes, slice_widths
 
@@ -19,12 +21,9 @@ CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 # A training step costs about 3 forward passes: the forward itself, and a backward pass that
 # computes gradients for both the activations and the weights (2 x the forward's arithmetic).
 FORWARD_PASSES_PER_TRAINING_STEP = 3
-# The grid the researchers' harness ran (DESIGN.md, section 1; grids/harness.yaml holds the same):
-# world sizes 1, 2, 4, 8 x lr 1e-5, 1e-4, 1e-3 x swap x 10 rounds x seeds 123, 42, 77 = 63 runs,
-# batch 32, 3 local epochs.
-HARNESS = {"world_sizes": "1,2,4,8", "learning_rates": "1e-5,1e-4,1e-3", "swap": "false,true", "rounds": "10",
-           "seeds": "123,42,77"}
-HARNESS_PARAMS = ("batch_size=32", "local_epochs=3")
+# The grid the researchers' harness ran: world sizes 1, 2, 4, 8 x lr 1e-5, 1e-4, 1e-3 x swap x 10
+# rounds x seeds 123, 42, 77 = 63 runs, batch 32, 3 local epochs (fedshard's defaults).
+HARNESS = Path(__file__).resolve().parents[1] / "grids" / "harness.yaml"
 
 
 def training_flops_per_image(widths: dict[str, int] | None = None) -> int:
@@ -34,7 +33,8 @@ def training_flops_per_image(widths: dict[str, int] | None = None) -> int:
 
 def round_flops(world_size: int, images: int = CIFAR_TRAIN) -> float:
     """Training FLOPs of one round over `images`: each of the `world_size` trainers trains its own
-    slice of the model on its own share of the images (one local epoch, as in the default grid)."""
+    slice of the model on its own share of the images (one local epoch; project multiplies by a
+    run's local epochs)."""
     shares = part_sizes(images, world_size)
     return sum(training_flops_per_image(slice_widths(world_size, k)) * shares[k] for k in range(world_size))
 
@@ -58,13 +58,13 @@ def rounds_from_rates(train_images_per_s: dict[int, float], eval_images_per_s: f
 
 def default_plan() -> planning.Plan:
     """The default 54-run grid as `sweep` plans it, each longer run extending its shorter twin
-    (1,350 rounds trained rather than 2,160)."""
+    (1,350 rounds trained rather than 2,160), each round of 3 local epochs."""
     return planning.plan(grid.expand(grid.make_grid({})), [])
 
 
 def harness_plan() -> planning.Plan:
     """The harness's 63-run grid (HARNESS) as `sweep` plans it: 630 rounds of 3 local epochs."""
-    return planning.plan(grid.expand(grid.make_grid(HARNESS, HARNESS_PARAMS)), [])
+    return planning.plan(grid.expand(grid.make_grid({}, [], HARNESS)), [])
 
 
 def project(round_seconds: dict[int, float], startup_seconds: float, packing_speedup: float,

@@ -79,8 +79,9 @@ def test_grid_projection_uses_the_extended_grid_the_round_arithmetic_and_the_pac
     assert (grid["runs"], grid["rounds"]) == (54, 1350)
     ratio = counted_training_flops(None, 50_000) / world_size_2_round()
     assert grid["round_seconds"] == {1: pytest.approx(2.3 * ratio), 2: pytest.approx(2.3)}
-    # 18 world-size-1 runs train 30+20 rounds per (lr, seed) pair: 9 x 50 = 450 rounds; world size 2: 900.
-    serial = 54 * 10.0 + 450 * 2.3 * ratio + 900 * 2.3
+    # 18 world-size-1 runs train 30+20 rounds per (lr, seed) pair: 9 x 50 = 450 rounds; world size 2: 900;
+    # each round of 3 local epochs (the default).
+    serial = 54 * 10.0 + 3 * (450 * 2.3 * ratio + 900 * 2.3)
     assert grid["serial_minutes"] == pytest.approx(serial / 60)
     assert grid["best_parallel"] == 4 and grid["packing_speedup"] == pytest.approx(3.0)
     assert grid["grid_projected_minutes"] == pytest.approx(serial / 3.0 / 60)
@@ -146,7 +147,7 @@ def test_rounds_from_their_parts_add_training_evaluation_and_the_exchange_there_
                                              exchange_gbytes_per_s=1.1, model_bytes=220_000_000)
     assert per_round == {1: pytest.approx(5 + 0.5 + 0.4), 2: pytest.approx(10 + 0.5 + 0.4)}
     grid = projection.project(per_round, startup_seconds=6.0, packing_speedup=2.0)
-    serial = 54 * 6.0 + 450 * 5.9 + 900 * 10.9
+    serial = 54 * 6.0 + 3 * (450 * 5.9 + 900 * 10.9)  # rounds of 3 local epochs (the default)
     assert grid["serial_minutes"] == pytest.approx(serial / 60)
     assert grid["grid_projected_minutes"] == pytest.approx(serial / 2.0 / 60)
 
