@@ -104,3 +104,69 @@ def test_mlproject_analyze_uses_the_same_command():
 
     entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["analyze"]
     assert entry["command"].split()[:2] == ["fedshard", "analyze"]
+
+
+NAN = float("nan")
+# A diverged run logs NaN. Every accuracy NaN (the reproduction), and one seed of two diverged.
+ALL_DIVERGED = {(2, 0.001, True, 1, 123): [(0, 4.6, NAN), (1, 4.5, NAN)]}
+ONE_SEED_DIVERGED = {
+    (2, 0.001, True, 2, 1): [(0, 4.6, 0.01), (1, 3.0, 0.30), (2, 2.5, 0.40)],
+    (2, 0.001, True, 2, 2): [(0, 4.6, 0.01), (1, 3.0, 0.35), (2, NAN, NAN)],
+    (2, 0.001, False, 2, 1): [(0, 4.6, 0.01), (1, 4.0, 0.10), (2, 3.5, 0.20)],
+    (2, 0.001, False, 2, 2): [(0, 4.6, 0.01), (1, 4.0, 0.10), (2, 3.5, 0.22)],
+}
+REPORT_FILES = ["report.md", "comparisons.csv", "targets.csv", *PLOT_FILES]
+
+
+@pytest.mark.parametrize("results, fmt", [(ALL_DIVERGED, "pickle"), (ALL_DIVERGED, "csv"),
+                                         (ONE_SEED_DIVERGED, "pickle")],
+                         ids=["all diverged", "all diverged, csv", "one seed diverged"])
+def test_nan_accuracies_give_a_complete_report(tmp_path, monkeypatch, results, fmt):
+    from fedshard import results as formats
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nan.pkl").write_bytes(pickle.dumps(results) if fmt == "pickle"
+                                       else formats.csv_bytes(formats.frame_from_pickle(results)))
+    result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "nan.pkl", "--output-dir", "rep"])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    expected = [f for f in REPORT_FILES if f != "swap_comparison.png" or results is ONE_SEED_DIVERGED]
+    assert written == sorted(expected)
+    for name in written:
+        assert f"- [{name}]({name})" in (tmp_path / "rep" / "report.md").read_text() or name == "report.md"
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "runs diverged" in md and "kept out of every mean" in md and "figures leave diverged runs out" in md
+    assert "Accuracy: nan" not in result.stdout and " nan " not in result.stdout.replace("NaN", "")
+    if results is ALL_DIVERGED:
+        assert ("1. World Size: 2, LR: 0.001, Swap: True, Rounds: 1, Accuracy: none (1 of 1 seeds diverged)"
+                in result.stdout)
+        assert "no default targets: every run diverged" in md and "(nothing to draw: every run diverged)" in md
+
+
+def test_a_diverged_seed_is_counted_shown_kept_out_of_the_mean_and_ranked_last(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nan.pkl").write_bytes(pickle.dumps(ONE_SEED_DIVERGED))
+    result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "nan.pkl", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    ranking = result.stdout.split("Top 5 Configurations by Final Accuracy:\n")[1].splitlines()[:2]
+    # swap's one finite seed (0.40) beats no swap's mean (0.21), yet a diverged seed ranks it last
+    assert ranking == ["1. World Size: 2, LR: 0.001, Swap: False, Rounds: 2, Accuracy: 0.2100 ± 0.0141 (n=2)",
+                       "2. World Size: 2, LR: 0.001, Swap: True, Rounds: 2, Accuracy: 0.4000 (n=1; 1 of 2 seeds "
+                       "diverged)"]
+    summary = result.stdout.split("Top 5")[0]
+    (swap_row,) = [line for line in summary.splitlines() if " True " in line]
+    assert swap_row.split()[4:7] == ["0.4000", "1", "1"] and "of 2" in swap_row  # mean, n, "1 of 2" diverged
+    # the comparison pairs only seed 1: the diverged seed 2 is not in it
+    comparison = result.stdout.split("Paired comparisons, final accuracy")[1].splitlines()[2]
+    assert comparison.split()[-6:] == ["1", "+0.2000", "n/a", "(n", "<", "2)"]  # n=1, 0.40 - 0.20, no interval
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_is_shown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.pkl").write_bytes(pickle.dumps(RESULTS))
+    (tmp_path / "rep").write_text("a file")
+    for output in ("rep", "rep/inside"):
+        result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "r.pkl", "--output-dir", output])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"fedshard: error: --output-dir {output}: rep is a file, not a directory\n"
+        assert result.stdout == "" and (tmp_path / "rep").read_text() == "a file"

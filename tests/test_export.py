@@ -134,9 +134,26 @@ def test_nothing_finished_is_an_error_and_writes_nothing(tmp_path, store):
     assert not output.exists()
 
     result = invoke("--experiment-name", "typo", "--output", str(output))
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a name given wrong is bad input
     assert "no experiment 'typo'" in result.stderr and "Default, none" in result.stderr
     assert not output.exists()
+
+
+def test_output_under_a_file_is_refused_and_missing_folders_are_created_saying_so(tmp_path, store):
+    make_run("where-to", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    (tmp_path / "notes.txt").write_text("a file")
+    result = invoke("--experiment-name", "where-to", "--output", str(tmp_path / "notes.txt" / "r.pkl"))
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {tmp_path / 'notes.txt' / 'r.pkl'}: {tmp_path / 'notes.txt'} is a file, not a directory; " \
+           "nothing written" in result.stderr
+    assert "File exists" not in result.stderr and (tmp_path / "notes.txt").read_text() == "a file"
+
+    result = invoke("--experiment-name", "where-to", "--output", str(tmp_path / "new" / "deeper" / "r.pkl"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"Created the folder {tmp_path / 'new' / 'deeper'} (it did not exist)"
+    assert (tmp_path / "new" / "deeper" / "r.pkl").is_file()
+    again = invoke("--experiment-name", "where-to", "--output", str(tmp_path / "new" / "deeper" / "r.pkl"))
+    assert "Created" not in again.stdout
 
 
 def test_entries_keep_the_last_value_logged_for_a_round():
@@ -170,7 +187,7 @@ def test_runs_that_differ_outside_the_key_never_mix_and_where_selects(tmp_path, 
     ("data_dir=/d", "unknown setting 'data_dir'"),  # where the data sat is not a setting of a result
     ("strategy", "expected NAME=VALUE"),
     ("strategy=gossip", "strategy='gossip': must be one of tensor_parallel, fedavg"),
-    ("partition=dirichlet", "--where partition=dirichlet: no FINISHED run has it; the runs have partition=iid"),
+    ("partition=dirichlet", "--where partition=dirichlet: no FINISHED run has it; the runs have partition=contiguous"),
 ])
 def test_bad_where_exits_2_and_writes_nothing(tmp_path, store, where, message):
     make_run("sel", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)

@@ -89,9 +89,20 @@ def mean_std_text(mean: float, std: float) -> str:
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
-def accuracy_text(mean: float, std: float, n: int) -> str:
-    """'0.5000 ± 0.0707 (n=2)', '0.0100 (n=1)'."""
-    return f"{mean_std_text(mean, std)} (n={int(n)})"
+def accuracy_text(mean: float, std: float, n: int, diverged: int = 0) -> str:
+    """'0.5000 ± 0.0707 (n=2)', '0.0100 (n=1)'; n counts every seed, and the mean is over those that
+    did not diverge: '0.4000 (n=1; 1 of 2 seeds diverged)', 'none (2 of 2 seeds diverged)'."""
+    n, diverged = int(n), int(diverged)
+    if not diverged:
+        return f"{mean_std_text(mean, std)} (n={n})"
+    if diverged == n:
+        return f"none ({diverged} of {n} seeds diverged)"
+    return f"{mean_std_text(mean, std)} (n={n - diverged}; {diverged} of {n} seeds diverged)"
+
+
+def diverged_text(diverged: int, n: int) -> str:
+    """'1 of 2' of a configuration with a diverged seed; '' where none diverged."""
+    return f"{int(diverged)} of {int(n)}" if diverged else ""
 
 
 # --------------------------------------------------------------------------- per run, per configuration
@@ -99,16 +110,24 @@ def accuracy_text(mean: float, std: float, n: int) -> str:
 
 def per_run(results) -> pd.DataFrame:
     """One row per run (configuration and seed), in settings order: final_accuracy and final_loss
-    (the last round's, NaN where that is NaN), best_accuracy (the highest over its rounds)."""
+    (the last round's, NaN where that is NaN), best_accuracy (the highest over its rounds),
+    diverged (the last round's test loss or accuracy is NaN or infinite: a run that blew up)."""
     frame = to_frame(results)
     keys = [*config_settings(frame), "seed"]
     ordered = frame.sort_values([*keys, "round"], kind="mergesort")
     # Each run's last-round row as it is: groupby's "last" would skip a NaN for an earlier round's value.
     last = ordered.drop_duplicates(keys, keep="last")
     best = ordered.groupby(keys, sort=True, dropna=False)["test_accuracy"].max().rename("best_accuracy")
-    runs = last[keys].assign(final_accuracy=last["test_accuracy"], final_loss=last["test_loss"])
+    runs = last[keys].assign(final_accuracy=last["test_accuracy"], final_loss=last["test_loss"],
+                             diverged=~(np.isfinite(last["test_accuracy"]) & np.isfinite(last["test_loss"])))
     return runs.merge(best.reset_index(), on=keys, how="left")[
-        [*keys, "final_accuracy", "best_accuracy", "final_loss"]].reset_index(drop=True)
+        [*keys, "final_accuracy", "best_accuracy", "final_loss", "diverged"]].reset_index(drop=True)
+
+
+def counted(runs: pd.DataFrame) -> pd.DataFrame:
+    """per_run's table with every number of a diverged run blanked (NaN): what means, spreads and
+    intervals are computed over. A diverged run is counted and shown, never averaged in."""
+    return runs.assign(**{m: runs[m].where(~runs["diverged"]) for m in (*METRICS, "final_loss")})
 
 
 def summarize(results, *, runs=None) -> pd.DataFrame:
@@ -116,21 +135,24 @@ def summarize(results, *, runs=None) -> pd.DataFrame:
     per_run(results) where the caller has it already.
 
     Columns: the configuration's settings (config_settings), final_accuracy_mean,
-    final_accuracy_std (sample std; NaN for a single seed, whose spread is unknown), n,
-    best_accuracy_mean, final_loss_mean.
+    final_accuracy_std (sample std; NaN for a single seed, whose spread is unknown), n (seeds),
+    diverged (seeds that diverged: per_run), best_accuracy_mean, final_loss_mean. Means and spreads
+    are over the seeds that did not diverge (counted), and configurations with a diverged seed
+    come after every other, those where all diverged last.
     """
     runs = per_run(results) if runs is None else runs
-    table = runs.groupby(config_settings(runs), sort=True, dropna=False).agg(
+    table = counted(runs).groupby(config_settings(runs), sort=True, dropna=False).agg(
         final_accuracy_mean=("final_accuracy", "mean"),
         final_accuracy_std=("final_accuracy", "std"),
         n=("seed", "size"),
+        diverged=("diverged", "sum"),
         best_accuracy_mean=("best_accuracy", "mean"),
         final_loss_mean=("final_loss", "mean"),
     ).reset_index()
     # Stable sort: ties keep the configuration order, so output is deterministic.
-    return table.sort_values(
-        "final_accuracy_mean", ascending=False, kind="mergesort"
-    ).reset_index(drop=True)
+    return table.assign(_diverged=table["diverged"] > 0).sort_values(
+        ["_diverged", "final_accuracy_mean"], ascending=[True, False], na_position="last", kind="mergesort"
+    ).drop(columns="_diverged").reset_index(drop=True)
 
 
 def ranking_lines(results, top: int = 5, *, summary=None) -> list[str]:
@@ -140,7 +162,7 @@ def ranking_lines(results, top: int = 5, *, summary=None) -> list[str]:
     settings = config_settings(table)
     lines = [f"Top {top} Configurations by Final Accuracy:"]
     for i, row in enumerate(table.head(top).to_dict("records"), 1):
-        accuracy = accuracy_text(row["final_accuracy_mean"], row["final_accuracy_std"], row["n"])
+        accuracy = accuracy_text(row["final_accuracy_mean"], row["final_accuracy_std"], row["n"], row["diverged"])
         lines.append(f"{i}. {config_text(row, settings)}, Accuracy: {accuracy}")
     return lines
 
@@ -201,7 +223,7 @@ def comparisons(results, *, runs=None) -> pd.DataFrame:
     effect of going from a to b. Settings with one value are never compared.
     """
     frame = to_frame(results)
-    runs = per_run(frame) if runs is None else runs
+    runs = counted(per_run(frame) if runs is None else runs)
     settings = config_settings(runs)
     # The settings every run shares are part of each context too: a dirichlet_alpha matters with
     # partition=dirichlet, however constant that is.
@@ -226,7 +248,7 @@ def comparisons(results, *, runs=None) -> pd.DataFrame:
 
 
 def best_mean_final_accuracy(summary: pd.DataFrame) -> float:
-    """The best configuration's mean final accuracy, of a summarize table."""
+    """The best configuration's mean final accuracy, of a summarize table; NaN where every run diverged."""
     return float(summary["final_accuracy_mean"].max())
 
 

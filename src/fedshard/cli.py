@@ -223,6 +223,8 @@ _GRID_HELP = "comma-separated values [default: {}]"
               "inside a round; the lines on each round's result stay")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: child processes of this sweep; ray: Ray tasks on a cluster (pip install -e '.[ray]')")
+@click.option("--empty-is-default", is_flag=True, hidden=True,
+              help="MLproject cannot leave an option out: an empty grid option means it was not given")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="Ray cluster to use (ray start --head prints it) [default: $RAY_ADDRESS, else a local instance]")
 @click.option("--cpus-per-experiment", default=None, type=click.FloatRange(0, min_open=True),
@@ -232,8 +234,8 @@ _GRID_HELP = "comma-separated values [default: {}]"
               help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
               "else 0]")
 def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
-          experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor, ray_address,
-          cpus_per_experiment, gpus_per_experiment):
+          experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor,
+          empty_is_default, ray_address, cpus_per_experiment, gpus_per_experiment):
     """Run the grid of experiments: every configuration without a FINISHED run, as child runs of one sweep run.
 
     A failed or killed experiment continues from its last checkpoint, and a configuration at
@@ -247,6 +249,8 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
 
     options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
                "rounds": rounds, "seeds": seeds}
+    if empty_is_default:
+        options = {name: value or None for name, value in options.items()}
     try:
         extra = shlex.split(params_text or "")
         extra_axes = shlex.split(axes_text or "")
@@ -280,6 +284,8 @@ def export(experiment_name, output, fmt, where):
     from . import export as exporter, tracking
 
     output = output or exporter.DEFAULT_OUTPUT[fmt]
+    folder = Path(output).parent
+    new_folder = not folder.exists()
     try:
         name = tracking.default_experiment_name(experiment_name or None)
         path, exported = exporter.export(name, output, fmt, where, warn=lambda m: click.echo(m, err=True))
@@ -288,6 +294,8 @@ def export(experiment_name, output, fmt, where):
     except (exporter.ExportError, tracking.TrackingError) as exc:
         fail(str(exc), 1)
     configs = len({tuple(kv for kv in identity if kv[0] != "seed") for identity in exported})
+    if new_folder:
+        click.echo(f"Created the folder {folder} (it did not exist)")
     click.echo(f"Exported {_count(len(exported), 'finished run')} ({_count(configs, 'configuration')}) "
                f"of experiment {name!r} to {path}")
     lifecycle.keep_with_outer_run(path)
@@ -323,6 +331,8 @@ def analyze(results_file, no_plots, output_dir, top, target):
         reporting.report(results_file, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo)
     except results.ResultsError as exc:
         fail(str(exc))
+    except NotADirectoryError as exc:  # bad input: a path that cannot be a directory
+        fail(f"--output-dir {output_dir}: {exc.strerror or exc}")
     except OSError as exc:
         fail(f"cannot write the report to {output_dir}: {exc.strerror or exc}", 1)
     if not no_plots:

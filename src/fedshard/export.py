@@ -31,11 +31,12 @@ COMM_METRICS = {"comm/bytes_down": "bytes_down", "comm/bytes_up": "bytes_up", "c
 
 
 class ExportError(Exception):
-    """Nothing to export (no such experiment, no FINISHED run) or the file cannot be written: exit 1."""
+    """Nothing to export (no FINISHED run) or the file cannot be written: exit 1."""
 
 
 class SelectionError(ExportError):
-    """A bad --where, or runs that the chosen format cannot keep apart; nothing written: exit 2."""
+    """Bad input: no such experiment, a bad --where, an --output under a file, or runs that the chosen
+    format cannot keep apart; nothing written: exit 2."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,8 @@ def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=pri
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     selection = parse_where(where)
     tracking.ensure_store()
-    if tracking.experiment_id(experiment_name, create=False) is None:
-        raise ExportError(f"no experiment {experiment_name!r} in {tracking.tracking_uri()} "
+    if tracking.experiment_id(experiment_name, create=False) is None:  # a name given wrong: bad input
+        raise SelectionError(f"no experiment {experiment_name!r} in {tracking.tracking_uri()} "
                           f"(experiments there: {', '.join(tracking.experiment_names()) or 'none'})")
     runs = tracking.list_runs(experiment_name, status="FINISHED")
     exported = collect(runs, tracking.metric_history, selection, warn)
@@ -191,6 +192,8 @@ def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=pri
         data = results.csv_bytes(table)
     try:
         path = write_atomic(output, data)
+    except NotADirectoryError as exc:  # an --output that cannot be: bad input
+        raise SelectionError(f"cannot write {output}: {exc.strerror or exc}; nothing written") from exc
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return path, exported

@@ -15,8 +15,8 @@ import pandas as pd
 
 from . import analysis
 from .analysis import config_settings, format_value, setting_label
-from .files import write_atomic
-from .plots import BYTES_PLOT_FILE, make_plots
+from .files import not_a_directory, write_atomic
+from .plots import BYTES_PLOT_FILE, figures
 from .results import read, to_frame
 
 REPORT_FILE = "report.md"
@@ -80,8 +80,9 @@ def tables(results, targets=None) -> Tables:
     summary = analysis.summarize(frame, runs=runs)
     if targets:
         note = f"targets given: {_targets_text(targets)}"
+    elif pd.isna(best := analysis.best_mean_final_accuracy(summary)):
+        targets, note = [], "no default targets: every run diverged, so no configuration has a final accuracy"
     else:
-        best = analysis.best_mean_final_accuracy(summary)
         targets = analysis.targets_for(best)
         *first, last = (f"{fraction * 100:g} %" for fraction in analysis.TARGET_FRACTIONS)
         fractions = f"{', '.join(first)} and {last}" if first else last
@@ -103,30 +104,41 @@ def _settings_cells(table: pd.DataFrame, settings) -> dict:
 # sorted, filtered index) never leaks in through index alignment.
 
 
+def _number(value: float) -> str:
+    return "none" if pd.isna(value) else f"{value:.4f}"
+
+
+def _accuracy_cells(table: pd.DataFrame) -> dict:
+    """Final accuracy (mean ± std over the seeds that did not diverge), n (those seeds) and, where
+    any seed diverged, how many of how many did."""
+    cells = {"Final Acc (mean ± std)": ["none" if pd.isna(m) else analysis.mean_std_text(m, s)
+                                        for m, s in zip(table["final_accuracy_mean"], table["final_accuracy_std"])],
+             "n": [str(n - d) for n, d in zip(table["n"], table["diverged"])]}
+    if table["diverged"].any():
+        cells["Diverged"] = list(map(analysis.diverged_text, table["diverged"], table["n"]))
+    return cells
+
+
 def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary table (analysis.summarize) as text cells, one row per configuration in settings order."""
     settings = config_settings(summary)
     table = summary.sort_values(settings, kind="mergesort")
     return pd.DataFrame({
         **_settings_cells(table, settings),
-        "Final Acc (mean ± std)": list(map(analysis.mean_std_text, table["final_accuracy_mean"],
-                                            table["final_accuracy_std"])),
-        "n": [str(n) for n in table["n"]],
-        "Best Acc (mean)": [f"{m:.4f}" for m in table["best_accuracy_mean"]],
-        "Final Loss (mean)": [f"{m:.4f}" for m in table["final_loss_mean"]],
+        **_accuracy_cells(table),
+        "Best Acc (mean)": list(map(_number, table["best_accuracy_mean"])),
+        "Final Loss (mean)": list(map(_number, table["final_loss_mean"])),
     })
 
 
 def ranking_display(summary: pd.DataFrame, top: int) -> pd.DataFrame:
     """The ranking of the summary table (analysis.summarize) as a table: rank, settings, final
-    accuracy (mean ± std), n."""
+    accuracy (mean ± std), n (and how many seeds diverged, where any did)."""
     table = summary.head(top)
     return pd.DataFrame({
         "Rank": [str(i) for i in range(1, len(table) + 1)],
         **_settings_cells(table, config_settings(table)),
-        "Final Acc (mean ± std)": list(map(analysis.mean_std_text, table["final_accuracy_mean"],
-                                            table["final_accuracy_std"])),
-        "n": [str(n) for n in table["n"]],
+        **_accuracy_cells(table),
     })
 
 
@@ -196,19 +208,32 @@ def _section(title: str, text: str, shown: pd.DataFrame, empty: str, level: str 
     return [f"{level} {title}", "", *([text, ""] if text else []), body, ""]
 
 
+def diverged_note(t: Tables) -> str:
+    """What the tables and figures do with diverged runs, where there are any; '' otherwise."""
+    count = int(t.runs["diverged"].sum())
+    if not count:
+        return ""
+    return (f"{count} of {len(t.runs)} runs diverged (their last round's test loss or accuracy is NaN or infinite). "
+            "They are counted (column Diverged) but kept out of every mean, ± and confidence interval (n counts "
+            "the seeds that did not diverge); configurations with a diverged seed rank last, and the figures leave "
+            "diverged runs out.")
+
+
 def markdown(t: Tables, files, top: int = 5, source=None) -> str:
     """report.md: every table, the targets used, and the files written beside it."""
     lines = ["# fedshard analysis", "",
              f"{int(t.summary['n'].sum())} experiments (runs) in {len(t.summary)} configurations"
              + (f", from `{source}`." if source else "."),
              "Final accuracy is a run's last-round test accuracy, best accuracy its highest over all rounds; "
-             "± is the sample standard deviation over seeds (none is shown for a single seed).", ""]
+             "± is the sample standard deviation over seeds (none is shown for a single seed).",
+             *([diverged_note(t)] if diverged_note(t) else []), ""]
     lines += _section("Summary", "", summary_display(t.summary), "no configurations")
     lines += _section(f"Top {top} configurations by final accuracy", "", ranking_display(t.summary, top), "none")
     lines += ["## Paired comparisons", "",
               "Every two configurations that differ in exactly one setting, paired by seed: b − a is the mean "
               "over the seeds both ran of (b − a), with its 95 % confidence interval (Student t on the paired "
-              "differences; none below two pairs). a < b in natural order (False < True, numbers ascending, "
+              "differences; none below two pairs; a pair where either run diverged is left out). a < b in natural "
+              "order (False < True, numbers ascending, "
               "names alphabetically).", ""]
     for metric, title in METRIC_TITLES.items():
         lines += _section(title.capitalize(), "", comparisons_display(t.comparisons, metric, t.settings),
@@ -218,7 +243,9 @@ def markdown(t: Tables, files, top: int = 5, source=None) -> str:
                       "mean over the seeds that reach it (how many of all seeds do, in brackets; never: none "
                       "does); bytes: mean cumulative bytes exchanged up to that round.",
                       targets_display(t.reached, t.settings, _has_bytes(t.frame)), "no targets")
-    lines += ["## Files", "", *(f"- [{p.name}]({p.name}): {FILE_NOTES.get(p.name, '')}" for p in files)]
+    empty = " (nothing to draw: every run diverged)" if t.runs["diverged"].all() else ""
+    lines += ["## Files", "", *(f"- [{p.name}]({p.name}): {FILE_NOTES.get(p.name, '')}"
+                                + (empty if p.suffix == ".png" else "") for p in files)]
     return "\n".join(lines) + "\n"
 
 
@@ -230,13 +257,13 @@ def _csv(table: pd.DataFrame) -> bytes:
 
 
 def _write(t: Tables, output_dir, plots: bool, top: int, source) -> list[Path]:
+    # Every file is made in memory first: a figure that cannot be drawn leaves no half-written report.
     out = Path(output_dir)
-    files = [write_atomic(out / COMPARISONS_FILE, _csv(t.comparisons)),
-             write_atomic(out / TARGETS_FILE, _csv(t.reached))]
-    if plots:
-        files += make_plots(t.frame, out, runs=t.runs)
-    # Written last, so that it names only files that exist.
-    return [write_atomic(out / REPORT_FILE, markdown(t, files, top, source).encode()), *files]
+    contents = {COMPARISONS_FILE: _csv(t.comparisons), TARGETS_FILE: _csv(t.reached),
+                **(figures(t.frame, runs=t.runs) if plots else {})}
+    files = [out / name for name in contents]
+    contents = {REPORT_FILE: markdown(t, files, top, source).encode(), **contents}
+    return [write_atomic(out / name, data) for name, data in contents.items()]
 
 
 def write_report(frame, output_dir, targets=None, plots: bool = True, *, top: int = 5,
@@ -250,7 +277,8 @@ def write_report(frame, output_dir, targets=None, plots: bool = True, *, top: in
 def console_lines(t: Tables, top: int = 5) -> list[str]:
     """The tables as the console shows them: summary, ranking, comparisons, rounds to target."""
     lines = ["Summary statistics (final test accuracy over seeds: mean ± std, n):",
-             summary_display(t.summary).to_string(index=False), "",
+             summary_display(t.summary).to_string(index=False),
+             *([f"Note: {diverged_note(t)}"] if diverged_note(t) else []), "",
              *analysis.ranking_lines(t.frame, top, summary=t.summary)]
     for metric, title in METRIC_TITLES.items():
         shown = comparisons_display(t.comparisons, metric, t.settings)
@@ -267,6 +295,8 @@ def report(results_file, output_dir="plots", top: int = 5, plots: bool = True, t
            echo=print) -> None:
     """What `fedshard analyze` shows; unless plots=False (print the tables only, write nothing),
     also write_report into output_dir."""
+    if plots and (problem := not_a_directory(output_dir)) is not None:  # found before anything is shown
+        raise NotADirectoryError(problem)
     t = tables(read(results_file), targets)
     echo(f"Loaded {int(t.summary['n'].sum())} experiments ({len(t.summary)} configurations) from {results_file}")
     echo("")

@@ -226,9 +226,10 @@ def pickle_dict(frame: pd.DataFrame) -> dict:
 
 
 def _cell(column: str, value) -> str:
-    """One CSV cell: empty for a missing value, True/False, floats as repr (1e-05), bytes as ints."""
+    """One CSV cell: empty for a missing value, True/False, floats as repr (1e-05), bytes as ints; a
+    test loss or accuracy that is NaN (a diverged run) is a value, not a missing one: nan."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return ""
+        return "nan" if column in ("test_loss", "test_accuracy") and value is not None else ""
     value = plain(value)  # a numpy bool_ too: True, False
     if isinstance(value, float):
         return str(int(value)) if column in BYTES_COLUMNS and value.is_integer() else repr(value)
