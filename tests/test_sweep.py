@@ -178,7 +178,7 @@ def test_mlproject_entry_points_forward_their_parameters():
     sweep = parse("sweep", {"params": "data_dir=/d max_train_samples=5", "rounds": "2", "parallel": 2,
                             "axes": "strategy=tensor_parallel,fedavg partition=iid,dirichlet"})
     grid = make_grid({a: sweep[a] for a in NAMED_AXES}, shlex.split(sweep["params_text"]), sweep["grid_file"] or None,
-                     shlex.split(sweep["axes_text"]))
+                     shlex.split(sweep["axes_text"]), empty_is_default=sweep["empty_is_default"])
     assert grid.axes["rounds"] == ["2"] and grid.axes["world_size"] == ["1", "2"]
     assert grid.axes["strategy"] == ["tensor_parallel", "fedavg"] and grid.axes["partition"] == ["iid", "dirichlet"]
     assert grid.fixed == {"data_dir": "/d", "max_train_samples": "5"} and sweep["parallel"] == 2

@@ -249,8 +249,6 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
 
     options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
                "rounds": rounds, "seeds": seeds}
-    if empty_is_default:
-        options = {name: value or None for name, value in options.items()}
     try:
         extra = shlex.split(params_text or "")
         extra_axes = shlex.split(axes_text or "")
@@ -258,7 +256,8 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
         fail(f"--params / --axes: {exc}")
     try:
         runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
-        grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes])
+        grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes],
+                               empty_is_default=empty_is_default)
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
                              show_progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
     except (grids.SweepError, ConfigError, executors.ExecutorError) as exc:

@@ -165,14 +165,15 @@ def label(setting: str) -> str:
     return next((option for option, s in NAMED_AXES.items() if s == setting), setting)
 
 
-def make_grid(options: dict, assignments=(), grid_file=None, axes=()) -> Grid:
+def make_grid(options: dict, assignments=(), grid_file=None, axes=(), empty_is_default: bool = False) -> Grid:
     """Options (the five named axes, by option name) and --axis items given on the command line win
     over the grid file, which wins over the default grid. An option that is None was not given; one
-    given with no values ('') is refused, as the grid file's `world_sizes: []` is."""
+    given with no values ('') is refused, as the grid file's `world_sizes: []` is, unless
+    empty_is_default (MLproject, which cannot leave an option out, passes '' for "not given")."""
     from_file = load_grid_file(grid_file) if grid_file else {}
     given = parse_axes(axes)
     for option, setting in NAMED_AXES.items():
-        if options.get(option) is not None:
+        if options.get(option) is not None and not (empty_is_default and not str(options[option]).strip()):
             if setting in given:
                 raise SweepError(f"{setting} is given twice: as {_option(option)} and as --axis {setting}")
             given[setting] = split_values(_option(option), options[option])
