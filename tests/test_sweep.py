@@ -183,10 +183,12 @@ def test_mlproject_entry_points_forward_their_parameters():
     assert grid.axes["strategy"] == ["tensor_parallel", "fedavg"] and grid.axes["partition"] == ["iid", "dirichlet"]
     assert grid.fixed == {"data_dir": "/d", "max_train_samples": "5"} and sweep["parallel"] == 2
     assert parse("export", {"format": "csv", "where": "strategy=fedavg"}) == {
-        "experiment_name": "", "output": "experiment_results.pkl", "fmt": "csv", "where": ("strategy=fedavg",)}
+        "experiment_name": "", "output": "experiment_results.pkl", "fmt": "csv", "key_format": "5",
+        "where": ("strategy=fedavg",)}
+    assert parse("export", {"key_format": "6"})["key_format"] == "6"
     analyze = parse("analyze", {"no_plots": "true", "top": 3, "target": "0.3,0.5"})
-    assert analyze == {"results_file": "experiment_results.pkl", "no_plots": True, "output_dir": "plots", "top": 3,
-                       "target": ("0.3,0.5",)}
+    assert analyze == {"results_files": ("experiment_results.pkl",), "labels": (), "no_plots": True,
+                       "output_dir": "plots", "top": 3, "target": ("0.3,0.5",)}
 
 
 # --------------------------------------------------------------------------- real sweeps

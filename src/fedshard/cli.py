@@ -276,9 +276,12 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
 @click.option("--format", "fmt", type=click.Choice(["pickle", "csv"]), default="pickle",
               help="pickle: {(world_size, learning_rate, enable_swapping, rounds, seed): [(round, test_loss, "
               "test_accuracy), ...]}; csv: one row per run and round, a column for every setting, and the bytes")
+@click.option("--key-format", type=click.Choice(["5", "6"]), default="5",
+              help="the pickle's key: 5 as above, or 6, the harness's (world_size, learning_rate, enable_swapping, "
+              "enable_layerwise_swapping, rounds, seed); a 5-tuple pickle holds no run with layerwise swapping")
 @click.option("--where", multiple=True, metavar="NAME=VALUE",
               help="only runs with this setting, e.g. --where strategy=fedavg (repeatable)")
-def export(experiment_name, output, fmt, where):
+def export(experiment_name, output, fmt, key_format, where):
     """Rebuild the results pickle (or a CSV) from the FINISHED runs of an experiment."""
     from . import export as exporter, tracking
 
@@ -287,7 +290,8 @@ def export(experiment_name, output, fmt, where):
     new_folder = not folder.exists()
     try:
         name = tracking.default_experiment_name(experiment_name or None)
-        path, exported = exporter.export(name, output, fmt, where, warn=lambda m: click.echo(m, err=True))
+        path, exported = exporter.export(name, output, fmt, where, warn=lambda m: click.echo(m, err=True),
+                                         key_format=int(key_format))
     except exporter.SelectionError as exc:
         fail(str(exc))
     except (exporter.ExportError, tracking.TrackingError) as exc:
@@ -305,10 +309,14 @@ def _count(n: int, noun: str) -> str:
 
 
 @main.command()
-@click.option("--results-file", default="experiment_results.pkl", show_default=True,
+@click.option("--results-file", "results_files", multiple=True, default=["experiment_results.pkl"], show_default=True,
               help="a results pickle {(world_size, learning_rate, enable_swapping, rounds, seed): "
-              "[(round, test_loss, test_accuracy), ...]} or the CSV of `fedshard export --format csv` "
-              "(told apart by content)")
+              "[(round, test_loss, test_accuracy), ...]} (or the harness's 6-tuple key, enable_layerwise_swapping "
+              "fourth) or the CSV of `fedshard export --format csv` (told apart by content); repeatable: the runs "
+              "of each file are labelled by a source, its stem, and compared")
+@click.option("--label", "labels", multiple=True, metavar="NAME=FILE",
+              help="call the runs of results file FILE NAME, e.g. --label harness=experiment_results_random.pkl "
+              "(repeatable)")
 @click.option("--no-plots", "no_plots", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               show_default=True, metavar="[true|false]", help="print the tables only, write no file at all")
 @click.option("--output-dir", default="plots", show_default=True,
@@ -317,9 +325,9 @@ def _count(n: int, noun: str) -> str:
 @click.option("--target", "target", multiple=True, metavar="ACC[,ACC...]",
               help="target test accuracy in (0, 1] for rounds-to-target, e.g. 0.3 or 0.3,0.5 (repeatable; "
               "replaces the default 50/75/90 % of the best mean final accuracy; '' = the defaults)")
-def analyze(results_file, no_plots, output_dir, top, target):
-    """Summary statistics, ranking, paired comparisons, rounds to target, report.md and plots from a
-    results pickle or CSV (no MLflow needed)."""
+def analyze(results_files, labels, no_plots, output_dir, top, target):
+    """Summary statistics, ranking, paired comparisons, rounds to target, report.md and plots from
+    results pickles or CSVs (no MLflow needed)."""
     from . import report as reporting, results
 
     try:
@@ -327,7 +335,8 @@ def analyze(results_file, no_plots, output_dir, top, target):
     except ValueError as exc:  # a usage error: exit 2 with click's usage line
         raise click.BadParameter(str(exc), param_hint="'--target'") from None
     try:
-        reporting.report(results_file, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo)
+        reporting.report(results_files, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo,
+                         labels=labels)
     except results.ResultsError as exc:
         fail(str(exc))
     except NotADirectoryError as exc:  # bad input: a path that cannot be a directory
