@@ -236,6 +236,14 @@ def test_two_results_files_compare_their_sources(tmp_path, monkeypatch):
     with pytest.raises(results.ResultsError, match=r"experiment_results_random.pkl records no strategy, and the runs "
                                                    r"of the other files differ in it \(fedavg, tensor_parallel\)"):
         sources.read_sources(["experiment_results_random.pkl", "ours.csv"])
+    from test_analysis import LAYERWISE
+
+    (tmp_path / "six.pkl").write_bytes(pickle.dumps(LAYERWISE))
+    frame, notes = sources.read_sources(["experiment_results_random.pkl", "six.pkl"])
+    assert notes == ["experiment_results_random.pkl records no enable_layerwise_swapping: its runs are read as "
+                     "enable_layerwise_swapping=false, as a 5-tuple pickle, like any file from before the setting "
+                     "existed, holds runs without it"]
+    assert not frame.loc[frame["source"] == "experiment_results_random", "enable_layerwise_swapping"].any()
     # files given one label are one source: the harness's study in two files
     one = CliRunner().invoke(cli.main, ["analyze", "--results-file", "ours.pkl", "--results-file", "sub/ours.pkl",
                                         "--label", "a=ours.pkl", "--label", "a=sub/ours.pkl", "--no-plots"])

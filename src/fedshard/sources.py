@@ -99,6 +99,8 @@ def _fill(frames: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], lis
         for s in (s for s in settings if s not in frame.columns):
             if s in UNRECORDED:
                 frame = frame.assign(**{s: UNRECORDED[s]})
+                notes.append(f"{name} records no {s}: its runs are read as {s}={canonical(UNRECORDED[s])}, as a "
+                             "5-tuple pickle, like any file from before the setting existed, holds runs without it")
                 continue
             values = {v for other in frames.values() if s in other.columns for v in other[s].tolist()}
             if len(values) > 1:
