@@ -11,8 +11,8 @@ import threading
 import time
 
 import psutil
-import torch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from fedshard import tracking
