@@ -256,3 +256,78 @@ def test_settings_every_run_shares_count_in_telling_experiments_apart():
     table = comparisons(frame)
     assert table["setting"].tolist() == ["dirichlet_alpha"] * 2
     assert table["mean_difference"].tolist() == pytest.approx([0.09, 0.09])
+
+
+# --------------------------------------------------------------------------- the harness's 6-tuple key
+
+LAYERWISE = {  # the harness's later key: enable_layerwise_swapping fourth
+    (2, 0.0001, False, False, 2, 42): curve([0.01, 0.10, 0.20]),
+    (2, 0.0001, False, False, 2, 77): curve([0.01, 0.12, 0.24]),
+    (2, 0.0001, False, True, 2, 42): curve([0.01, 0.04, 0.10]),
+    (2, 0.0001, False, True, 2, 77): curve([0.01, 0.05, 0.12]),
+    (1, 0.0001, False, True, 2, 42): curve([0.01, 0.30, 0.40]),  # as the harness wrote world size 1
+}
+
+
+def test_a_6_tuple_pickle_is_read_with_its_layerwise_setting(tmp_path):
+    from fedshard.results import read
+
+    path = write(tmp_path / "harness.pkl", LAYERWISE)
+    assert load_pickle(path) == LAYERWISE
+    frame = read(path)
+    assert frame["enable_layerwise_swapping"].dtype == bool and frame["enable_layerwise_swapping"].sum() == 9
+    for bad, message in (({**LAYERWISE, (2, 0.001, True, 2, 1): GOOD_RUN}, "has 5 fields where the first key has 6"),
+                         ({(2, 0.001, True, "yes", 2, 1): GOOD_RUN}, "enable_layerwise_swapping is str 'yes', "
+                                                                     "expected bool"),
+                         ({(2, 0.001, True, 2): GOOD_RUN}, "is not a 5-tuple .* nor a 6-tuple")):
+        with pytest.raises(ResultsError, match=message):
+            load_pickle(write(tmp_path / "bad.pkl", bad))
+
+
+def test_best_accuracy_is_over_the_trained_rounds_and_the_start_has_a_column(tmp_path):
+    from fedshard.analysis import per_run
+
+    # started from a trained model (0.61): the start is its highest accuracy, never its best
+    started = {(2, 0.001, True, 2, 1): [(0, 1.5, 0.61), (1, 3.0, 0.30), (2, 2.5, 0.40)]}
+    (run,) = per_run(started).to_dict("records")
+    assert (run["start_accuracy"], run["best_accuracy"], run["final_accuracy"]) == (0.61, 0.40, 0.40)
+    assert run["gain"] == pytest.approx(0.40 - 0.61)
+    assert summarize(started)["best_accuracy_mean"].tolist() == [0.40]
+    lines = []
+    report(write(tmp_path / "started.pkl", started), plots=False, echo=lines.append)
+    header, row = lines[3].splitlines()
+    assert "Start Acc (round 0)" in header and "Final − Start (mean)" in header and "Best Acc r ≥ 1" in header
+    assert row.split()[4:] == ["0.6100", "0.4000", "1", "-0.2100", "0.4000", "2.5000"]  # start, final, n, change, best
+    assert any(line.startswith("Note: Runs here start from a trained model") for line in lines)
+    assert any("best accuracy its highest over the trained rounds (r ≥ 1" in line for line in lines)
+    # from random weights (round 0 at chance) no change is shown
+    lines.clear()
+    report(write(tmp_path / "random.pkl", RESULTS), plots=False, echo=lines.append)
+    assert "Start Acc (round 0)" in lines[3] and "Final − Start" not in "\n".join(lines)
+
+
+def test_the_learning_curves_of_a_4_x_3_x_2_grid_wrap_and_zoom_into_flat_panels(monkeypatch):
+    """The harness's grid: world sizes 1, 2, 4, 8 x three learning rates x swapping. One row of 7
+    panels on one y axis was 3107 px wide, with the world-size-8 curves flat at the bottom."""
+    from fedshard import plots
+
+    top = {1: 0.6, 2: 0.3, 4: 0.25, 8: 0.05}  # world size 8 learns least: flat on a 0..0.6 axis
+    grid = {(ws, lr, swap, 3, seed): curve([0.01] + [0.01 + top[ws] * r / 3 * (1 + lr * 100) + 0.001 * seed
+                                                      for r in (1, 2, 3)])
+            for ws in top for lr in (1e-5, 1e-4, 1e-3) for swap in ((False,) if ws == 1 else (False, True))
+            for seed in (1, 2)}
+    drawn = []
+    monkeypatch.setattr(plots, "_png", lambda figure, title, note: drawn.append((figure, note)) or b"png")
+    plots.figures(grid)
+    figure, note = drawn[0]
+    shown = {ax.get_title().split("\n")[0]: ax for ax in figure.axes if ax.get_visible()}
+    assert len(shown) == 7
+    rows = sorted({round(ax.get_position().y0, 2) for ax in shown.values()})
+    columns = sorted({round(ax.get_position().x0, 2) for ax in shown.values()})
+    assert (len(rows), len(columns)) == (4, 2)  # a row per world size, swapping off and on side by side
+    own = sorted(name for name, ax in shown.items() if "(own y range)" in ax.get_title())
+    assert own == ["world size 8, no swap", "world size 8, swap"]
+    assert shown["world size 8, swap"].get_ylim()[1] < 0.2 < shown["world size 2, swap"].get_ylim()[1]
+    assert shown["world size 2, swap"].get_ylim() == shown["world size 1, no swap"].get_ylim()
+    assert note.startswith("(own y range): zoomed in, as on the shared range")
+    plt.close("all")

@@ -162,7 +162,8 @@ def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, ca
         "missing": "place cifar-100-python.tar.gz",
         "corrupt": "not a valid CIFAR-100 python file",
         "init_from_missing": "init_from=",
-        "init_from_not_weights": "is not a fedshard AlexNet state dict",
+        "init_from_not_weights": "is not a fedshard AlexNet state dict: 20 missing keys (conv1.weight, conv1.bias, "
+                                 "conv2.weight, conv2.bias, conv3.weight, ...); 1 unexpected key (layer.weight)",
     }[case]
     if case == "missing":
         args["data_dir"] = tmp_path / "nowhere"

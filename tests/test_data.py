@@ -2,8 +2,10 @@
 
 import hashlib
 import os
+import pathlib
 import pickle
 import re
+import shutil
 import struct
 import tarfile
 import urllib.error
@@ -212,11 +214,25 @@ def test_missing_dataset_without_download_names_directory_and_archive(tmp_path):
     assert str(missing) in message and "cifar-100-python.tar.gz" in message and data.CIFAR100_MD5 in message
 
 
-def test_incomplete_dataset_counts_as_missing(tmp_path):
+def test_an_incomplete_dataset_names_the_missing_file_and_downloads_nothing(tmp_path, monkeypatch):
     root = write_synthetic_cifar100(tmp_path, n_train=4, n_test=4)
     (root / "meta").unlink()
-    with pytest.raises(DataError, match="cifar-100-python.tar.gz"):
-        ensure_cifar100(tmp_path, download=False)
+    monkeypatch.setattr(data, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
+    for download in (True, False):
+        with pytest.raises(DataError) as err:
+            ensure_cifar100(tmp_path, download=download)
+        assert str(err.value).startswith(f"CIFAR-100 in {root} is incomplete: no file meta (there: train, test). ")
+        assert f"remove {root} to download the whole set again" in str(err.value)
+
+
+def test_a_download_says_what_it_does(tmp_path, monkeypatch, capsys):
+    source = write_synthetic_cifar100(tmp_path / "source", n_train=4, n_test=4)
+    monkeypatch.setattr(data, "download_and_extract_archive",
+                        lambda url, where, **_: shutil.copytree(source, pathlib.Path(where) / "cifar-100-python"))
+    assert ensure_cifar100(tmp_path / "data") == tmp_path / "data" / "cifar-100-python"
+    assert capsys.readouterr().err == (f"fedshard: CIFAR-100 is not in {tmp_path / 'data' / 'cifar-100-python'}: "
+                                       f"downloading {data.CIFAR100_URL} (about 170 MB) into {tmp_path / 'data'} "
+                                       "and extracting it\n")
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from fedshard import cli, export, files, tracking
 from fedshard.config import RESULT_SETTINGS
-from fedshard.results import ResultsError, pickle_dict
+from fedshard.results import ResultsError, pickle_dict, read
 
 
 def make_run(experiment, status="FINISHED", losses=(), accs=(), steps=None, start_time=None, tags=None,
@@ -134,9 +134,26 @@ def test_nothing_finished_is_an_error_and_writes_nothing(tmp_path, store):
     assert not output.exists()
 
     result = invoke("--experiment-name", "typo", "--output", str(output))
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a name given wrong is bad input
     assert "no experiment 'typo'" in result.stderr and "Default, none" in result.stderr
     assert not output.exists()
+
+
+def test_output_under_a_file_is_refused_and_missing_folders_are_created_saying_so(tmp_path, store):
+    make_run("where-to", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    (tmp_path / "notes.txt").write_text("a file")
+    result = invoke("--experiment-name", "where-to", "--output", str(tmp_path / "notes.txt" / "r.pkl"))
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {tmp_path / 'notes.txt' / 'r.pkl'}: {tmp_path / 'notes.txt'} is a file, not a directory; " \
+           "nothing written" in result.stderr
+    assert "File exists" not in result.stderr and (tmp_path / "notes.txt").read_text() == "a file"
+
+    result = invoke("--experiment-name", "where-to", "--output", str(tmp_path / "new" / "deeper" / "r.pkl"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"Created the folder {tmp_path / 'new' / 'deeper'} (it did not exist)"
+    assert (tmp_path / "new" / "deeper" / "r.pkl").is_file()
+    again = invoke("--experiment-name", "where-to", "--output", str(tmp_path / "new" / "deeper" / "r.pkl"))
+    assert "Created" not in again.stdout
 
 
 def test_entries_keep_the_last_value_logged_for_a_round():
@@ -211,3 +228,29 @@ def test_the_pickle_refusal_is_the_rule_of_results_pickle_dict():
     with pytest.raises(ResultsError, match=r"differ in strategy \(fedavg, tensor_parallel\)"):
         pickle_dict(table)
     assert export.pickle_refusal(table[table["strategy"] == "fedavg"], "mix") is None
+
+
+def test_key_format_6_writes_the_harness_pickle_that_analyze_reads_back(tmp_path, store):
+    make_run("lw", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
+    make_run("lw", losses=[4.6, 3.5, 3.0], accs=[0.01, 0.1, 0.15], enable_layerwise_swapping="true", **KEY)
+    output = tmp_path / "lw.pkl"
+    refused = invoke("--experiment-name", "lw", "--output", str(output))  # the 5-tuple cannot tell them apart
+    assert refused.exit_code == 2 and not output.exists()
+    assert "differ in enable_layerwise_swapping (false, true)" in refused.stderr
+    assert "the 6-tuple key (--key-format 6) holds enable_layerwise_swapping" in refused.stderr
+
+    assert invoke("--experiment-name", "lw", "--output", str(output), "--key-format", "6").exit_code == 0
+    results = pickle.loads(output.read_bytes())
+    assert results == {(2, 1e-05, True, False, 2, 123): [(0, 4.6, 0.01), (1, 3.0, 0.2), (2, 2.5, 0.3)],
+                       (2, 1e-05, True, True, 2, 123): [(0, 4.6, 0.01), (1, 3.5, 0.1), (2, 3.0, 0.15)]}
+    assert all([type(v) for v in key] == [int, float, bool, bool, int, int] for key in results)
+    assert pickle_dict(read(output), key_format=6) == results  # read back as it was written
+    shown = CliRunner().invoke(cli.main, ["analyze", "--results-file", str(output), "--no-plots"])
+    assert shown.exit_code == 0 and "Layerwise: True, Accuracy: 0.1500 (n=1)" in shown.stdout
+
+    # every run with it on is refused too: a 5-tuple pickle is read as layerwise swapping off
+    only = invoke("--experiment-name", "lw", "--output", str(output), "--where", "enable_layerwise_swapping=true")
+    assert only.exit_code == 2
+    assert "have enable_layerwise_swapping=true, which the 5-tuple key cannot say" in only.stderr
+    csv = invoke("--experiment-name", "lw", "--format", "csv", "--key-format", "6", "--output", str(tmp_path / "x.csv"))
+    assert csv.exit_code == 2 and "--key-format 6: a pickle's key has 5 or 6 fields; a CSV has" in csv.stderr

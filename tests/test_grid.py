@@ -61,6 +61,8 @@ def test_fixed_params_and_grid_file(tmp_path):
     ({}, ["batch_size=0"], "batch_size=0: must be an integer >= 1"),
     ({"learning_rates": "1e-3,fast"}, [], "learning_rate='fast': must be a number"),
     ({"world_sizes": "1,,2"}, [], "empty value"),
+    ({"world_sizes": ""}, [], "--world-sizes '': no values given"),  # not the default grid
+    ({"seeds": " "}, [], "--seeds ' ': no values given"),
     ({"world_sizes": "0,97"}, [], "world_size=97: tensor_parallel slicing allows 1..96"),
 ])
 def test_bad_grid_or_param_is_refused_before_anything_runs(options, assignments, message):
@@ -76,6 +78,16 @@ def test_bad_grid_file_is_refused(tmp_path):
         make_grid({}, [], bad)
     with pytest.raises(SweepError, match="cannot read"):
         make_grid({}, [], tmp_path / "missing.yaml")
+    for text, message in (
+            ("world_sizes: [1, 2\nseeds: [1]\n", "not valid YAML: line 2, column 6: expected ',' or ']', but got ':'"),
+            ("world_sizes: []\n", "world_sizes []: no values given"),
+            ("params:\n  data_dri: /x\n", "params: unknown experiment parameter 'data_dri'; valid: "),
+            ("params:\n  rounds: 3\n", "params: rounds is a grid axis; give it as rounds: [...]")):
+        bad.write_text(text)
+        with pytest.raises(SweepError) as refused:
+            make_grid({}, [], bad)
+        assert str(refused.value).startswith(f"grid file {bad}: ") and message in str(refused.value)
+        assert "-P" not in str(refused.value)
 
 
 def test_any_result_setting_is_an_axis_and_what_does_not_apply_collapses():
@@ -120,7 +132,7 @@ def test_axes_in_a_grid_file_and_on_the_command_line(tmp_path):
     ({}, ["colour=red,blue"], [], "unknown setting 'colour'; an axis can be any of world_size, learning_rate"),
     ({}, ["data_dir=/a,/b"], [], "unknown setting 'data_dir'"),  # where the data sits is no setting of a result
     ({}, ["strategy=fedavg,"], [], "--axis strategy= 'fedavg,': empty value in the list"),
-    ({}, ["strategy="], [], "empty value"),
+    ({}, ["strategy="], [], "--axis strategy= '': no values given"),
     ({}, ["strategy"], [], "expected NAME=V1,V2"),
     ({}, ["strategy=gossip,fedavg"], [], "strategy='gossip': must be one of tensor_parallel, fedavg"),
     ({}, ["batch_size=16,0"], [], "batch_size=0: must be an integer >= 1"),
@@ -135,12 +147,30 @@ def test_bad_axes_are_refused_before_anything_runs(options, axes, assignments, m
 
 
 def test_bad_axis_from_the_command_line_exits_2_and_creates_nothing(tmp_path, store):
-    for axis, message in (("colour=red", "unknown setting 'colour'"), ("strategy=", "empty value"),
-                          ("partition=random", "partition='random': must be one of iid, contiguous, dirichlet")):
-        result = CliRunner().invoke(cli.main, ["sweep", "--axis", axis, "--experiment-name", "bad-axis"])
+    for args, message in ((["--axis", "colour=red"], "unknown setting 'colour'"),
+                          (["--axis", "strategy="], "no values given"),
+                          (["--axis", "partition=random"], "partition='random': must be one of iid, contiguous"),
+                          (["--world-sizes", ""], "--world-sizes '': no values given"),
+                          (["--learning-rates", ""], "--learning-rates '': no values given"),
+                          (["--seeds", ""], "--seeds '': no values given")):
+        result = CliRunner().invoke(cli.main, ["sweep", *args, "--experiment-name", "bad-axis"])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
     assert MlflowClient().get_experiment_by_name("bad-axis") is None
+
+
+def test_mlproject_passes_empty_grid_values_as_not_given(tmp_path, store):
+    """MLproject cannot leave an option out: its sweep passes '' for the default grid, with --empty-is-default."""
+    from conftest import REPO
+
+    command = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["sweep"]["command"]
+    assert command.split()[:3] == ["fedshard", "sweep", "--empty-is-default"]
+    options = ("--world-sizes", "--learning-rates", "--swap", "--rounds", "--seeds")
+    empty = [arg for option in options for arg in (option, "")]
+    result = CliRunner().invoke(cli.main, ["sweep", "--empty-is-default", *empty, "--dry-run",
+                                           "--experiment-name", "mlproject-defaults"])
+    assert result.exit_code == 0, result.output
+    assert "Total experiments to run: 54 (0 already finished)" in result.output
 
 
 def test_dry_run_shows_the_axes_and_the_counts(tmp_path, store):

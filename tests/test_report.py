@@ -84,8 +84,10 @@ def by_hand_target(config, target):
 DEFAULT_TARGETS = [round(f * final(B).mean(), 2) for f in (0.5, 0.75, 0.9)]
 
 
-def comparison(table, metric, setting):
-    (row,) = table[(table["metric"] == metric) & (table["setting"] == setting)].to_dict("records")
+def comparison(table, metric, setting, **context):
+    """The one row comparing `setting` in this context (the other settings' values, as the CSV spells them)."""
+    rows = table[(table["metric"] == metric) & (table["setting"] == setting)].to_dict("records")
+    (row,) = [r for r in rows if all(text(r[s]) == text(v) for s, v in context.items())]
     return row
 
 
@@ -95,28 +97,37 @@ def text(*values):
 
 
 def check_comparisons(table):
-    """Swap false->true at tensor_parallel, fedavg->tensor_parallel without swap, world size 1->2
-    (one common seed: no interval), for both metrics."""
+    """Swap false->true at tensor_parallel, fedavg->tensor_parallel without swap (and with it: swapping
+    does not apply to FedAvg), world size 1->2 (one common seed: no interval) with and without swap and
+    with FedAvg (one trainer is one experiment whatever the strategy), for both metrics."""
     assert DEFAULT_TARGETS == [0.26, 0.39, 0.47]
     for metric, value in (("final_accuracy", final), ("best_accuracy", best)):
+        assert len(table[(table["metric"] == metric) & (table["setting"] == "enable_swapping")]) == 1
+        assert len(table[(table["metric"] == metric) & (table["setting"] == "strategy")]) == 2
+        assert len(table[(table["metric"] == metric) & (table["setting"] == "world_size")]) == 3
         swap = comparison(table, metric, "enable_swapping")
         assert text(swap["value_a"], swap["value_b"], swap["world_size"], swap["strategy"]) == (
             "False", "True", "2", "tensor_parallel")
         assert swap["n"] == 3
         assert [swap["mean_difference"], swap["ci_low"], swap["ci_high"]] == pytest.approx(
             by_hand_interval(value(B) - value(A)))
-        strategy = comparison(table, metric, "strategy")
+        strategy = comparison(table, metric, "strategy", enable_swapping=False)
         assert text(strategy["value_a"], strategy["value_b"], strategy["enable_swapping"]) == (
             "fedavg", "tensor_parallel", "False")
         assert [strategy["mean_difference"], strategy["ci_low"], strategy["ci_high"]] == pytest.approx(
             by_hand_interval(value(A) - value(C)))
-        world = comparison(table, metric, "world_size")
-        assert text(world["value_a"], world["value_b"], world["n"]) == ("1", "2", "1")
-        assert world["mean_difference"] == pytest.approx(value(A)[0] - value(E)[0])
-        assert pd.isna(world["ci_low"]) and pd.isna(world["ci_high"])
+        swapping = comparison(table, metric, "strategy", enable_swapping=True)
+        assert swapping["mean_difference"] == pytest.approx(by_hand_interval(value(B) - value(C))[0])
+        for config, context in ((A, dict(enable_swapping=False, strategy="tensor_parallel")),
+                                (B, dict(enable_swapping=True, strategy="tensor_parallel")),
+                                (C, dict(enable_swapping=False, strategy="fedavg"))):
+            world = comparison(table, metric, "world_size", **context)
+            assert text(world["value_a"], world["value_b"], world["n"]) == ("1", "2", "1")
+            assert world["mean_difference"] == pytest.approx(value(config)[0] - value(E)[0])
+            assert pd.isna(world["ci_low"]) and pd.isna(world["ci_high"])
     # the best-accuracy rows differ where C3 peaked early
-    assert comparison(table, "best_accuracy", "strategy")["mean_difference"] != pytest.approx(
-        comparison(table, "final_accuracy", "strategy")["mean_difference"])
+    assert comparison(table, "best_accuracy", "strategy", enable_swapping=False)["mean_difference"] != pytest.approx(
+        comparison(table, "final_accuracy", "strategy", enable_swapping=False)["mean_difference"])
 
 
 def check_targets(table, targets):

@@ -178,15 +178,17 @@ def test_mlproject_entry_points_forward_their_parameters():
     sweep = parse("sweep", {"params": "data_dir=/d max_train_samples=5", "rounds": "2", "parallel": 2,
                             "axes": "strategy=tensor_parallel,fedavg partition=iid,dirichlet"})
     grid = make_grid({a: sweep[a] for a in NAMED_AXES}, shlex.split(sweep["params_text"]), sweep["grid_file"] or None,
-                     shlex.split(sweep["axes_text"]))
+                     shlex.split(sweep["axes_text"]), empty_is_default=sweep["empty_is_default"])
     assert grid.axes["rounds"] == ["2"] and grid.axes["world_size"] == ["1", "2"]
     assert grid.axes["strategy"] == ["tensor_parallel", "fedavg"] and grid.axes["partition"] == ["iid", "dirichlet"]
     assert grid.fixed == {"data_dir": "/d", "max_train_samples": "5"} and sweep["parallel"] == 2
     assert parse("export", {"format": "csv", "where": "strategy=fedavg"}) == {
-        "experiment_name": "", "output": "experiment_results.pkl", "fmt": "csv", "where": ("strategy=fedavg",)}
+        "experiment_name": "", "output": "experiment_results.pkl", "fmt": "csv", "key_format": "5",
+        "where": ("strategy=fedavg",)}
+    assert parse("export", {"key_format": "6"})["key_format"] == "6"
     analyze = parse("analyze", {"no_plots": "true", "top": 3, "target": "0.3,0.5"})
-    assert analyze == {"results_file": "experiment_results.pkl", "no_plots": True, "output_dir": "plots", "top": 3,
-                       "target": ("0.3,0.5",)}
+    assert analyze == {"results_files": ("experiment_results.pkl",), "labels": (), "no_plots": True,
+                       "output_dir": "plots", "top": 3, "target": ("0.3,0.5",)}
 
 
 # --------------------------------------------------------------------------- real sweeps

@@ -12,11 +12,11 @@ import time
 
 import psutil
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from fedshard import tracking
 from fedshard.data import DatasetInput
-from fedshard.errors import first_line
 from fedshard.tracking.owners import PID_STARTED_TAG, runs_fedshard
 
 
@@ -80,14 +80,47 @@ def test_a_run_goes_to_the_experiment_that_mlflow_experiment_id_names(store, mon
     assert tracking.run_record(run_id).experiment_id == tracking.experiment_id("by-id")
 
 
-def test_weights_that_do_not_load_are_reported_in_one_line(tmp_path):
-    """torch explains a refused file over several lines; init_from's error quotes the first."""
-    junk = tmp_path / "junk.pt"
-    junk.write_text("not a state dict\n")
-    with pytest.raises(ValueError, match="is not a state dict: ") as refused:
-        tracking.load_weights(str(junk))
-    assert "\n" not in str(refused.value)
-    assert str(refused.value).endswith(": " + first_line(refused.value.__cause__))
+class NotTensors:
+    """A pickled object of a class: what torch.save(model) writes, and weights_only=True refuses."""
+
+
+@pytest.mark.parametrize("content, what", [
+    (lambda path: path.write_text("not a state dict\n"), "it is no file of torch.save holding tensors only"),
+    (lambda path: torch.save(torch.nn.Linear(2, 2), path), "it holds a pickled torch.nn.modules.linear.Linear object"),
+    (lambda path: torch.save({"w": NotTensors()}, path), "it holds a pickled test_tracking.NotTensors object"),
+], ids=["text", "a whole model", "an object"])
+def test_a_file_that_is_no_state_dict_says_what_is_accepted_never_an_unsafe_load(tmp_path, content, what):
+    """torch's own error suggests weights_only=False, which would run whatever the file holds."""
+    bad = tmp_path / "bad.pt"
+    content(bad)
+    with pytest.raises(ValueError) as refused:
+        tracking.load_weights(str(bad))
+    message = str(refused.value)
+    assert message.startswith(f"init_from={str(bad)!r}: {bad} is not a state dict: {what}. init_from takes a file of "
+                              "torch.save(model.state_dict(), PATH)")
+    assert "runs:/<run id>/model or models:/<name>/<version>" in message
+    assert "weights_only=False" not in message and "\n" not in message
+
+
+def test_weights_with_the_wrong_keys_name_them_and_count_them(tmp_path):
+    from fedshard.aggregator import load_initial_weights
+    from fedshard.config import ExperimentConfig
+    from fedshard.model import AlexNet
+
+    state = AlexNet().state_dict()
+    state = {("module." + k if i < 7 else k): v for i, (k, v) in enumerate(state.items())}  # as DataParallel saves
+    state["fc4.weight"] = torch.zeros(10, 4096)  # ten classes
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ValueError) as refused:
+        load_initial_weights(ExperimentConfig(init_from=str(tmp_path / "w.pt")))
+    assert str(refused.value) == (
+        f"init_from={str(tmp_path / 'w.pt')!r} is not a fedshard AlexNet state dict: 7 missing keys (conv1.weight, "
+        "conv1.bias, conv2.weight, conv2.bias, conv3.weight, ...); 7 unexpected keys (module.conv1.weight, "
+        "module.conv1.bias, module.conv2.weight, module.conv2.bias, module.conv3.weight, ...); 1 tensor of the wrong "
+        "shape (fc4.weight (10, 4096) (expected (100, 4096)))")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="it holds a list, not a state dict"):
+        load_initial_weights(ExperimentConfig(init_from=str(tmp_path / "list.pt")))
 
 
 def test_a_run_to_start_from_is_the_newest_finished_run_of_that_name_in_the_experiment(store, monkeypatch):

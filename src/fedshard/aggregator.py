@@ -20,8 +20,7 @@ import torch
 
 from . import checkpoint, data, precision, progress, strategies, transport
 from .config import RUN_PREFIX, ExperimentConfig
-from .errors import first_line
-from .model import AlexNet
+from .model import AlexNet, state_dict_mismatch
 from .training import DeviceData, configure_backends, evaluate, normalize, resolve_device
 
 
@@ -38,7 +37,7 @@ def load_initial_weights(cfg: ExperimentConfig, experiment_name: str | None = No
             model.load_state_dict(state)
         except Exception as exc:
             raise ValueError(f"init_from={cfg.init_from!r} is not a fedshard AlexNet state dict: "
-                             f"{first_line(exc)}") from exc
+                             f"{state_dict_mismatch(state, model)}") from exc
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -223,6 +223,8 @@ _GRID_HELP = "comma-separated values [default: {}]"
               "inside a round; the lines on each round's result stay")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: child processes of this sweep; ray: Ray tasks on a cluster (pip install -e '.[ray]')")
+@click.option("--empty-is-default", is_flag=True, hidden=True,
+              help="MLproject cannot leave an option out: an empty grid option means it was not given")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="Ray cluster to use (ray start --head prints it) [default: $RAY_ADDRESS, else a local instance]")
 @click.option("--cpus-per-experiment", default=None, type=click.FloatRange(0, min_open=True),
@@ -232,8 +234,8 @@ _GRID_HELP = "comma-separated values [default: {}]"
               help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
               "else 0]")
 def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
-          experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor, ray_address,
-          cpus_per_experiment, gpus_per_experiment):
+          experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor,
+          empty_is_default, ray_address, cpus_per_experiment, gpus_per_experiment):
     """Run the grid of experiments: every configuration without a FINISHED run, as child runs of one sweep run.
 
     A failed or killed experiment continues from its last checkpoint, and a configuration at
@@ -254,7 +256,8 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
         fail(f"--params / --axes: {exc}")
     try:
         runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
-        grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes])
+        grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes],
+                               empty_is_default=empty_is_default)
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
                              show_progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
     except (grids.SweepError, ConfigError, executors.ExecutorError) as exc:
@@ -273,21 +276,29 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
 @click.option("--format", "fmt", type=click.Choice(["pickle", "csv"]), default="pickle",
               help="pickle: {(world_size, learning_rate, enable_swapping, rounds, seed): [(round, test_loss, "
               "test_accuracy), ...]}; csv: one row per run and round, a column for every setting, and the bytes")
+@click.option("--key-format", type=click.Choice(["5", "6"]), default="5",
+              help="the pickle's key: 5 as above, or 6, the harness's (world_size, learning_rate, enable_swapping, "
+              "enable_layerwise_swapping, rounds, seed); a 5-tuple pickle holds no run with layerwise swapping")
 @click.option("--where", multiple=True, metavar="NAME=VALUE",
               help="only runs with this setting, e.g. --where strategy=fedavg (repeatable)")
-def export(experiment_name, output, fmt, where):
+def export(experiment_name, output, fmt, key_format, where):
     """Rebuild the results pickle (or a CSV) from the FINISHED runs of an experiment."""
     from . import export as exporter, tracking
 
     output = output or exporter.DEFAULT_OUTPUT[fmt]
+    folder = Path(output).parent
+    new_folder = not folder.exists()
     try:
         name = tracking.default_experiment_name(experiment_name or None)
-        path, exported = exporter.export(name, output, fmt, where, warn=lambda m: click.echo(m, err=True))
+        path, exported = exporter.export(name, output, fmt, where, warn=lambda m: click.echo(m, err=True),
+                                         key_format=int(key_format))
     except exporter.SelectionError as exc:
         fail(str(exc))
     except (exporter.ExportError, tracking.TrackingError) as exc:
         fail(str(exc), 1)
     configs = len({tuple(kv for kv in identity if kv[0] != "seed") for identity in exported})
+    if new_folder:
+        click.echo(f"Created the folder {folder} (it did not exist)")
     click.echo(f"Exported {_count(len(exported), 'finished run')} ({_count(configs, 'configuration')}) "
                f"of experiment {name!r} to {path}")
     lifecycle.keep_with_outer_run(path)
@@ -298,10 +309,14 @@ def _count(n: int, noun: str) -> str:
 
 
 @main.command()
-@click.option("--results-file", default="experiment_results.pkl", show_default=True,
+@click.option("--results-file", "results_files", multiple=True, default=["experiment_results.pkl"], show_default=True,
               help="a results pickle {(world_size, learning_rate, enable_swapping, rounds, seed): "
-              "[(round, test_loss, test_accuracy), ...]} or the CSV of `fedshard export --format csv` "
-              "(told apart by content)")
+              "[(round, test_loss, test_accuracy), ...]} (or the harness's 6-tuple key, enable_layerwise_swapping "
+              "fourth) or the CSV of `fedshard export --format csv` (told apart by content); repeatable: the runs "
+              "of each file are labelled by a source, its stem, and compared")
+@click.option("--label", "labels", multiple=True, metavar="NAME=FILE",
+              help="call the runs of results file FILE NAME, e.g. --label harness=experiment_results_random.pkl "
+              "(repeatable)")
 @click.option("--no-plots", "no_plots", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               show_default=True, metavar="[true|false]", help="print the tables only, write no file at all")
 @click.option("--output-dir", default="plots", show_default=True,
@@ -310,9 +325,9 @@ def _count(n: int, noun: str) -> str:
 @click.option("--target", "target", multiple=True, metavar="ACC[,ACC...]",
               help="target test accuracy in (0, 1] for rounds-to-target, e.g. 0.3 or 0.3,0.5 (repeatable; "
               "replaces the default 50/75/90 % of the best mean final accuracy; '' = the defaults)")
-def analyze(results_file, no_plots, output_dir, top, target):
-    """Summary statistics, ranking, paired comparisons, rounds to target, report.md and plots from a
-    results pickle or CSV (no MLflow needed)."""
+def analyze(results_files, labels, no_plots, output_dir, top, target):
+    """Summary statistics, ranking, paired comparisons, rounds to target, report.md and plots from
+    results pickles or CSVs (no MLflow needed)."""
     from . import report as reporting, results
 
     try:
@@ -320,9 +335,12 @@ def analyze(results_file, no_plots, output_dir, top, target):
     except ValueError as exc:  # a usage error: exit 2 with click's usage line
         raise click.BadParameter(str(exc), param_hint="'--target'") from None
     try:
-        reporting.report(results_file, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo)
+        reporting.report(results_files, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo,
+                         labels=labels)
     except results.ResultsError as exc:
         fail(str(exc))
+    except NotADirectoryError as exc:  # bad input: a path that cannot be a directory
+        fail(f"--output-dir {output_dir}: {exc.strerror or exc}")
     except OSError as exc:
         fail(f"cannot write the report to {output_dir}: {exc.strerror or exc}", 1)
     if not no_plots:

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import pickle
+import sys
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 DATASET_DIR = "cifar-100-python"
 SPLITS = ("train", "test")
+# The files of the official layout (meta: the class names, which fedshard does not read but an
+# intact copy of the data set has).
+DATASET_FILES = (*SPLITS, "meta")
 NUM_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
 ROW_LENGTH = 3 * 32 * 32
@@ -70,13 +74,25 @@ class DataError(Exception):
 
 
 def ensure_cifar100(data_dir, download: bool = True) -> pathlib.Path:
-    """Return data_dir/cifar-100-python, downloading and extracting it if missing."""
+    """Return data_dir/cifar-100-python, downloading and extracting it when the whole set is missing
+    (saying so on stderr). Some of its files without the others is a
+    DataError naming the missing ones: a download would replace files that are there."""
     data_dir = pathlib.Path(data_dir)
     root = data_dir / DATASET_DIR
-    if _is_complete(root):
+    present = [name for name in DATASET_FILES if (root / name).is_file()]
+    if len(present) == len(DATASET_FILES):
         return root
+    if present:
+        missing = [name for name in DATASET_FILES if name not in present]
+        raise DataError(f"CIFAR-100 in {root} is incomplete: no file {', '.join(missing)} (there: "
+                        f"{', '.join(present)}). Restore it from {CIFAR100_ARCHIVE} ({CIFAR100_URL}, md5 "
+                        f"{CIFAR100_MD5}), or remove {root} to download the whole set again.")
     if not download:
         raise DataError(_missing_message(data_dir, "it is missing and downloading is disabled"))
+    archive = data_dir / CIFAR100_ARCHIVE
+    _say(f"CIFAR-100 is not in {root}: " + (
+        f"extracting {archive} (downloaded again if its md5 is not {CIFAR100_MD5})" if archive.is_file()
+        else f"downloading {CIFAR100_URL} (about 170 MB) into {data_dir} and extracting it"))
     try:
         # Reuses an archive already in data_dir when its md5 matches, so an
         # offline machine only needs the archive copied there.
@@ -89,7 +105,11 @@ def ensure_cifar100(data_dir, download: bool = True) -> pathlib.Path:
 
 
 def _is_complete(root: pathlib.Path) -> bool:
-    return all((root / name).is_file() for name in (*SPLITS, "meta"))
+    return all((root / name).is_file() for name in DATASET_FILES)
+
+
+def _say(message: str) -> None:
+    print(f"fedshard: {message}", file=sys.stderr, flush=True)
 
 
 def _missing_message(data_dir: pathlib.Path, reason: str) -> str:

@@ -3,6 +3,9 @@
     {(world_size, learning_rate, enable_swapping, rounds, seed):     # (int, float, bool, int, int)
         [(round, test_loss, test_accuracy), ...]}                    # (int, float, float), round 0 first
 
+or, with key_format 6, the harness's (world_size, learning_rate, enable_swapping,
+enable_layerwise_swapping, rounds, seed) key; a 5-tuple pickle holds no run with layerwise swapping.
+
 A run's configuration is all its result settings (config.RESULT_SETTINGS), parsed through
 ExperimentConfig, so '0.00001' and '1e-05' are one learning rate. Runs of one configuration
 are one entry: the newest (by start time) wins, with a warning. Runs that differ in any
@@ -31,11 +34,12 @@ COMM_METRICS = {"comm/bytes_down": "bytes_down", "comm/bytes_up": "bytes_up", "c
 
 
 class ExportError(Exception):
-    """Nothing to export (no such experiment, no FINISHED run) or the file cannot be written: exit 1."""
+    """Nothing to export (no FINISHED run) or the file cannot be written: exit 1."""
 
 
 class SelectionError(ExportError):
-    """A bad --where, or runs that the chosen format cannot keep apart; nothing written: exit 2."""
+    """Bad input: no such experiment, a bad --where, an --output under a file, or runs that the chosen
+    format cannot keep apart; nothing written: exit 2."""
 
 
 @dataclass(frozen=True)
@@ -135,18 +139,21 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
     return dict(sorted(chosen.items(), key=lambda item: (item[1].key, item[0])))
 
 
-def pickle_refusal(table, experiment_name: str) -> str | None:
-    """Why the runs of `table` (a results frame) cannot go into one classic pickle (results.differing,
-    the rule results.pickle_dict keeps), or None when they can."""
+def pickle_refusal(table, experiment_name: str, key_format: int = 5) -> str | None:
+    """Why the runs of `table` (a results frame) cannot go into one pickle keyed by key_format's tuple
+    (results.refusal, the rule results.pickle_dict keeps), or None when they can."""
     from . import results
 
-    differ = results.differing(table)
-    if not differ:
+    why = results.refusal(table, key_format)
+    if why is None:
         return None
-    name, values = next(iter(differ.items()))
-    return (f"the FINISHED runs of experiment {experiment_name!r} {results.differ_text(differ)}. Select runs "
-            f"with --where {name}={values[0]} (or {', '.join(values[1:])}), or export them all with --format "
-            f"csv, which has a column for every setting; nothing written")
+    differ = results.differing(table, key_format)
+    select = ""
+    if differ:
+        name, values = next(iter(differ.items()))
+        select = f"Select runs with --where {name}={values[0]} (or {', '.join(values[1:])}), or export"
+    return (f"the FINISHED runs of experiment {experiment_name!r} {why}. {select or 'Export'} them all with "
+            f"--format csv, which has a column for every setting; nothing written")
 
 
 def frame(exported: dict[tuple, ExportedRun]):
@@ -165,17 +172,20 @@ def frame(exported: dict[tuple, ExportedRun]):
     return pd.DataFrame(rows)
 
 
-def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=print) -> tuple:
-    """Export the experiment's FINISHED runs (those matching `where`, NAME=VALUE items) to `output`;
-    return (path, exported runs)."""
+def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=print, key_format: int = 5) -> tuple:
+    """Export the experiment's FINISHED runs (those matching `where`, NAME=VALUE items) to `output`, a
+    pickle keyed by key_format's tuple (results.KEY_FORMATS) or a CSV; return (path, exported runs)."""
     from . import results, tracking
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if key_format not in results.KEY_FORMATS or (fmt == "csv" and key_format != 5):
+        raise SelectionError(f"--key-format {key_format}: a pickle's key has 5 or 6 fields; a CSV has a column for "
+                             "every setting and no key")
     selection = parse_where(where)
     tracking.ensure_store()
-    if tracking.experiment_id(experiment_name, create=False) is None:
-        raise ExportError(f"no experiment {experiment_name!r} in {tracking.tracking_uri()} "
+    if tracking.experiment_id(experiment_name, create=False) is None:  # a name given wrong: bad input
+        raise SelectionError(f"no experiment {experiment_name!r} in {tracking.tracking_uri()} "
                           f"(experiments there: {', '.join(tracking.experiment_names()) or 'none'})")
     runs = tracking.list_runs(experiment_name, status="FINISHED")
     exported = collect(runs, tracking.metric_history, selection, warn)
@@ -184,13 +194,15 @@ def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=pri
                           f"nothing written")
     table = frame(exported)
     if fmt == "pickle":
-        if (refusal := pickle_refusal(table, experiment_name)) is not None:
+        if (refusal := pickle_refusal(table, experiment_name, key_format)) is not None:
             raise SelectionError(refusal)
-        data = pickle.dumps(results.pickle_dict(table), protocol=PICKLE_PROTOCOL)
+        data = pickle.dumps(results.pickle_dict(table, key_format), protocol=PICKLE_PROTOCOL)
     else:
         data = results.csv_bytes(table)
     try:
         path = write_atomic(output, data)
+    except NotADirectoryError as exc:  # an --output that cannot be: bad input
+        raise SelectionError(f"cannot write {output}: {exc.strerror or exc}; nothing written") from exc
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return path, exported

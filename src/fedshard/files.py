@@ -12,12 +12,30 @@ from contextlib import suppress
 from pathlib import Path
 
 
+def not_a_directory(path) -> str | None:
+    """Why `path` cannot be made a directory ('PART is a file, not a directory', where mkdir -p would
+    say 'File exists'), or None when it can: every part that exists is a directory."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is a file, not a directory"
+    return None
+
+
+def make_dirs(path) -> Path:
+    """mkdir -p; a part of the path that is a file is a NotADirectoryError saying so (not_a_directory)."""
+    if (problem := not_a_directory(path)) is not None:
+        raise NotADirectoryError(problem)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
 def write_atomic(path, data: bytes, mode: int | None = None) -> Path:
     """Write `data` to `path` through a temporary file in the same directory and os.replace: a
     reader sees the previous file or the complete new one, never half of it, and no temporary
     file is left. The file keeps the mode of the one it replaces, else `mode`, else the umask's."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:

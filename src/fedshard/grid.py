@@ -45,6 +45,8 @@ class SweepError(ValueError):
 def split_values(label: str, value) -> list[str]:
     """'1e-5, 1e-4' or [1e-5, 0.0001] (YAML) -> ['1e-5', '1e-4']; booleans as true/false."""
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    if not isinstance(value, (list, tuple)) and not str(value).strip():
+        items = []  # '' is no list of values, not a list of one empty value
     out = []
     for item in items:
         text = ("true" if item else "false") if isinstance(item, bool) else str(item).strip()
@@ -52,7 +54,7 @@ def split_values(label: str, value) -> list[str]:
             raise SweepError(f"{label} {value!r}: empty value in the list")
         out.append(text)
     if not out:
-        raise SweepError(f"{label}: no values given")
+        raise SweepError(f"{label} {value!r}: no values given; give one or more, comma-separated")
     return out
 
 
@@ -83,24 +85,35 @@ def parse_axes(items) -> dict[str, list[str]]:
     return axes
 
 
-def parse_assignments(items, axes=()) -> dict[str, str]:
-    """-P key=value pairs -> {key: value}; keys must be experiment parameters that are not axes."""
+def parse_assignments(items, axes=(), where=None) -> dict[str, str]:
+    """-P key=value pairs -> {key: value}; keys must be experiment parameters that are not axes.
+    `where` names the pairs' origin in messages ('grid file g.yaml: params'), else each is -P 'k=v'."""
     fixed: dict[str, str] = {}
     for item in items:
         key, sep, value = str(item).partition("=")
         key = key.strip().replace("-", "_")
+        origin = where or f"-P {item!r}"
         if not sep or not key:
-            raise SweepError(f"-P {item!r}: expected KEY=VALUE, e.g. -P data_dir=/data")
+            raise SweepError(f"{origin}: expected KEY=VALUE, e.g. -P data_dir=/data")
         if key in axes or key in KEY_SETTINGS:
             option = next((_option(o) for o, s in NAMED_AXES.items() if s == key), "--axis")
-            raise SweepError(f"-P {item!r}: {key} is a grid axis; give it as {option} "
+            if where:  # in a grid file, an axis is a key of its own (the five) or one under axes
+                option = next((f"{o}: [...]" for o, s in NAMED_AXES.items() if s == key), f"axes: {{{key}: [...]}}")
+            raise SweepError(f"{origin}: {key} is a grid axis; give it as {option} "
                              f"(a single value is a one-value axis)")
         if key not in field_names():
             valid = [n for n in field_names() if n not in KEY_SETTINGS]
             renamed = f"; {key} is now {RENAMED[key]}" if key in RENAMED else ""
-            raise SweepError(f"-P {item!r}: unknown experiment parameter {key!r}; valid: {', '.join(valid)}{renamed}")
+            raise SweepError(f"{origin}: unknown experiment parameter {key!r}; valid: {', '.join(valid)}{renamed}")
         fixed[key] = value.strip()
     return fixed
+
+
+def _yaml_problem(exc) -> str:
+    """'line 3, column 5: mapping values are not allowed here' of a YAML error (its marks count from 0)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or first_line(exc)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def load_grid_file(path) -> dict:
@@ -115,7 +128,7 @@ def load_grid_file(path) -> dict:
     except OSError as exc:
         raise SweepError(f"grid file {path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise SweepError(f"grid file {path}: not valid YAML ({first_line(exc)})") from None
+        raise SweepError(f"grid file {path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -164,13 +177,15 @@ def label(setting: str) -> str:
     return next((option for option, s in NAMED_AXES.items() if s == setting), setting)
 
 
-def make_grid(options: dict, assignments=(), grid_file=None, axes=()) -> Grid:
+def make_grid(options: dict, assignments=(), grid_file=None, axes=(), empty_is_default: bool = False) -> Grid:
     """Options (the five named axes, by option name) and --axis items given on the command line win
-    over the grid file, which wins over the default grid."""
+    over the grid file, which wins over the default grid. An option that is None was not given; one
+    given with no values ('') is refused, as the grid file's `world_sizes: []` is, unless
+    empty_is_default (MLproject, which cannot leave an option out, passes '' for "not given")."""
     from_file = load_grid_file(grid_file) if grid_file else {}
     given = parse_axes(axes)
     for option, setting in NAMED_AXES.items():
-        if options.get(option) not in (None, ""):
+        if options.get(option) is not None and not (empty_is_default and not str(options[option]).strip()):
             if setting in given:
                 raise SweepError(f"{setting} is given twice: as {_option(option)} and as --axis {setting}")
             given[setting] = split_values(_option(option), options[option])
@@ -178,7 +193,8 @@ def make_grid(options: dict, assignments=(), grid_file=None, axes=()) -> Grid:
     for setting in [s for s in from_file if s not in ("params", "pretrain")] + list(given):
         if setting not in KEY_SETTINGS:
             grid_axes[setting] = given.get(setting) or from_file[setting]
-    fixed = parse_assignments((f"{k}={v}" for k, v in from_file.get("params", {}).items()), grid_axes)
+    fixed = parse_assignments((f"{k}={v}" for k, v in from_file.get("params", {}).items()), grid_axes,
+                              f"grid file {grid_file}: params")
     fixed.update(parse_assignments(assignments, grid_axes))
     pretrain = from_file.get("pretrain", {})
     if pretrain and ("init_from" in grid_axes or "init_from" in fixed):

@@ -101,3 +101,25 @@ def forward_flops(widths: dict[str, int] | None = None) -> int:
         elif isinstance(layer, nn.Linear):
             macs += layer.in_features * layer.out_features
     return 2 * macs
+
+
+def state_dict_mismatch(state, model: nn.Module, shown: int = 5) -> str:
+    """Why `state` does not load into `model`, in words: what it is when it is no mapping, else its
+    missing and unexpected keys (the first `shown` of each, and how many) and the tensors of the
+    wrong shape. load_state_dict's own error names none of them in its first line."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state dict (a mapping of parameter names to tensors)"
+    expected = model.state_dict()
+
+    def first(names: list) -> str:
+        return ", ".join(map(str, names[:shown])) + (", ..." if len(names) > shown else "")
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(getattr(state[k], 'shape', ()))} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and getattr(state[k], "shape", None) != v.shape]
+    problems = [f"{len(names)} {what} key{'s' * (len(names) != 1)} ({first(names)})"
+                for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if wrong:
+        problems.append(f"{len(wrong)} tensor{'s' * (len(wrong) != 1)} of the wrong shape ({first(wrong)})")
+    return "; ".join(problems) or "it does not load (its keys and shapes match)"

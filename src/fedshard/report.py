@@ -2,8 +2,8 @@
 directory holding report.md (every table as Markdown, ready to paste into a paper draft),
 comparisons.csv, targets.csv and the figures. `write_report` is what the sweep calls too.
 
-The numbers come from analysis.py and the figures from plots.py; this module only chooses the
-targets, formats and writes.
+The numbers come from analysis.py, the text tables from display.py and the figures from
+plots.py; this module only chooses the targets, says what the tables mean, and writes.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from pathlib import Path
 import pandas as pd
 
 from . import analysis
-from .analysis import config_settings, format_value, setting_label
-from .files import write_atomic
-from .plots import BYTES_PLOT_FILE, make_plots
-from .results import read, to_frame
+from .analysis import config_settings
+from .display import comparisons_display, ranking_display, summary_display, target_text, targets_display
+from .files import not_a_directory, write_atomic
+from .plots import BYTES_PLOT_FILE, figures
+from .results import to_frame
+from .sources import read_sources
 
 REPORT_FILE = "report.md"
 COMPARISONS_FILE = "comparisons.csv"
@@ -29,7 +31,7 @@ FILE_NOTES = {
     "learning_curves.png": "test accuracy per round",
     "accuracy_vs_lr.png": "final accuracy against learning rate",
     "swap_comparison.png": "final accuracy with and without swapping",
-    "best_accuracy_vs_rounds.png": "best accuracy against the number of rounds",
+    "best_accuracy_vs_rounds.png": "best accuracy (over rounds r ≥ 1) against the number of rounds",
     BYTES_PLOT_FILE: "test accuracy against cumulative bytes exchanged",
 }
 
@@ -62,103 +64,33 @@ class Tables:
     comparisons: pd.DataFrame
     reached: pd.DataFrame
     targets_note: str
-
-
-def target_text(target: float) -> str:
-    """0.50 beside 0.28 (2 decimals, as the defaults are rounded), 0.375 as given."""
-    return f"{target:.2f}" if round(target, 2) == target else f"{target:g}"
+    trained_start: bool  # runs start from a trained model (analysis.from_trained_model)
+    notes: tuple = ()  # what reading several results files assumed (sources.read_sources)
 
 
 def _targets_text(targets) -> str:
     return ", ".join(map(target_text, targets))
 
 
-def tables(results, targets=None) -> Tables:
-    """The analysis of `results`; targets None (or empty) means the default targets."""
+def tables(results, targets=None, notes=()) -> Tables:
+    """The analysis of `results`; targets None (or empty) means the default targets; `notes` are
+    read_sources' notes."""
     frame = to_frame(results)
     runs = analysis.per_run(frame)
     summary = analysis.summarize(frame, runs=runs)
     if targets:
         note = f"targets given: {_targets_text(targets)}"
+    elif pd.isna(best := analysis.best_mean_final_accuracy(summary)):
+        targets, note = [], "no default targets: every run diverged, so no configuration has a final accuracy"
     else:
-        best = analysis.best_mean_final_accuracy(summary)
         targets = analysis.targets_for(best)
         *first, last = (f"{fraction * 100:g} %" for fraction in analysis.TARGET_FRACTIONS)
         fractions = f"{', '.join(first)} and {last}" if first else last
         note = (f"default targets {_targets_text(targets) or '(none)'}: {fractions} of the best configuration's "
                 f"mean final accuracy ({best:.4f}), rounded to 2 decimals")
     return Tables(frame, runs, summary, config_settings(runs), analysis.comparisons(frame, runs=runs),
-                  analysis.targets_table(frame, targets, runs=runs), note)
-
-
-# --------------------------------------------------------------------------- display tables
-
-
-def _settings_cells(table: pd.DataFrame, settings) -> dict:
-    # None marks the compared setting's own column in a comparison: shown empty.
-    return {setting_label(s): ["" if v is None else format_value(s, v) for v in table[s].tolist()] for s in settings}
-
-
-# Display tables hold text cells only, built from lists: the source tables' own row order (a
-# sorted, filtered index) never leaks in through index alignment.
-
-
-def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary table (analysis.summarize) as text cells, one row per configuration in settings order."""
-    settings = config_settings(summary)
-    table = summary.sort_values(settings, kind="mergesort")
-    return pd.DataFrame({
-        **_settings_cells(table, settings),
-        "Final Acc (mean ± std)": list(map(analysis.mean_std_text, table["final_accuracy_mean"],
-                                            table["final_accuracy_std"])),
-        "n": [str(n) for n in table["n"]],
-        "Best Acc (mean)": [f"{m:.4f}" for m in table["best_accuracy_mean"]],
-        "Final Loss (mean)": [f"{m:.4f}" for m in table["final_loss_mean"]],
-    })
-
-
-def ranking_display(summary: pd.DataFrame, top: int) -> pd.DataFrame:
-    """The ranking of the summary table (analysis.summarize) as a table: rank, settings, final
-    accuracy (mean ± std), n."""
-    table = summary.head(top)
-    return pd.DataFrame({
-        "Rank": [str(i) for i in range(1, len(table) + 1)],
-        **_settings_cells(table, config_settings(table)),
-        "Final Acc (mean ± std)": list(map(analysis.mean_std_text, table["final_accuracy_mean"],
-                                            table["final_accuracy_std"])),
-        "n": [str(n) for n in table["n"]],
-    })
-
-
-def comparisons_display(comparisons: pd.DataFrame, metric: str, settings) -> pd.DataFrame:
-    """One metric's paired comparisons as text cells; `settings` are the configurations' (Tables.settings)."""
-    rows = comparisons[comparisons["metric"] == metric]
-    return pd.DataFrame({
-        "Setting": [setting_label(s) for s in rows["setting"]],
-        "a": [format_value(s, v) for s, v in zip(rows["setting"], rows["value_a"])],
-        "b": [format_value(s, v) for s, v in zip(rows["setting"], rows["value_b"])],
-        **_settings_cells(rows, settings),
-        "n": [str(n) for n in rows["n"]],
-        "b − a (mean)": ["n/a" if pd.isna(d) else f"{d:+.4f}" for d in rows["mean_difference"]],
-        "95 % CI": ["n/a (n < 2)" if pd.isna(lo) else f"[{lo:+.4f}, {hi:+.4f}]"
-                    for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
-    })
-
-
-def targets_display(reached: pd.DataFrame, settings, with_bytes: bool) -> pd.DataFrame:
-    """Rounds to each target as text: '2.0 (3/3 seeds)', 'never (0/3 seeds)'; `settings` are the
-    configurations' (Tables.settings)."""
-    shown = pd.DataFrame({
-        **_settings_cells(reached, settings),
-        "Target": [target_text(t) for t in reached["target"]],
-        "Rounds to target": [
-            f"{'never' if k == 0 else f'{r:.1f}'} ({k}/{n} seeds)"
-            for r, k, n in zip(reached["rounds_to_target"], reached["reached"], reached["n"])
-        ],
-    })
-    if with_bytes:
-        shown["Bytes to target"] = ["" if pd.isna(b) else analysis.bytes_text(b) for b in reached["bytes_to_target"]]
-    return shown
+                  analysis.targets_table(frame, targets, runs=runs), note, analysis.from_trained_model(frame),
+                  tuple(notes))
 
 
 def _has_bytes(frame: pd.DataFrame) -> bool:
@@ -196,19 +128,47 @@ def _section(title: str, text: str, shown: pd.DataFrame, empty: str, level: str 
     return [f"{level} {title}", "", *([text, ""] if text else []), body, ""]
 
 
-def markdown(t: Tables, files, top: int = 5, source=None) -> str:
-    """report.md: every table, the targets used, and the files written beside it."""
+def diverged_note(t: Tables) -> str:
+    """What the tables and figures do with diverged runs, where there are any; '' otherwise."""
+    count = int(t.runs["diverged"].sum())
+    if not count:
+        return ""
+    return (f"{count} of {len(t.runs)} runs diverged (their last round's test loss or accuracy is NaN or infinite). "
+            "They are counted (column Diverged) but kept out of every mean, ± and confidence interval (n counts "
+            "the seeds that did not diverge); configurations with a diverged seed rank last, and the figures leave "
+            "diverged runs out.")
+
+
+def reading_notes(t: Tables) -> list[str]:
+    """What the columns mean, what several results files were taken to be, and what became of
+    diverged runs: the lines under the summary."""
+    notes = ["Start accuracy is round 0's test accuracy (the model before any training), final accuracy a run's "
+             "last-round test accuracy, best accuracy its highest over the trained rounds (r ≥ 1: never the "
+             "start); ± is the sample standard deviation over seeds (none is shown for a single seed)."]
+    if t.trained_start:
+        notes.append(f"Runs here start from a trained model (init_from, or a round-0 accuracy of "
+                     f"{analysis.TRAINED_START * 100:g} % or more): Final − Start is each run's change from its "
+                     "start.")
+    if analysis.SOURCE in t.settings:
+        notes.append("Source is the results file a run came from: runs of the same configuration and seed in two "
+                     "files are compared under Source like any other setting.")
+    return [*notes, *t.notes, *filter(None, [diverged_note(t)])]
+
+
+def markdown(t: Tables, files, top: int = 5, sources=()) -> str:
+    """report.md: every table, the targets used, and the files written beside it; `sources` are the
+    results files read."""
     lines = ["# fedshard analysis", "",
              f"{int(t.summary['n'].sum())} experiments (runs) in {len(t.summary)} configurations"
-             + (f", from `{source}`." if source else "."),
-             "Final accuracy is a run's last-round test accuracy, best accuracy its highest over all rounds; "
-             "± is the sample standard deviation over seeds (none is shown for a single seed).", ""]
-    lines += _section("Summary", "", summary_display(t.summary), "no configurations")
+             + (f", from {', '.join(f'`{s}`' for s in sources)}." if sources else "."), ""]
+    lines += [f"{note}\n" for note in reading_notes(t)]
+    lines += _section("Summary", "", summary_display(t.summary, t.trained_start), "no configurations")
     lines += _section(f"Top {top} configurations by final accuracy", "", ranking_display(t.summary, top), "none")
     lines += ["## Paired comparisons", "",
               "Every two configurations that differ in exactly one setting, paired by seed: b − a is the mean "
               "over the seeds both ran of (b − a), with its 95 % confidence interval (Student t on the paired "
-              "differences; none below two pairs). a < b in natural order (False < True, numbers ascending, "
+              "differences; none below two pairs; a pair where either run diverged is left out). a < b in natural "
+              "order (False < True, numbers ascending, "
               "names alphabetically).", ""]
     for metric, title in METRIC_TITLES.items():
         lines += _section(title.capitalize(), "", comparisons_display(t.comparisons, metric, t.settings),
@@ -218,7 +178,9 @@ def markdown(t: Tables, files, top: int = 5, source=None) -> str:
                       "mean over the seeds that reach it (how many of all seeds do, in brackets; never: none "
                       "does); bytes: mean cumulative bytes exchanged up to that round.",
                       targets_display(t.reached, t.settings, _has_bytes(t.frame)), "no targets")
-    lines += ["## Files", "", *(f"- [{p.name}]({p.name}): {FILE_NOTES.get(p.name, '')}" for p in files)]
+    empty = " (nothing to draw: every run diverged)" if t.runs["diverged"].all() else ""
+    lines += ["## Files", "", *(f"- [{p.name}]({p.name}): {FILE_NOTES.get(p.name, '')}"
+                                + (empty if p.suffix == ".png" else "") for p in files)]
     return "\n".join(lines) + "\n"
 
 
@@ -229,28 +191,29 @@ def _csv(table: pd.DataFrame) -> bytes:
     return table.to_csv(index=False, lineterminator="\n").encode()
 
 
-def _write(t: Tables, output_dir, plots: bool, top: int, source) -> list[Path]:
+def _write(t: Tables, output_dir, plots: bool, top: int, sources) -> list[Path]:
+    # Every file is made in memory first: a figure that cannot be drawn leaves no half-written report.
     out = Path(output_dir)
-    files = [write_atomic(out / COMPARISONS_FILE, _csv(t.comparisons)),
-             write_atomic(out / TARGETS_FILE, _csv(t.reached))]
-    if plots:
-        files += make_plots(t.frame, out, runs=t.runs)
-    # Written last, so that it names only files that exist.
-    return [write_atomic(out / REPORT_FILE, markdown(t, files, top, source).encode()), *files]
+    contents = {COMPARISONS_FILE: _csv(t.comparisons), TARGETS_FILE: _csv(t.reached),
+                **(figures(t.frame, runs=t.runs) if plots else {})}
+    files = [out / name for name in contents]
+    contents = {REPORT_FILE: markdown(t, files, top, sources).encode(), **contents}
+    return [write_atomic(out / name, data) for name, data in contents.items()]
 
 
 def write_report(frame, output_dir, targets=None, plots: bool = True, *, top: int = 5,
-                 source=None) -> list[Path]:
+                 sources=()) -> list[Path]:
     """Write report.md, comparisons.csv, targets.csv and (plots=True) the figures into
     output_dir (created if missing); return every file written, report.md first. targets None
-    means the default targets; `source` names the results file in report.md."""
-    return _write(tables(frame, targets), output_dir, plots, top, source)
+    means the default targets; `sources` names the results files in report.md."""
+    return _write(tables(frame, targets), output_dir, plots, top, sources)
 
 
 def console_lines(t: Tables, top: int = 5) -> list[str]:
     """The tables as the console shows them: summary, ranking, comparisons, rounds to target."""
     lines = ["Summary statistics (final test accuracy over seeds: mean ± std, n):",
-             summary_display(t.summary).to_string(index=False), "",
+             summary_display(t.summary, t.trained_start).to_string(index=False),
+             *(f"Note: {note}" for note in reading_notes(t)), "",
              *analysis.ranking_lines(t.frame, top, summary=t.summary)]
     for metric, title in METRIC_TITLES.items():
         shown = comparisons_display(t.comparisons, metric, t.settings)
@@ -263,17 +226,23 @@ def console_lines(t: Tables, top: int = 5) -> list[str]:
     return lines
 
 
-def report(results_file, output_dir="plots", top: int = 5, plots: bool = True, targets=None,
-           echo=print) -> None:
-    """What `fedshard analyze` shows; unless plots=False (print the tables only, write nothing),
-    also write_report into output_dir."""
-    t = tables(read(results_file), targets)
-    echo(f"Loaded {int(t.summary['n'].sum())} experiments ({len(t.summary)} configurations) from {results_file}")
+def report(results_files, output_dir="plots", top: int = 5, plots: bool = True, targets=None,
+           echo=print, labels=()) -> None:
+    """What `fedshard analyze` shows of one results file or several (a path, or a list of paths;
+    `labels` are NAME=FILE items naming their sources); unless plots=False (print the tables
+    only, write nothing), also write_report into output_dir."""
+    files = [results_files] if isinstance(results_files, (str, Path)) else list(results_files)
+    if plots and (problem := not_a_directory(output_dir)) is not None:  # found before anything is shown
+        raise NotADirectoryError(problem)
+    frame, notes = read_sources(files, labels)
+    t = tables(frame, targets, notes)
+    echo(f"Loaded {int(t.summary['n'].sum())} experiments ({len(t.summary)} configurations) from "
+         f"{', '.join(map(str, files))}")
     echo("")
     for line in console_lines(t, top):
         echo(line)
     if plots:
-        report_file, *files = _write(t, output_dir, True, top, results_file)
+        report_file, *files = _write(t, output_dir, True, top, files)
         echo("")
         echo(f"Report written to {report_file}, with:")
         for path in files:

@@ -3,6 +3,9 @@
 
     pickle: {(world_size, learning_rate, enable_swapping, rounds, seed):   # (int, float, bool, int, int)
                 [(round, test_loss, test_accuracy), ...]}                   # (int, float, float), round 0 first
+            or the harness's later 6-tuple key, (world_size, learning_rate, enable_swapping,
+            enable_layerwise_swapping, rounds, seed), (int, float, bool, bool, int, int). A 5-tuple
+            pickle is the format from before layerwise swapping: its runs had it off.
     CSV:    one row per run and round, the columns CSV_COLUMNS
     frame:  one row per run and round: setting columns (a subset of RESULT_SETTINGS that always
             holds the five KEY_SETTINGS), optional run_id, round, test_loss, test_accuracy,
@@ -27,6 +30,10 @@ import pandas as pd
 from .config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig, canonical
 
 KEY_TYPES = (int, float, bool, int, int)
+# The two key formats of the pickle: 5 (KEY_SETTINGS) and the harness's 6, layerwise swapping fourth.
+KEY_FORMATS = {5: KEY_SETTINGS, 6: ("world_size", "learning_rate", "enable_swapping", "enable_layerwise_swapping",
+                                    "rounds", "seed")}
+_KEY_TYPES = {5: KEY_TYPES, 6: (int, float, bool, bool, int, int)}
 BYTES_COLUMNS = ("bytes_down", "bytes_up", "bytes_total")
 CSV_COLUMNS = (*RESULT_SETTINGS, "run_id", "round", "test_loss", "test_accuracy", *BYTES_COLUMNS)
 # What a CSV must hold to be a results CSV: enough for the classic pickle's content.
@@ -67,16 +74,16 @@ def _is_number(x) -> bool:
     return type(x) in (int, float)
 
 
-def _key_problem(key) -> str | None:
-    if type(key) is not tuple or len(key) != 5:
-        return f"key {key!r} is not a 5-tuple {KEY_SETTINGS}"
-    for field, expected, value in zip(KEY_SETTINGS, KEY_TYPES, key):
+def _key_problem(key, size: int) -> str | None:
+    """What is wrong with one key of a pickle whose keys have `size` fields (its first key's), or None."""
+    if type(key) is not tuple or len(key) not in KEY_FORMATS:
+        return f"key {key!r} is not a 5-tuple {KEY_SETTINGS} nor a 6-tuple {KEY_FORMATS[6]}"
+    if len(key) != size:
+        return f"key {key!r} has {len(key)} fields where the first key has {size}: one file holds one key format"
+    for field, expected, value in zip(KEY_FORMATS[size], _KEY_TYPES[size], key):
         if type(value) is not expected:
-            return (
-                f"key {key!r}: {field} is {type(value).__name__} {value!r}, "
-                f"expected {expected.__name__}"
-            )
-    world_size, lr, _, rounds, _ = key
+            return f"key {key!r}: {field} is {type(value).__name__} {value!r}, expected {expected.__name__}"
+    world_size, lr, rounds = key[0], key[1], key[-2]
     if world_size < 1:
         return f"key {key!r}: world_size must be >= 1"
     if not (math.isfinite(lr) and lr > 0):
@@ -88,29 +95,17 @@ def _key_problem(key) -> str | None:
 
 def _entries_problem(entries) -> str | None:
     if type(entries) is not list or not entries:
-        return (
-            f"value is {type(entries).__name__} {entries!r:.60}, expected a non-empty "
-            "list of (round, test_loss, test_accuracy) tuples"
-        )
+        return (f"value is {type(entries).__name__} {entries!r:.60}, expected a non-empty "
+                "list of (round, test_loss, test_accuracy) tuples")
     for i, entry in enumerate(entries):
-        if not (
-            type(entry) is tuple
-            and len(entry) == 3
-            and _is_int(entry[0])
-            and _is_number(entry[1])
-            and _is_number(entry[2])
-        ):
-            return (
-                f"entry {i} is {entry!r:.60}, expected a tuple "
-                "(round: int, test_loss: float, test_accuracy: float)"
-            )
+        if not (type(entry) is tuple and len(entry) == 3 and _is_int(entry[0]) and _is_number(entry[1])
+                and _is_number(entry[2])):
+            return f"entry {i} is {entry!r:.60}, expected a tuple (round: int, test_loss: float, test_accuracy: float)"
         if i == 0 and entry[0] != 0:
             return f"entry 0 has round {entry[0]}, expected round 0 (before training) first"
         if i > 0 and entry[0] <= entries[i - 1][0]:
-            return (
-                f"entry {i} has round {entry[0]} after round {entries[i - 1][0]}, "
-                "expected rounds strictly increasing"
-            )
+            return (f"entry {i} has round {entry[0]} after round {entries[i - 1][0]}, "
+                    "expected rounds strictly increasing")
     return None
 
 
@@ -143,8 +138,9 @@ def _unpickle(path: Path, data: bytes) -> dict:
         )
     if not results:
         raise ResultsError(f"{path}: the results dict is empty (no experiments)")
+    size = len(first) if type(first := next(iter(results))) is tuple else 0
     for key, entries in results.items():
-        problem = _key_problem(key)
+        problem = _key_problem(key, size)
         if problem is None and (problem := _entries_problem(entries)) is not None:
             problem = f"key {key!r}: {problem}"
         if problem is not None:
@@ -165,12 +161,13 @@ def plain(value):
 
 
 def frame_from_pickle(results: dict) -> pd.DataFrame:
-    """The results frame of a classic results dict: the five key settings, no run ids, no bytes."""
+    """The results frame of a classic results dict: its key's settings (five, or six with
+    enable_layerwise_swapping), no run ids, no bytes."""
+    settings = KEY_FORMATS[len(next(iter(results)))]
     rows = [(*key, *entry) for key, entries in results.items() for entry in entries]
-    frame = pd.DataFrame(rows, columns=[*KEY_SETTINGS, "round", "test_loss", "test_accuracy"])
-    return frame.astype({"world_size": "int64", "learning_rate": "float64", "enable_swapping": "bool",
-                         "rounds": "int64", "seed": "int64", "round": "int64", "test_loss": "float64",
-                         "test_accuracy": "float64"})
+    frame = pd.DataFrame(rows, columns=[*settings, "round", "test_loss", "test_accuracy"])
+    return frame.astype({**{s: _DTYPES[SETTING_TYPES[s]] for s in settings}, "round": "int64",
+                         "test_loss": "float64", "test_accuracy": "float64"})
 
 
 def to_frame(results) -> pd.DataFrame:
@@ -187,33 +184,53 @@ def settings_of(frame: pd.DataFrame) -> list[str]:
     return [s for s in RESULT_SETTINGS if s in frame.columns]
 
 
-def differing(frame: pd.DataFrame) -> dict[str, list[str]]:
-    """The settings outside the pickle's key (KEY_SETTINGS) in which the runs of `frame` differ ->
-    their values (canonical strings, in natural order). The pickle tells runs apart by its key
-    only, so runs that differ in any of these cannot go into one pickle, even under different
-    keys: nothing would say which run had which strategy."""
-    values = {s: sorted(set(frame[s].tolist())) for s in settings_of(frame) if s not in KEY_SETTINGS}
+def differing(frame: pd.DataFrame, key_format: int = 5) -> dict[str, list[str]]:
+    """The settings outside the pickle's key (KEY_FORMATS[key_format]) in which the runs of `frame`
+    differ -> their values (canonical strings, in natural order). The pickle tells runs apart by
+    its key only, so runs that differ in any of these cannot go into one pickle, even under
+    different keys: nothing would say which run had which strategy."""
+    key = KEY_FORMATS[key_format]
+    values = {s: sorted(set(frame[s].tolist())) for s in settings_of(frame) if s not in key}
     return {s: [canonical(v) for v in vs] for s, vs in values.items() if len(vs) > 1}
 
 
-def differ_text(differ: dict[str, list[str]]) -> str:
+def differ_text(differ: dict[str, list[str]], key_format: int = 5) -> str:
     """'differ in strategy (fedavg, tensor_parallel), which the results pickle's key (...) cannot
     keep apart' of differing()'s answer."""
     return ("differ in " + "; ".join(f"{s} ({', '.join(vs)})" for s, vs in differ.items())
-            + f", which the results pickle's key ({', '.join(KEY_SETTINGS)}) cannot keep apart")
+            + f", which the results pickle's key ({', '.join(KEY_FORMATS[key_format])}) cannot keep apart"
+            + ("; the 6-tuple key (--key-format 6) holds enable_layerwise_swapping"
+               if key_format == 5 and "enable_layerwise_swapping" in differ else ""))
 
 
-def pickle_dict(frame: pd.DataFrame) -> dict:
-    """The classic results dict of a frame: exact Python types, rounds sorted, round 0 first.
+def refusal(frame: pd.DataFrame, key_format: int = 5) -> str | None:
+    """Why the runs of `frame` cannot go into one pickle keyed by KEY_FORMATS[key_format] ('differ in
+    ...', differing), or None when they can. A 5-tuple pickle is read as layerwise swapping off,
+    so runs with it on need the 6-tuple key even where every run has it."""
+    if differ := differing(frame, key_format):
+        return differ_text(differ, key_format)
+    if key_format == 5 and "enable_layerwise_swapping" in frame.columns and frame["enable_layerwise_swapping"].any():
+        return ("have enable_layerwise_swapping=true, which the 5-tuple key cannot say (a 5-tuple pickle is read "
+                "as layerwise swapping off); the 6-tuple key (--key-format 6) holds it")
+    return None
 
-    Runs that differ in a setting outside the key (differing) cannot go into one pickle: that is
-    a ResultsError naming the setting and its values, not a silent choice."""
-    if differ := differing(frame):
-        raise ResultsError(f"the runs {differ_text(differ)}; export them as CSV instead")
+
+def pickle_dict(frame: pd.DataFrame, key_format: int = 5) -> dict:
+    """The classic results dict of a frame, keyed by KEY_FORMATS[key_format]: exact Python types,
+    rounds sorted, round 0 first. A frame without enable_layerwise_swapping (a 5-tuple pickle's)
+    has it off.
+
+    Runs that cannot go into one pickle (refusal) are a ResultsError naming the setting and its
+    values, not a silent choice."""
+    if (why := refusal(frame, key_format)) is not None:
+        raise ResultsError(f"the runs {why}; export them as CSV instead")
+    settings = KEY_FORMATS[key_format]
+    if "enable_layerwise_swapping" not in frame.columns:
+        frame = frame.assign(enable_layerwise_swapping=False)
     out = {}
-    ordered = frame.sort_values([*KEY_SETTINGS, "round"], kind="mergesort")
-    for values, run in ordered.groupby(list(KEY_SETTINGS), sort=True):
-        key = tuple(kind(v) for kind, v in zip(KEY_TYPES, values))
+    ordered = frame.sort_values([*settings, "round"], kind="mergesort")
+    for values, run in ordered.groupby(list(settings), sort=True):
+        key = tuple(kind(v) for kind, v in zip(_KEY_TYPES[key_format], values))
         if run["round"].duplicated().any():  # the same settings twice: only a hand-made frame has that
             raise ResultsError(f"{key!r} has several runs (their run ids differ): the results pickle holds one "
                                "run per key")
@@ -226,9 +243,10 @@ def pickle_dict(frame: pd.DataFrame) -> dict:
 
 
 def _cell(column: str, value) -> str:
-    """One CSV cell: empty for a missing value, True/False, floats as repr (1e-05), bytes as ints."""
+    """One CSV cell: empty for a missing value, True/False, floats as repr (1e-05), bytes as ints; a
+    test loss or accuracy that is NaN (a diverged run) is a value, not a missing one: nan."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return ""
+        return "nan" if column in ("test_loss", "test_accuracy") and value is not None else ""
     value = plain(value)  # a numpy bool_ too: True, False
     if isinstance(value, float):
         return str(int(value)) if column in BYTES_COLUMNS and value.is_integer() else repr(value)

@@ -54,6 +54,21 @@ def log_model(run_id: str, weights: dict, example=None) -> None:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
 
 
+ACCEPTED = ("init_from takes a file of torch.save(model.state_dict(), PATH) (tensors only: it is loaded with "
+            "weights_only=True, which unpickles no object), runs:/<run id>/model, models:/<name>/<version> or run:<run name>")
+
+
+def _not_a_state_dict(exc: Exception) -> str:
+    """What a file that torch.load(weights_only=True) refused is, from its error: a pickled object of
+    some class (a whole model, say), or no file of torch.save holding tensors."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"is not a state dict: it holds a pickled {found.group(1)} object"
+    return "is not a state dict: it is no file of torch.save holding tensors only"
+
+
 def source_run(uri: str, experiment_name: str | None = None) -> str | None:
     """The id of the run init_from=run:<name> names: the newest FINISHED run of that name in the
     experiment (experiment_name, else the one this process works in: experiment_meant); None for
@@ -88,8 +103,8 @@ def load_weights(uri: str, experiment_name: str | None = None) -> dict:
             raise FileNotFoundError(f"init_from={uri!r}: no weights file at {path}")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"init_from={uri!r}: {path} is not a state dict: {first_line(exc)}") from exc
+        except Exception as exc:  # never PyTorch's own advice: it suggests weights_only=False, an unsafe load
+            raise ValueError(f"init_from={uri!r}: {path} {_not_a_state_dict(exc)}. {ACCEPTED}") from exc
     import mlflow.pytorch
 
     try:
