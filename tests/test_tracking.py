@@ -98,7 +98,7 @@ def test_a_file_that_is_no_state_dict_says_what_is_accepted_never_an_unsafe_load
     message = str(refused.value)
     assert message.startswith(f"init_from={str(bad)!r}: {bad} is not a state dict: {what}. init_from takes a file of "
                               "torch.save(model.state_dict(), PATH)")
-    assert "runs:/<run id>/model or models:/<name>/<version>" in message
+    assert "runs:/<run id>/model, models:/<name>/<version> or run:<run name>" in message
     assert "weights_only=False" not in message and "\n" not in message
 
 
