@@ -331,3 +331,13 @@ def test_the_learning_curves_of_a_4_x_3_x_2_grid_wrap_and_zoom_into_flat_panels(
     assert shown["world size 2, swap"].get_ylim() == shown["world size 1, no swap"].get_ylim()
     assert note.startswith("(own y range): zoomed in, as on the shared range")
     plt.close("all")
+
+
+def test_a_run_name_in_a_panel_title_is_cut_short():
+    """init_from=run:<name> is a whole configuration: the panel says which, briefly; report.md in full."""
+    from fedshard.plots import TITLE_VALUE_CHARS, _extras_label
+
+    row = {"init_from": "run:ws1-lr0.0001-swapfalse-r10-s77-ep1-bs8-train128-test64", "enable_layerwise_swapping": True}
+    label = _extras_label(row, ["enable_layerwise_swapping", "init_from"])
+    assert label == "layerwise on, init from run:ws1-lr0.0001-swapfa…"
+    assert len(label.split("init from ")[1]) == TITLE_VALUE_CHARS

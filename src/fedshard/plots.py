@@ -49,11 +49,17 @@ ACCURACY_VS_LR_TITLE = "Final accuracy vs learning rate (mean ± sd over seeds)"
 BEST_VS_ROUNDS_TITLE = "Best accuracy over the trained rounds (r ≥ 1) vs rounds (mean ± sd over seeds)"
 
 
+# A setting's value in a panel's title at most this long: a run name (init_from=run:...) is a whole
+# configuration, which report.md gives in full.
+TITLE_VALUE_CHARS = 24
+
+
 def _extras_label(row, extras) -> str:
     """'layerwise on, strategy fedavg' of a row's further settings."""
     def value(s) -> str:
         v = plain(row[s])
-        return ("on" if v else "off") if isinstance(v, bool) else format_value(s, v)
+        text = ("on" if v else "off") if isinstance(v, bool) else format_value(s, v)
+        return text if len(text) <= TITLE_VALUE_CHARS else text[:TITLE_VALUE_CHARS - 1] + "…"
 
     return ", ".join(f"{setting_label(s).lower()} {value(s)}" for s in extras)
 
@@ -167,6 +173,7 @@ def _learning_curves(curves, lr_order, extras, note) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not sources:
         grid.legend.set_title("learning rate")
+    grid.tight_layout()  # room for titles of several lines, between the rows too
     return _png(grid.figure, LEARNING_CURVES_TITLE, "\n".join(filter(None, [_fit_y(grid), note])))
 
 
