@@ -1,5 +1,6 @@
 """ExperimentConfig: validation messages, canonical params, JSON round trip."""
 
+import re
 import pytest
 
 from fedshard.config import ConfigError, ExperimentConfig, canonical
@@ -102,3 +103,18 @@ def test_run_name_is_the_configuration():
         "ws2-lr0.001-swapfalse-r1-s123-bs16-fedavg")
     assert ExperimentConfig(partition="dirichlet", dirichlet_alpha=0.1, data_dir="/x").run_name() == (
         "ws2-lr0.001-swaptrue-r30-s123-dirichlet-alpha0.1")
+
+
+def test_the_defaults_are_the_harness_experiment():
+    """batch 32, 3 local epochs, contiguous shards: what `fedshard run` and `mlflow run .` record with no
+    settings (the CLI's options and the MLproject take their defaults from here: test_cli.py)."""
+    from click.testing import CliRunner
+
+    from fedshard import cli
+
+    params = ExperimentConfig().params()
+    assert (params["batch_size"], params["local_epochs"], params["partition"]) == ("32", "3", "contiguous")
+    assert params["enable_layerwise_swapping"] == "false"
+    shown = CliRunner().invoke(cli.main, ["run", "--help"]).output
+    for option, default in (("--batch-size", "32"), ("--local-epochs", "3"), ("--partition", "contiguous")):
+        assert re.search(rf"{option} \w+ .*\[default: {default}\]", " ".join(shown.split())), option
