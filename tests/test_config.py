@@ -1,6 +1,7 @@
 """ExperimentConfig: validation messages, canonical params, JSON round trip."""
 
 import re
+
 import pytest
 
 from fedshard.config import ConfigError, ExperimentConfig, canonical
