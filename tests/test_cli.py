@@ -53,14 +53,14 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     import mlflow
 
     from fedshard import data, precision, tracking
-    from fedshard.model import AlexNet
+    from fedshard.models.alexnet import AlexNet
     from fedshard.training import DeviceData, evaluate
 
     torch.manual_seed(99)  # weights no seed of an experiment would produce
     weights = AlexNet().state_dict()
     client = MlflowClient()
     source = client.create_run(client.create_experiment("init")).info.run_id
-    tracking.log_model(source, weights)  # as an experiment stores its final model
+    tracking.log_model(source, weights, "alexnet")  # as an experiment stores its final model
     version = mlflow.register_model(f"runs:/{source}/model", "start-here").version
     # init_from takes a state-dict file, runs:/<id>/model and models:/<name>/<version> alike
     torch.save(weights, tmp_path / "w.pt")
@@ -162,7 +162,7 @@ def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, ca
         "missing": "place cifar-100-python.tar.gz",
         "corrupt": "not a valid CIFAR-100 python file",
         "init_from_missing": "init_from=",
-        "init_from_not_weights": "is not a fedshard AlexNet state dict",
+        "init_from_not_weights": "is not a fedshard alexnet state dict",
     }[case]
     if case == "missing":
         args["data_dir"] = tmp_path / "nowhere"

@@ -19,7 +19,7 @@ from fedshard.config import ConfigError, ExperimentConfig, canonical
         ({"partition": "random"}, "partition='random': must be one of iid, contiguous, dirichlet"),
         ({"dirichlet_alpha": 0}, "dirichlet_alpha=0.0"),
         ({"enable_swapping": "maybe"}, "enable_swapping='maybe': must be true or false"),
-        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": -1}, r"batch_size=-1: must be an integer >= 1 \(0: the model's own\)"),
         ({"max_train_samples": -1}, "max_train_samples=-1: must be >= 0"),
         ({"seed": -5}, "seed=-5"),
         ({"device": "tpu"}, "device='tpu': must be one of auto, cpu, cuda"),

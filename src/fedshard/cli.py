@@ -39,7 +39,7 @@ def fail(message: str, code: int = 2):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main():
-    """Federated learning of AlexNet slices on CIFAR-100, tracked in MLflow."""
+    """Federated learning of width-wise model slices (AlexNet, ResNet-34) on CIFAR-100, tracked in MLflow."""
 
 
 @main.command()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import NUM_CLASSES
+from ..data import NUM_CLASSES
 
 # layer -> weight dimension that is split. Output-split layers (dim 0) slice
 # their bias with the weight; input-split layers (dim 1) keep the bias whole.
@@ -28,21 +28,8 @@ SPLIT_DIM: dict[str, int] = {
 # which is also the input width of the dim-1 layer that follows it.
 FULL_WIDTHS: dict[str, int] = {"conv1": 96, "conv3": 384, "conv5": 256, "fc1": 4096, "fc3": 4096}
 
-# Output height (= width) of each convolution on a 32x32 image: padding keeps the size, each pool
-# halves it. With the layers' shapes this gives what a forward pass costs (forward_flops).
-CONV_OUTPUT_SIZE = {"conv1": 32, "conv2": 32, "conv3": 16, "conv4": 16, "conv5": 8, "conv6": 8}
-
-
-def part_sizes(total: int, n: int) -> list[int]:
-    """Sizes of torch.tensor_split(x, n) along a dimension of length total."""
-    return [len(c) for c in torch.arange(total).tensor_split(n)]
-
-
-def slice_widths(n: int, index: int) -> dict[str, int]:
-    """Split widths of slice `index` of `n` (uneven when n does not divide a width)."""
-    if not 0 <= index < n:
-        raise ValueError(f"slice index {index} out of range for {n} slices")
-    return {layer: part_sizes(width, n)[index] for layer, width in FULL_WIDTHS.items()}
+# The map fc1 reads: 256 channels of 4 x 4 (a 32 x 32 image after three 2 x 2 pools).
+POOLED = 4
 
 
 class AlexNet(nn.Module):
@@ -57,20 +44,18 @@ class AlexNet(nn.Module):
         self.conv4 = nn.Conv2d(w["conv3"], 384, 3, padding=1)
         self.conv5 = nn.Conv2d(384, w["conv5"], 3, padding=1)
         self.conv6 = nn.Conv2d(w["conv5"], 256, 3, padding=1)
-        self.fc1 = nn.Linear(256 * 4 * 4, w["fc1"])
+        self.fc1 = nn.Linear(256 * POOLED * POOLED, w["fc1"])
         self.fc2 = nn.Linear(w["fc1"], 4096)
         self.fc3 = nn.Linear(4096, w["fc3"])
         self.fc4 = nn.Linear(w["fc3"], num_classes)
-
-    @classmethod
-    def for_slice(cls, n: int, index: int) -> "AlexNet":
-        return cls(slice_widths(n, index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
         x = F.max_pool2d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)
         x = F.max_pool2d(F.relu(self.conv6(F.relu(self.conv5(x)))), 2)
-        x = torch.flatten(x, 1)
+        # Images larger than 32 x 32 (image_size) leave a larger map: averaged down to fc1's 4 x 4,
+        # as torchvision's AlexNet does. At 32 x 32 each output is its one input over 1: exact.
+        x = torch.flatten(F.adaptive_avg_pool2d(x, POOLED), 1)
         x = F.dropout(F.relu(self.fc1(x)), 0.5, self.training)
         x = F.dropout(F.relu(self.fc2(x)), 0.5, self.training)
         x = F.dropout(F.relu(self.fc3(x)), 0.5, self.training)
@@ -79,25 +64,35 @@ class AlexNet(nn.Module):
         return F.log_softmax(self.fc4(x).float(), dim=1)
 
 
-def _shapes(widths: dict[str, int] | None) -> AlexNet:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        return AlexNet(widths)
+# --- the family interface (models.Model) ----------------------------------------------------
 
 
-def parameter_count(widths: dict[str, int] | None = None) -> int:
-    """Parameters of AlexNet at these split widths (the full model without widths)."""
-    return sum(p.numel() for p in _shapes(widths).parameters())
+def network(model, widths: dict[str, int] | None) -> AlexNet:
+    return AlexNet(widths)
 
 
-def forward_flops(widths: dict[str, int] | None = None) -> int:
-    """FLOPs of one 32x32 image's forward pass: 2 x the multiply-accumulates of the convolutions
-    and linear layers, as torch.utils.flop_counter counts them (checked in the tests), but from
-    the layers' shapes alone, without the seconds a first meta-device forward takes."""
-    macs = 0
-    for name, layer in _shapes(widths).named_children():
+def table(model) -> dict[str, int | None]:
+    return dict(SPLIT_DIM)
+
+
+def full_widths(model) -> dict[str, int]:
+    return dict(FULL_WIDTHS)
+
+
+def conv_output_sizes(image_size: int) -> dict[str, int]:
+    """Output height (= width) of each convolution: padding keeps the size, each pool halves it."""
+    return {"conv1": image_size, "conv2": image_size, "conv3": image_size // 2, "conv4": image_size // 2,
+            "conv5": image_size // 4, "conv6": image_size // 4}
+
+
+def forward_flops(model, widths: dict[str, int] | None, image_size: int) -> int:
+    sizes, macs = conv_output_sizes(image_size), 0
+    with torch.device("meta"):
+        net = AlexNet(widths)
+    for name, layer in net.named_children():
         if isinstance(layer, nn.Conv2d):
             kh, kw = layer.kernel_size
-            macs += layer.out_channels * layer.in_channels * kh * kw * CONV_OUTPUT_SIZE[name] ** 2
+            macs += layer.out_channels * layer.in_channels * kh * kw * sizes[name] ** 2
         elif isinstance(layer, nn.Linear):
             macs += layer.in_features * layer.out_features
     return 2 * macs
