@@ -355,8 +355,8 @@ def setting_value(name: str, value) -> str:
     model's own" is not, as runs record the value it stood for."""
     coerced = _coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value)
     if name in MODEL_DEFAULT and coerced == MODEL_DEFAULT[name]:
-        raise ConfigError(f"{name}={value!r} stands for the model's own value, which runs record instead: give "
-                          f"that ({_each_model(name)})")
+        raise ConfigError(f"{name}={canonical(coerced) or repr(coerced)} stands for the model's own value, which "
+                          f"runs record instead: give that ({_each_model(name)})")
     problems = []
     for model in models.REGISTRY:
         try:
