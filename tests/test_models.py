@@ -325,3 +325,18 @@ def test_resnet_at_32_pixels_cannot_train_on_a_batch_of_one_and_says_so(tmp_path
                                                    "at batch_size=8, and resnet34 at image_size=32 trains on batches "
                                                    "of 2 images or more"):
         launcher.check(cfg)
+
+
+def test_final_models_logged_before_the_registry_still_unpickle(monkeypatch):
+    """MLflow pickled them as fedshard.model.AlexNet: --extend and init_from=run:<name> load them."""
+    import pickle
+
+    from fedshard.models.alexnet import AlexNet
+
+    net = AlexNet(models.get("alexnet").slice_widths(96, 0))
+    with monkeypatch.context() as m:
+        m.setattr(AlexNet, "__module__", "fedshard.model")  # the name the class had then
+        old = pickle.dumps(net)
+    assert b"fedshard.model\n" in old or b"fedshard.model\x94" in old
+    back = pickle.loads(old)
+    assert isinstance(back, AlexNet) and all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
