@@ -224,7 +224,8 @@ def test_runs_of_another_model_are_refused_by_name_and_runs_from_before_models_a
     assert refused.exit_code == 2 and "differ in model (alexnet, resnet34)" in refused.stderr, refused.output
     assert not output.exists()
     for where in (["model=alexnet"], ["model=alexnet", "optimizer=adam", "image_size=32"]):
-        chosen = invoke("--experiment-name", "models", "--output", str(output), *[a for w in where for a in ("--where", w)])
+        options = [a for w in where for a in ("--where", w)]
+        chosen = invoke("--experiment-name", "models", "--output", str(output), *options)
         assert chosen.exit_code == 0, chosen.output
         assert pickle.loads(output.read_bytes()) == {(2, 1e-05, True, 2, 123): [(0, 4.6, 0.0), (1, 3.0, 0.2),
                                                                                (2, 2.0, 0.4)]}

@@ -16,8 +16,9 @@ from pathlib import Path
 import click
 
 from . import lifecycle
-from .config import HELP, RENAMED, ConfigError, ExperimentConfig
+from .config import RENAMED, ConfigError, ExperimentConfig
 from .processes import exit_now, role_process, role_threads
+from .settings_help import HELP
 
 _TYPES = {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL, "str": click.STRING}
 

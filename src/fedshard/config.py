@@ -61,51 +61,6 @@ class ConfigError(ValueError):
     """An invalid experiment setting; the message names the value and what is valid."""
 
 
-def _each_model(field: str) -> str:
-    """Each model's own value of a recipe setting, in words: 'alexnet 3, resnet34 1'."""
-    return ", ".join(f"{m.name} {getattr(m.recipe, field)}" for m in models.REGISTRY.values())
-
-
-# What each setting means: `fedshard run --help`, and the MLproject's parameters.
-HELP = {
-    "world_size": "number of trainers (tensor_parallel: 1 up to the model's narrowest split layer, "
-                  + ", ".join(f"{m.name} {m.max_world_size}" for m in models.REGISTRY.values()) + ")",
-    "learning_rate": "learning rate of the local optimizer",
-    "model": f"the network trained: {', '.join(models.REGISTRY)} (each cut as its slicing table says: "
-             f"docs/experiments.md)",
-    "enable_swapping": "rotate slices between trainers every swap_every rounds (true/false)",
-    "enable_layerwise_swapping": "the original harness's layerwise swapping: in round r the trainer of slice s receives "
-                                 "input block (s + r) mod n of the input-split layers, and its change is added at "
-                                 "block s (tensor_parallel only; true/false)",
-    "rounds": "federated rounds",
-    "seed": "seed of initialisation, partition, shuffling, augmentation and dropout",
-    "local_epochs": f"passes over its partition a trainer makes per round (0: the model's own, {_each_model('local_epochs')})",
-    "batch_size": f"local training batch size (0: the model's own, {_each_model('batch_size')})",
-    "optimizer": f"local optimizer, fresh every round: adam (weight decay 1e-4, fused) or sgd (momentum 0.9, "
-                 f"weight decay 1e-4); empty: the model's own ({_each_model('optimizer')})",
-    "image_size": f"side in pixels the 32x32 images are resized to on the device, batch by batch (>= 32; 0: "
-                  f"the model's own, {_each_model('image_size')})",
-    "swap_every": "rounds between slice rotations when swapping",
-    "strategy": "tensor_parallel (slices) or fedavg (whole model per trainer)",
-    "partition": "how training images are divided: iid, contiguous or dirichlet",
-    "dirichlet_alpha": "concentration of the dirichlet partition (smaller = more skewed)",
-    "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
-    "max_train_samples": "use only the first N training images (0 = all)",
-    "max_test_samples": "evaluate on the first N test images only (0 = all)",
-    "init_from": "start from these weights: a state-dict file, runs:/<id>/model, models:/<name>/<version>, "
-                 "run:<run name> (the final model of the FINISHED run of that name in the same experiment), or "
-                 "torchvision:DEFAULT (torchvision's ImageNet weights of the model, its head left at its seeded "
-                 "init; models with them: " + ", ".join(m.name for m in models.REGISTRY.values() if m.torchvision)
-                 + ")",
-    "eval_batch_size": "evaluation batch size",
-    "round_timeout": "seconds a round's exchange may take before the experiment fails",
-    "device": "auto (cuda when available), cpu or cuda",
-    "precision": "what to compute in: auto (bf16 where the device computes it natively: CUDA, or a CPU with "
-                 "avx512_bf16 or AMX; else fp32), bf16 or fp32; the run records the one it used",
-    "deterministic": "bit-for-bit reproducible CUDA kernels (slower)",
-}
-
-
 @dataclass(frozen=True)
 class ExperimentConfig:
     world_size: int = 2
@@ -356,7 +311,7 @@ def setting_value(name: str, value) -> str:
     coerced = _coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value)
     if name in MODEL_DEFAULT and coerced == MODEL_DEFAULT[name]:
         raise ConfigError(f"{name}={canonical(coerced) or repr(coerced)} stands for the model's own value, which "
-                          f"runs record instead: give that ({_each_model(name)})")
+                          f"runs record instead: give that ({models.own_values(name)})")
     problems = []
     for model in models.REGISTRY:
         try:

@@ -77,7 +77,8 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float] | No
     return out
 
 
-def combine(parts: Sequence[torch.Tensor], how: int | None | str, weights: Sequence[float] | None = None) -> torch.Tensor:
+def combine(parts: Sequence[torch.Tensor], how: int | None | str,
+            weights: Sequence[float] | None = None) -> torch.Tensor:
     """One tensor from its slices' parts, as rule() says: concatenated, averaged or the maximum."""
     if how == MAX:
         return torch.stack(list(parts)).amax(0)

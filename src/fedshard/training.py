@@ -166,7 +166,8 @@ def apply_augmentation(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
     padded = F.pad(images, (pad, pad, pad, pad))
     windows = torch.stack([padded, padded.flip(3)], 1).unfold(3, size, 1).unfold(4, size, 1)
     flip, dx = flip.view(b), dx.view(b)
-    return windows[torch.arange(b, device=images.device), flip.long(), :, dy.view(b), torch.where(flip, 2 * pad - dx, dx)]
+    return windows[torch.arange(b, device=images.device), flip.long(), :, dy.view(b),
+                   torch.where(flip, 2 * pad - dx, dx)]
 
 
 def input_batches(

@@ -156,6 +156,11 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
+def own_values(setting: str) -> str:
+    """Each model's own value of a recipe setting, in words: 'alexnet 3, resnet34 1'."""
+    return ", ".join(f"{m.name} {getattr(m.recipe, setting)}" for m in REGISTRY.values())
+
+
 def get(name: str) -> Model:
     try:
         return REGISTRY[name]

@@ -62,7 +62,8 @@ def torchvision_state(model: Model, uri: str, seeded: dict[str, torch.Tensor]) -
             raise ValueError(f"init_from={uri!r}: {key!r} is {tuple(tensor.shape)} in torchvision's weights, "
                              f"{tuple(seeded[key].shape)} in fedshard's {model.name}")
         state[key] = tensor.to(seeded[key].dtype)
-    missing = [k for k in seeded if k not in theirs and not k.startswith(head) and not k.endswith(".num_batches_tracked")]
+    missing = [k for k in seeded
+               if k not in theirs and not k.startswith(head) and not k.endswith(".num_batches_tracked")]
     if missing:
         raise ValueError(f"init_from={uri!r}: torchvision's {model.torchvision} weights lack {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
