@@ -146,13 +146,18 @@ def test_forward_flops_and_parameters_are_pytorchs_own_counts(name, n, index):
     assert model.parameter_count(widths) == sum(p.numel() for p in model.network(widths).parameters())
 
 
-def test_resnet34_is_torchvisions_network_key_for_key():
+@pytest.mark.parametrize("name", [m for m in MODELS if models.get(m).torchvision])
+def test_a_model_with_torchvision_weights_is_torchvisions_network_key_for_key(name):
     import torchvision
 
+    model = models.get(name)
     with torch.device("meta"):
-        theirs = torchvision.models.resnet34(num_classes=100).state_dict()
-    ours = RESNET34.shapes().state_dict()
+        theirs = torchvision.models.get_model(model.torchvision, num_classes=100).state_dict()
+    ours = model.shapes().state_dict()
     assert [(k, t.shape, t.dtype) for k, t in ours.items()] == [(k, t.shape, t.dtype) for k, t in theirs.items()]
+
+
+def test_resnet34_has_its_size_and_records_it_for_the_full_model_and_a_slice():
     assert RESNET34.parameter_count() == 21_335_972
     assert RESNET34.forward_flops() == 7_326_601_216  # at its own 224 x 224
     sizes = strategies.model_sizes(ExperimentConfig(model="resnet34", world_size=2))
@@ -246,7 +251,7 @@ def test_torchvision_weights_without_internet_are_refused_saying_where_to_put_th
                                          "torchvision:IMAGENET1K_V1, torchvision:DEFAULT"):
         load_initial("torchvision:BEST")
     with pytest.raises(ConfigError, match="torchvision has no weights of fedshard's alexnet; models with them: "
-                                          "resnet34"):
+                                          ".*resnet34"):
         ExperimentConfig(init_from="torchvision:DEFAULT")
 
 
@@ -340,3 +345,14 @@ def test_final_models_logged_before_the_registry_still_unpickle(monkeypatch):
     assert b"fedshard.model\n" in old or b"fedshard.model\x94" in old
     back = pickle.loads(old)
     assert isinstance(back, AlexNet) and all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+def test_the_model_is_an_axis_each_with_its_own_recipe_unless_a_setting_is_fixed():
+    from fedshard.grid import expand, make_grid
+
+    one = {"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": "1", "seeds": "1"}
+    configs = expand(make_grid(one, axes=["model=alexnet,resnet34"]))
+    assert [(c.model, c.optimizer, c.image_size, c.local_epochs, c.batch_size) for c in configs] == [
+        ("alexnet", "adam", 32, 3, 32), ("resnet34", "sgd", 224, 1, 32)]
+    fixed = expand(make_grid(one, ["image_size=32"], axes=["model=alexnet,resnet34"]))
+    assert [c.run_name() for c in fixed] == ["ws2-lr0.001-swaptrue-r1-s1", "ws2-lr0.001-swaptrue-r1-s1-resnet34-img32"]
