@@ -48,7 +48,7 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
     # Progress inside a round, and a beat while waiting, over a store connection of its own (progress.py).
     reporter = progress.TrainerReporter(transport.experiment_store(metaserver, run_id, secret, cfg.round_timeout),
                                         trainer, cfg.batch_size)
-    network, prep = models.get(cfg.model), Preprocessing.of(cfg.model, cfg.image_size)
+    spec, prep = models.get(cfg.model), Preprocessing.of(cfg.model, cfg.image_size)
     parts: dict[int, nn.Module] = {}
     rounds_trained = 0
     while True:
@@ -57,7 +57,7 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
             break
         if part not in parts:
             # Built without initialising: the aggregator's weights overwrite every parameter and buffer.
-            parts[part] = network.shapes(strategy.widths(part)).to_empty(device=device)
+            parts[part] = spec.shapes(strategy.widths(part)).to_empty(device=device)
         model = parts[part]
         state = model.state_dict()
         flat = transport.receive_weights(sum(transport.word_count(t) for t in state.values()))
