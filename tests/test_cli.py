@@ -85,7 +85,7 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     assert run.data.params["precision"] == "auto" and run.data.tags["fedshard.precision"] == computed
     assert tracking.run_record(run.info.run_id).config().precision == computed
     # named by what it is in the UI's run table, not like languid-bear-729
-    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-bs16-train32-test16-init" + "-bf16" * (computed == "bf16")
+    assert run.info.run_name == "ws2-lr1e-05-swaptrue-r1-s123-ep1-bs16-train32-test16-init" + "-bf16" * (computed == "bf16")
     assert ExperimentConfig.from_mapping({"learning_rate": run.data.params["learning_rate"]}).learning_rate == 1e-5
     assert run.data.params["enable_swapping"] == "true"  # a bool MLproject passes as a string, canonical
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
@@ -110,8 +110,11 @@ BAD_INPUTS = [
     ({"enable_swapping": "maybe"}, "Invalid value for '--enable-swapping': 'maybe' is not a valid boolean"),
     ({"rounds": "ten"}, "Invalid value for '--rounds': 'ten' is not a valid integer"),
     ({"dirichlet_alpha": 0}, "dirichlet_alpha=0.0: must be a finite number > 0"),
-    ({"batch_size": 0}, "batch_size=0: must be an integer >= 1"),
-    ({"local_epochs": 0}, "local_epochs=0: must be an integer >= 1"),
+    ({"batch_size": -4}, "batch_size=-4: must be an integer >= 1 (0: the model's own)"),
+    ({"model": "vgg"}, "model='vgg': must be one of alexnet, resnet34"),
+    ({"image_size": 16}, "image_size=16: must be an integer >= 32"),
+    ({"optimizer": "rmsprop"}, "optimizer='rmsprop': must be one of adam, sgd"),
+    ({"local_epochs": -1}, "local_epochs=-1: must be an integer >= 1"),
     ({"swap_every": 0}, "swap_every=0: must be an integer >= 1"),
     ({"seed": -1}, "seed=-1: must be an integer >= 0"),
     ({"max_test_samples": -1}, "max_test_samples=-1: must be >= 0 (0 means all)"),

@@ -356,3 +356,25 @@ def test_the_model_is_an_axis_each_with_its_own_recipe_unless_a_setting_is_fixed
         ("alexnet", "adam", 32, 3, 32), ("resnet34", "sgd", 224, 1, 32)]
     fixed = expand(make_grid(one, ["image_size=32"], axes=["model=alexnet,resnet34"]))
     assert [c.run_name() for c in fixed] == ["ws2-lr0.001-swaptrue-r1-s1", "ws2-lr0.001-swaptrue-r1-s1-resnet34-img32"]
+
+
+def test_fedshard_run_refuses_torchvision_weights_it_cannot_get_exit_2_and_no_run(tmp_path, monkeypatch, data_dir,
+                                                                                     shared_store):
+    import urllib.error
+
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from fedshard import cli
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = CliRunner().invoke(cli.main, ["run", "--model", "resnet34", "--world-size", "1", "--init-from",
+                                           "torchvision:DEFAULT", "--data-dir", str(data_dir),
+                                           "--experiment-name", "torchvision-offline"])
+    assert result.exit_code == 2, result.output
+    assert f"place it at {tmp_path}/hub/checkpoints/resnet34-b627a593.pth" in result.output
+    assert MlflowClient().get_experiment_by_name("torchvision-offline") is None  # nothing was started
