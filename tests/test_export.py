@@ -170,7 +170,7 @@ def test_runs_that_differ_outside_the_key_never_mix_and_where_selects(tmp_path, 
     ("data_dir=/d", "unknown setting 'data_dir'"),  # where the data sat is not a setting of a result
     ("strategy", "expected NAME=VALUE"),
     ("strategy=gossip", "strategy='gossip': must be one of tensor_parallel, fedavg"),
-    ("partition=dirichlet", "--where partition=dirichlet: no FINISHED run has it; the runs have partition=iid"),
+    ("partition=dirichlet", "--where partition=dirichlet: no FINISHED run has it; the runs have partition=contiguous"),
 ])
 def test_bad_where_exits_2_and_writes_nothing(tmp_path, store, where, message):
     make_run("sel", losses=[4.6, 3.0, 2.5], accs=[0.01, 0.2, 0.3], **KEY)
