@@ -299,7 +299,8 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
             "--experiment-name", "sig"]
     # Seed 1 finished earlier (logged as `mlflow run -P learning_rate=0.00010` would): skipped, never touched.
     earlier = ExperimentConfig(world_size=1, learning_rate=1e-4, rounds=1, seed=1, data_dir=str(data),
-                               max_train_samples=16, max_test_samples=16, batch_size=16, precision="fp32")
+                               max_train_samples=16, max_test_samples=16, batch_size=16, local_epochs=1,
+                               precision="fp32")
     done = fake_finished_run("sig", **{**earlier.params(), "learning_rate": "0.00010"})
     before = MlflowClient().get_run(done).info
 
@@ -486,8 +487,8 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
     (parent,), children = split_runs("mix")
     runs = {r.data.params["strategy"]: r for r in children}
     assert set(runs) == {"tensor_parallel", "fedavg"} and {r.info.status for r in children} == {"FINISHED"}
-    assert runs["fedavg"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-bs16-fedavg-train16-test16"
-    assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-bs16-train16-test16"
+    assert runs["fedavg"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-fedavg-train16-test16"
+    assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-train16-test16"
     assert parent.data.params["grid.strategy"] == "tensor_parallel,fedavg"
 
     # Bytes: what the aggregator sent and received, against the tensors' sizes from the layer table
