@@ -148,6 +148,8 @@ REGISTRY: dict[str, Model] = {m.name: m for m in (
     Model("alexnet", "AlexNet", "alexnet", CIFAR_ADAM, split_widths=(96, 256, 384, 4096)),
     Model("resnet34", "ResNet-34", "resnet", IMAGENET_SGD, split_widths=(64, 128, 256, 512), arch=(3, 4, 6, 3),
           torchvision="resnet34", head="fc", bn_stride=32),
+    Model("resnet18", "ResNet-18", "resnet", IMAGENET_SGD, split_widths=(64, 128, 256, 512), arch=(2, 2, 2, 2),
+          torchvision="resnet18", head="fc", bn_stride=32),
 )}
 DEFAULT = "alexnet"
 
