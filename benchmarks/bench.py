@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """fedshard speed benchmark: every figure measured side by side, in one run, on one machine.
 
-    python benchmarks/bench.py --quick                  # about 8 minutes on a 2-core CPU (below)
+    python benchmarks/bench.py --quick                  # about 9 minutes on a 2-core CPU (below)
     python benchmarks/bench.py --json results.json      # bigger sizes, figures also as JSON
 
 Figures (their targets are TARGETS in report.py; how each is measured is in its module):
@@ -12,6 +12,11 @@ Figures (their targets are TARGETS in report.py; how each is measured is in its 
                           same batch size, input pipeline alone, both on one torch thread.
   eval_speedup            pipeline.py: training.evaluate (large batches, inference_mode) vs a
                           batch-size-1 DataLoader loop, same model and images.
+  train_images_per_s_<model>_<size>px
+                          model_figures.py: training images/s of every model of the registry
+                          (fedshard.models) with its own recipe, the full model (and, in the
+                          details, a world-size-2 slice) at 32x32 and at its own image size
+                          (ResNet-34: 224x224), resized on the device as a trainer does.
   cpu_bf16_speedup        precision_figures.py (CPU only): full-AlexNet training images/s in bf16
                           autocast over fp32 (batch 64, the threads a world-size-1 trainer gets;
                           --quick times fewer steps and evaluates fewer images),
@@ -49,7 +54,7 @@ startup_seconds and the full-size start-ups (one experiment each), extension_spe
 each way); checkpoint_seconds is the mean of the run's rounds. The load average is printed so a
 reader can judge the noise. This is a benchmark, not a test: nothing here runs in CI.
 
---quick: about 8 minutes on a 2-core CPU, about 4.5 with --no-sweeps (an estimate from the
+--quick: about 9 minutes on a 2-core CPU, about 5.5 with --no-sweeps (an estimate from the
 sections' times in the runs of benchmarks/RESULTS.md, not a timed run of this version).
 """
 
@@ -70,6 +75,7 @@ import common
 import cuda_figures
 import exchange
 import experiment
+import model_figures
 import pipeline
 import precision_figures
 from common import say
@@ -78,7 +84,7 @@ from report import Report
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: about 8 minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="small sizes: about 9 minutes on a 2-core CPU")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON (after each section)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--pack", type=int, default=4, help="CUDA: runs sharing the GPU in the grid projection")
@@ -157,6 +163,10 @@ def main(argv=None) -> int:
             say("CPU: fp32 against bf16, full AlexNet, training and evaluation")
             report.add("precision", precision_figures.precision_section(
                 common.cores(), sizes["precision_steps"], sizes["precision_eval_images"]))
+
+        # ------------------------------------------------------------------- every model
+        say("models: training images/s of each model, its recipe, 32x32 and its own image size")
+        report.add("models", model_figures.models_section(args.quick))
 
         # ------------------------------------------------------------------- weight exchange
         say("weight exchange: full AlexNet there and back through fedshard.transport")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from fedshard import training
-from fedshard.model import AlexNet, forward_flops, parameter_count, slice_widths
+from fedshard import models, training
 
 import projection
 from report import Section
 
+ALEXNET = models.get("alexnet")  # what these figures time: the default grid's model
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
 # substring of torch.cuda.get_device_name(), most specific first. Unknown devices print n/a
 # rather than a guess.
@@ -54,7 +54,7 @@ def bench_cuda_training(device, n_images: int, widths: dict | None, seconds_cap:
     gen = torch.Generator(device).manual_seed(0)
     data = random_data(n_images, device, gen)
     torch.manual_seed(0)
-    model = AlexNet(widths).to(device)
+    model = ALEXNET.network(widths).to(device)
     train_once(model, training.DeviceData(data.images[:1024], data.labels[:1024]), gen)  # cuDNN autotune
     times = []
     deadline = time.perf_counter() + seconds_cap
@@ -70,7 +70,7 @@ def packed_worker(widths_n: int, seconds: float, go_file: str, device_name: str 
     training.configure_backends(device, deterministic=False)
     gen = torch.Generator(device).manual_seed(0)
     data = random_data(n, device, gen)
-    model = AlexNet(slice_widths(widths_n, 0) if widths_n > 1 else None).to(device)
+    model = ALEXNET.network(ALEXNET.slice_widths(widths_n, 0) if widths_n > 1 else None).to(device)
     train_once(model, data, gen)
     print("ready", flush=True)
     while not os.path.exists(go_file):
@@ -108,7 +108,7 @@ def project_grid(full: dict, half: dict, eval_ips: float, exchange_gbps: float, 
                  packing: dict) -> dict:
     """The default grid's minutes from this run's parts (projection.rounds_from_rates)."""
     per_round = projection.rounds_from_rates({1: full["images_per_s"], 2: half["images_per_s"]}, eval_ips,
-                                             exchange_gbps, 4 * parameter_count())
+                                             exchange_gbps, 4 * ALEXNET.parameter_count())
     speedup = packing["images_per_s_total"] / packing["single_images_per_s"]
     return {**projection.project(per_round, startup_s, speedup), "packed_processes": packing["processes"]}
 
@@ -116,11 +116,11 @@ def project_grid(full: dict, half: dict, eval_ips: float, exchange_gbps: float, 
 def cuda_section(device, n_images: int, gpu: str) -> Section:
     """Training images/s of the full model and of a world-size-2 slice, and the TFLOP/s achieved."""
     full = bench_cuda_training(device, n_images, None, 120)
-    half = bench_cuda_training(device, n_images, slice_widths(2, 0), 120)
+    half = bench_cuda_training(device, n_images, ALEXNET.slice_widths(2, 0), 120)
     achieved = projection.training_flops_per_image() * full["images_per_s"] / 1e12
     peak = bf16_peak_tflops(gpu)
     details = {"train_full": full, "train_half_slice": half,
-               "forward_gflop_per_image": forward_flops() / 1e9, "achieved_tflops": achieved,
+               "forward_gflop_per_image": ALEXNET.forward_flops() / 1e9, "achieved_tflops": achieved,
                "bf16_peak_tflops": peak}
     figures = {"train_images_per_s": full["images_per_s"], "achieved_tflops": achieved}
     return Section(details, figures, [

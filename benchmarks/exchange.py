@@ -17,8 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from fedshard import transport
-from fedshard.model import AlexNet
+from fedshard import models, transport
 
 from common import best_of
 from report import Section
@@ -71,7 +70,7 @@ def _raw_gloo(buffer: torch.Tensor, repeats: int) -> list[float]:
 
 
 def bench_exchange(repeats: int) -> dict:
-    state = AlexNet().state_dict()
+    state = models.get("alexnet").network().state_dict()
     numel = sum(t.numel() for t in state.values())
     nbytes = 4 * numel
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedshard import precision, training
-from fedshard.model import AlexNet
+from fedshard import models, precision, training
 
 import common
 from common import say
@@ -49,7 +48,7 @@ def bench_local_training(images, labels, device, batch_size: int, repeats: int, 
     """train_local over the same images as the experiment's trainer, in this process."""
     data = training.DeviceData.from_numpy(images, labels, device)
     torch.manual_seed(0)
-    model = AlexNet().to(device)
+    model = models.get("alexnet").network().to(device)
     warm = training.DeviceData(data.images[: 2 * batch_size], data.labels[: 2 * batch_size])
     training.train_local(model, warm, learning_rate=1e-3, epochs=1, batch_size=batch_size,
                          generator=torch.Generator(device).manual_seed(0), bf16=bf16)

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedshard import precision, training
-from fedshard.model import AlexNet
+from fedshard import models, precision, training
 
 from common import best_of, sync, threads
 from report import Section
@@ -91,7 +90,7 @@ def data_pipeline_section(images, labels, device, repeats: int) -> Section:
 def bench_eval(images, labels, device, n_fast: int, n_plain: int, bf16: bool, repeats: int) -> dict:
     """training.evaluate vs a batch-size-1 DataLoader loop, full AlexNet, the process's threads."""
     torch.manual_seed(0)
-    model = AlexNet().to(device)
+    model = models.get("alexnet").network().to(device)
     fast_data = training.DeviceData.from_numpy(images[:n_fast], labels[:n_fast], device)
     plain = torch.utils.data.DataLoader(ClassicCIFAR(images[:n_plain], labels[:n_plain], classic_transforms(False)),
                                         batch_size=1, shuffle=False, num_workers=0)

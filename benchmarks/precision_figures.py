@@ -18,8 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fedshard import precision, training
-from fedshard.model import AlexNet
+from fedshard import models, precision, training
 
 from common import best_of, threads
 from report import Section
@@ -33,7 +32,7 @@ def _best_seconds(step, steps: int) -> float:
 
 def train_images_per_s(bf16: bool, channels_last: bool = False, steps: int = 4) -> float:
     torch.manual_seed(0)
-    model = AlexNet()
+    model = models.get("alexnet").network()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 100, (BATCH,))
@@ -53,7 +52,7 @@ def train_images_per_s(bf16: bool, channels_last: bool = False, steps: int = 4) 
 
 def eval_images_per_s(bf16: bool, images: int = 1000, steps: int = 4) -> float:
     torch.manual_seed(0)
-    model = AlexNet()
+    model = models.get("alexnet").network()
     data = training.DeviceData(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8),
                                torch.randint(0, 100, (images,)))
     return images / _best_seconds(lambda: training.evaluate(model, data, batch_size=1000, bf16=bf16), steps)

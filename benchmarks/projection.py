@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedshard import grid, planning
-from fedshard.model import forward_flops, part_sizes, slice_widths
+from fedshard import grid, models, planning
 
 # The default grid on one H200 in at most half an hour: what the GPU figures are judged by.
 TARGET_MINUTES = 30.0
@@ -26,24 +25,29 @@ FORWARD_PASSES_PER_TRAINING_STEP = 3
 HARNESS = Path(__file__).resolve().parents[1] / "grids" / "harness.yaml"
 
 
-def training_flops_per_image(widths: dict[str, int] | None = None) -> int:
-    """FLOPs of training AlexNet (or one slice of it) on one 32x32 image."""
-    return FORWARD_PASSES_PER_TRAINING_STEP * forward_flops(widths)
+def training_flops_per_image(widths: dict[str, int] | None = None, model: str = "alexnet",
+                             image_size: int | None = None) -> int:
+    """FLOPs of training `model` (or one slice of it) on one image at `image_size` (the model's own
+    without: AlexNet 32x32, ResNet-34 224x224)."""
+    return FORWARD_PASSES_PER_TRAINING_STEP * models.get(model).forward_flops(widths, image_size)
 
 
-def round_flops(world_size: int, images: int = CIFAR_TRAIN) -> float:
+def round_flops(world_size: int, images: int = CIFAR_TRAIN, model: str = "alexnet",
+                image_size: int | None = None) -> float:
     """Training FLOPs of one round over `images`: each of the `world_size` trainers trains its own
-    slice of the model on its own share of the images (one local epoch; project multiplies by a
+    slice of `model` on its own share of the images (one local epoch; project multiplies by a
     run's local epochs)."""
-    shares = part_sizes(images, world_size)
-    return sum(training_flops_per_image(slice_widths(world_size, k)) * shares[k] for k in range(world_size))
+    shares, spec = models.part_sizes(images, world_size), models.get(model)
+    return sum(training_flops_per_image(spec.slice_widths(world_size, k), model, image_size) * shares[k]
+               for k in range(world_size))
 
 
-def rounds_scaled_by_flops(seconds: float, measured_world_size: int = 2, world_sizes=(1, 2)) -> dict[int, float]:
+def rounds_scaled_by_flops(seconds: float, measured_world_size: int = 2, world_sizes=(1, 2), model: str = "alexnet",
+                           image_size: int | None = None) -> dict[int, float]:
     """Seconds of a round for each world size, from one measured at `measured_world_size`: a round
     on one GPU is bound by its arithmetic, so the others take their share of FLOPs longer."""
-    measured = round_flops(measured_world_size)
-    return {n: seconds * round_flops(n) / measured for n in world_sizes}
+    measured = round_flops(measured_world_size, model=model, image_size=image_size)
+    return {n: seconds * round_flops(n, model=model, image_size=image_size) / measured for n in world_sizes}
 
 
 def rounds_from_rates(train_images_per_s: dict[int, float], eval_images_per_s: float,

@@ -22,7 +22,7 @@ TARGETS = {  # figure -> (comparison, bound, the device the bound is set for)
     "grid_projected_minutes": ("<=", projection.TARGET_MINUTES, projection.TARGET_DEVICE),
 }
 # Sections of bench.py's table, top to bottom (they are measured in another order).
-ROW_ORDER = ("data_pipeline", "eval", "precision", "experiment", "startup", "exchange", "extension", "cuda", "grid")
+ROW_ORDER = ("data_pipeline", "eval", "precision", "models", "experiment", "startup", "exchange", "extension", "cuda", "grid")
 
 
 def met(metric: str, value, on_gpu: bool) -> bool | None:

@@ -55,3 +55,9 @@ def test_quick_times_fewer_precision_steps_over_fewer_images_at_a_trainers_batch
 def test_precision_figures_take_the_best_of_their_timed_steps():
     # the full AlexNet evaluating 8 images, 2 warm-ups and 1 timed step: the code path, not a figure
     assert precision_figures.eval_images_per_s(False, images=8, steps=1) > 0
+
+
+def test_every_models_training_figure_runs_its_recipe():
+    # ResNet-34's world-size-2 slice, one batch at 32x32 after one untimed pass: the code path, not a figure
+    model_figures = importlib.import_module("model_figures")
+    assert model_figures.train_images_per_s("resnet34", 32, 2, steps=1, repeats=1) > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedshard import checkpoint
-from fedshard.model import AlexNet
+from fedshard.models.alexnet import AlexNet
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def weights():
 
 def test_round_trip_is_exact(tmp_path, weights):
     path = checkpoint.save(checkpoint.Checkpoint(7, weights, {"test_loss": 1.25}), tmp_path / checkpoint.file_name(7))
-    back = checkpoint.load(path)
+    back = checkpoint.load(path, "alexnet")
     assert back.round == 7 and back.metrics == {"test_loss": 1.25}
     assert back.weights.keys() == weights.keys()
     assert all(torch.equal(back.weights[k], weights[k]) and back.weights[k].dtype == torch.float32 for k in weights)
@@ -34,14 +34,14 @@ def test_a_torn_file_is_refused(tmp_path, weights):
     path = checkpoint.save(checkpoint.Checkpoint(3, weights), tmp_path / "round-00003.pt")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # as by a crash mid-write
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
-        checkpoint.load(path)
+        checkpoint.load(path, "alexnet")
 
 
 def test_other_files_are_refused(tmp_path, weights):
     foreign = tmp_path / "other.pt"
     torch.save(dict(weights), foreign)  # a bare state dict is no checkpoint
     with pytest.raises(checkpoint.CheckpointError, match="not a fedshard checkpoint"):
-        checkpoint.load(foreign)
-    sliced = checkpoint.save(checkpoint.Checkpoint(1, AlexNet.for_slice(2, 0).state_dict()), tmp_path / "s.pt")
+        checkpoint.load(foreign, "alexnet")
+    sliced = checkpoint.save(checkpoint.Checkpoint(1, AlexNet({"conv1": 48}).state_dict()), tmp_path / "s.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not those of the full AlexNet"):
-        checkpoint.load(sliced)
+        checkpoint.load(sliced, "alexnet")

@@ -53,14 +53,14 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     import mlflow
 
     from fedshard import data, precision, tracking
-    from fedshard.model import AlexNet
+    from fedshard.models.alexnet import AlexNet
     from fedshard.training import DeviceData, evaluate
 
     torch.manual_seed(99)  # weights no seed of an experiment would produce
     weights = AlexNet().state_dict()
     client = MlflowClient()
     source = client.create_run(client.create_experiment("init")).info.run_id
-    tracking.log_model(source, weights)  # as an experiment stores its final model
+    tracking.log_model(source, weights, "alexnet")  # as an experiment stores its final model
     version = mlflow.register_model(f"runs:/{source}/model", "start-here").version
     # init_from takes a state-dict file, runs:/<id>/model and models:/<name>/<version> alike
     torch.save(weights, tmp_path / "w.pt")
@@ -110,8 +110,11 @@ BAD_INPUTS = [
     ({"enable_swapping": "maybe"}, "Invalid value for '--enable-swapping': 'maybe' is not a valid boolean"),
     ({"rounds": "ten"}, "Invalid value for '--rounds': 'ten' is not a valid integer"),
     ({"dirichlet_alpha": 0}, "dirichlet_alpha=0.0: must be a finite number > 0"),
-    ({"batch_size": 0}, "batch_size=0: must be an integer >= 1"),
-    ({"local_epochs": 0}, "local_epochs=0: must be an integer >= 1"),
+    ({"batch_size": -4}, "batch_size=-4: must be an integer >= 1 (0: the model's own)"),
+    ({"model": "vgg"}, "model='vgg': must be one of alexnet, resnet34"),
+    ({"image_size": 16}, "image_size=16: must be an integer >= 32"),
+    ({"optimizer": "rmsprop"}, "optimizer='rmsprop': must be one of adam, sgd"),
+    ({"local_epochs": -1}, "local_epochs=-1: must be an integer >= 1"),
     ({"swap_every": 0}, "swap_every=0: must be an integer >= 1"),
     ({"seed": -1}, "seed=-1: must be an integer >= 0"),
     ({"max_test_samples": -1}, "max_test_samples=-1: must be >= 0 (0 means all)"),
@@ -162,7 +165,7 @@ def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, ca
         "missing": "place cifar-100-python.tar.gz",
         "corrupt": "not a valid CIFAR-100 python file",
         "init_from_missing": "init_from=",
-        "init_from_not_weights": "is not a fedshard AlexNet state dict: 20 missing keys (conv1.weight, conv1.bias, "
+        "init_from_not_weights": "is not a fedshard alexnet state dict: 20 missing keys (conv1.weight, conv1.bias, "
                                  "conv2.weight, conv2.bias, conv3.weight, ...); 1 unexpected key (layer.weight)",
     }[case]
     if case == "missing":

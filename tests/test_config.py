@@ -21,7 +21,7 @@ from fedshard.config import ConfigError, ExperimentConfig, canonical
         ({"partition": "random"}, "partition='random': must be one of iid, contiguous, dirichlet"),
         ({"dirichlet_alpha": 0}, "dirichlet_alpha=0.0"),
         ({"enable_swapping": "maybe"}, "enable_swapping='maybe': must be true or false"),
-        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": -1}, r"batch_size=-1: must be an integer >= 1 \(0: the model's own\)"),
         ({"max_train_samples": -1}, "max_train_samples=-1: must be >= 0"),
         ({"seed": -5}, "seed=-5"),
         ({"device": "tpu"}, "device='tpu': must be one of auto, cpu, cuda"),
@@ -117,5 +117,7 @@ def test_the_defaults_are_the_harness_experiment():
     assert (params["batch_size"], params["local_epochs"], params["partition"]) == ("32", "3", "contiguous")
     assert params["enable_layerwise_swapping"] == "false"
     shown = CliRunner().invoke(cli.main, ["run", "--help"]).output
-    for option, default in (("--batch-size", "32"), ("--local-epochs", "3"), ("--partition", "contiguous")):
-        assert re.search(rf"{option} \w+ .*\[default: {default}\]", " ".join(shown.split())), option
+    shown = " ".join(shown.split())
+    assert re.search(r"--local-epochs INTEGER .*\(0: the model's own, alexnet 3,", shown)
+    assert re.search(r"--batch-size INTEGER .*\(0: the model's own, alexnet 32,", shown)
+    assert re.search(r"--partition TEXT .*\[default: contiguous\]", shown)

@@ -3,6 +3,7 @@ and trainers as OS processes that talk over torch.distributed, and logs to a rea
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -14,10 +15,12 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, experiment_args, fedshard, fedshard_processes
 from fedshard import data
 from fedshard.config import ExperimentConfig, field_names
-from fedshard.model import AlexNet
+from fedshard.models.alexnet import AlexNet
 from fedshard.training import normalize
 
 CHANCE = 0.25  # the test data has 4 classes
+# What the swapping test's run measured on the code before models were a registry (commit f7cbddf).
+BEFORE_MODELS = json.loads((REPO / "tests" / "fixtures" / "alexnet_before_models.json").read_text())
 
 
 def run_experiment(tmp_path, data_dir, launcher_args=(), **params):
@@ -60,6 +63,19 @@ def check_finished_run(result, run_id, rounds):
 
 def expected_slice(k, r, n, every):  # docs/experiments.md, written out independently of fedshard.sharding
     return (k + r // every) % n
+
+
+def assert_numbers_as_before_models(run_id):
+    """AlexNet gives the numbers it gave before models were a registry: bit for bit on the CPU, PyTorch
+    and threads that recorded them (the fixture says which); elsewhere the kernels differ in their
+    last bits, which three rounds of training grow, so there within 0.1 %."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    same_machine = (BEFORE_MODELS["cpu"], BEFORE_MODELS["torch"], BEFORE_MODELS["threads"]) == (
+        cpu, torch.__version__, torch.get_num_threads())
+    for metric, values in BEFORE_MODELS["metrics"].items():
+        expected = {int(step): value for step, value in values.items()}
+        found = history(run_id, metric)
+        assert found == (expected if same_machine else pytest.approx(expected, rel=1e-3)), metric
 
 
 def assert_rises_above_chance(run_id):
@@ -143,6 +159,7 @@ def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tm
     result, run_id, pids = run_experiment(tmp_path, data_dir, ["--progress-every", "1"], world_size=2, rounds=rounds,
                                           swap_every=every, enable_swapping=True, local_epochs=2, **LEARNS)
     check_finished_run(result, run_id, rounds)
+    assert_numbers_as_before_models(run_id)
     # inside the rounds, not a terminal: a progress line every second (16 steps per trainer and round)
     assert re.search(r"^round [1-3]/3: steps \d+/32 \(\d+%\), \d+ img/s, ETA \d+:\d\d", result.stdout, re.M), \
         result.stdout

@@ -254,3 +254,24 @@ def test_key_format_6_writes_the_harness_pickle_that_analyze_reads_back(tmp_path
     assert "have enable_layerwise_swapping=true, which the 5-tuple key cannot say" in only.stderr
     csv = invoke("--experiment-name", "lw", "--format", "csv", "--key-format", "6", "--output", str(tmp_path / "x.csv"))
     assert csv.exit_code == 2 and "--key-format 6: a pickle's key has 5 or 6 fields; a CSV has" in csv.stderr
+
+
+def test_runs_of_another_model_are_refused_by_name_and_runs_from_before_models_are_alexnet(tmp_path, store):
+    # A run recorded before the model settings existed (no model, optimizer or image_size params) is
+    # AlexNet with its recipe: selected by --where model=alexnet, kept apart from ResNet-34's runs.
+    old = make_run("models", losses=[4.6, 3.0, 2.0], accs=[0.0, 0.2, 0.4], local_epochs=3, batch_size=32, **KEY)
+    make_run("models", losses=[4.6, 2.5, 1.5], accs=[0.0, 0.3, 0.5], model="resnet34", optimizer="sgd",
+             image_size=224, local_epochs=1, batch_size=32, **KEY)
+    output = tmp_path / "r.pkl"
+    refused = invoke("--experiment-name", "models", "--output", str(output))
+    assert refused.exit_code == 2 and "differ in model (alexnet, resnet34)" in refused.stderr, refused.output
+    assert not output.exists()
+    for where in (["model=alexnet"], ["model=alexnet", "optimizer=adam", "image_size=32"]):
+        options = [a for w in where for a in ("--where", w)]
+        chosen = invoke("--experiment-name", "models", "--output", str(output), *options)
+        assert chosen.exit_code == 0, chosen.output
+        assert pickle.loads(output.read_bytes()) == {(2, 1e-05, True, 2, 123): [(0, 4.6, 0.0), (1, 3.0, 0.2),
+                                                                               (2, 2.0, 0.4)]}
+    assert invoke("--experiment-name", "models", "--format", "csv", "--output", str(tmp_path / "r.csv"),
+                  "--where", "model=alexnet").exit_code == 0
+    assert set(pd.read_csv(tmp_path / "r.csv")["run_id"]) == {old}

@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from fedshard.model import AlexNet, slice_widths
+from fedshard.models import get as model_entry
+from fedshard.models.alexnet import AlexNet
+
+slice_widths = model_entry("alexnet").slice_widths
 
 # The benchmark scripts import their sibling modules by name, as `python benchmarks/X.py` lets them.
 sys.path.append(str(REPO / "benchmarks"))

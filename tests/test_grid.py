@@ -55,10 +55,10 @@ def test_fixed_params_and_grid_file(tmp_path):
 
 
 @pytest.mark.parametrize("options, assignments, message", [
-    ({}, ["foo=1"], "unknown experiment parameter 'foo'; valid: enable_layerwise_swapping, local_epochs"),
+    ({}, ["foo=1"], "unknown experiment parameter 'foo'; valid: model, enable_layerwise_swapping, local_epochs"),
     ({}, ["data_dir"], "expected KEY=VALUE"),
     ({}, ["rounds=3"], "rounds is a grid axis; give it as --rounds"),
-    ({}, ["batch_size=0"], "batch_size=0: must be an integer >= 1"),
+    ({}, ["batch_size=-1"], "batch_size=-1: must be an integer >= 1"),
     ({"learning_rates": "1e-3,fast"}, [], "learning_rate='fast': must be a number"),
     ({"world_sizes": "1,,2"}, [], "empty value"),
     ({"world_sizes": ""}, [], "--world-sizes '': no values given"),  # not the default grid
@@ -135,7 +135,7 @@ def test_axes_in_a_grid_file_and_on_the_command_line(tmp_path):
     ({}, ["strategy="], [], "--axis strategy= '': no values given"),
     ({}, ["strategy"], [], "expected NAME=V1,V2"),
     ({}, ["strategy=gossip,fedavg"], [], "strategy='gossip': must be one of tensor_parallel, fedavg"),
-    ({}, ["batch_size=16,0"], [], "batch_size=0: must be an integer >= 1"),
+    ({}, ["batch_size=16,-1"], [], "batch_size=-1: must be an integer >= 1"),
     ({}, ["partition=iid", "partition=dirichlet"], [], "partition is given twice"),
     ({"seeds": "1"}, ["seed=2"], [], "seed is given twice: as --seeds and as --axis seed"),
     ({}, ["strategy=fedavg"], ["strategy=fedavg"], "strategy is a grid axis; give it as --axis"),
@@ -221,4 +221,4 @@ def test_a_value_is_checked_with_the_axes_it_runs_with_not_with_the_defaults_of_
     with pytest.raises(SweepError) as err:
         expand(both)  # 128 with tensor_parallel in 12 combinations: said once
     assert str(err.value) == ("invalid sweep:\n  world_size=128: tensor_parallel slicing allows 1..96 "
-                              "(conv1 has 96 channels to split)")
+                              "(alexnet's narrowest split layer has 96 channels to split)")

@@ -9,11 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import experiment_args
-from fedshard import cli, precision, training
+from fedshard import cli, models, precision, training
 from fedshard.config import ConfigError, ExperimentConfig
 from fedshard.grid import SweepError, make_grid
-from fedshard.model import AlexNet, slice_widths
+from fedshard.models.alexnet import AlexNet
 from fedshard.synthetic import write_synthetic_cifar100
+
+slice_widths = models.get("alexnet").slice_widths
 
 NATIVE = precision.cpu_has_native_bf16()
 NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): PyTorch emulates it "

@@ -293,14 +293,13 @@ def slice_bytes(world_size: int) -> int:
     """float32 bytes of the smallest slice a trainer of this experiment receives and sends back."""
     import torch
 
-    from fedshard import strategies
+    from fedshard import models, strategies
     from fedshard.config import ExperimentConfig
-    from fedshard.model import AlexNet
 
     cfg = ExperimentConfig(world_size=world_size)
     with torch.device("meta"):
-        models = [AlexNet(strategies.build(cfg).widths(part)) for part in range(world_size)]
-    return min(4 * sum(p.numel() for p in m.parameters()) for m in models)
+        nets = [models.get(cfg.model).network(strategies.build(cfg).widths(part)) for part in range(world_size)]
+    return min(4 * sum(p.numel() for p in m.parameters()) for m in nets)
 
 
 def test_trainers_in_their_own_network_namespaces_exchange_tensors_over_veth(tmp_path, data_dir, store, namespaces):

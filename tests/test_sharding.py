@@ -1,12 +1,18 @@
-"""Slicing, assembly, rotation and the two strategies: pure math checked against numpy."""
+"""Slicing, assembly, rotation and the two strategies, on AlexNet: pure math checked against numpy
+(every model's slicing table: tests/test_models.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from fedshard import sharding, strategies
+from fedshard import models, sharding, strategies
 from fedshard.config import ExperimentConfig
-from fedshard.model import FULL_WIDTHS, SPLIT_DIM, AlexNet, slice_widths
+from fedshard.models.alexnet import FULL_WIDTHS, SPLIT_DIM, AlexNet
+
+ALEXNET = models.get("alexnet")
+TABLE = ALEXNET.table()
+slice_widths = ALEXNET.slice_widths
+forward_flops, parameter_count = ALEXNET.forward_flops, ALEXNET.parameter_count
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +30,9 @@ def test_full_model_matches_the_reference_size():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 96])
 def test_assemble_inverts_slice_exactly(full_state, n):
-    slices = sharding.slice_state(full_state, n)
+    slices = sharding.slice_state(full_state, n, TABLE)
     assert len(slices) == n
-    back = sharding.assemble(slices, weights=list(range(1, n + 1)))
+    back = sharding.assemble(slices, TABLE, weights=list(range(1, n + 1)))
     assert list(back) == list(full_state)
     for name, tensor in full_state.items():
         assert torch.equal(back[name], tensor), name
@@ -34,15 +40,15 @@ def test_assemble_inverts_slice_exactly(full_state, n):
 
 @pytest.mark.parametrize("n,index", [(2, 0), (2, 1), (3, 2), (5, 4)])
 def test_each_slice_is_the_weights_of_a_narrower_alexnet(full_state, n, index):
-    piece = sharding.slice_state(full_state, n)[index]
-    model = AlexNet.for_slice(n, index)
+    piece = sharding.slice_state(full_state, n, TABLE)[index]
+    model = ALEXNET.network(slice_widths(n, index))
     model.load_state_dict(piece)  # shapes must match exactly
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
 
 
 def test_slice_follows_the_table_and_numpy(full_state):
     n = 3
-    slices = sharding.slice_state(full_state, n)
+    slices = sharding.slice_state(full_state, n, TABLE)
     for name, tensor in full_state.items():
         layer, kind = name.split(".")
         dim = SPLIT_DIM[layer]
@@ -56,8 +62,8 @@ def test_slice_follows_the_table_and_numpy(full_state):
 
 def test_whole_kept_biases_are_sample_weighted_means():
     torch.manual_seed(1)
-    parts = [AlexNet.for_slice(2, i).state_dict() for i in range(2)]
-    merged = sharding.assemble(parts, weights=[30, 10])
+    parts = [AlexNet(slice_widths(2, i)).state_dict() for i in range(2)]
+    merged = sharding.assemble(parts, TABLE, weights=[30, 10])
     for layer in ("conv2", "conv4", "conv6", "fc2", "fc4"):
         b0, b1 = parts[0][f"{layer}.bias"].numpy(), parts[1][f"{layer}.bias"].numpy()
         np.testing.assert_allclose(merged[f"{layer}.bias"].numpy(), 0.75 * b0 + 0.25 * b1, rtol=1e-6, atol=1e-7)
@@ -127,8 +133,6 @@ def test_unknown_strategy_is_named_and_the_registry_is_what_config_accepts():
 def test_model_size_and_forward_flops_match_pytorch_own_counts(n, index):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedshard.model import forward_flops, parameter_count
-
     widths = slice_widths(n, index)
     model = AlexNet(widths)
     with FlopCounterMode(display=False) as counter:
@@ -148,7 +152,7 @@ def test_model_size_and_forward_flops_match_pytorch_own_counts(n, index):
 # --- layerwise swapping (docs/experiments.md), computed by hand on tiny tensors ----------------------
 
 
-def _tiny_model() -> dict[str, torch.Tensor]:
+def _tiny_model() -> dict[str, torch.Tensor]:  # AlexNet's conv1 and conv2 (the table's names) in miniature
     """conv1 (output-split) and conv2 (input-split) with 4 channels between them: two blocks of 2
     for two trainers. Weights are small integers, so every sum below is exact in float32."""
     return {"conv1.weight": torch.arange(4.0).view(4, 1), "conv1.bias": torch.zeros(4),

@@ -20,9 +20,11 @@ import torchvision.transforms.functional as TF
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedshard import training
-from fedshard.model import AlexNet, slice_widths
+from fedshard import models, training
+from fedshard.models.alexnet import AlexNet
 from fedshard.training import MEAN, PAD, SIZE, STD, DeviceData
+
+slice_widths = models.get("alexnet").slice_widths
 
 OFFSETS = 2 * PAD + 1  # crop offsets 0..8 into the 40x40 padded image
 

@@ -490,7 +490,7 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
     runs = {r.data.params["strategy"]: r for r in children}
     assert set(runs) == {"tensor_parallel", "fedavg"} and {r.info.status for r in children} == {"FINISHED"}
     assert runs["fedavg"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-fedavg-train16-test16"
-    assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-bs16-train16-test16"
+    assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-train16-test16"
     assert parent.data.params["grid.strategy"] == "tensor_parallel,fedavg"
 
     # Bytes: what the aggregator sent and received, against the tensors' sizes from the layer table

@@ -105,7 +105,7 @@ def test_a_file_that_is_no_state_dict_says_what_is_accepted_never_an_unsafe_load
 def test_weights_with_the_wrong_keys_name_them_and_count_them(tmp_path):
     from fedshard.aggregator import load_initial_weights
     from fedshard.config import ExperimentConfig
-    from fedshard.model import AlexNet
+    from fedshard.models.alexnet import AlexNet
 
     state = AlexNet().state_dict()
     state = {("module." + k if i < 7 else k): v for i, (k, v) in enumerate(state.items())}  # as DataParallel saves
@@ -114,7 +114,7 @@ def test_weights_with_the_wrong_keys_name_them_and_count_them(tmp_path):
     with pytest.raises(ValueError) as refused:
         load_initial_weights(ExperimentConfig(init_from=str(tmp_path / "w.pt")))
     assert str(refused.value) == (
-        f"init_from={str(tmp_path / 'w.pt')!r} is not a fedshard AlexNet state dict: 7 missing keys (conv1.weight, "
+        f"init_from={str(tmp_path / 'w.pt')!r} is not a fedshard alexnet state dict: 7 missing keys (conv1.weight, "
         "conv1.bias, conv2.weight, conv2.bias, conv3.weight, ...); 7 unexpected keys (module.conv1.weight, "
         "module.conv1.bias, module.conv2.weight, module.conv2.bias, module.conv3.weight, ...); 1 tensor of the wrong "
         "shape (fc4.weight (10, 4096) (expected (100, 4096)))")

@@ -1,3 +1,3 @@
-"""fedshard: tensor-parallel federated learning of AlexNet on CIFAR-100, tracked in MLflow."""
+"""fedshard: tensor-parallel federated learning of AlexNet (and ResNet-34) on CIFAR-100, tracked in MLflow."""
 
 __version__ = "0.1.0"

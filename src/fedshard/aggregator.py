@@ -18,26 +18,31 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, data, precision, progress, strategies, transport
+from . import checkpoint, data, models, precision, progress, strategies, transport
 from .config import RUN_PREFIX, ExperimentConfig
-from .model import AlexNet, state_dict_mismatch
-from .training import DeviceData, configure_backends, evaluate, normalize, resolve_device
+from .training import DeviceData, Preprocessing, configure_backends, evaluate, evaluation_input, resolve_device
 
 
 def load_initial_weights(cfg: ExperimentConfig, experiment_name: str | None = None) -> dict[str, torch.Tensor]:
     """The starting model: seeded random init, or the `init_from` weights (checked to fit); a run
-    named by init_from=run:<name> is looked for in `experiment_name` (default: the experiment meant)."""
+    named by init_from=run:<name> is looked for in `experiment_name` (default: the experiment meant);
+    torchvision:<weights> are torchvision's of the same network (models/pretrained.py)."""
     torch.manual_seed(cfg.seed)
-    model = AlexNet()
-    if cfg.init_from:
+    spec = models.get(cfg.model)
+    model = spec.network()
+    if cfg.init_from.startswith(models.TORCHVISION_PREFIX):
+        from .models import pretrained
+
+        model.load_state_dict(pretrained.torchvision_state(spec, cfg.init_from, model.state_dict()))
+    elif cfg.init_from:
         from . import tracking
 
         state = tracking.load_weights(cfg.init_from, experiment_name)
         try:
             model.load_state_dict(state)
         except Exception as exc:
-            raise ValueError(f"init_from={cfg.init_from!r} is not a fedshard AlexNet state dict: "
-                             f"{state_dict_mismatch(state, model)}") from exc
+            raise ValueError(f"init_from={cfg.init_from!r} is not a fedshard {cfg.model} state dict: "
+                             f"{models.state_dict_mismatch(state, model)}") from exc
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -92,9 +97,9 @@ class Rounds:
         self.moved = moved  # cumulative bytes; None for a run recorded before bytes were counted
         self.strategy = strategies.build(cfg)
         self.committer = Committer(run_id)
-        with torch.device("meta"):  # evaluation copy: every round loads the assembled weights into it
-            self.model = AlexNet()
-        self.model.to_empty(device=test.images.device)
+        # The evaluation copy of the full model: every round loads the assembled weights into it.
+        self.model = models.get(cfg.model).shapes().to_empty(device=test.images.device)
+        self.prep = Preprocessing.of(cfg.model, cfg.image_size)
         self.started = time.perf_counter()
 
     def dispatch(self, round_: int) -> Dispatched:
@@ -132,7 +137,8 @@ class Rounds:
         """Evaluate the current model, make the round durable in the background, and say it."""
         self.model.load_state_dict(self.weights)
         start = time.perf_counter()
-        loss, acc = evaluate(self.model, self.test, self.cfg.eval_batch_size, self.cfg.precision == "bf16")
+        loss, acc = evaluate(self.model, self.test, self.cfg.eval_batch_size, self.cfg.precision == "bf16",
+                             prep=self.prep)
         metrics = {"test_loss": loss, "test_accuracy": acc, "eval_seconds": time.perf_counter() - start, **extra}
         # Round 0 needs no checkpoint: the seed (or init_from) makes that model again.
         self.committer.submit(round_, metrics, self.weights if round_ > 0 else None)
@@ -153,7 +159,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     store.set("config", cfg.to_json())
     test = DeviceData.from_numpy(*data.load_split(cfg.data_dir, "test", cfg.max_test_samples), device)
     if start_from:
-        begin = checkpoint.load(start_from)
+        begin = checkpoint.load(start_from, cfg.model)
         first, weights, moved = begin.round, begin.weights, begin.metrics.get("comm/bytes_total")
     else:
         first, weights, moved = 0, load_initial_weights(cfg, _experiment_if_named(cfg, run_id)), 0.0
@@ -186,6 +192,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     if relay is not None:
         relay.close()
     transport.stop_trainers(cfg.world_size)
-    tracking.log_model(run_id, rounds.weights, example=normalize(test.images[:2]).cpu().numpy())
+    tracking.log_model(run_id, rounds.weights, cfg.model,
+                       example=evaluation_input(test.images[:2], rounds.prep).cpu().numpy())
     transport.leave()
     print("aggregator: all rounds complete", flush=True)

@@ -54,17 +54,21 @@ def save(ckpt: Checkpoint, path: str | Path) -> Path:
     import torch
 
     path = Path(path)
+    # Floating tensors as fp32 (the model computes in bf16 at most under autocast), integer ones
+    # (batch norm's step counters) as they are.
     torch.save({"format": FORMAT, "round": int(ckpt.round),
-                "weights": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ckpt.weights.items()},
+                "weights": {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                            for k, v in ckpt.weights.items()},
                 "metrics": {k: float(v) for k, v in ckpt.metrics.items()}}, path)
     return path
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read and check a checkpoint: it must be complete and hold the full AlexNet's weights."""
+def load(path: str | Path, model: str) -> Checkpoint:
+    """Read and check a checkpoint: it must be complete and hold the full weights of `model` (a
+    models name), every parameter and buffer, of its shapes and types."""
     import torch
 
-    from .model import AlexNet
+    from . import models
 
     path = Path(path)
     try:
@@ -73,10 +77,7 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a complete checkpoint ({type(exc).__name__}: {first_line(exc)})") from exc
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedshard checkpoint (format {FORMAT} expected)")
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in AlexNet().state_dict().items()}
     weights = content["weights"]
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if got != {k: tuple(s) for k, s in expected.items()}:
-        raise CheckpointError(f"{path}: the weights are not those of the full AlexNet")
+    if {k: (tuple(v.shape), v.dtype) for k, v in weights.items()} != models.get(model).state_shapes():
+        raise CheckpointError(f"{path}: the weights are not those of the full {models.get(model).title}")
     return Checkpoint(int(content["round"]), weights, dict(content["metrics"]))

@@ -16,8 +16,9 @@ from pathlib import Path
 import click
 
 from . import lifecycle
-from .config import HELP, RENAMED, ConfigError, ExperimentConfig
+from .config import RENAMED, ConfigError, ExperimentConfig
 from .processes import exit_now, role_process, role_threads
+from .settings_help import HELP
 
 _TYPES = {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL, "str": click.STRING}
 
@@ -39,7 +40,7 @@ def fail(message: str, code: int = 2):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main():
-    """Federated learning of AlexNet slices on CIFAR-100, tracked in MLflow."""
+    """Federated learning of width-wise model slices (AlexNet, ResNet-34) on CIFAR-100, tracked in MLflow."""
 
 
 @main.command()

@@ -12,7 +12,12 @@ import json
 import math
 from dataclasses import dataclass, fields
 
+from . import models
+
 STRATEGIES = ("tensor_parallel", "fedavg")
+# The local optimisers, fresh every round (training.py): Adam with weight decay 1e-4, or SGD with
+# momentum 0.9 and weight decay 1e-4.
+OPTIMIZERS = ("adam", "sgd")
 PARTITIONS = ("iid", "contiguous", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
 # What a run computes in (precision.py): auto is bf16 where the device computes it natively, else
@@ -23,9 +28,12 @@ RENAMED = {"amp": "precision (bf16 for amp=true, fp32 for amp=false; auto: bf16 
                   "it natively, which is what amp did on CUDA)"}
 # init_from=run:<run name>: the final model of the FINISHED run of that name in the same experiment.
 RUN_PREFIX = "run:"
-# The narrowest split width of AlexNet (conv1 has 96 output channels): a
-# tensor-parallel world cannot have more trainers than that.
-MAX_TENSOR_PARALLEL_WORLD = 96
+# Settings whose default is the model's own (its recipe, models.Recipe): this value in the dataclass
+# means "the model's", and a config always holds, and records, the value it resolved to. So a run
+# recorded before the setting existed (read back with the dataclass default) is the same
+# configuration as one that gives AlexNet's value, and `model=resnet34` alone is the harness's
+# ResNet-34 recipe.
+MODEL_DEFAULT = {"optimizer": "", "image_size": 0, "local_epochs": 0, "batch_size": 0}
 
 # What a configuration *is*: every setting that can change a result. Two runs that agree on all
 # of these trained the same thing, so a sweep skips, resumes and extends across them and export
@@ -38,7 +46,8 @@ KEY_SETTINGS = ("world_size", "learning_rate", "enable_swapping", "rounds", "see
 # How a run's name spells a setting that differs from its default (the five of the key are
 # always in it): ws2-lr0.001-swaptrue-r30-s123-fedavg-bs16.
 NAME_PARTS = {
-    "enable_layerwise_swapping": "layerwise", "local_epochs": "ep{}", "batch_size": "bs{}", "swap_every": "every{}",
+    "model": "{}", "enable_layerwise_swapping": "layerwise", "local_epochs": "ep{}", "batch_size": "bs{}",
+    "optimizer": "{}", "image_size": "img{}", "swap_every": "every{}",
     "strategy": "{}",
     "partition": "{}", "dirichlet_alpha": "alpha{}", "max_train_samples": "train{}",
     "max_test_samples": "test{}", "init_from": "init", "precision": "{}",
@@ -52,36 +61,6 @@ class ConfigError(ValueError):
     """An invalid experiment setting; the message names the value and what is valid."""
 
 
-# What each setting means: `fedshard run --help`, and the MLproject's parameters.
-HELP = {
-    "world_size": "number of trainers (tensor_parallel: 1..96)",
-    "learning_rate": "Adam learning rate of local training",
-    "enable_swapping": "rotate slices between trainers every swap_every rounds (true/false)",
-    "enable_layerwise_swapping": "the original harness's layerwise swapping: in round r the trainer of slice s receives "
-                                 "input block (s + r) mod n of the input-split layers, and its change is added at "
-                                 "block s (tensor_parallel only; true/false)",
-    "rounds": "federated rounds",
-    "seed": "seed of initialisation, partition, shuffling, augmentation and dropout",
-    "local_epochs": "passes over its partition a trainer makes per round",
-    "batch_size": "local training batch size",
-    "swap_every": "rounds between slice rotations when swapping",
-    "strategy": "tensor_parallel (slices) or fedavg (whole model per trainer)",
-    "partition": "how training images are divided: iid, contiguous or dirichlet",
-    "dirichlet_alpha": "concentration of the dirichlet partition (smaller = more skewed)",
-    "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",
-    "max_train_samples": "use only the first N training images (0 = all)",
-    "max_test_samples": "evaluate on the first N test images only (0 = all)",
-    "init_from": "start from these weights: a state-dict file, runs:/<id>/model, models:/<name>/<version>, or "
-                 "run:<run name> (the final model of the FINISHED run of that name in the same experiment)",
-    "eval_batch_size": "evaluation batch size",
-    "round_timeout": "seconds a round's exchange may take before the experiment fails",
-    "device": "auto (cuda when available), cpu or cuda",
-    "precision": "what to compute in: auto (bf16 where the device computes it natively: CUDA, or a CPU with "
-                 "avx512_bf16 or AMX; else fp32), bf16 or fp32; the run records the one it used",
-    "deterministic": "bit-for-bit reproducible CUDA kernels (slower)",
-}
-
-
 @dataclass(frozen=True)
 class ExperimentConfig:
     world_size: int = 2
@@ -89,10 +68,14 @@ class ExperimentConfig:
     enable_swapping: bool = True
     rounds: int = 30
     seed: int = 123
+    model: str = models.DEFAULT
     enable_layerwise_swapping: bool = False
-    # The original harness's recipe: 3 local epochs at batch 32 on contiguous shards.
-    local_epochs: int = 3
-    batch_size: int = 32
+    # The model's recipe (MODEL_DEFAULT): AlexNet's is the original harness's, 3 local epochs at batch 32
+    # with Adam on 32x32 images; ResNet-34's 1 local epoch at batch 32 with SGD on 224x224.
+    local_epochs: int = MODEL_DEFAULT["local_epochs"]
+    batch_size: int = MODEL_DEFAULT["batch_size"]
+    optimizer: str = MODEL_DEFAULT["optimizer"]
+    image_size: int = MODEL_DEFAULT["image_size"]
     swap_every: int = 2
     strategy: str = "tensor_parallel"
     partition: str = "contiguous"
@@ -111,6 +94,10 @@ class ExperimentConfig:
         # Coerce exact types first so that 1 and 1.0, "1e-05" and 0.00001 are one config.
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        recipe = models.REGISTRY.get(self.model, models.get(models.DEFAULT)).recipe  # an unknown model is a problem
+        for name, unset in MODEL_DEFAULT.items():
+            if getattr(self, name) == unset:
+                object.__setattr__(self, name, getattr(recipe, name))
         problems = self._problems()
         if problems:
             raise ConfigError("invalid experiment configuration:\n  " + "\n  ".join(problems))
@@ -144,25 +131,19 @@ class ExperimentConfig:
         return self.world_size > 1 and self.strategy == "tensor_parallel"
 
     def _problems(self) -> list[str]:
-        p = []
+        p = self._model_problems()
         if self.world_size < 1:
             p.append(f"world_size={self.world_size}: must be an integer >= 1")
-        elif self.strategy == "tensor_parallel" and self.world_size > MAX_TENSOR_PARALLEL_WORLD:
-            p.append(
-                f"world_size={self.world_size}: tensor_parallel slicing allows 1..{MAX_TENSOR_PARALLEL_WORLD} "
-                f"(conv1 has {MAX_TENSOR_PARALLEL_WORLD} channels to split)"
-            )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             p.append(f"learning_rate={self.learning_rate!r}: must be a finite number > 0")
-        if self.enable_layerwise_swapping and self.world_size > 1:
-            p.extend(_layerwise_problems(self.world_size, self.strategy))
         if self.rounds < 1:
             p.append(f"rounds={self.rounds}: must be an integer >= 1")
         if self.seed < 0:
             p.append(f"seed={self.seed}: must be an integer >= 0")
         for name in ("local_epochs", "batch_size", "swap_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                p.append(f"{name}={getattr(self, name)}: must be an integer >= 1")
+                own = " (0: the model's own)" if name in MODEL_DEFAULT else ""
+                p.append(f"{name}={getattr(self, name)}: must be an integer >= 1{own}")
         if self.strategy not in STRATEGIES:
             p.append(f"strategy={self.strategy!r}: must be one of {', '.join(STRATEGIES)}")
         if self.partition not in PARTITIONS:
@@ -182,6 +163,27 @@ class ExperimentConfig:
             p.append("data_dir is empty: give the directory that holds (or will hold) cifar-100-python/")
         return p
 
+    def _model_problems(self) -> list[str]:
+        """What the model makes invalid: its name, a world size it cannot be cut for, its recipe's settings."""
+        if self.model not in models.REGISTRY:
+            return [f"model={self.model!r}: must be one of {', '.join(models.REGISTRY)}"]
+        model, p = models.get(self.model), []
+        if self.strategy == "tensor_parallel" and self.world_size > model.max_world_size:
+            p.append(f"world_size={self.world_size}: tensor_parallel slicing allows 1..{model.max_world_size} "
+                     f"({self.model}'s narrowest split layer has {model.max_world_size} channels to split)")
+        elif self.enable_layerwise_swapping and self.world_size > 1:
+            p.extend(_layerwise_problems(model, self.world_size, self.strategy))
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"optimizer={self.optimizer!r}: must be one of {', '.join(OPTIMIZERS)} (empty: the model's own)")
+        if self.image_size < models.NATIVE_IMAGE_SIZE:
+            p.append(f"image_size={self.image_size}: must be an integer >= {models.NATIVE_IMAGE_SIZE} (CIFAR's images "
+                     f"are resized up, never down; 0: the model's own)")
+        if self.init_from.startswith(models.TORCHVISION_PREFIX) and not model.torchvision:
+            with_weights = [m.name for m in models.REGISTRY.values() if m.torchvision]
+            p.append(f"init_from={self.init_from!r}: torchvision has no weights of fedshard's {self.model}; models "
+                     f"with them: {', '.join(with_weights)}")
+        return p
+
     # --- identity -----------------------------------------------------------------
     def key(self) -> tuple[int, float, bool, int, int]:
         """The results-pickle key: (world_size, learning_rate, enable_swapping, rounds, seed)."""
@@ -199,9 +201,13 @@ class ExperimentConfig:
 
     def run_name(self) -> str:
         """The run's name in the MLflow UI: the pickle key's five settings, then every other setting
-        that differs from its default, e.g. ws2-lr0.001-swapfalse-r30-s123-fedavg; bf16 is named,
-        fp32 (what the original harness computed in) is not."""
-        p, default = self.params(), dict(ExperimentConfig().params(), precision="fp32")
+        that differs from its default, e.g. ws2-lr0.001-swapfalse-r30-s123-fedavg; the model is named
+        unless it is AlexNet, and its recipe's settings differ from the model's own, not AlexNet's
+        (ws1-lr0.001-swapfalse-r10-s42-resnet34: SGD, 224x224, 1 local epoch); bf16 is named, fp32
+        (what the original harness computed in) is not."""
+        p, default = self.params(), dict(ExperimentConfig(model=self.model).params(), precision="fp32")
+        if self.model != models.DEFAULT:
+            default["model"] = models.DEFAULT
         if p["precision"] == "auto":
             p["precision"] = "fp32"
         name = f"ws{self.world_size}-lr{p['learning_rate']}-swap{p['enable_swapping']}-r{self.rounds}-s{self.seed}"
@@ -221,8 +227,11 @@ class ExperimentConfig:
                    + (", input blocks swapped layerwise every round" if self.enable_layerwise_swapping else ""))
         data = f"{self.partition} partition" + (f", first {self.max_train_samples} training images"
                                                 if self.max_train_samples else "")
-        return (f"AlexNet on CIFAR-100: {how}; Adam lr {lr}, {self.rounds} rounds of {self.local_epochs} local "
-                f"epoch{'s' * (self.local_epochs > 1)} at batch {self.batch_size}, seed {self.seed}, {data}.")
+        size = "" if self.image_size == models.NATIVE_IMAGE_SIZE else f" resized to {self.image_size}x{self.image_size}"
+        optimizer = {"adam": "Adam", "sgd": "SGD"}[self.optimizer]
+        return (f"{models.get(self.model).title} on CIFAR-100{size}: {how}; {optimizer} lr {lr}, {self.rounds} rounds "
+                f"of {self.local_epochs} local epoch{'s' * (self.local_epochs > 1)} at batch {self.batch_size}, "
+                f"seed {self.seed}, {data}.")
 
     def params(self) -> dict[str, str]:
         """Every field as its canonical string: what MLflow stores and sweeps compare."""
@@ -263,21 +272,18 @@ class ExperimentConfig:
 RESULT_SETTINGS = tuple(f.name for f in fields(ExperimentConfig) if f.name not in NOT_RESULT_SETTINGS)
 
 
-def _layerwise_problems(world_size: int, strategy: str) -> list[str]:
+def _layerwise_problems(model: models.Model, world_size: int, strategy: str) -> list[str]:
     """Layerwise swapping hands a trainer another slice's input block, which must have its own
     block's width: every split width must divide evenly (as the harness's `width // n` assumed)."""
     if strategy != "tensor_parallel":
         return [f"enable_layerwise_swapping=true: layerwise swapping exchanges input blocks of tensor-parallel "
                 f"slices; strategy={strategy} trains whole models (use strategy=tensor_parallel or "
                 f"enable_layerwise_swapping=false)"]
-    from .model import FULL_WIDTHS  # only here: the model module imports PyTorch
-
-    uneven = {layer: width for layer, width in FULL_WIDTHS.items() if width % world_size}
+    uneven = [width for width in model.split_widths if width % world_size]
     if uneven:
-        even = [n for n in range(2, MAX_TENSOR_PARALLEL_WORLD + 1) if all(w % n == 0 for w in FULL_WIDTHS.values())]
-        return [f"enable_layerwise_swapping=true with world_size={world_size}: the split widths "
-                f"{', '.join(f'{k}={v}' for k, v in uneven.items())} do not divide into {world_size} equal blocks; "
-                f"layerwise swapping needs world_size in {', '.join(map(str, even))}"]
+        return [f"enable_layerwise_swapping=true with world_size={world_size}: {model.name}'s split widths "
+                f"{', '.join(map(str, uneven))} do not divide into {world_size} equal blocks; layerwise swapping "
+                f"needs world_size in {', '.join(map(str, model.even_world_sizes()))}"]
     return []
 
 
@@ -299,9 +305,22 @@ def setting_value(name: str, value) -> str:
     ConfigError names it and what is valid. Whether it suits the other settings is not asked (a
     world size is checked with FedAvg, which runs any number of trainers; every other setting with
     the default tensor-parallel experiment, where each applies), and the rules for settings that
-    do not apply are left out: dirichlet_alpha=0.1 stays 0.1 whatever the partition."""
-    ExperimentConfig.from_mapping({"strategy": "fedavg", name: value} if name == "world_size" else {name: value})
-    return canonical(_coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value))
+    do not apply are left out: dirichlet_alpha=0.1 stays 0.1 whatever the partition. A value one
+    model allows is valid (init_from=torchvision:DEFAULT is ResNet-34's); the value that means "the
+    model's own" is not, as runs record the value it stood for."""
+    coerced = _coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value)
+    if name in MODEL_DEFAULT and coerced == MODEL_DEFAULT[name]:
+        raise ConfigError(f"{name}={canonical(coerced) or repr(coerced)} stands for the model's own value, which "
+                          f"runs record instead: give that ({models.own_values(name)})")
+    problems = []
+    for model in models.REGISTRY:
+        try:
+            ExperimentConfig.from_mapping({"strategy": "fedavg" if name == "world_size" else "tensor_parallel",
+                                           "model": model, name: value})
+            return canonical(coerced)
+        except ConfigError as exc:
+            problems.append(exc)
+    raise problems[0]
 
 
 def field_names() -> list[str]:

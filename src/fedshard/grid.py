@@ -43,14 +43,17 @@ class SweepError(ValueError):
 
 
 def split_values(label: str, value) -> list[str]:
-    """'1e-5, 1e-4' or [1e-5, 0.0001] (YAML) -> ['1e-5', '1e-4']; booleans as true/false."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    if not isinstance(value, (list, tuple)) and not str(value).strip():
+    """'1e-5, 1e-4' or [1e-5, 0.0001] (YAML) -> ['1e-5', '1e-4']; booleans as true/false. An empty
+    string is a value only where a YAML list says "" (init_from: ["", torchvision:DEFAULT]); in a
+    comma-separated list it is a typo."""
+    listed = isinstance(value, (list, tuple))
+    items = value if listed else str(value).split(",")
+    if not listed and not str(value).strip():
         items = []  # '' is no list of values, not a list of one empty value
     out = []
     for item in items:
         text = ("true" if item else "false") if isinstance(item, bool) else str(item).strip()
-        if not text:
+        if not text and not (listed and item == ""):
             raise SweepError(f"{label} {value!r}: empty value in the list")
         out.append(text)
     if not out:

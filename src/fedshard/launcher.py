@@ -53,6 +53,7 @@ def check(cfg: ExperimentConfig, experiment_name: str | None = None) -> list:
             parts = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
         except data.DataError as exc:
             raise CheckFailed(f"world_size={cfg.world_size}: {exc}") from exc
+        _check_batches(cfg, [len(p) for p in parts])
         if cfg.init_from:
             from . import aggregator  # imports PyTorch: only when there are weights to check
 
@@ -61,6 +62,20 @@ def check(cfg: ExperimentConfig, experiment_name: str | None = None) -> list:
         raise CheckFailed(str(exc)) from exc
     return data.inputs(cfg.data_dir, parts, len(test_labels), cfg.partition, cfg.seed, cfg.max_train_samples,
                        cfg.max_test_samples)
+
+
+def _check_batches(cfg: ExperimentConfig, sizes: list[int]) -> None:
+    """Refuse a partition that would end an epoch on a batch the model cannot train on (batch norm
+    with a 1 x 1 map, as ResNet's last stage at 32 x 32, needs two images)."""
+    from . import models
+
+    smallest = models.get(cfg.model).min_batch(cfg.image_size)
+    for k, n in enumerate(sizes):
+        if 0 < n % cfg.batch_size < smallest:
+            raise CheckFailed(f"trainer {k}'s {n} training images end each epoch on a batch of {n % cfg.batch_size} "
+                              f"at batch_size={cfg.batch_size}, and {cfg.model} at image_size={cfg.image_size} trains "
+                              f"on batches of {smallest} images or more (batch norm of a 1x1 map); choose another "
+                              f"batch_size, max_train_samples or image_size")
 
 
 def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement(),

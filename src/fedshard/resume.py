@@ -71,7 +71,7 @@ def for_resume(run_id: str, warn=None) -> tuple[ExperimentConfig, Start]:
 def _resume_point(run_id: str, record, cfg: ExperimentConfig, warn) -> Start:
     extends = record.tags.get(tracking.EXTENDS_TAG)
     copied = _run_rounds(extends) if extends else 0
-    ckpt = tracking.load_checkpoint(run_id, warn)
+    ckpt = tracking.load_checkpoint(run_id, cfg.model, warn)
     if ckpt is not None:
         return Start(ckpt, copied)
     if extends:  # an extended run that stopped before its first own checkpoint: its source's model

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
-from . import sharding
+from . import models, sharding
 from .config import STRATEGIES, ExperimentConfig
-from .model import forward_flops, parameter_count, slice_widths
 from .sharding import StateDict
 
 
@@ -29,7 +28,7 @@ class Strategy(Protocol):
         """The part each trainer trains in round `round_` (rounds count from 1), trainer order."""
 
     def widths(self, part: int) -> dict[str, int]:
-        """The split widths of the model that `part` is (model.AlexNet(widths) builds it)."""
+        """The split widths of the model that `part` is (models.Model.network(widths) builds it)."""
 
     def split(self, weights: StateDict, round_: int) -> list[StateDict]:
         """The weights each trainer receives in round `round_`, trainer order, from the full model's."""
@@ -53,31 +52,33 @@ class TensorParallel:
     def __init__(self, cfg: ExperimentConfig):
         self.n, self.swapping, self.every = cfg.world_size, cfg.enable_swapping, cfg.swap_every
         self.layerwise = cfg.enable_layerwise_swapping
+        self.model = models.get(cfg.model)
+        self.table = self.model.table()
 
     def assignment(self, round_: int) -> list[int]:
         return sharding.assignment(round_, self.n, self.swapping, self.every)
 
     def widths(self, part: int) -> dict[str, int]:
-        return slice_widths(self.n, part)
+        return self.model.slice_widths(self.n, part)
 
     def split(self, weights: StateDict, round_: int) -> list[StateDict]:
-        slices = sharding.slice_state(weights, self.n)
+        slices = sharding.slice_state(weights, self.n, self.table)
         payloads = [slices[part] for part in self.assignment(round_)]
         if not self.layerwise:
             return payloads
-        blocks = {name: [s[name] for s in slices] for name in sharding.input_split(weights)}
+        blocks = {name: [s[name] for s in slices] for name in sharding.input_split(weights, self.table)}
         return [{**payload, **{name: blocks[name][(part + round_) % self.n] for name in blocks}}
                 for part, payload in zip(self.assignment(round_), payloads)]
 
     def combine(self, weights: StateDict, sent: Sequence[StateDict], trained: Sequence[StateDict],
                 samples: Sequence[int], round_: int) -> StateDict:
         # Slice order: trained parts, or (layerwise) the changes, are put back at their slice's place;
-        # whole-kept biases are averaged weighted by the samples of the trainer that trained each slice.
+        # whole tensors are averaged weighted by the samples of the trainer that trained each slice.
         parts = self.assignment(round_)
         if self.layerwise:  # change-based, as the harness: the model sent plus the assembled changes
             trained = [{name: t[name] - s[name] for name in t} for t, s in zip(trained, sent)]
         by_slice = sorted(zip(parts, trained, samples), key=lambda t: t[0])
-        assembled = sharding.assemble([t for _, t, _ in by_slice], [s for _, _, s in by_slice])
+        assembled = sharding.assemble([t for _, t, _ in by_slice], self.table, [s for _, _, s in by_slice])
         if not self.layerwise:  # the trained weights themselves: the same model, without a rounding step
             return assembled
         return {name: weights[name] + assembled[name] for name in weights}
@@ -90,19 +91,26 @@ class FedAvg:
 
     def __init__(self, cfg: ExperimentConfig):
         self.n = cfg.world_size
+        self.model = models.get(cfg.model)
+        self.table = self.model.table()
 
     def assignment(self, round_: int) -> list[int]:
         return [0] * self.n
 
     def widths(self, part: int) -> dict[str, int]:
-        return slice_widths(1, 0)
+        return self.model.full_widths()
 
     def split(self, weights: StateDict, round_: int) -> list[StateDict]:
         return [weights] * self.n
 
     def combine(self, weights: StateDict, sent: Sequence[StateDict], trained: Sequence[StateDict],
                 samples: Sequence[int], round_: int) -> StateDict:
-        return {name: sharding.weighted_mean([t[name] for t in trained], samples) for name in trained[0]}
+        # The sample-weighted mean of every weight and running statistic; step counters their maximum.
+        return {name: sharding.combine([t[name] for t in trained], self._whole(name), samples) for name in trained[0]}
+
+    def _whole(self, name: str) -> None | str:
+        """How a whole tensor is combined: averaged (None), or the maximum for a step counter."""
+        return sharding.MAX if sharding.rule(self.table, name) == sharding.MAX else None
 
 
 REGISTRY: dict[str, type] = {s.name: s for s in (TensorParallel, FedAvg)}
@@ -118,9 +126,11 @@ def build(cfg: ExperimentConfig) -> Strategy:
 
 
 def model_sizes(cfg: ExperimentConfig) -> dict[str, int]:
-    """What the method's point shows in: parameters and forward FLOPs per image of the full model
-    and of the largest model a trainer trains (slices of uneven width differ by a channel or so)."""
-    strategy = build(cfg)  # every round's assignment holds every part trainers train
-    trained = max((strategy.widths(p) for p in set(strategy.assignment(1))), key=parameter_count)
-    return {"model.params_full": parameter_count(), "model.params_per_trainer": parameter_count(trained),
-            "model.flops_per_image_full": forward_flops(), "model.flops_per_image_per_trainer": forward_flops(trained)}
+    """What the method's point shows in: parameters and forward FLOPs per image (at the run's image
+    size) of the full model and of the largest model a trainer trains (slices of uneven width
+    differ by a channel or so)."""
+    strategy, model = build(cfg), models.get(cfg.model)  # every round's assignment holds every part trained
+    trained = max((strategy.widths(p) for p in set(strategy.assignment(1))), key=model.parameter_count)
+    return {"model.params_full": model.parameter_count(), "model.params_per_trainer": model.parameter_count(trained),
+            "model.flops_per_image_full": model.forward_flops(None, cfg.image_size),
+            "model.flops_per_image_per_trainer": model.forward_flops(trained, cfg.image_size)}

@@ -12,12 +12,11 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch import nn
 
-from . import data, precision, progress, strategies, transport
+from . import data, models, precision, progress, strategies, transport
 from .config import ExperimentConfig
-from .model import AlexNet
-from .training import DeviceData, configure_backends, resolve_device, train_local
+from .training import DeviceData, Preprocessing, configure_backends, resolve_device, train_local
 
 
 def round_seed(seed: int, trainer: int, round_: int) -> int:
@@ -49,20 +48,20 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
     # Progress inside a round, and a beat while waiting, over a store connection of its own (progress.py).
     reporter = progress.TrainerReporter(transport.experiment_store(metaserver, run_id, secret, cfg.round_timeout),
                                         trainer, cfg.batch_size)
-    models: dict[int, AlexNet] = {}
+    spec, prep = models.get(cfg.model), Preprocessing.of(cfg.model, cfg.image_size)
+    parts: dict[int, nn.Module] = {}
     rounds_trained = 0
     while True:
         command, round_, part = transport.receive_header()
         if command == transport.STOP:
             break
-        if part not in models:
-            # Built without initialising: the aggregator's weights overwrite every parameter.
-            with torch.device("meta"):
-                models[part] = AlexNet(strategy.widths(part))
-            models[part].to_empty(device=device)
-        model = models[part]
-        flat = transport.receive_weights(sum(p.numel() for p in model.parameters()))
-        vector_to_parameters(flat.to(device), model.parameters())
+        if part not in parts:
+            # Built without initialising: the aggregator's weights overwrite every parameter and buffer.
+            parts[part] = spec.shapes(strategy.widths(part)).to_empty(device=device)
+        model = parts[part]
+        state = model.state_dict()
+        flat = transport.receive_weights(sum(transport.word_count(t) for t in state.values()))
+        model.load_state_dict(transport.unflatten(flat, state))
         seed = round_seed(cfg.seed, trainer, round_)
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device).manual_seed(seed)  # shuffling and augmentation
@@ -72,10 +71,11 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
         rounds_trained += 1
         reporter.round_started(round_, len(own) * cfg.local_epochs)
         result = train_local(model, own, learning_rate=cfg.learning_rate, epochs=cfg.local_epochs,
-                             batch_size=cfg.batch_size, generator=generator, bf16=bf16, on_step=reporter)
+                             batch_size=cfg.batch_size, generator=generator, bf16=bf16, on_step=reporter,
+                             optimizer=cfg.optimizer, prep=prep)
         print(f"trainer {trainer}: round {round_} slice {part} loss={result.mean_loss:.4f} "
               f"({result.samples} images, {result.seconds:.1f}s)", flush=True)
-        transport.send_result(parameters_to_vector(model.parameters()).cpu(), part,
+        transport.send_result(transport.flatten(list(model.state_dict().values())), part,
                               result.samples, result.mean_loss, result.seconds)
     reporter.close()
     transport.leave()

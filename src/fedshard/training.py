@@ -1,8 +1,12 @@
 """Local training and evaluation on data that already sits on the device.
 
 As in airbench, a trainer's whole partition is one uint8 tensor on its device;
-random crop (pad 4) and horizontal flip are drawn per image but applied to a
-whole batch at once with one gather, then normalised. No DataLoader, no PIL.
+each batch is resized there to the model's image size (ResNet-34's 224: never
+a CPU loader), its random crop (padded by an eighth of the image size) and
+horizontal flip are drawn per image but applied to the whole batch with one
+gather, then normalised with the model's statistics (Images: the model's recipe,
+models.Recipe). No DataLoader, no PIL. The optimiser, fresh every round, is
+Adam or SGD (make_optimizer).
 
 `bf16` (a run's precision, precision.py) means bf16 autocast, on CUDA and on a CPU
 that computes bf16 natively; weights, optimiser state and losses stay fp32. On CUDA
@@ -28,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MEAN = (0.5071, 0.4867, 0.4408)
-STD = (0.2675, 0.2565, 0.2761)
+from . import models
+
+# AlexNet's, the default of every function here: CIFAR-100's statistics, 32 x 32, crop padding 4.
+MEAN, STD = models.CIFAR100_MEAN, models.CIFAR100_STD
 PAD = 4
-SIZE = 32
+SIZE = models.NATIVE_IMAGE_SIZE
 
 
 # cuBLAS needs a fixed workspace configuration to be deterministic; see
@@ -91,58 +97,107 @@ class DeviceData:
         return len(self.labels)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model sees CIFAR's 32 x 32 uint8 images: resized to `size`, in training cropped at random
+    from the image zero-padded by `pad` and flipped, standardised with `mean` and `std` per channel.
+    The default is AlexNet's recipe."""
+
+    size: int = SIZE
+    pad: int = PAD
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+
+    @classmethod
+    def of(cls, model: str, image_size: int) -> Preprocessing:
+        """The recipe of `model` (models.Recipe) at `image_size`."""
+        recipe = models.get(model).recipe
+        return cls(image_size, recipe.pad_at(image_size), recipe.mean, recipe.std)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B,3,h,w) -> uint8 (B,3,size,size): bilinear, as torchvision's Resize of a PIL image,
+    rounded back to uint8 as PIL's is. Images of that size already come back as they are."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize(images: torch.Tensor, prep: Preprocessing = Preprocessing()) -> torch.Tensor:
     """uint8 (B,3,H,W) -> float, scaled to [0, 1] then standardised per channel.
 
     (x/255 - mean)/std as one multiply-add, in place on the fresh float copy.
     """
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(prep.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=images.device).view(1, 3, 1, 1)
     return images.float().mul_(1 / (255 * std)).sub_(mean / std)
 
 
-def draw_augmentation(b: int, generator: torch.Generator, device: torch.device):
-    """Per image: crop offsets dy, dx in 0..2*PAD into the padded image, and whether to flip; each (b, 1)."""
-    dy = torch.randint(0, 2 * PAD + 1, (b, 1), generator=generator, device=device)
-    dx = torch.randint(0, 2 * PAD + 1, (b, 1), generator=generator, device=device)
+def evaluation_input(images: torch.Tensor, prep: Preprocessing = Preprocessing()) -> torch.Tensor:
+    """What the model is given to evaluate uint8 CIFAR images: resized and normalised, not augmented."""
+    return normalize(resize(images, prep.size), prep)
+
+
+def draw_augmentation(b: int, generator: torch.Generator, device: torch.device, pad: int = PAD):
+    """Per image: crop offsets dy, dx in 0..2*pad into the padded image, and whether to flip; each (b, 1)."""
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
     flip = torch.rand((b, 1), generator=generator, device=device) < 0.5
     return dy, dx, flip
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
     """Per-image random crop of the zero-padded image and random horizontal flip, as one gather."""
-    return apply_augmentation(images, *draw_augmentation(images.shape[0], generator, images.device))
+    return apply_augmentation(images, *draw_augmentation(images.shape[0], generator, images.device, pad), pad)
 
 
-def apply_augmentation(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+def apply_augmentation(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                       pad: int = PAD) -> torch.Tensor:
     """Crop image i at (dy[i], dx[i]) of its zero-padded self, then mirror it if flip[i].
 
-    Mirroring a crop equals cropping the mirrored padded image at 2*PAD - dx, so
-    the batch and its mirror image are viewed (no copy) as every 32x32 window,
-    (B, 2, 3, 9, 9, 32, 32), and one gather picks each image's window: four
-    indices per image rather than per pixel, several times faster on a CPU.
+    Mirroring a crop equals cropping the mirrored padded image at 2*pad - dx, so
+    the batch and its mirror image are viewed (no copy) as every window of the
+    image's size, (B, 2, 3, 9, 9, 32, 32) at 32 x 32 with pad 4, and one gather
+    picks each image's window: four indices per image rather than per pixel,
+    several times faster on a CPU.
     """
-    b = images.shape[0]
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))
-    windows = torch.stack([padded, padded.flip(3)], 1).unfold(3, SIZE, 1).unfold(4, SIZE, 1)
+    b, size = images.shape[0], images.shape[-1]
+    padded = F.pad(images, (pad, pad, pad, pad))
+    windows = torch.stack([padded, padded.flip(3)], 1).unfold(3, size, 1).unfold(4, size, 1)
     flip, dx = flip.view(b), dx.view(b)
-    return windows[torch.arange(b, device=images.device), flip.long(), :, dy.view(b), torch.where(flip, 2 * PAD - dx, dx)]
+    return windows[torch.arange(b, device=images.device), flip.long(), :, dy.view(b),
+                   torch.where(flip, 2 * pad - dx, dx)]
 
 
 def input_batches(
-    data: DeviceData, batch_size: int, generator: torch.Generator, channels_last: bool = False
+    data: DeviceData, batch_size: int, generator: torch.Generator, channels_last: bool = False,
+    prep: Preprocessing = Preprocessing(),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled pass over `data`: (augmented, normalised float images, labels) per batch.
+    """One shuffled pass over `data`: (resized, augmented, normalised float images, labels) per batch.
 
     This is the whole training input pipeline; all of it runs on the data's device.
     """
     order = torch.randperm(len(data), generator=generator, device=data.images.device)
     for batch in order.split(batch_size):
         # index_select, not images[batch]: the same rows, many times faster on a CPU.
-        x = normalize(augment(data.images.index_select(0, batch), generator))
+        images = resize(data.images.index_select(0, batch), prep.size)
+        x = normalize(augment(images, generator, prep.pad), prep)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, data.labels.index_select(0, batch)
+
+
+def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.Optimizer:
+    """A fresh optimiser (config.OPTIMIZERS), as the harness's: adam, Adam with weight decay 1e-4 (its
+    AlexNet's), or sgd, SGD with momentum 0.9 and weight decay 1e-4 (its ResNet-34's). Fused: one
+    pass over the parameters per step instead of several; on a CPU at batch 8 it cut a full AlexNet
+    step from 0.98 s to 0.40 s (benchmarks/RESULTS.md)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=1e-4, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, weight_decay=1e-4, fused=True)
+    raise ValueError(f"optimizer={name!r}: must be adam or sgd")
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -189,8 +244,10 @@ def train_local(
     bf16: bool = False,
     channels_last: bool | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    optimizer: str = "adam",
+    prep: Preprocessing = Preprocessing(),
 ) -> TrainResult:
-    """A fresh Adam(lr, weight_decay=1e-4) and `epochs` shuffled passes over `data`.
+    """A fresh `optimizer` (make_optimizer) and `epochs` shuffled passes over `data`, seen as `prep` says.
 
     channels_last None: on with bf16 on CUDA (see the module docstring). `on_step(done, total)`
     is told after every optimiser step how many of the round's steps are done (progress).
@@ -202,18 +259,16 @@ def train_local(
     n = len(data)
     total = torch.zeros((), device=device)  # summed on the device: no sync per step
     with _memory_format(model, fast_layout):
-        # Created after the layout change, so Adam's state matches the weights' layout. Fused:
-        # one pass over the 55 M parameters per step instead of several; on a CPU at batch 8
-        # it cut a full-model step from 0.98 s to 0.40 s (benchmarks/RESULTS.md).
-        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-4, fused=True)
+        # Created after the layout change, so the optimiser's state matches the weights' layout.
+        opt = make_optimizer(optimizer, model.parameters(), learning_rate)
         steps, done = epochs * math.ceil(n / batch_size), 0
         for _ in range(epochs):
-            for x, y in input_batches(data, batch_size, generator, fast_layout):
+            for x, y in input_batches(data, batch_size, generator, fast_layout, prep):
                 with _autocast(device, bf16):
-                    loss = _nll_loss(model(x), y)  # fp32 log-probabilities (model.AlexNet.forward)
-                optimizer.zero_grad(set_to_none=True)
+                    loss = _nll_loss(model(x), y)  # the models return fp32 log-probabilities
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                opt.step()
                 total += loss.detach() * len(y)
                 done += 1
                 if on_step is not None:
@@ -223,9 +278,11 @@ def train_local(
 
 
 def evaluate(
-    model: nn.Module, data: DeviceData, batch_size: int = 1000, bf16: bool = False, channels_last: bool | None = None
+    model: nn.Module, data: DeviceData, batch_size: int = 1000, bf16: bool = False, channels_last: bool | None = None,
+    prep: Preprocessing = Preprocessing(),
 ) -> tuple[float, float]:
-    """(mean NLL, fraction correct) over all of `data`, in large batches; one host sync at the end."""
+    """(mean NLL, fraction correct) over all of `data`, in large batches, seen as `prep` says (resized,
+    normalised); one host sync at the end."""
     model.eval()
     device = data.images.device
     fast_layout = _use_channels_last(device, bf16, channels_last)
@@ -235,7 +292,7 @@ def evaluate(
         loss = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size)):
-            x = normalize(images)
+            x = evaluation_input(images, prep)
             if fast_layout:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, bf16):

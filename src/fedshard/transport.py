@@ -2,8 +2,10 @@
 
 Only tensors cross the wire: each message is a small int64/float64 header and
 one flat, contiguous float32 buffer holding every tensor of a (sliced) state
-dict, so a round costs two sends per trainer and direction whatever the number
-of layers. Nothing received is ever unpickled. The aggregator's side counts the
+dict, parameters and buffers, so a round costs two sends per trainer and
+direction whatever the number of layers. Integer buffers (batch norm's int64
+step counters) travel as their bytes, two float32 words each, and come back
+exactly. Nothing received is ever unpickled. The aggregator's side counts the
 bytes of every tensor it sends and receives, where it sends and receives them:
 that is what a run records as its communication (comm/bytes_down, bytes_up).
 """
@@ -135,9 +137,20 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as float32 words: floating ones as float32 values, integer ones as their bytes."""
+    t = t.detach().reshape(-1).cpu()
+    return t.float() if t.is_floating_point() else t.contiguous().view(torch.float32)
+
+
+def word_count(t: torch.Tensor) -> int:
+    """The float32 words `t` takes in a flat buffer."""
+    return t.numel() if t.is_floating_point() else t.numel() * t.element_size() // 4
+
+
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One contiguous float32 CPU buffer of all tensors, in order (the only copy made to send)."""
-    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
+    return torch.cat([_words(t) for t in tensors])
 
 
 def flat_payloads(payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
@@ -151,9 +164,12 @@ def flat_payloads(payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.
 
 
 def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views into `flat` shaped like the tensors of `like` (no copies)."""
-    sizes = [t.numel() for t in like.values()]
-    return {name: part.view(t.shape) for (name, t), part in zip(like.items(), flat.split(sizes))}
+    """Tensors shaped and typed like those of `like`: views into `flat` for floating ones (no copies),
+    the bytes read back as their integers for integer ones (a copy of a few words: a view would
+    need `flat`'s offset there to be aligned)."""
+    parts = flat.split([word_count(t) for t in like.values()])
+    return {name: (part if t.is_floating_point() else part.clone().view(t.dtype)).view(t.shape)
+            for (name, t), part in zip(like.items(), parts)}
 
 
 # --- aggregator side ----------------------------------------------------------------
@@ -214,7 +230,7 @@ def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[
     receives, buffers = [], []
     for k, payload in enumerate(payloads):
         stats = torch.empty(4, dtype=torch.float64)
-        flat = torch.empty(sum(t.numel() for t in payload.values()), dtype=torch.float32)
+        flat = torch.empty(sum(word_count(t) for t in payload.values()), dtype=torch.float32)
         receives += [(k, dist.irecv(stats, k + 1)), (k, dist.irecv(flat, k + 1))]
         buffers.append((stats, flat))
     _wait_all(receives, timeout, round_, "sending their results")

@@ -74,14 +74,14 @@ def checkpoint_rounds(run_id: str) -> list[int]:
     return sorted((r for r in rounds if r is not None), reverse=True)
 
 
-def load_checkpoint(run_id: str, warn=None):
-    """The run's newest checkpoint that loads completely (a torn newer file is passed over, with a
-    warning), or None when it has none."""
+def load_checkpoint(run_id: str, model: str, warn=None):
+    """The run's newest checkpoint that loads completely and holds `model`'s weights (a torn newer
+    file is passed over, with a warning), or None when it has none."""
     for round_ in checkpoint_rounds(run_id):
         with tempfile.TemporaryDirectory(prefix="fedshard-ckpt-") as tmp:
             try:
                 path = client().download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}", tmp)
-                return checkpoint.load(path)
+                return checkpoint.load(path, model)
             except Exception as exc:
                 if warn:
                     warn(f"run {run_id}: checkpoint of round {round_} is unusable ({exc}); trying an older one")

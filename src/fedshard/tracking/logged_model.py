@@ -19,11 +19,13 @@ INIT_FROM_RUN_TAG = "fedshard.init_from_run_id"
 _FEDSHARD_PACKAGE = Path(__file__).resolve().parents[1]
 
 
-def log_model(run_id: str, weights: dict, example=None) -> None:
+def log_model(run_id: str, weights: dict, model_name: str, example=None) -> None:
     """The final model as an MLflow model: `mlflow.pytorch.load_model("runs:/<id>/model")` gives
-    fedshard's AlexNet, registrable with `mlflow.register_model`. Its signature: a float32 batch
-    (N, 3, 32, 32) of CIFAR images normalised as in training (training.normalize) -> (N, 100)
-    log-probabilities. fedshard's code travels with it, so loading needs no fedshard install."""
+    fedshard's network of `model_name` (models.REGISTRY: AlexNet, ResNet), registrable with
+    `mlflow.register_model`. Its signature: a float32 batch (N, 3, S, S) of CIFAR images as the
+    model evaluates them (training.evaluation_input: resized to the run's image size S, normalised)
+    -> (N, 100) log-probabilities; `example` is such a batch. fedshard's code travels with it, so
+    loading needs no fedshard install."""
     import logging
 
     import mlflow.pytorch
@@ -31,11 +33,10 @@ def log_model(run_id: str, weights: dict, example=None) -> None:
     import torch
     from mlflow.models import infer_signature
 
-    from ..model import AlexNet
+    from .. import models
 
-    with torch.device("meta"):
-        model = AlexNet()
-    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}, assign=True)
+    model = models.get(model_name).shapes()
+    model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
     model.eval()
     x = np.asarray(example if example is not None else np.zeros((2, 3, 32, 32)), dtype=np.float32)
     with torch.no_grad():

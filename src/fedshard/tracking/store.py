@@ -19,7 +19,7 @@ NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in th
 # Artifacts of a local SQLite store live beside the database file, in this folder.
 ARTIFACTS_DIR = "mlartifacts"
 EXPERIMENT_DESCRIPTION = (
-    "fedshard experiments: AlexNet on CIFAR-100, trained federated by N trainers (tensor-parallel slices, "
+    "fedshard experiments: AlexNet or ResNet-34 on CIFAR-100, trained federated by N trainers (tensor-parallel slices, "
     "optionally swapped, or FedAvg), evaluated by the aggregator every round. Each run is one experiment "
     "(metrics test_loss / test_accuracy per round, step = round); a sweep is a parent run with its "
     "experiments as children.")
