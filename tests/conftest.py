@@ -182,3 +182,57 @@ def assert_gone(pids, run_id, deadline=LEFTOVER_DEADLINE):
             return
         time.sleep(0.2)
     raise AssertionError(f"left behind: pids {alive}, groups {groups}, {fedshard_processes(run_id)}")
+
+
+def _racer(uri: str, experiment: str, rounds: int, barrier, results) -> None:
+    """One of several processes that claim the same configuration at the same instant, as sweeps do
+    (sweep/claiming.py, with the sweep's pause before trying a contested claim again), once per round
+    on a configuration of its own; the winner holds its claim until every racer has its answer."""
+    import random
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from fedshard import tracking
+    from fedshard.config import ExperimentConfig
+    from fedshard.planning import Task
+    from fedshard.sweep import claiming
+
+    parent, experiment_id = tracking.start_sweep_run(experiment, f"racer-{os.getpid()}", {})
+    for r in range(rounds):
+        task = Task(ExperimentConfig(world_size=1, rounds=1, seed=r, precision="fp32"))
+        barrier.wait(timeout=120)
+        while isinstance(got := claiming.claim(task, experiment_id, parent, 1), claiming.Busy):
+            time.sleep(random.uniform(0.5, 2.0))
+        results.put((r, type(got).__name__, got.run_id if isinstance(got, claiming.Claimed) else got.run.run_id))
+        barrier.wait(timeout=120)
+        if isinstance(got, claiming.Claimed):
+            tracking.claims.end(got.run_id, got.hand, "FINISHED")
+    tracking.end_run(parent, "FINISHED")
+
+
+def claim_race(uri: str, experiment: str, racers: int = 3, rounds: int = 5) -> list[tuple[int, str, str]]:
+    """`racers` processes released by a barrier at the same instant claim one configuration, `rounds`
+    times (a configuration each time): [(round, 'Claimed' or 'Held', the run they name)]."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: nothing of this process's MLflow state
+    barrier, results = ctx.Barrier(racers), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(uri, experiment, rounds, barrier, results)) for _ in range(racers)]
+    for p in procs:
+        p.start()
+    outcomes, deadline = [], time.monotonic() + 300
+    try:
+        while len(outcomes) < racers * rounds:
+            with contextlib.suppress(queue.Empty):
+                outcomes.append(results.get(timeout=1))
+                continue
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, f"racers exited with {failed}, or took too long"
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0, f"racer exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return outcomes

@@ -33,6 +33,9 @@ def test_mlproject_forwards_every_parameter_to_the_cli():
         flag = f"--{name.replace('_', '-')}"
         assert f"{flag} {{{name}}}" in command, f"{name} is not forwarded"
         assert flag in options, f"{flag} is not an option of fedshard run"
+        if name == "no_duplicate":  # the one parameter that is no experiment setting
+            assert run_command.make_context("run", [flag, spec["default"]]).params[name] is False
+            continue
         assert name in field_names()
         if spec["default"] != "":
             parsed = ExperimentConfig.from_mapping({name: spec["default"]})
