@@ -121,6 +121,47 @@ def experiment_args(data_dir: Path, **params) -> list[str]:
     return args
 
 
+# The experiment that resume and takeover tests stop and continue (tests/test_resume.py,
+# tests/test_several_machines.py): rounds of about 3 s here, time to act between one round's
+# checkpoint and the run's end.
+CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
+              max_test_samples=32, batch_size=16, precision="fp32")
+METRICS = ("test_loss", "test_accuracy")
+
+
+def history(run_id: str, client=None) -> dict[str, dict[int, float]]:
+    """Every value of the round metrics; a step logged twice would show as a list longer than its dict."""
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    out = {}
+    for key in (*METRICS, "train_loss"):
+        values = client.get_metric_history(run_id, key)
+        out[key] = {m.step: m.value for m in values}
+        assert len(values) == len(out[key]), f"{key}: a step was logged twice: {[m.step for m in values]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(data_dir, _empty_store, tmp_path_factory):
+    """One uninterrupted run of CONFIG (its own store): what every continued run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    shutil.copyfile(_empty_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **CONFIG)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(["0"])
+    found = history(run.info.run_id, client)
+    assert sorted(found["test_loss"]) == [0, 1, 2, 3]
+    return found
+
+
+
 LEFTOVER_DEADLINE = 30.0
 
 

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Claimed:
-    """The configuration is this sweep's: its launcher takes run `run_id` at `hand`."""
+    """The configuration is this sweep's: its launcher carries out `task` in run `run_id`, at `hand`."""
 
     run_id: str
     hand: int
+    task: Task
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,18 @@ class Away:
     run: RunRecord
 
 
-def claim(task: Task, experiment_id: str, parent_run_id: str, attempt: int) -> Claimed | Held | Done | Busy:
+def claim(task: Task, experiment_id: str, parent_run_id: str, attempt: int,
+          resume: bool = True) -> Claimed | Held | Done | Busy:
     """Claim `task`'s configuration: a new child run of the sweep (created pending, then judged), or,
-    to resume a run, that run's next hand (then judged like a new one). Whatever does not win leaves
-    nothing behind: a new run is withdrawn, a resumed one goes back to how it ended."""
+    to resume a run, that run's next hand (then judged like a new one). With `resume`, a run of the
+    configuration that stopped (or whose claim died) since the plan was made, with a checkpoint
+    beyond the task's start, is resumed instead. Whatever does not win leaves nothing behind: a new
+    run is withdrawn, a resumed one goes back to how it ended."""
     from .. import tracking
 
     claims = tracking.claims
+    if resume and not task.resume:
+        task = _resumable(task, experiment_id)
     if task.resume:
         return _claim_run(task, experiment_id, parent_run_id)
     run_id = tracking.create_child_run(task.cfg, experiment_id, parent_run_id, tags={
@@ -73,6 +79,17 @@ def claim(task: Task, experiment_id: str, parent_run_id: str, attempt: int) -> C
     if not isinstance(got, Claimed):
         claims.withdraw(run_id)
     return got
+
+
+def _resumable(task: Task, experiment_id: str) -> Task:
+    """The task, or the resume of the configuration's run with the newest checkpoint beyond its start
+    among those that ended without finishing or whose claim is dead (planning.resumable)."""
+    from .. import tracking
+    from ..planning import resumable
+
+    runs = tracking.claims.claims_of(experiment_id, tracking.claims.key(task.cfg))
+    best = resumable(runs, stale={r.run_id for r in runs if tracking.claims.dead(r)}).get(task.cfg.identity())
+    return Task(task.cfg, start=best[0], resume=best[1]) if best and best[0] > task.start else task
 
 
 def _claim_run(task: Task, experiment_id: str, parent_run_id: str) -> Claimed | Held | Done | Busy:
@@ -102,7 +119,7 @@ def _judged(run_id: str, hand: int, experiment_id: str, task: Task) -> Claimed |
     claims = tracking.claims
     verdict = claims.acquire(run_id, hand, experiment_id, claims.key(task.cfg))
     if verdict.kind == claims.WON:
-        return Claimed(run_id, hand)
+        return Claimed(run_id, hand, task)
     if verdict.kind == claims.FINISHED:
         return Done(verdict.other)
     if verdict.kind == claims.ELSEWHERE:
@@ -124,7 +141,7 @@ def keep_alive(jobs: list[Job]) -> None:
                 tracking.claims.beat(job.run_id)
 
 
-def look_elsewhere(away: list[Away], resume: bool, take: bool) -> list[tuple[Away, RunRecord, Task | None]]:
+def look_elsewhere(away: list[Away], take: bool) -> list[tuple[Away, RunRecord, Task | None]]:
     """What became of configurations held elsewhere: (away, its run now, None) for one now FINISHED;
     with `take`, (away, its run, the task that continues it here) for one whose holder ended without
     finishing or went silent (a dead claim is reaped first, fencing its owner off). The others are
@@ -141,8 +158,6 @@ def look_elsewhere(away: list[Away], resume: bool, take: bool) -> list[tuple[Awa
             if run.status == "RUNNING" and not claims.reap(run, "KILLED", f"stale: its owner ({claims.owner_text(run)}) "
                                                                       f"is gone or silent past its claim timeout"):
                 continue  # someone took it first: look again later
-            cfg = a.job.cfg
-            task = Task(cfg, start=run.checkpoint_round, resume=run.run_id) if resume and run.checkpoint_round \
-                else Task(cfg)
-            news.append((a, run, task))
+            # Planned again at its claim: the resume of this run from its checkpoint, where it has one.
+            news.append((a, run, a.job.task if not a.job.task.resume else Task(a.job.cfg)))
     return news

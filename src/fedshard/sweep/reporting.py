@@ -225,10 +225,9 @@ class Report:
         self.say(f"Experiment completed elsewhere: {named(job.cfg, self.extra)} (run {run.run_id})")
         self._advance()
 
-    def free_again(self, job: Job, run, task: Task) -> None:
+    def free_again(self, job: Job, run) -> None:
         self.say(f"Experiment no longer held elsewhere: {named(job.cfg, self.extra)} (run {run.run_id} "
-                 f"{'stopped: ' + run.status if run.status != 'RUNNING' else 'went silent'}); it runs here, "
-                 f"{task.describe()}")
+                 f"{'ended ' + run.status if run.status != 'RUNNING' else 'went silent'}); claiming it here")
 
     def stopping(self, why: str, jobs: list[Job]) -> None:
         self.say(f"Sweep {why}: stopping {len(jobs)} running experiment(s)...")

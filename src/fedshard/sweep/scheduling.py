@@ -235,9 +235,9 @@ class Sweep:
     def _claim(self, job: Job) -> bool:
         """Claim the job's configuration (claiming.py): True when it is this sweep's to run; else it was
         held or FINISHED elsewhere (said and counted), or contested (tried again shortly)."""
-        got = claiming.claim(job.task, self.experiment_id, self.parent_run_id, job.attempt)
+        got = claiming.claim(job.task, self.experiment_id, self.parent_run_id, job.attempt, self.resume)
         if isinstance(got, claiming.Claimed):
-            job.run_id, job.hand = got.run_id, got.hand
+            job.run_id, job.hand, job.task = got.run_id, got.hand, got.task
             return True
         if isinstance(got, claiming.Busy):
             job.not_before = time.monotonic() + random.uniform(0.5, 2.0)
@@ -266,14 +266,14 @@ class Sweep:
             claiming.keep_alive(self.running)
         if not (self.wait or last):
             return False
-        news = claiming.look_elsewhere(self.elsewhere, self.resume, take=self.wait)
+        news = claiming.look_elsewhere(self.elsewhere, take=self.wait)
         for away, run, task in news:
             self.elsewhere.remove(away)
             if task is None:
                 self.finished.append(Outcome(away.job.cfg, run.run_id, 0))
                 self.report.completed_elsewhere(away.job, run)
             else:
-                self.report.free_again(away.job, run, task)
+                self.report.free_again(away.job, run)
                 self.pending.append(Job(task, away.job.index, away.job.attempt))
         return bool(news)
 

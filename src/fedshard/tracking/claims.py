@@ -209,7 +209,7 @@ def judge(run_id: str, hand: int, claims: list[RunRecord], now: float | None = N
 
         first = min(alive, key=order)
         return Verdict(WAIT if order(mine) < order(first) else CONTENDED, first)
-    return Verdict(WON, dead=[c for c in others if c.status == "RUNNING"])
+    return Verdict(WON, dead=[c for c in others if c.status == "RUNNING" and c.tags.get(STATE_TAG) in (PENDING, HELD)])
 
 
 def acquire(run_id: str, hand: int, experiment_id: str, claim_key: str) -> Verdict:
@@ -293,7 +293,11 @@ def reap(run: RunRecord, status: str, reason: str) -> bool:
     another process took its next hand first (its owner finished it, or another sweep reaped it)."""
     if not take(run.run_id, hands(run) + 1, f"reaped: {reason}"):
         return False
-    end_run(run.run_id, status, reason)
+    try:
+        end_run(run.run_id, status, reason)
+    except Exception:
+        if client().get_run(run.run_id).info.lifecycle_stage != "deleted":
+            raise  # else its owner came back and withdrew it meanwhile: it is gone all the same
     return True
 
 
