@@ -149,7 +149,7 @@ def open_run(cfg: ExperimentConfig, datasets: list, experiment_name: str | None 
                 tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
     except Exception as exc:
         reason = f"could not prepare run {run_id}: {described(exc)}"
-        tracking.end_run(run_id, "FAILED", reason)
+        claims.end(run_id, hand or 0, "FAILED", reason)
         raise Refused(reason, 1) from None
     return run_id
 

@@ -266,7 +266,9 @@ class Sweep:
             claiming.keep_alive(self.running)
         if not (self.wait or last):
             return False
-        news = claiming.look_elsewhere(self.elsewhere, take=self.wait)
+        news = []
+        with suppress(Exception):  # likewise
+            news = claiming.look_elsewhere(self.elsewhere, take=self.wait)
         for away, run, task in news:
             self.elsewhere.remove(away)
             if task is None:
@@ -284,26 +286,21 @@ class Sweep:
         from .. import tracking
 
         record = tracking.run_record(job.run_id)
-        if (who := tracking.claims.lost(job.run_id, job.hand)) is not None:  # its launcher was paused past the timeout
+        reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
+        reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
+        if record.status == "RUNNING" and tracking.claims.end(job.run_id, job.hand, "FAILED", reason):
+            record = replace(record, status="FAILED")  # the launcher died (or its node was lost) before it ended it
+        if (who := tracking.claims.lost(job.run_id, job.hand)) is not None:  # taken over while its launcher was silent
             self.elsewhere.append(claiming.Away(job, record))
             self.report.taken_over(job, who, record)
             return
         self._upload_log(job)
         self.report.look_at_rounds([job])
-        outcome = Outcome(job.cfg, job.run_id, job.attempt)
+        outcome = Outcome(job.cfg, job.run_id, job.attempt, one_line(reason))
         if record.status == "FINISHED":
-            self.finished.append(outcome)
+            self.finished.append(replace(outcome, reason=""))
             self.report.completed(job)
             return
-        reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
-        reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
-        if record.status == "RUNNING" and not tracking.claims.end(job.run_id, job.hand, "FAILED", reason):
-            # the launcher died (or its node was lost) before it could end its run; and meanwhile another
-            # sweep found its claim dead and took the run over
-            self.elsewhere.append(claiming.Away(job, record))
-            self.report.taken_over(job, tracking.claims.taken(job.run_id, job.hand), record)
-            return
-        outcome.reason = one_line(reason)
         if retry and job.attempt <= self.max_retries and job.handle.outcome() != REFUSED:
             # The retry continues from the failed run's checkpoint if it stored one: no round twice.
             retry = job.task
