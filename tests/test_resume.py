@@ -1,7 +1,8 @@
 """No finished round is trained twice: real experiments are stopped the hard way (a trainer or the
-launcher SIGKILLed, the disk full, the sweep SIGKILLed), continued with `fedshard run --resume` or
-the next sweep, and must end with exactly the history of one uninterrupted run; a longer run of a
-sweep extends its shorter twin. Bad resumes change nothing."""
+launcher SIGKILLed, the disk full), continued with `fedshard run --resume`, and must end with exactly
+the history of one uninterrupted run (the reference, shared from conftest.py). Bad resumes change
+nothing. A sweep's extension of a shorter twin, a lost sweep whose claim is taken over and a paused
+owner are in tests/test_several_machines.py, through a tracking server."""
 
 from __future__ import annotations
 

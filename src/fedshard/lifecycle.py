@@ -14,9 +14,10 @@ the run, so that the two start-ups (seconds of imports each) overlap.
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .errors import described
 
 if TYPE_CHECKING:  # resume imports tracking, hence MLflow
@@ -161,7 +162,7 @@ def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate:
     from . import tracking
 
     name = tracking.default_experiment_name(experiment_name)
-    twins = tracking.claims.twins(cfg, name, own=os.environ.get("MLFLOW_RUN_ID"))
+    twins = _twins(cfg, name, own=os.environ.get("MLFLOW_RUN_ID"))
     words = [f"already has FINISHED run {r.run_id}" if r.status == "FINISHED" else
              f"is running elsewhere: run {r.run_id} ({tracking.claims.owner_text(r)})" for r in twins]
     if words and no_duplicate:
@@ -170,3 +171,22 @@ def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate:
     for text in words:
         echo(f"fedshard: note: this configuration {text} (experiment {name!r}); running it again, as asked "
              f"(--no-duplicate refuses instead)")
+
+
+def _twins(cfg: ExperimentConfig, experiment_name: str, own: str | None) -> list:
+    """The configuration's FINISHED runs and live claims in the experiment (`own` left out), FINISHED
+    ones first; FINISHED runs recorded before claims existed are found by their params."""
+    from . import precision, tracking
+
+    claims = tracking.claims
+    exp_id = tracking.experiment_id(experiment_name, create=False)
+    if exp_id is None:
+        return []
+    found = [r for r in claims.claims_of(exp_id, claims.key(cfg))
+             if r.run_id != own and (r.status == "FINISHED" or claims.live(r))]
+    identity = precision.resolved(cfg).identity()
+    for run in tracking.list_runs(experiment_name, status="FINISHED"):
+        with suppress(ConfigError):
+            if not claims.is_claim(run) and run.is_experiment and run.config().identity() == identity:
+                found.append(run)
+    return sorted(found, key=lambda r: r.status != "FINISHED")

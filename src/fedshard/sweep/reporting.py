@@ -333,7 +333,8 @@ class Report:
             say(f"Running elsewhere: {len(s.elsewhere)} (not run here; this sweep's results lack them until they "
                 f"finish: run it again, or with --wait)")
             for a in s.elsewhere:
-                say(f"  {named(a.job.cfg, self.extra)} (run {a.run.run_id}, {tracking.claims.owner_text(a.run)})")
+                dead = "; its claim is dead: the next sweep takes it over" if tracking.claims.dead(a.run) else ""
+                say(f"  {named(a.job.cfg, self.extra)} (run {a.run.run_id}, {tracking.claims.owner_text(a.run)}){dead}")
         if s.killed:
             say(f"Interrupted: {len(s.killed)} (marked KILLED)")
             for o in s.killed:

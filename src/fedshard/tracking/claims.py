@@ -162,26 +162,6 @@ def claims_of(experiment_id: str, claim_key: str) -> list[RunRecord]:
     return [RunRecord.of(r) for r in runs]
 
 
-def twins(cfg: ExperimentConfig, experiment_name: str, own: str | None = None) -> list[RunRecord]:
-    """The configuration's FINISHED runs and live claims in the experiment (`own` left out), FINISHED
-    ones first; FINISHED runs recorded before claims existed are found by their params."""
-    from ..config import ConfigError
-    from ..precision import resolved
-    from .runs import list_runs
-    from .store import experiment_id
-
-    exp_id = experiment_id(experiment_name, create=False)
-    if exp_id is None:
-        return []
-    found = [r for r in claims_of(exp_id, key(cfg)) if r.run_id != own and (r.status == "FINISHED" or live(r))]
-    identity = resolved(cfg).identity()
-    for run in list_runs(experiment_name, status="FINISHED"):
-        with suppress(ConfigError):
-            if not is_claim(run) and run.is_experiment and run.config().identity() == identity:
-                found.append(run)
-    return sorted(found, key=lambda r: r.status != "FINISHED")
-
-
 @dataclass(frozen=True)
 class Verdict:
     kind: str  # WON, WAIT, CONTENDED, ELSEWHERE (a held claim: `other`), FINISHED (`other`), LOST
