@@ -65,8 +65,8 @@ def test_of_two_processes_taking_one_hand_exactly_one_gets_it_and_an_owner_ends_
     takers = [subprocess.Popen(
         [sys.executable, "-c", "import sys; from fedshard.tracking import claims; "
                          f"sys.exit(0 if claims.take('{run_id}', 1, 'resumed') else 3)"],
-        env=dict(os.environ)) for _ in range(3)]
-    assert sorted(t.wait(timeout=120) for t in takers) == [0, 3, 3]
+        env=dict(os.environ)) for _ in range(2)]
+    assert sorted(t.wait(timeout=120) for t in takers) == [0, 3]
     assert claims.taken(run_id, 0).startswith("resumed; pid ")
     assert claims.lost(run_id, 0) is not None and claims.lost(run_id, 1) is None
     assert not claims.end(run_id, 0, "FINISHED")  # its former owner: nothing written
