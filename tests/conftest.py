@@ -122,6 +122,47 @@ def experiment_args(data_dir: Path, **params) -> list[str]:
     return args
 
 
+# The experiment that resume and takeover tests stop and continue (tests/test_resume.py,
+# tests/test_several_machines.py): rounds of about 3 s here, time to act between one round's
+# checkpoint and the run's end.
+CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
+              max_test_samples=32, batch_size=16, local_epochs=1, precision="fp32")
+METRICS = ("test_loss", "test_accuracy")
+
+
+def history(run_id: str, client=None) -> dict[str, dict[int, float]]:
+    """Every value of the round metrics; a step logged twice would show as a list longer than its dict."""
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    out = {}
+    for key in (*METRICS, "train_loss"):
+        values = client.get_metric_history(run_id, key)
+        out[key] = {m.step: m.value for m in values}
+        assert len(values) == len(out[key]), f"{key}: a step was logged twice: {[m.step for m in values]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(data_dir, _empty_store, tmp_path_factory):
+    """One uninterrupted run of CONFIG (its own store): what every continued run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    shutil.copyfile(_empty_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **CONFIG)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(["0"])
+    found = history(run.info.run_id, client)
+    assert sorted(found["test_loss"]) == [0, 1, 2, 3]
+    return found
+
+
+
 LEFTOVER_DEADLINE = 30.0
 
 
@@ -183,3 +224,57 @@ def assert_gone(pids, run_id, deadline=LEFTOVER_DEADLINE):
             return
         time.sleep(0.2)
     raise AssertionError(f"left behind: pids {alive}, groups {groups}, {fedshard_processes(run_id)}")
+
+
+def _racer(uri: str, experiment: str, rounds: int, barrier, results) -> None:
+    """One of several processes that claim the same configuration at the same instant, as sweeps do
+    (sweep/claiming.py, with the sweep's pause before trying a contested claim again), once per round
+    on a configuration of its own; the winner holds its claim until every racer has its answer."""
+    import random
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from fedshard import tracking
+    from fedshard.config import ExperimentConfig
+    from fedshard.planning import Task
+    from fedshard.sweep import claiming
+
+    parent, experiment_id = tracking.start_sweep_run(experiment, f"racer-{os.getpid()}", {})
+    for r in range(rounds):
+        task = Task(ExperimentConfig(world_size=1, rounds=1, seed=r, precision="fp32"))
+        barrier.wait(timeout=120)
+        while isinstance(got := claiming.claim(task, experiment_id, parent, 1), claiming.Busy):
+            time.sleep(random.uniform(0.5, 2.0))
+        results.put((r, type(got).__name__, got.run_id if isinstance(got, claiming.Claimed) else got.run.run_id))
+        barrier.wait(timeout=120)
+        if isinstance(got, claiming.Claimed):
+            tracking.claims.end(got.run_id, got.hand, "FINISHED")
+    tracking.end_run(parent, "FINISHED")
+
+
+def claim_race(uri: str, experiment: str, racers: int = 3, rounds: int = 5) -> list[tuple[int, str, str]]:
+    """`racers` processes released by a barrier at the same instant claim one configuration, `rounds`
+    times (a configuration each time): [(round, 'Claimed' or 'Held', the run they name)]."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: nothing of this process's MLflow state
+    barrier, results = ctx.Barrier(racers), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(uri, experiment, rounds, barrier, results)) for _ in range(racers)]
+    for p in procs:
+        p.start()
+    outcomes, deadline = [], time.monotonic() + 300
+    try:
+        while len(outcomes) < racers * rounds:
+            with contextlib.suppress(queue.Empty):
+                outcomes.append(results.get(timeout=1))
+                continue
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, f"racers exited with {failed}, or took too long"
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0, f"racer exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return outcomes

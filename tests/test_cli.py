@@ -33,6 +33,9 @@ def test_mlproject_forwards_every_parameter_to_the_cli():
         flag = f"--{name.replace('_', '-')}"
         assert f"{flag} {{{name}}}" in command, f"{name} is not forwarded"
         assert flag in options, f"{flag} is not an option of fedshard run"
+        if name == "no_duplicate":  # the one parameter that is no experiment setting
+            assert run_command.make_context("run", [flag, spec["default"]]).params[name] is False
+            continue
         assert name in field_names()
         if spec["default"] != "":
             parsed = ExperimentConfig.from_mapping({name: spec["default"]})
@@ -70,14 +73,21 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
     params = ["-P", f"data_dir={data_dir}", "-P", "world_size=2", "-P", "rounds=1", "-P", "learning_rate=0.00001",
               "-P", "max_train_samples=32", "-P", "max_test_samples=16", "-P", "batch_size=16", "-P", "local_epochs=1",
               "-P", f"init_from=models:/start-here/{version}"]
+    # A FINISHED twin of it: `mlflow run` runs it again (repeats can be on purpose), naming the twin first.
+    twin_cfg = ExperimentConfig(data_dir=str(data_dir), world_size=2, rounds=1, learning_rate=1e-5, max_train_samples=32,
+                                max_test_samples=16, batch_size=16, init_from=f"models:/start-here/{version}")
+    twin = tracking.start_run(twin_cfg, "mlp", tags=tracking.claims.claim_tags(twin_cfg, tracking.claims.HELD))
+    tracking.end_run(twin, "FINISHED")
     mlflow = Path(sys.executable).with_name("mlflow")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run([str(mlflow), "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlp",
                              *params], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"fedshard: note: this configuration already has FINISHED run {twin} (experiment 'mlp'); running it " \
+           f"again" in result.stdout.splitlines()[0]
     runs = client.search_runs([client.get_experiment_by_name("mlp").experiment_id])
-    assert len(runs) == 1  # fedshard logged into the run `mlflow run` made, not a second one
-    run = runs[0]
+    assert len(runs) == 2  # fedshard logged into the run `mlflow run` made, not a third one
+    (run,) = [r for r in runs if r.info.run_id != twin]
     assert run.info.status == "FINISHED"
     # MLflow logged precision=auto before fedshard started; what it computed in is the tag (and the config
     # read back from the run), and bf16 would be in its name
@@ -185,6 +195,28 @@ def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, ca
     assert "Traceback" not in result.stderr
     exp = MlflowClient().get_experiment_by_name("bad")
     assert exp is None or MlflowClient().search_runs([exp.experiment_id]) == []
+
+
+def test_no_duplicate_refuses_a_configuration_that_finished_or_runs_elsewhere(tmp_path, data_dir, store):
+    """A FINISHED run of the configuration (this one recorded before claims: found by its params) and a
+    live claim of it: --no-duplicate names both and refuses, exit 2, before any run or process is left."""
+    from fedshard import tracking
+
+    client = MlflowClient()
+    cfg = ExperimentConfig.from_mapping({**dict(world_size=1, data_dir=str(data_dir), max_train_samples=64,
+                                                max_test_samples=32, batch_size=16, learning_rate=1e-4, precision="fp32")})
+    finished = client.create_run(tracking.experiment_id("dup")).info.run_id
+    tracking.log_extra_params(finished, {**cfg.params(), "learning_rate": "0.00010"})  # spelled as `mlflow run` may
+    client.set_terminated(finished, "FINISHED")
+    running = tracking.start_run(cfg, "dup", tags=tracking.claims.claim_tags(cfg, tracking.claims.HELD))  # ours, live
+    result = fedshard("run", *experiment_args(data_dir, world_size=1), "--experiment-name", "dup", "--no-duplicate",
+                      cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (f"fedshard: error: --no-duplicate: this configuration already has FINISHED run {finished}; it is running "
+            f"elsewhere: run {running} (pid {os.getpid()} on {tracking.host()}, heartbeat ") in result.stderr
+    assert "aggregator pid" not in result.stdout and "Traceback" not in result.stderr
+    assert len(client.search_runs([tracking.experiment_id("dup")])) == 2  # no run was created
+    assert fedshard_processes(str(tmp_path)) == []  # the metaserver, already starting, was stopped again
 
 
 def test_bad_input_under_mlflow_run_marks_its_run_failed(tmp_path, data_dir, store):

@@ -115,7 +115,7 @@ def test_a_pretrain_grid_runs_its_source_first_and_a_stopped_chain_continues(tmp
     broken = sweep(tmp_path, grid_file, "broken")
     output = broken.communicate(timeout=300)[0]
     assert broken.returncode == 1, output
-    assert "Failed: 1" in output and "Not started (the run they start from did not finish): 1" in output
+    assert "Failed: 1" in output and "Not started (the run they start from is not FINISHED here): 1" in output
     assert re.search(r"Not started: \(2, 0\.001, False, 1, 1\): the run it starts from, ws1-.*-init, did not "
                      r"finish \(run [0-9a-f]{32}\)", output), output
     assert list(runs_by_name("broken")) == ["ws1-lr0.001-swapfalse-r2-s77-ep1-bs8-train32-test16-init"]

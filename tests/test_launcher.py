@@ -33,7 +33,7 @@ def test_a_signal_during_the_teardown_ends_the_run_killed_and_cleans_up(data_dir
     is KILLED with the reason, nothing is left, and no traceback escapes (a real metaserver)."""
     children = []
 
-    def start(exp, run_id):
+    def start(exp, run_id, hand=0):
         children.extend(c.proc.pid for c in exp.children)
         raise processes.ExperimentFailed("trainer 0 died (killed by SIGKILL)")
 

@@ -1,60 +1,26 @@
 """No finished round is trained twice: real experiments are stopped the hard way (a trainer or the
-launcher SIGKILLed, the disk full, the sweep SIGKILLed), continued with `fedshard run --resume` or
-the next sweep, and must end with exactly the history of one uninterrupted run; a longer run of a
-sweep extends its shorter twin. Bad resumes change nothing."""
+launcher SIGKILLed, the disk full), continued with `fedshard run --resume`, and must end with exactly
+the history of one uninterrupted run (the reference, shared from conftest.py). Bad resumes change
+nothing. A sweep's extension of a shorter twin, a lost sweep whose claim is taken over and a paused
+owner are in tests/test_several_machines.py, through a tracking server."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
-import psutil
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
+from conftest import CONFIG, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes, history
 from fedshard import cli, precision, tracking
 from fedshard.config import ExperimentConfig
 
-# Rounds of about 3 s here: time to act between one round's checkpoint and the run's end.
-CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
-              max_test_samples=32, batch_size=16, local_epochs=1, precision="fp32")
-METRICS = ("test_loss", "test_accuracy")
 NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "
                   "precision=bf16 here, as PyTorch would emulate it over ten times slower")
-
-
-def history(run_id: str, client=None) -> dict[str, dict[int, float]]:
-    """Every value of the round metrics; a step logged twice would show as a list longer than its dict."""
-    client = client or MlflowClient()
-    out = {}
-    for key in (*METRICS, "train_loss"):
-        values = client.get_metric_history(run_id, key)
-        out[key] = {m.step: m.value for m in values}
-        assert len(values) == len(out[key]), f"{key}: a step was logged twice: {[m.step for m in values]}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, _empty_store, tmp_path_factory):
-    """One uninterrupted run of CONFIG (its own store): what every continued run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    shutil.copyfile(_empty_store, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri}
-    result = subprocess.run([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **CONFIG)],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = MlflowClient(uri)
-    (run,) = client.search_runs(["0"])
-    found = history(run.info.run_id, client)
-    assert sorted(found["test_loss"]) == [0, 1, 2, 3]
-    return found
 
 
 def wait_for_checkpoint(run_id: str, round_: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -152,60 +118,6 @@ def sweep_runs(experiment: str):
     exp = MlflowClient().get_experiment_by_name(experiment)
     runs = MlflowClient().search_runs([exp.experiment_id])
     return [r for r in runs if r.data.tags.get("fedshard.sweep") != "true"]
-
-
-def test_sweep_extends_the_shorter_twin_and_a_sigkilled_sweep_is_resumed(tmp_path, data_dir, store, reference):
-    """Rounds 1 and 3 of one configuration: the 3-round run starts from the 1-round run's final model.
-    The sweep is SIGKILLed once the 3-round run stored round 2; the next sweep resumes it."""
-    link = tmp_path / "data"
-    link.symlink_to(data_dir, target_is_directory=True)
-    params = {k: v for k, v in CONFIG.items() if k not in ("world_size", "rounds", "learning_rate",
-                                                           "enable_swapping")}
-    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "true", "--rounds", "1,3", "--seeds", "123",
-            "-P", f"data_dir={link}", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")],
-            "--experiment-name", "ext", "--no-progress"]
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    # A run whose owner vanished without a trace: RUNNING, owned by a pid of this host that is gone.
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    ghost = MlflowClient().create_run(tracking.experiment_id("ext"), tags={
-        **tracking.owner_tags(), tracking.PID_TAG: str(dead.pid), "fedshard.sweep": "true"}).info.run_id
-    proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not [r for r in (sweep_runs("ext") if MlflowClient().get_experiment_by_name("ext") else [])
-               if r.data.params.get("rounds") == "3" and tracking.run_record(r.info.run_id).checkpoint_round >= 2]:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.1)
-    family = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    first = proc.communicate()[0]
-    assert psutil.wait_procs(family, timeout=30)[1] == []  # its experiments died with it
-    assert fedshard_processes(str(tmp_path)) == []
-    assert "Rounds to train: 3 (4 without extending shorter runs)" in first
-    assert tracking.run_record(ghost).status == "KILLED"  # reaped as stale by the sweep
-    (parent,) = [r for r in MlflowClient().search_runs([tracking.experiment_id("ext")])
-                 if r.data.tags.get("fedshard.sweep") == "true" and r.info.run_id != ghost]
-    assert parent.info.status == "RUNNING"  # nobody was left to end the sweep's own run
-
-    again = subprocess.run([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=240)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"Marked 1 stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): " \
-           f"{parent.info.run_id}" in again.stdout
-    assert tracking.run_record(parent.info.run_id).status == "KILLED"
-    assert "Total experiments to run: 1 (1 already finished)" in again.stdout
-    assert "Rounds to train: 1 (3 without resuming)" in again.stdout
-    assert "Resuming experiment: world_size=2, lr=0.001, swap=True, rounds=3, seed=123 from round 2" in again.stdout
-
-    short, long_ = sorted(sweep_runs("ext"), key=lambda r: int(r.data.params["rounds"]))
-    assert short.info.status == long_.info.status == "FINISHED"
-    assert short.data.tags[tracking.ROUNDS_TRAINED_TAG] == "1"
-    assert long_.data.tags[tracking.EXTENDS_TAG] == short.info.run_id
-    assert long_.data.tags[tracking.ROUNDS_TRAINED_TAG] == "2"  # rounds 2 and 3; round 1 is the twin's
-    assert long_.data.tags[tracking.RESUMED_TAG] == "2"
-    assert history(long_.info.run_id) == reference  # extended, killed and resumed: as if run in one go
-    assert history(short.info.run_id) == {k: {r: v for r, v in h.items() if r <= 1} for k, h in reference.items()}
 
 
 # --------------------------------------------------------------------------- refusals (no processes)

@@ -4,6 +4,7 @@ trainers live in network namespaces of their own, so tensors really cross networ
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pickle
@@ -24,7 +25,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, fedshard, fedshard_processes
+from conftest import CONFIG, REPO, claim_race, fedshard, fedshard_processes, history
+from fedshard import tracking
 
 SWEEP = str(REPO / "sweep.py")
 
@@ -236,6 +238,181 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     results = pickle.loads((tmp_path / "results.pkl").read_bytes())
     assert sorted(results) == [(2, 0.0001, False, 1, 7), (2, 0.001, False, 1, 7)]
     assert all([r for r, _, _ in entries] == [0, 1] for entries in results.values())
+
+
+# --------------------------------------------------------------------------- claims through the server
+
+
+def test_sweeps_released_at_the_same_instant_claim_each_configuration_once_through_the_server(tracking_server):
+    """The claim race of tests/test_sweep.py, through the `mlflow server` on PostgreSQL: three processes,
+    five times, exactly one wins; the losers' claims are withdrawn."""
+    outcomes = claim_race(tracking_server["uri"], "race-pg", racers=3, rounds=5)
+    for r in range(5):
+        (winner,) = [run for rnd, kind, run in outcomes if rnd == r and kind == "Claimed"]
+        assert sorted((kind, run) for rnd, kind, run in outcomes if rnd == r) == [
+            ("Claimed", winner), ("Held", winner), ("Held", winner)]
+    client = MlflowClient(tracking_server["uri"])
+    exp_id = client.get_experiment_by_name("race-pg").experiment_id
+    kept = [r for r in client.search_runs([exp_id]) if r.data.tags.get("fedshard.sweep") != "true"]
+    assert sorted(r.info.run_id for r in kept) == sorted(run for _, kind, run in outcomes if kind == "Claimed")
+    assert {r.info.status for r in kept} == {"FINISHED"}
+
+
+def experiment_runs(experiment: str):
+    """The experiment's runs that are no sweep's own (none when it does not exist yet)."""
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    runs = MlflowClient().search_runs([exp.experiment_id]) if exp else []
+    return [r for r in runs if r.data.tags.get("fedshard.sweep") != "true"]
+
+
+def assert_gone(marker: str, timeout: float = 30) -> None:
+    """No process with `marker` on its command line within `timeout` (the kernel delivers the
+    parent-death signals of the killed ones' children a moment later)."""
+    deadline = time.monotonic() + timeout
+    while (left := fedshard_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], left
+
+
+TIMEOUT = "5"  # the claim timeout of these sweeps: seconds of silence after which a claim is dead
+
+
+def family(pid: int) -> list[psutil.Process]:
+    """A sweep and every process below it (its launchers and their roles)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def signal_all(procs: list[psutil.Process], sig: int) -> None:
+    """`sig` to every process at once, the sweep first: as when a machine goes down (SIGKILL) or is
+    suspended (SIGSTOP, then SIGCONT), so that none of them reacts to another's end first."""
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def owning_sweep(run_id: str, sweeps: dict, timeout: float = 240) -> tuple[str, int]:
+    """Which of `sweeps` (name -> Popen) took the run over: its launcher (the run's owner, on this
+    host) is their child and has started the run's aggregator. Returns (name, launcher pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tags = tracking.run_record(run_id).tags
+        with contextlib.suppress(psutil.NoSuchProcess, ValueError):
+            launcher = psutil.Process(int(tags.get(tracking.PID_TAG, 0)))
+            owners = [name for name, p in sweeps.items() if launcher.ppid() == p.pid]
+            roles = [p for p in fedshard_processes(f"--run-id {run_id}") if p.ppid() == launcher.pid]
+            if owners and tags.get(tracking.HOST_TAG) == tracking.host() and any(
+                    " aggregator " in " ".join(p.cmdline()) for p in roles):
+                return owners[0], launcher.pid
+        assert all(p.poll() is None for p in sweeps.values()), {n: p.poll() for n, p in sweeps.items()}
+        time.sleep(0.1)
+    raise AssertionError(f"no sweep took run {run_id} over")
+
+
+def test_a_lost_sweep_leaves_a_claim_taken_over_after_the_timeout_and_a_paused_owner_stops(
+        tmp_path, data_dir, tracking_server, reference, monkeypatch):
+    """Rounds 1 and 3 of one configuration: the 3-round run starts from the 1-round run's final model.
+    Once it stored round 2, its sweep and launcher are SIGKILLed together, as when their machine is
+    lost (it called itself node-a: its claim is judged by its heartbeat alone). Two sweeps with --wait
+    started together find the configuration running elsewhere; once the claim is older than the
+    timeout, exactly one takes it over and resumes it from round 2. That one is SIGSTOPped mid-round,
+    past the timeout: the other takes the run over and finishes it. SIGCONT: the paused launcher finds
+    its run taken and stops without ending it, and its sweep reports the result. The history is an
+    uninterrupted run's, each round once. Through the PostgreSQL tracking server, as several machines
+    would share it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server["uri"])
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    link = tmp_path / "data"
+    link.symlink_to(data_dir, target_is_directory=True)
+    params = {k: v for k, v in CONFIG.items() if k not in ("world_size", "rounds", "learning_rate",
+                                                           "enable_swapping")}
+    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "true", "--rounds", "1,3", "--seeds", "123",
+            "-P", f"data_dir={link}", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")],
+            "--experiment-name", "ext", "--no-progress", "--claim-timeout", TIMEOUT]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    # A run whose owner vanished without a trace: RUNNING, owned by a pid of node-a that is gone.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ghost = MlflowClient().create_run(tracking.experiment_id("ext"), tags={
+        **tracking.owner_tags(), tracking.HOST_TAG: "node-a", tracking.PID_TAG: str(dead.pid),
+        "fedshard.sweep": "true"}).info.run_id
+    lost = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path,
+                            env={**env, "FEDSHARD_HOST": "node-a"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while not (longer := [r for r in experiment_runs("ext")
+                          if r.data.params.get("rounds") == "3"
+                          and tracking.run_record(r.info.run_id).checkpoint_round >= 2]):
+        assert lost.poll() is None and time.monotonic() < deadline, lost.communicate()[0]
+        time.sleep(0.1)
+    run_id = longer[0].info.run_id
+    signal_all(family(lost.pid), signal.SIGKILL)
+    first = lost.communicate()[0]
+    assert_gone(str(tmp_path))
+    assert "Rounds to train: 3 (4 without extending shorter runs)" in first
+    assert f"Marked 1 stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): {ghost}" in first
+    left = tracking.run_record(run_id)
+    assert left.status == "RUNNING" and left.tags[tracking.HOST_TAG] == "node-a"  # a claim nobody renews
+
+    sweeps = {name: subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid, "--wait"], cwd=tmp_path, env=env,
+                                     stdout=(tmp_path / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+              for name in ("B", "C")}
+    try:
+        paused, stale_launcher = owning_sweep(run_id, sweeps)
+        signal_all(family(sweeps[paused].pid), signal.SIGSTOP)
+        stopped_at = tracking.run_record(run_id)
+        deadline = time.monotonic() + 240
+        while (status := tracking.run_status(run_id)) != "FINISHED":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        signal_all(family(sweeps[paused].pid), signal.SIGCONT)
+        codes = {name: p.wait(timeout=120) for name, p in sweeps.items()}
+    finally:
+        for p in sweeps.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                signal_all(family(p.pid), signal.SIGCONT)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = {name: (tmp_path / f"{name}.log").read_text() for name in sweeps}
+    (other,) = set(sweeps) - {paused}
+    assert codes == {"B": 0, "C": 0}, out
+    assert_gone(str(tmp_path))
+    assert_taken_over_in_turn(run_id, out, paused, other, stopped_at, stale_launcher)
+
+    short, long_ = sorted(experiment_runs("ext"), key=lambda r: int(r.data.params["rounds"]))  # withdrawn claims: deleted
+    assert short.info.status == long_.info.status == "FINISHED" and long_.info.run_id == run_id
+    assert short.data.tags[tracking.ROUNDS_TRAINED_TAG] == "1"
+    assert long_.data.tags[tracking.EXTENDS_TAG] == short.info.run_id
+    assert long_.data.tags[tracking.ROUNDS_TRAINED_TAG] == "2"  # rounds 2 and 3; round 1 is the twin's
+    assert long_.data.tags[tracking.RESUMED_TAG] == "2"
+    assert history(run_id) == reference  # extended, lost, taken over twice: as if run in one go
+    assert history(short.info.run_id) == {k: {r: v for r, v in h.items() if r <= 1} for k, h in reference.items()}
+
+
+def assert_taken_over_in_turn(run_id: str, out: dict, paused: str, other: str, stopped_at, stale_launcher: int):
+    """Both waiting sweeps saw the configuration running on node-a; one took the run over once the claim
+    was dead, was paused, and the other took it over from it and finished it; the paused launcher never
+    ended the run, and its sweep counts the other's result as its own."""
+    key = "(2, 0.001, True, 3, 123)"
+    assert f"Experiment running elsewhere: {key} (run {run_id}, pid " in out[other], out[other]
+    assert f"Experiment no longer held elsewhere: {key} (run {run_id} went silent); claiming it here" in out[other]
+    assert f"Resuming experiment: world_size=2, lr=0.001, swap=True, rounds=3, seed=123 from round 2 (run {run_id})" \
+        in out[other], out[other]
+    assert f"Experiment completed successfully: {key}" in out[other]
+    assert f"Experiment taken over elsewhere: {key}: its launcher here was silent past the claim timeout" in out[paused]
+    assert f"Experiment completed elsewhere: {key} (run {run_id})" in out[paused]
+    assert "Finished: 1\nFailed: 0\n" in out[paused] and "Finished: 1\nFailed: 0\n" in out[other]
+    # The hands the run changed by: node-a's claim taken (reaped, then resumed, or resumed at once), the
+    # paused owner's likewise, then finished by the last owner; the paused launcher ended nothing.
+    hands = {int(k.rsplit(".", 1)[1]): v for k, v in MlflowClient().get_run(run_id).data.params.items()
+             if k.startswith("fedshard.claim.")}
+    words = [hands[n].split(";")[0].split(":")[0].split(" by ")[0] for n in sorted(hands)]
+    assert sorted(hands) == list(range(1, len(hands) + 1)) and words[-1] == "finished", hands
+    assert words.count("resumed") == 2 and set(words[:-1]) <= {"reaped", "resumed"}, hands
+    taken = tracking.claims.hands(stopped_at)
+    assert words[taken - 1] == "resumed" and words[taken] in ("reaped", "resumed"), hands  # from the paused owner
+    assert not any(v.rsplit("; ", 1)[1].startswith(f"pid {stale_launcher} on") for v in hands.values())  # taken by
 
 
 # --------------------------------------------------------------------------- network namespaces

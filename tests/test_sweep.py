@@ -18,9 +18,10 @@ import pandas as pd
 import psutil
 import pytest
 from click.testing import CliRunner
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, fedshard, fedshard_processes
+from conftest import REPO, claim_race, fedshard, fedshard_processes
 from fedshard import cli, executors, precision, tracking
 from fedshard.config import ExperimentConfig, field_names
 from fedshard.grid import NAMED_AXES, expand, make_grid
@@ -225,11 +226,26 @@ def linked_data(tmp_path, data_dir):
 
 
 def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, data_dir, store):
+    """A sweep of two configurations, run two at a time; the same sweep started 3 s later with --wait
+    trains nothing (each configuration is claimed by the first), says where each runs and waits for
+    their results; run again, nothing is left to run; the export has each configuration once."""
     grid = ["--world-sizes", "1", "--swap", "false,true", "--rounds", "1", "--seeds", "123",
             *tiny(linked_data(tmp_path, data_dir)), "--experiment-name", "grid"]
-    first = run_sweep(tmp_path, *grid, "--learning-rates", "1e-4,1e-3", "--parallel", "2")
-    out = first.stdout
-    assert first.returncode == 0, out + first.stderr
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--learning-rates", "1e-4,1e-3", "--parallel", "2"],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=sweep_env(tmp_path))
+    try:
+        time.sleep(3)
+        wait_for_claims("grid", 2, proc, (tmp_path / "first.log"))  # the first sweep holds both configurations
+        waiting = run_sweep(tmp_path, *grid, "--learning-rates", "1e-4,1e-3", "--wait")
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "first.log").read_text()
+    assert proc.returncode == 0, out
+    assert_the_waiting_sweep_reported_the_first_ones_results(waiting, out)
     assert "Total experiments to run: 2 (0 already finished)" in out
     assert "=== Running experiment 1/2 ===" in out and "=== Running experiment 2/2 ===" in out
     assert "Starting experiment: world_size=1, lr=0.0001, swap=False, rounds=1, seed=123" in out
@@ -237,8 +253,9 @@ def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, da
     assert "Experiment completed successfully: (1, 0.001, False, 1, 123)" in out
     assert "Finished: 2\nFailed: 0\n" in out and "Skipped (already finished): 0" in out
 
-    (parent,), children = split_runs("grid")
-    assert parent.info.status == "FINISHED"
+    parents, children = split_runs("grid")
+    (parent,) = [r for r in parents if f"Sweep run {r.info.run_id} " in out]
+    assert {r.info.status for r in parents} == {"FINISHED"}
     assert len(children) == 2, [(r.info.run_name, r.info.status, r.data.tags, r.data.params) for r in children]
     for run in children:
         assert run.info.status == "FINISHED"
@@ -252,7 +269,7 @@ def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, da
     second = run_sweep(tmp_path, *grid, "--learning-rates", "0.00010,1E-3")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Total experiments to run: 0 (2 already finished)" in second.stdout
-    assert len(all_runs("grid")) == 3
+    assert len(all_runs("grid")) == 4  # the two sweeps' runs and the two experiments: withdrawn claims are deleted
 
     exported = fedshard("export", "--experiment-name", "grid", "--output", "results.pkl", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
@@ -265,6 +282,31 @@ def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, da
         (run,) = [r for r in children if float(r.data.params["learning_rate"]) == key[1]]
         assert entries[-1][2] == run.data.metrics["test_accuracy"]
         assert entries[-1][1] == run.data.metrics["test_loss"]
+
+
+def wait_for_claims(experiment: str, n: int, proc, log, timeout: float = 120) -> None:
+    """Until `n` experiment runs of the experiment are held claims (tracking/claims.py)."""
+    deadline = time.monotonic() + timeout
+    while len([r for r in (all_runs(experiment)) if r.data.tags.get("fedshard.claim.state") == "held"]) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def assert_the_waiting_sweep_reported_the_first_ones_results(waiting, first_out):
+    """The sweep started 3 s after the first: each configuration runs elsewhere (the first sweep's
+    run, host and launcher or sweep pid), it waits, and counts their results as its own."""
+    out = waiting.stdout
+    assert waiting.returncode == 0, out + waiting.stderr
+    assert "Note: 2 of them are running elsewhere now (claimed by another sweep or machine); this sweep waits " \
+           "for them (--wait)" in out
+    for lr in ("0.0001", "0.001"):
+        held = re.search(rf"Experiment running elsewhere: \(1, {lr}, False, 1, 123\) \(run ([0-9a-f]{{32}}), pid \d+ "
+                         rf"on {re.escape(tracking.host())}, heartbeat \d+s ago\); waiting for it", out)
+        assert held, out
+        assert f"MLflow run {held.group(1)}" in first_out  # the first sweep's experiment
+        assert f"Experiment completed elsewhere: (1, {lr}, False, 1, 123) (run {held.group(1)})" in out
+    assert "Experiment completed successfully" not in out and "=== Running experiment" not in out
+    assert "Finished: 2\nFailed: 0\n" in out
 
 
 def assert_sweep_run_worth_opening(parent, out):
@@ -540,3 +582,29 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
 
     again = run_sweep(tmp_path, *grid)
     assert again.returncode == 0 and "Total experiments to run: 0 (2 already finished)" in again.stdout
+
+
+# --------------------------------------------------------------------------- two sweeps at once (claims)
+
+
+def test_sweeps_released_at_the_same_instant_claim_each_configuration_once(store):
+    """Three processes claim one configuration at the same instant, with the sweep's own code, five times
+    over: exactly one wins each time, the others are told who holds it, and every losing claim is
+    withdrawn: no run of theirs is left FINISHED, FAILED or RUNNING, nor seen by export or a sweep."""
+    outcomes = claim_race(store, "race", racers=3, rounds=5)
+    for r in range(5):
+        (winner,) = [run for rnd, kind, run in outcomes if rnd == r and kind == "Claimed"]
+        assert sorted((kind, run) for rnd, kind, run in outcomes if rnd == r) == [
+            ("Claimed", winner), ("Held", winner), ("Held", winner)]
+    exp_id = tracking.experiment_id("race")
+    runs = MlflowClient().search_runs([exp_id], run_view_type=ViewType.ALL)
+    experiments = [r for r in runs if r.data.tags.get("fedshard.sweep") != "true"]
+    kept = [r for r in experiments if r.info.lifecycle_stage == "active"]
+    assert sorted(r.info.run_id for r in kept) == sorted(run for _, kind, run in outcomes if kind == "Claimed")
+    assert {r.info.status for r in kept} == {"FINISHED"}
+    assert sorted(int(r.data.params["seed"]) for r in kept) == [0, 1, 2, 3, 4]
+    withdrawn = [r for r in experiments if r.info.lifecycle_stage == "deleted"]
+    assert len(withdrawn) >= 10  # each loser's claim (a contested one tries again: one more)
+    assert {(r.info.status, r.data.tags["fedshard.claim.state"]) for r in withdrawn} == {("KILLED", "withdrawn")}
+    assert len(tracking.list_runs("race")) == 5 + 3  # what export and sweeps read: the winners and the racers' runs
+

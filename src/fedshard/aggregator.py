@@ -12,6 +12,7 @@ adds time to a round.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from . import checkpoint, data, models, precision, progress, strategies, transport
 from .config import RUN_PREFIX, ExperimentConfig
+from .processes import CLAIM_HAND_ENV
 from .training import DeviceData, Preprocessing, configure_backends, evaluate, evaluation_input, resolve_device
 
 
@@ -69,7 +71,17 @@ class Committer:
         from . import tracking
 
         self.wait()  # at most one round in flight: bounded memory, errors surface a round later at most
-        self.pending = self.pool.submit(tracking.commit_round, self.run_id, round_, metrics, weights)
+        self.pending = self.pool.submit(tracking.commit_round, self.run_id, round_, metrics, weights,
+                                        self.still_ours)
+
+    def still_ours(self) -> None:
+        """Raise ClaimLost once the run was taken over (this experiment's launcher was paused past the
+        claim timeout, and a sweep continues the run): a round of ours must not land in it."""
+        from . import tracking
+
+        hand = os.environ.get(CLAIM_HAND_ENV)  # the hand the launcher holds the run at
+        if hand is not None:
+            tracking.claims.check(self.run_id, int(hand))
 
     def wait(self) -> None:
         pending, self.pending = self.pending, None
@@ -192,6 +204,7 @@ def run(cfg: ExperimentConfig, metaserver: str, run_id: str, secret: str = "", j
     if relay is not None:
         relay.close()
     transport.stop_trainers(cfg.world_size)
+    rounds.committer.still_ours()
     tracking.log_model(run_id, rounds.weights, cfg.model,
                        example=evaluation_input(test.images[:2], rounds.prep).cpu().numpy())
     transport.leave()

@@ -62,20 +62,29 @@ def main():
 @click.option("--progress-every", default=30.0, type=click.FloatRange(0), metavar="SECONDS",
               help="progress inside a round: a line every SECONDS when the output is not a terminal (a live bar "
               "when it is); 0 turns it off")
+@click.option("--no-duplicate", "no_duplicate", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              metavar="[true|false]", help="refuse (exit 2) to run a configuration that already has a FINISHED run "
+              "or runs elsewhere; without it such a twin is named and the experiment runs again")
 @click.option("--amp", hidden=True, is_flag=False, flag_value="true", default=None, expose_value=False,
               callback=lambda ctx, param, value: value is None or _amp_is_gone(value))
 def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join_timeout, resume_id, extend_id,
-        progress_every, **values):
+        progress_every, no_duplicate, **values):
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
-    from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
+    import os
 
+    from . import launcher  # not tracking yet: MLflow is imported while the metaserver starts
+    from .processes import CLAIM_HAND_ENV
+
+    hand = os.environ.get(CLAIM_HAND_ENV)  # set by a sweep that claimed the run for this launcher
+    hand = int(hand) if hand else None
     try:
         if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
             raise lifecycle.refuse(f"--remote-trainers needs --metaserver-host ADDRESS: an address of this machine "
                                    f"that the trainers' machines reach (not {metaserver_host or 'empty'})")
         if resume_id:
             _resume_alone(resume_id, extend_id, experiment_name, values)
-            cfg, start = lifecycle.resumed(resume_id, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True))
+            cfg, start, hand = lifecycle.resumed(resume_id, hand,
+                                                 warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True))
             click.echo(f"fedshard: resuming run {resume_id} after round {start.checkpoint.round} of {cfg.rounds}")
         else:
             try:
@@ -97,10 +106,11 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
         except launcher.CheckFailed as exc:
             raise lifecycle.refuse(str(exc)) from None
         open_run = functools.partial(lifecycle.open_run, cfg, datasets, experiment_name=experiment_name,
-                                     resume_id=resume_id, extend_id=extend_id, start=start)
+                                     resume_id=resume_id, extend_id=extend_id, start=start, hand=hand,
+                                     no_duplicate=no_duplicate, echo=click.echo)
         placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
         code = launcher.run(cfg, open_run, echo=click.echo, placement=placement, start=start,
-                            progress_every=progress_every)
+                            progress_every=progress_every, hand=hand or 0)
     except lifecycle.Refused as exc:  # from open_run too: the launcher has stopped the metaserver again
         fail(str(exc), exc.code)
     exit_now(code)
@@ -234,20 +244,31 @@ _GRID_HELP = "comma-separated values [default: {}]"
 @click.option("--gpus-per-experiment", default=None, type=click.FloatRange(0),
               help="ray: GPUs each experiment asks for, e.g. 0.5 to share one [default: 1 on a cluster with GPUs, "
               "else 0]")
+@click.option("--wait", "wait", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[true|false]",
+              help="also wait for the configurations that run elsewhere (another sweep or machine holds them) and "
+              "count their results as this sweep's; without it the sweep ends with its own work and names them")
+@click.option("--claim-timeout", default=None, metavar="SECONDS", callback=lambda ctx, param, value: _seconds(value),
+              help="a claim whose owner was silent this long is dead and taken over [default: "
+              "$FEDSHARD_CLAIM_TIMEOUT, else 60]")
 def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, assignments, params_text, grid_file,
           experiment_name, parallel, max_retries, dry_run, no_resume, no_extend, no_progress, executor,
-          empty_is_default, ray_address, cpus_per_experiment, gpus_per_experiment):
+          empty_is_default, ray_address, cpus_per_experiment, gpus_per_experiment, wait, claim_timeout):
     """Run the grid of experiments: every configuration without a FINISHED run, as child runs of one sweep run.
 
     A failed or killed experiment continues from its last checkpoint, and a configuration at
     several round counts is trained once, up to the longest: the longer run starts from the
     shorter one's final model. Ctrl-C stops the running experiments (their runs end KILLED);
-    running the same sweep again continues with what is left.
+    running the same sweep again continues with what is left. Each configuration is claimed in the
+    tracking store before it starts, so that sweeps side by side, on one machine or many, never
+    train one twice: one held elsewhere is named, not run (--wait waits for it).
     """
+    import os
     import shlex
 
     from . import executors, grid as grids, sweep as sweeping, tracking
 
+    if claim_timeout is not None:  # for this sweep and the launchers it starts
+        os.environ[tracking.claims.TIMEOUT_ENV] = repr(claim_timeout)
     options = {"world_sizes": world_sizes, "learning_rates": learning_rates, "swap": swap,
                "rounds": rounds, "seeds": seeds}
     try:
@@ -259,13 +280,28 @@ def sweep(axes, axes_text, world_sizes, learning_rates, swap, rounds, seeds, ass
         runner = executors.make(executor, ray_address, cpus_per_experiment, gpus_per_experiment)
         grid = grids.make_grid(options, [*extra, *assignments], grid_file or None, [*extra_axes, *axes],
                                empty_is_default=empty_is_default)
+        tracking.claims.timeout()  # a bad $FEDSHARD_CLAIM_TIMEOUT is refused before anything starts
         code = sweeping.main(grid, experiment_name or None, parallel, max_retries, dry_run, echo=click.echo,
-                             show_progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend)
-    except (grids.SweepError, ConfigError, executors.ExecutorError) as exc:
+                             show_progress=not no_progress, executor=runner, resume=not no_resume, extend=not no_extend,
+                             wait=wait)
+    except (grids.SweepError, ConfigError, executors.ExecutorError, tracking.claims.ClaimError) as exc:
         fail(str(exc))
     except tracking.TrackingError as exc:
         fail(str(exc), 1)
     sys.exit(code)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A number of seconds > 0, or None for nothing given ('' from MLproject)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not (0 < seconds < float("inf")):
+        raise click.BadParameter(f"{value!r} is not a number of seconds > 0")
+    return seconds
 
 
 @main.command()

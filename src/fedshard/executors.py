@@ -243,7 +243,10 @@ class RayExecutor:
         cpus, gpus = self.resources(cfg)
         # The node's own environment and Python, plus what the experiment needs from the sweep:
         # its run, the tracking server (and its credentials), its share of the node's cores.
-        overrides = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "FEDSHARD_"))}
+        from .tracking.owners import HOST_ENV
+
+        # Not this machine's name for itself: the node's launcher records its own host as its claim's owner.
+        overrides = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "FEDSHARD_")) and k != HOST_ENV}
         overrides["FEDSHARD_CPUS"] = str(max(1, int(cpus)))  # threads: at least one per process
         ref = self.remote.options(num_cpus=cpus, num_gpus=gpus).remote(argv[1:], overrides, os.getcwd())
         return RayTask(self.ray, ref, log)

@@ -21,11 +21,16 @@ from typing import TYPE_CHECKING
 from . import progress
 from .config import ExperimentConfig
 from .errors import described
+from .lifecycle import CLAIM_LOST
 from .processes import (Experiment, ExperimentFailed, Placement, interrupted, process_alive, started_at,
                         terminate_when_parent_dies)
 
 if TYPE_CHECKING:
     from .resume import Start
+
+
+# What became of a run that changed hands while this launcher ran it (tracking/claims.py).
+LOST = "LOST"
 
 
 class Interrupted(BaseException):  # not an Exception: no `except Exception` may swallow it
@@ -79,7 +84,7 @@ def _check_batches(cfg: ExperimentConfig, sizes: list[int]) -> None:
 
 
 def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placement: Placement = Placement(),
-        start: Start | None = None, progress_every: float = 30.0) -> int:
+        start: Start | None = None, progress_every: float = 30.0, hand: int = 0) -> int:
     """Run one experiment and end its MLflow run; returns the process exit code.
 
     `open_run` opens the run and returns its id. It is called once the metaserver is starting,
@@ -87,19 +92,21 @@ def run(cfg: ExperimentConfig, open_run: Callable[[], str], echo=print, placemen
     stopped again and the exception propagates, with no run to end. With `start` the
     aggregator begins after that checkpoint's round (resume, extension) instead of round 0.
     Progress inside a round is shown every `progress_every` seconds (progress.Display). The work
-    directory goes whatever happens.
+    directory goes whatever happens. The launcher holds the run at `hand` (tracking/claims.py): it
+    renews the claim's heartbeat, and stops, writing nothing more into the run, once the run changed
+    hands (exit CLAIM_LOST).
     """
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` or a sweep: go down with whoever started us
         terminate_when_parent_dies()
     workdir = make_workdir()
     try:
-        return _run_in(workdir, cfg, open_run, echo, placement, start, progress_every)
+        return _run_in(workdir, cfg, open_run, echo, placement, start, progress_every, hand)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run_in(workdir: Path, cfg: ExperimentConfig, open_run: Callable[[], str], echo, placement: Placement,
-            start: Start | None, progress_every: float) -> int:
+            start: Start | None, progress_every: float, hand: int) -> int:
     """run(), in the work directory that run() removes."""
     start_file = None
     if start is not None:
@@ -113,15 +120,23 @@ def _run_in(workdir: Path, cfg: ExperimentConfig, open_run: Callable[[], str], e
     except BaseException:
         exp.teardown()
         raise
+    from . import tracking  # imported by open_run
+
+    keeper = tracking.claims.Keeper(run_id, hand)
     display = progress.Display(exp.progress_file, progress_every, echo)
     exp.echo = display.write
     try:
-        status, reason, code = _run_to_the_end(exp, run_id, display.tick)
+        status, reason, code = _run_to_the_end(exp, keeper, display.tick)
     finally:
         display.close()
         exp.echo = echo
-    _record_the_end(exp, run_id, status, reason, start.copied_rounds if start else 0)
-    echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
+    if status != LOST:
+        status, reason, code = _record_the_end(exp, keeper, status, reason, code,
+                                               start.copied_rounds if start else 0)
+    if status == LOST:
+        echo(f"fedshard: run {run_id} was taken over ({reason}); stopped, leaving the run to its new owner")
+    else:
+        echo(f"fedshard: run {run_id} {status}" + (f": {reason}" if reason else ""))
     return code
 
 
@@ -163,26 +178,36 @@ class _Signals:
             signal.signal(s, handler)
 
 
-def _run_to_the_end(exp: Experiment, run_id: str, tick=None) -> tuple[str, str | None, int]:
+def _run_to_the_end(exp: Experiment, keeper, tick=None) -> tuple[str, str | None, int]:
     """Start the experiment's processes, watch them to the end and tear them down whatever happens;
     returns the run's (status, reason, exit code): FINISHED only when every round was logged, KILLED
-    when a signal came before that, even during the teardown."""
+    when a signal came before that, even during the teardown, LOST as soon as `keeper` (the claim's
+    heartbeat) finds that the run changed hands."""
     from . import tracking  # already imported by open_run
 
-    cfg = exp.cfg
+    cfg, run_id = exp.cfg, keeper.run_id
     status, reason, code = "FAILED", None, 1
     monitor = None
+
+    def look():
+        if tick is not None:
+            tick()
+        keeper.check()
+
     with _Signals() as signals:
         try:
+            keeper.start()
             monitor = tracking.monitor_system(run_id)
             tracking.log_artifact(run_id, exp.config_path)
-            exp.start(run_id)
+            exp.start(run_id, keeper.hand)
             _announce(exp)
-            exp.watch(tick)
+            exp.watch(look)
             missing = sorted(set(range(cfg.rounds + 1)) - tracking.logged_steps(run_id))
             if missing:
                 raise ExperimentFailed(f"aggregator exited but rounds {missing} of 0..{cfg.rounds} were not logged")
             status, code = "FINISHED", 0
+        except tracking.claims.ClaimLost as exc:
+            status, reason, code = LOST, str(exc), CLAIM_LOST
         except Interrupted:
             pass  # said below, as a signal that comes during the teardown is
         except ExperimentFailed as exc:
@@ -191,8 +216,9 @@ def _run_to_the_end(exp: Experiment, run_id: str, tick=None) -> tuple[str, str |
             reason = f"launcher error: {described(exc)}"
         finally:
             signals.raising = False  # from here on a first signal is only kept: the teardown goes to its end
+            keeper.stop()
             exp.teardown()
-    if signals.signum is not None and status != "FINISHED":  # a FINISHED run lost nothing: it stays so
+    if signals.signum is not None and status not in ("FINISHED", LOST):  # a FINISHED run lost nothing: it stays so
         after = f" (tearing down after: {reason})" if reason else ""
         status, reason, code = "KILLED", interrupted(signals.signum) + after, 128 + signals.signum
     for line in exp.aggregator.new_lines() if exp.aggregator else []:
@@ -216,18 +242,25 @@ def _announce(exp: Experiment) -> None:
         echo(f"  {command}")
 
 
-def _record_the_end(exp: Experiment, run_id: str, status: str, reason: str | None, copied_rounds: int) -> None:
+def _record_the_end(exp: Experiment, keeper, status: str, reason: str | None, code: int,
+                    copied_rounds: int) -> tuple[str, str | None, int]:
     """End the MLflow run with its status and reason, its processes' logs and the rounds its own
-    trainers trained; a FINISHED run's checkpoint goes (its final model is kept, once)."""
+    trainers trained; a FINISHED run's checkpoint goes (its final model is kept, once). The run is
+    ended only through the claim's next hand: when it changed hands meanwhile, nothing is ended and
+    the outcome is LOST. Returns the (status, reason, exit code) that stand."""
     from . import tracking
 
-    with suppress(Exception):
+    run_id = keeper.run_id
+    with suppress(Exception):  # not into a run that is another launcher's now (nor below: the end takes a hand)
+        tracking.claims.check(run_id, keeper.hand)
         tracking.log_artifact(run_id, exp.workdir / "logs")
     tags = {}
     with suppress(Exception):  # rounds this run's own trainers trained: the last one in, less copied ones
         last = max(tracking.logged_steps(run_id) or {0})
         tags[tracking.ROUNDS_TRAINED_TAG] = str(max(0, last - copied_rounds))
-    tracking.end_run(run_id, status, reason, tags)
+    if not keeper.end(status, reason, tags):
+        return LOST, tracking.claims.taken(run_id, keeper.hand), CLAIM_LOST
     if status == "FINISHED":  # only now: until the run is FINISHED, its checkpoint is what resumes it
         with suppress(Exception):
             tracking.delete_checkpoints(run_id)
+    return status, reason, code

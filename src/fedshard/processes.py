@@ -32,6 +32,9 @@ from .errors import described
 from .files import tail
 
 _PR_SET_PDEATHSIG = 1
+# The hand at which a launcher holds its run (tracking/claims.py), as a sweep hands it to the launcher
+# it starts ("0": a run the sweep created) and the launcher to its aggregator.
+CLAIM_HAND_ENV = "FEDSHARD_CLAIM_HAND"
 # Resolved once, here: not in a preexec_fn, where loading a library after fork, with other threads
 # of the parent holding its locks, may deadlock.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -233,8 +236,9 @@ class Experiment:
         self.metaserver = self.spawn("metaserver", ["metaserver", *where, "--address-file", str(self.address_file)], 1)
         self.metaserver_deadline = time.monotonic() + STARTUP_TIMEOUT
 
-    def start(self, run_id: str) -> None:
-        """Once the metaserver listens, start the aggregator and the trainers of run `run_id`."""
+    def start(self, run_id: str, hand: int = 0) -> None:
+        """Once the metaserver listens, start the aggregator and the trainers of run `run_id`, which
+        this launcher holds at `hand` (tracking/claims.py; the aggregator writes nothing once it changed)."""
         self.run_id = run_id
         cores = cpu_budget()
         meta = self.metaserver
@@ -252,7 +256,8 @@ class Experiment:
         self.aggregator = self.spawn("aggregator", ["aggregator", *common, "--config", str(self.config_path),
                                                     "--join-timeout", str(self.placement.join_timeout), *start,
                                                     "--progress-file", str(self.progress_file)],
-                                     cores, MLFLOW_TRACKING_URI=tracking.tracking_uri())
+                                     cores, MLFLOW_TRACKING_URI=tracking.tracking_uri(),
+                                     **{CLAIM_HAND_ENV: str(hand)})
         if self.placement.remote_trainers:
             return
         # Trainers train at the same time and share the cores; the aggregator

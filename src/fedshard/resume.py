@@ -1,9 +1,9 @@
 """Where a run continues from, checked before anything starts.
 
-Resume: a FAILED, KILLED or stale RUNNING run continues in place from its newest
-checkpoint. Extension: a new run of a configuration starts from the final model of
-a FINISHED run of the same configuration with fewer rounds, whose rounds it copies
-in. Either way the result is a `Start` (a checkpoint: round and model) that the
+Resume: a FAILED, KILLED or stale RUNNING run (its owner gone, or its claim dead: no heartbeat
+for longer than its timeout) continues in place from its newest checkpoint. Extension: a new run
+of a configuration starts from the final model of a FINISHED run of the same configuration with
+fewer rounds, whose rounds it copies in. Either way the result is a `Start` (a checkpoint: round and model) that the
 aggregator begins after, and every problem is a ContinueError that names the run
 and what would be valid, raised before any run is changed.
 """
@@ -43,19 +43,21 @@ def _experiment_run(run_id: str, verb: str) -> tuple[tracking.RunRecord, Experim
         raise ContinueError(f"--{verb} {run_id}: not a fedshard experiment run: {exc}") from None
 
 
-def for_resume(run_id: str, warn=None) -> tuple[ExperimentConfig, Start]:
-    """The configuration and start of a run to resume; raises ContinueError when it cannot be."""
+def for_resume(run_id: str, warn=None, handed: int | None = None) -> tuple[ExperimentConfig, Start]:
+    """The configuration and start of a run to resume; raises ContinueError when it cannot be. A
+    RUNNING run is refused while its claim is live (tracking/claims.py), unless a sweep took it for
+    this launcher (`handed`: the hand it holds the run at)."""
     record, cfg = _experiment_run(run_id, "resume")
     if record.status == "FINISHED":
         raise ContinueError(f"--resume {run_id}: the run is FINISHED, every round is in; nothing to resume")
-    if record.status == "RUNNING":
+    claims = tracking.claims
+    if record.status == "RUNNING" and not claims.dead(record) and handed != claims.hands(record):
         alive = tracking.owner_alive(record)
-        if alive or alive is None:
-            where = (f"pid {record.tags.get(tracking.PID_TAG)} on {record.tags.get(tracking.HOST_TAG)}"
-                     if record.tags.get(tracking.HOST_TAG) else "an unknown process")
-            raise ContinueError(f"--resume {run_id}: the run is RUNNING and its owner ({where}) "
-                                f"{'is alive' if alive else 'may be alive on that host'}; stop it first "
-                                f"(a FAILED, KILLED, or RUNNING run whose launcher is gone can be resumed)")
+        where = claims.owner_text(record) if record.tags.get(tracking.HOST_TAG) else "an unknown process"
+        raise ContinueError(f"--resume {run_id}: the run is RUNNING and its owner ({where}) "
+                            f"{'is alive' if alive else 'may be alive on that host'}; stop it first "
+                            f"(a FAILED, KILLED, or RUNNING run whose owner is gone, or silent for over "
+                            f"its claim timeout, can be resumed)")
     if cfg.precision == "auto":
         raise ContinueError(f"--resume {run_id}: the run was recorded on device=auto before fedshard recorded the "
                             f"precision it computed in, so its rounds cannot be continued exactly; run the "

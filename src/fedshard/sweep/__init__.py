@@ -7,6 +7,8 @@ One job a module:
 - `scheduling`: the loop (`Sweep`, `Job`, `Outcome`): which experiment starts when (one that
   extends a twin of this sweep waits for it), finishing, retrying from a checkpoint, stopping
   every experiment on a signal or an error;
+- `claiming`: the sweep's side of claims (tracking/claims.py): each configuration claimed just
+  before its launcher starts, so that no two sweeps train it; the ones held elsewhere watched;
 - `reporting`: what the sweep shows (`Report`): the console lines, the progress bar or progress
   lines with the ETA, the parent run's description, counters (sweep/finished, ...) and analysis,
   and the final summary;
@@ -35,7 +37,8 @@ __all__ = ["Job", "Outcome", "Report", "Sweep", "SweepError", "child_command", "
 
 
 def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: int, dry_run: bool,
-         echo=print, show_progress: bool = True, executor=None, resume: bool = True, extend: bool = True) -> int:
+         echo=print, show_progress: bool = True, executor=None, resume: bool = True, extend: bool = True,
+         wait: bool = False) -> int:
     """What `python sweep.py` does, after the options were parsed; returns the exit code."""
     from .. import tracking
 
@@ -43,18 +46,14 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
     tracking.ensure_store()
     experiment_name = _experiment(experiment_name)
     runs = tracking.list_runs(experiment_name)
-    stale = {r.run_id for r in runs if r.status == "RUNNING" and tracking.owner_alive(r) is False}
+    stale = [r for r in runs if tracking.claims.dead(r)]
     if stale and not dry_run:
-        _mark_stale([r for r in runs if r.run_id in stale], echo)
-    work = plan(configs, runs, resume=resume, extend=extend, stale=stale)
+        _mark_stale(stale, echo)
+    work = plan(configs, runs, resume=resume, extend=extend, stale={r.run_id for r in stale})
     echo(f"Total experiments to run: {len(work.tasks)} ({len(work.skipped)} already finished)")
     echo(work.rounds_line())
     todo = {t.cfg for t in work.tasks}
-    running_elsewhere = {cfg.identity() for r in runs if r.status == "RUNNING" and r.run_id not in stale
-                         and (cfg := config_of(r)) is not None} & {c.identity() for c in todo}
-    if running_elsewhere:
-        echo(f"Note: {len(running_elsewhere)} of them have a RUNNING run (another sweep, or one that was "
-             f"killed hard); they run again here.")
+    _note_running(runs, stale, todo, wait, echo)
     if dry_run:
         _dry_run(grid, len(configs), work, experiment_name, echo)
         return 0
@@ -62,7 +61,8 @@ def main(grid: Grid, experiment_name: str | None, parallel: int, max_retries: in
         echo(f"Nothing to run: every configuration already has a FINISHED run in {experiment_name!r}.")
         return 0
     _ensure_data(todo)
-    return Sweep(work, experiment_name, parallel, max_retries, grid, echo, show_progress, executor, resume).run()
+    return Sweep(work, experiment_name, parallel, max_retries, grid, echo, show_progress, executor, resume,
+                 wait).run()
 
 
 def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -92,15 +92,46 @@ def _experiment(experiment_name: str | None) -> str:
 
 
 def _mark_stale(stale, echo) -> None:
-    """RUNNING runs whose owner (sweep or launcher on this host) is gone never end by themselves:
-    mark them KILLED, so their configurations run (or resume) again."""
+    """RUNNING runs that nobody will end never end by themselves: mark them KILLED, so their
+    configurations run (or resume) again. A dead claim (its owner gone, or silent for over its claim
+    timeout, tracking/claims.py) is reaped: its owner, should it come back, finds its run taken. Other
+    runs (a sweep's own, runs from before claims) are stale when their owner on this host is gone."""
     from .. import tracking
 
-    for r in stale:
+    claims = tracking.claims
+    reaped = [r for r in stale if claims.is_claim(r) and claims.reap(
+        r, "KILLED", f"stale: its owner ({claims.owner_text(r)}) is gone or silent for over its claim "
+                     f"timeout of {claims.claim_timeout(r):g}s")]
+    others = [r for r in stale if not claims.is_claim(r)]
+    for r in others:
         tracking.end_run(r.run_id, "KILLED", f"stale: its owner (pid {r.tags.get(tracking.PID_TAG)} on "
                                              f"{r.tags.get(tracking.HOST_TAG)}) is gone")
-    echo(f"Marked {len(stale)} stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): "
-         + ", ".join(r.run_id for r in stale))
+    if reaped:
+        echo(f"Marked {len(reaped)} dead claim(s) KILLED (their owner is gone, or silent for over the claim "
+             f"timeout); they continue here: " + ", ".join(f"{r.run_id} ({claims.owner_text(r)})" for r in reaped))
+    if others:
+        echo(f"Marked {len(others)} stale RUNNING run(s) KILLED (their sweep or launcher on this host is gone): "
+             + ", ".join(r.run_id for r in others))
+
+
+def _note_running(runs, stale, todo, wait: bool, echo) -> None:
+    """Say which configurations to run are running elsewhere now: held by a live claim (reported when
+    their turn comes, and waited for with --wait), or RUNNING in a run from before claims, which this
+    sweep cannot judge and runs again."""
+    from .. import tracking
+
+    dead = {r.run_id for r in stale}
+    mine = {c.identity() for c in todo}
+    running = [(r, cfg) for r in runs if r.status == "RUNNING" and r.run_id not in dead
+               and (cfg := config_of(r)) is not None and cfg.identity() in mine]
+    held = {cfg.identity() for r, cfg in running if tracking.claims.is_claim(r)}
+    legacy = {cfg.identity() for r, cfg in running if not tracking.claims.is_claim(r)} - held
+    if held:
+        echo(f"Note: {len(held)} of them are running elsewhere now (claimed by another sweep or machine); "
+             + ("this sweep waits for them (--wait)" if wait else "they are not run here (--wait waits for them)"))
+    if legacy:
+        echo(f"Note: {len(legacy)} of them have a RUNNING run from before claims (another sweep, or one that "
+             f"was killed hard); they run again here.")
 
 
 def _dry_run(grid: Grid, configurations: int, work: Plan, experiment_name: str, echo) -> None:

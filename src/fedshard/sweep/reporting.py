@@ -120,7 +120,7 @@ class Report:
         self.counter_step += 1
         tracking.log_round(s.parent_run_id, self.counter_step, {
             "sweep/finished": len(s.finished), "sweep/failed": len(s.failed),
-            "sweep/killed": len(s.killed), "sweep/running": len(s.running),
+            "sweep/killed": len(s.killed), "sweep/running": len(s.running), "sweep/elsewhere": len(s.elsewhere),
             "sweep/skipped": len(s.skipped), "sweep/rounds_done": self.rounds_done})
 
     def close(self, status: str, reason: str | None, analyse: bool) -> None:
@@ -210,6 +210,29 @@ class Report:
             return
         self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id})")
         self._advance()
+
+    # -- configurations another owner holds (claims: tracking/claims.py) ------------------------
+    def elsewhere(self, job: Job, run) -> None:
+        """A configuration that another live owner holds: where (host, pid) and its run."""
+        from .. import tracking
+
+        self.say(f"Experiment running elsewhere: {named(job.cfg, self.extra)} (run {run.run_id}, "
+                 f"{tracking.claims.owner_text(run)}); " + ("waiting for it" if self.sweep.wait else "not run here"))
+
+    def taken_over(self, job: Job, who: str | None, run) -> None:
+        self.say(f"Experiment taken over elsewhere: {named(job.cfg, self.extra)}: its launcher here was silent past "
+                 f"the claim timeout and stopped without ending run {job.run_id}, which changed hands ({who})")
+
+    def finished_elsewhere(self, job: Job, run) -> None:
+        self.say(f"Experiment finished elsewhere: {named(job.cfg, self.extra)} (run {run.run_id}); skipped")
+
+    def completed_elsewhere(self, job: Job, run) -> None:
+        self.say(f"Experiment completed elsewhere: {named(job.cfg, self.extra)} (run {run.run_id})")
+        self._advance()
+
+    def free_again(self, job: Job, run) -> None:
+        self.say(f"Experiment no longer held elsewhere: {named(job.cfg, self.extra)} (run {run.run_id} "
+                 f"{'ended ' + run.status if run.status != 'RUNNING' else 'went silent'}); claiming it here")
 
     def stopping(self, why: str, jobs: list[Job]) -> None:
         self.say(f"Sweep {why}: stopping {len(jobs)} running experiment(s)...")
@@ -309,12 +332,20 @@ class Report:
         for o in s.failed:
             say(f"  {named(o.cfg, self.extra)}: {o.reason} (run {o.run_id}, {o.attempts} attempt(s))")
         say(f"Skipped (already finished): {len(s.skipped)}")
+        if s.elsewhere:
+            from .. import tracking
+
+            say(f"Running elsewhere: {len(s.elsewhere)} (not run here; this sweep's results lack them until they "
+                f"finish: run it again, or with --wait)")
+            for a in s.elsewhere:
+                dead = "; its claim is dead: the next sweep takes it over" if tracking.claims.dead(a.run) else ""
+                say(f"  {named(a.job.cfg, self.extra)} (run {a.run.run_id}, {tracking.claims.owner_text(a.run)}){dead}")
         if s.killed:
             say(f"Interrupted: {len(s.killed)} (marked KILLED)")
             for o in s.killed:
                 say(f"  {named(o.cfg, self.extra)} (run {o.run_id})")
         if s.not_started:
-            say(f"Not started (the run they start from did not finish): {len(s.not_started)}")
+            say(f"Not started (the run they start from is not FINISHED here): {len(s.not_started)}")
             for o in s.not_started:
                 say(f"  {named(o.cfg, self.extra)}: {o.reason}")
         not_started = len({j.index for j in s.pending})

@@ -12,11 +12,15 @@ Where each experiment starts is the plan's business (planning.py); here a task t
 twin of this sweep, or starts from the final model of another of its runs (init_from=run:), waits
 until that run is FINISHED, and a failed experiment is retried by resuming it from its checkpoint
 when it has one, so no finished round is trained twice. Whatever starts from a run that failed is
-not started: the next sweep continues the chain.
+not started: the next sweep continues the chain. Just before an experiment starts, its
+configuration is claimed in the tracking store (claiming.py): one that another sweep or machine
+holds runs elsewhere and is not started here (with `wait`, the sweep waits for it, and continues
+it should its owner stop without finishing it).
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import tempfile
@@ -32,7 +36,8 @@ from ..errors import described, one_line
 from ..files import tail
 from ..grid import Grid, SweepError
 from ..planning import Plan, Task
-from ..processes import describe_exit, interrupted
+from ..processes import CLAIM_HAND_ENV, describe_exit, interrupted
+from . import claiming
 from .reporting import Report
 from .resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
 
@@ -42,6 +47,8 @@ POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 30.0
 # The launcher's output, stored with its run; one per attempt, as a resumed run has several.
 LAUNCHER_LOG = "fedshard-run-attempt{}.log"
+# How often the sweep renews the claims it still owns and looks at those held elsewhere, at most.
+CLAIMS_SECONDS = 2.0
 # What a launcher that refused its input says (`fedshard run` exits 2): another attempt would be refused too.
 REFUSED = describe_exit(2)
 
@@ -58,6 +65,9 @@ class Job:
     started: float = 0.0
     last_round: int = 0  # the highest round its run has logged, as last seen
     progress_file: Path | None = None  # where its aggregator relays the progress inside a round (progress.py)
+    hand: int = 0  # the hand its run is held at (tracking/claims.py)
+    beating: bool = True  # the sweep renews its claim's heartbeat until the launcher owns the run
+    not_before: float = 0.0  # a contested claim is tried again from then on (time.monotonic)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -77,15 +87,17 @@ class Sweep:
 
     def __init__(self, work: Plan, experiment_name: str, parallel: int = 1, max_retries: int = 1,
                  grid: Grid | None = None, echo=print, show_progress: bool = True, executor=None,
-                 resume: bool = True):
+                 resume: bool = True, wait: bool = False):
         self.plan, self.configs, self.experiment_name = work, [t.cfg for t in work.tasks], experiment_name
-        self.parallel, self.max_retries, self.resume = parallel, max_retries, resume
+        self.parallel, self.max_retries, self.resume, self.wait = parallel, max_retries, resume, wait
         self.skipped, self.grid = list(work.skipped), grid
         self.finished: list[Outcome] = []
         self.failed: list[Outcome] = []
         self.killed: list[Outcome] = []
         self.not_started: list[Outcome] = []  # what was to start from a run of this sweep that failed
         self.running: list[Job] = []
+        self.elsewhere: list[claiming.Away] = []  # held by another live owner, not run here
+        self.claims_looked = 0.0
         self.pending: deque[Job] = deque(Job(t, i) for i, t in enumerate(work.tasks, 1))
         self.stop_signal: int | None = None
         self.parent_run_id = self.experiment_id = ""
@@ -109,6 +121,8 @@ class Sweep:
         try:
             self._prepare()
             self._loop()
+            if not self.stop_signal:
+                self._look_after_claims(last=True)
             status = "KILLED" if self.stop_signal else ("FAILED" if self.failed else "FINISHED")
         except BaseException as exc:  # our own bug or a broken store: still leave no process behind
             error = exc
@@ -152,11 +166,12 @@ class Sweep:
         # A second Ctrl-C while stopping changes nothing: the teardown always completes.
 
     def _loop(self) -> None:
-        while (self.pending or self.running) and not self.stop_signal:
+        while (self.pending or self.running or (self.wait and self.elsewhere)) and not self.stop_signal:
             changed = False
             while len(self.running) < self.parallel and not self.stop_signal and (job := self._next_ready()):
                 self._start(job)
                 changed = True
+            changed |= self._look_after_claims()
             if self.report.due():
                 changed |= self.report.look_at_rounds(self.running)
             for job in [j for j in self.running if j.handle.done()]:
@@ -177,43 +192,55 @@ class Sweep:
         started if it failed."""
         finished = {o.cfg: o.run_id for o in self.finished}
         for job in list(self.pending):
+            if job.not_before > time.monotonic():
+                continue
             source = job.task.source
-            if source is not None and source not in finished:
-                lost = next((o for o in self.failed + self.not_started if o.cfg == source), None)
-                if lost is not None:
+            if source is not None and source not in finished and source not in dict(self.skipped):
+                why = self._source_lost(source)
+                if why:
                     self.pending.remove(job)
-                    outcome = Outcome(job.cfg, "", 0, f"the run it starts from, {source.run_name()}, did not finish"
-                                                      + (f" (run {lost.run_id})" if lost.run_id else ""))
+                    outcome = Outcome(job.cfg, "", 0, f"the run it starts from, {source.run_name()}, {why}")
                     self.not_started.append(outcome)
                     self.report.not_started(outcome)
-                continue  # the source is still pending or running
+                continue  # the source is still pending or running (here, or elsewhere while waiting)
             after = job.task.after
             if after is not None:
                 if after in finished:
                     job.task = replace(job.task, extends=finished[after], after=None)
-                elif any(o.cfg == after for o in self.failed):
+                elif any(o.cfg == after for o in self.failed) or (
+                        not self.wait and any(a.job.cfg == after for a in self.elsewhere)):
                     self.report.twin_failed(job, after)
                     job.task = Task(job.cfg)
                 else:
-                    continue  # the twin is still pending or running
+                    continue  # the twin is still pending or running (here, or elsewhere while waiting)
             self.pending.remove(job)
             return job
         return None
 
+    def _source_lost(self, source: ExperimentConfig) -> str:
+        """Why the run a job starts from will not be FINISHED in this sweep ('' while it may be yet): it
+        failed here, or runs elsewhere and this sweep does not wait."""
+        lost = next((o for o in self.failed + self.not_started if o.cfg == source), None)
+        if lost is not None:
+            return "did not finish" + (f" (run {lost.run_id})" if lost.run_id else "")
+        away = next((a for a in self.elsewhere if a.job.cfg == source), None)
+        if away is not None and not self.wait:
+            return f"runs elsewhere (run {away.run.run_id})"
+        return ""
+
     def _start(self, job: Job) -> None:
-        """Its run (a new child run, or the failed one it resumes), its GPU and log, its launcher."""
+        """Its claim (its run: a new child run, or the failed one it resumes), its GPU and log, its
+        launcher; or, when the claim does not win, nothing."""
         from .. import tracking
 
+        if not self._claim(job):
+            return
         task = job.task
         self.report.starting(job)
-        env = dict(self.env)
+        env = {**self.env, CLAIM_HAND_ENV: str(job.hand)}
         if task.resume:
-            job.run_id = task.resume
             env.pop("MLFLOW_RUN_ID", None)  # `fedshard run --resume` reopens the run itself
         else:
-            job.run_id = tracking.create_child_run(job.cfg, self.experiment_id, self.parent_run_id,
-                                                   tags={"fedshard.sweep.attempt": str(job.attempt),
-                                                         **tracking.owner_tags()})
             env["MLFLOW_RUN_ID"] = job.run_id
         job.gpu = pick_gpu(self.gpus, [j.gpu for j in self.running])
         if job.gpu is not None:
@@ -224,11 +251,58 @@ class Sweep:
         try:
             job.handle = self.executor.start(job.cfg, task_command(task), env, job.log)
         except Exception as exc:
-            tracking.end_run(job.run_id, "FAILED", f"sweep could not start the experiment: {exc}")
+            tracking.claims.end(job.run_id, job.hand, "FAILED", f"sweep could not start the experiment: {exc}")
             raise
         job.started, job.last_round = time.monotonic(), task.start
         self.running.append(job)
         self.report.started(job)
+
+    def _claim(self, job: Job) -> bool:
+        """Claim the job's configuration (claiming.py): True when it is this sweep's to run; else it was
+        held or FINISHED elsewhere (said and counted), or contested (tried again shortly)."""
+        got = claiming.claim(job.task, self.experiment_id, self.parent_run_id, job.attempt, self.resume)
+        if isinstance(got, claiming.Claimed):
+            job.run_id, job.hand, job.task = got.run_id, got.hand, got.task
+            return True
+        if isinstance(got, claiming.Busy):
+            job.not_before = time.monotonic() + random.uniform(0.5, 2.0)
+            self.pending.append(job)
+        elif isinstance(got, claiming.Done):
+            self.skipped.append((job.cfg, got.run.run_id))
+            self.report.finished_elsewhere(job, got.run)
+        else:
+            self.elsewhere.append(claiming.Away(job, got.run))
+            self.report.elsewhere(job, got.run)
+        return False
+
+    def _look_after_claims(self, last: bool = False) -> bool:
+        """Every few seconds: renew the claims whose launchers have not taken them over yet, and (with
+        `wait`) look at the configurations held elsewhere: one FINISHED there counts as finished here,
+        one whose holder stopped without finishing it (or went silent) is claimed to run here. The
+        `last` look, when the sweep's own work is done, counts those FINISHED meanwhile. True when
+        there was news."""
+        from .. import tracking
+
+        if not last and time.monotonic() - self.claims_looked < min(
+                CLAIMS_SECONDS, tracking.claims.beat_seconds(tracking.claims.timeout())):
+            return False
+        self.claims_looked = time.monotonic()
+        with suppress(Exception):  # a store hiccup: the next look tries again
+            claiming.keep_alive(self.running)
+        if not (self.wait or last):
+            return False
+        news = []
+        with suppress(Exception):  # likewise
+            news = claiming.look_elsewhere(self.elsewhere, take=self.wait)
+        for away, run, task in news:
+            self.elsewhere.remove(away)
+            if task is None:
+                self.finished.append(Outcome(away.job.cfg, run.run_id, 0))
+                self.report.completed_elsewhere(away.job, run)
+            else:
+                self.report.free_again(away.job, run)
+                self.pending.append(Job(task, away.job.index, away.job.attempt))
+        return bool(news)
 
     def _finish(self, job: Job, retry: bool = True) -> None:
         """A job whose launcher ended: FINISHED, or failed, with the reason its run recorded (else
@@ -237,18 +311,21 @@ class Sweep:
         from .. import tracking
 
         record = tracking.run_record(job.run_id)
-        self._upload_log(job)
-        self.report.look_at_rounds([job])
-        outcome = Outcome(job.cfg, job.run_id, job.attempt)
-        if record.status == "FINISHED":
-            self.finished.append(outcome)
-            self.report.completed(job)
-            return
         reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
         reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
-        if record.status == "RUNNING":  # the launcher died (or its node was lost) before it could end its run
-            tracking.end_run(job.run_id, "FAILED", reason)
-        outcome.reason = one_line(reason)
+        if record.status == "RUNNING" and tracking.claims.end(job.run_id, job.hand, "FAILED", reason):
+            record = replace(record, status="FAILED")  # the launcher died (or its node was lost) before it ended it
+        if (who := tracking.claims.lost(job.run_id, job.hand)) is not None:  # taken over while its launcher was silent
+            self.elsewhere.append(claiming.Away(job, record))
+            self.report.taken_over(job, who, record)
+            return
+        self._upload_log(job)
+        self.report.look_at_rounds([job])
+        outcome = Outcome(job.cfg, job.run_id, job.attempt, one_line(reason))
+        if record.status == "FINISHED":
+            self.finished.append(replace(outcome, reason=""))
+            self.report.completed(job)
+            return
         if retry and job.attempt <= self.max_retries and job.handle.outcome() != REFUSED:
             # The retry continues from the failed run's checkpoint if it stored one: no round twice.
             retry = job.task
@@ -298,7 +375,7 @@ class Sweep:
             reason = f"sweep {why}"
             with suppress(Exception):
                 if status == "RUNNING":
-                    tracking.end_run(job.run_id, "KILLED", reason)
+                    tracking.claims.end(job.run_id, job.hand, "KILLED", reason)
             self._upload_log(job)
             self.killed.append(Outcome(job.cfg, job.run_id, job.attempt, reason))
             self.report.stopped(job)

@@ -10,6 +10,8 @@ each job has its module:
 - runs: RunRecord; starting an experiment's run, a sweep's run and its child runs; params,
   tags, ending and reopening runs; reading them back (run_record, list_runs).
 - owners: which process owns a RUNNING run (host, pid, start time) and whether it still runs.
+- claims: which process trains a configuration: runs as claims, their heartbeat, and the hands a
+  run changes by (resumed, reaped, ended), so that no two sweeps train one configuration.
 - metrics: per-round metrics and their histories, copying them into an extension; system metrics.
 - artifacts: files, folders, text and tables kept with a run.
 - datasets: the data sets a run reads, as its dataset inputs.
@@ -26,6 +28,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # Nor progress bars for every artifact a run downloads (a checkpoint, a model to start from).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from . import claims
 from .artifacts import log_artifact, log_artifacts, log_table, log_text
 from .checkpoints import (
     CHECKPOINT_TAG, EXTENDS_TAG, RESUMED_TAG, ROUNDS_TRAINED_TAG, CheckpointWriteError, checkpoint_rounds,
@@ -34,7 +37,7 @@ from .datasets import log_datasets
 from .logged_model import INIT_FROM_RUN_TAG, load_final_weights, load_weights, log_model, source_run
 from .metrics import (
     copy_round_metrics, latest, log_missing, log_round, logged_steps, metric_history, monitor_system)
-from .owners import HOST_TAG, PID_TAG, owner_alive, owner_tags
+from .owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
 from .runs import (
     FAILURE_TAG, RunRecord, create_child_run, end_run, list_runs, log_extra_params, record_precision, reopen_run,
     run_record, run_status, set_tags, start_run, start_sweep_run)
@@ -45,11 +48,11 @@ from .store import (
 # What fedshard's other modules, its tests and benchmarks use, and the errors the package raises;
 # anything else is reached through its module (tracking.runs.SWEEP_TAG).
 __all__ = [
-    "CHECKPOINT_TAG", "CheckpointWriteError", "EXTENDS_TAG", "FAILURE_TAG", "HOST_TAG", "INIT_FROM_RUN_TAG",
-    "NOTE_TAG", "PID_TAG",
+    "CHECKPOINT_TAG", "claims", "CheckpointWriteError", "EXTENDS_TAG", "FAILURE_TAG", "HOST_TAG",
+    "INIT_FROM_RUN_TAG", "NOTE_TAG", "PID_TAG",
     "RESUMED_TAG", "ROUNDS_TRAINED_TAG", "RunRecord", "TrackingError", "checkpoint_rounds", "commit_round",
     "copy_round_metrics", "create_child_run", "default_experiment_name", "delete_checkpoints", "end_run",
-    "ensure_store", "experiment_id", "experiment_name_of_run", "experiment_names", "latest", "list_runs",
+    "ensure_store", "experiment_id", "experiment_name_of_run", "experiment_names", "host", "latest", "list_runs",
     "load_checkpoint", "load_final_weights", "load_weights", "log_artifact", "log_artifacts", "log_datasets",
     "log_extra_params", "log_missing", "log_model", "log_round", "log_table", "log_text", "logged_steps",
     "metric_history", "monitor_system", "owner_alive", "owner_tags", "record_precision", "reopen_run", "run_record",

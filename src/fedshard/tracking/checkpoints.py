@@ -36,16 +36,22 @@ def _artifacts(run_id: str):
     return get_artifact_repository(client().get_run(run_id).info.artifact_uri)
 
 
-def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None) -> None:
+def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None,
+                 still_ours=None) -> None:
     """Make round `round_` durable: its checkpoint first (when `weights` are given), then its
     metrics, then the older checkpoints go. A run whose metrics show round r therefore always
     has a checkpoint of round r or later, and a crash at any point leaves one that loads: the
     previous file is deleted only after the new one is complete (artifact stores publish a file
-    only once it is whole; a torn file would fail checkpoint.load and the older one is used)."""
+    only once it is whole; a torn file would fail checkpoint.load and the older one is used).
+    `still_ours()` (claims.check) is asked before each write: it raises once the run changed hands."""
     if weights is not None:
+        if still_ours:
+            still_ours()
         start = time.perf_counter()
         _store_checkpoint(run_id, round_, metrics, weights)
         metrics = {**metrics, "checkpoint_seconds": time.perf_counter() - start}
+    if still_ours:
+        still_ours()
     log_round(run_id, round_, metrics)
     if weights is not None:
         client().set_tag(run_id, CHECKPOINT_TAG, str(round_))

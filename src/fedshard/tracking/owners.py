@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from .runs import RunRecord
 
 HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
+# The name this machine records as an owner's host: the hostname, unless FEDSHARD_HOST names it (where
+# containers with pid namespaces of their own share one hostname, each needs a name of its own, or a
+# pid would be judged in the wrong namespace).
+HOST_ENV = "FEDSHARD_HOST"
 # The owner's start time (seconds since the epoch, psutil's create_time): a pid is reused by later
 # processes, a (pid, start time) pair names one process (processes.process_alive).
 PID_STARTED_TAG = "fedshard.pid_started"
@@ -22,9 +26,14 @@ PID_STARTED_TAG = "fedshard.pid_started"
 _PYTHON_OPTIONS_WITH_VALUE = {"-W", "-X", "--check-hash-based-pycs"}
 
 
+def host() -> str:
+    """This machine, as owners record it: $FEDSHARD_HOST, else the hostname."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
 def owner_tags() -> dict[str, str]:
     """This process as a run's owner: its host, pid and start time."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_STARTED_TAG: f"{started_at():.2f}"}
+    return {HOST_TAG: host(), PID_TAG: str(os.getpid()), PID_STARTED_TAG: f"{started_at():.2f}"}
 
 
 def owner_alive(run: RunRecord) -> bool | None:
@@ -34,7 +43,7 @@ def owner_alive(run: RunRecord) -> bool | None:
     owned by the process with its pid if that process runs fedshard."""
     import psutil
 
-    if run.tags.get(HOST_TAG) != socket.gethostname():
+    if run.tags.get(HOST_TAG) != host():
         return None
     pid = int(run.tags.get(PID_TAG) or 0)
     if not pid:

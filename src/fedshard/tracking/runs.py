@@ -24,6 +24,8 @@ FAILURE_TAG = "fedshard.failure_reason"
 RUN_NAME_TAG = "mlflow.runName"  # setting it renames the run
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "fedshard.sweep"
+# A claim's state (claims.py); a withdrawn claim is no experiment, whatever else it carries.
+CLAIM_STATE_TAG, WITHDRAWN = "fedshard.claim.state", "withdrawn"
 _PAGE = 1000  # runs per search request
 
 
@@ -53,8 +55,10 @@ class RunRecord:
 
     @property
     def is_experiment(self) -> bool:
-        """An experiment run (not a sweep's parent run, nor any other run without a world_size)."""
-        return "world_size" in self.params and self.tags.get(SWEEP_TAG) != "true"
+        """An experiment run (not a sweep's parent run, a withdrawn claim, nor any other run without a
+        world_size)."""
+        return ("world_size" in self.params and self.tags.get(SWEEP_TAG) != "true"
+                and self.tags.get(CLAIM_STATE_TAG) != WITHDRAWN)
 
     def config(self, only=None) -> ExperimentConfig:
         """The run's configuration, parsed from its params whatever their spelling ('0.00001' and
