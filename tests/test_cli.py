@@ -75,7 +75,7 @@ def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_mo
               "-P", f"init_from=models:/start-here/{version}"]
     # A FINISHED twin of it: `mlflow run` runs it again (repeats can be on purpose), naming the twin first.
     twin_cfg = ExperimentConfig(data_dir=str(data_dir), world_size=2, rounds=1, learning_rate=1e-5, max_train_samples=32,
-                                max_test_samples=16, batch_size=16, init_from=f"models:/start-here/{version}")
+                                max_test_samples=16, batch_size=16, local_epochs=1, init_from=f"models:/start-here/{version}")
     twin = tracking.start_run(twin_cfg, "mlp", tags=tracking.claims.claim_tags(twin_cfg, tracking.claims.HELD))
     tracking.end_run(twin, "FINISHED")
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -204,7 +204,8 @@ def test_no_duplicate_refuses_a_configuration_that_finished_or_runs_elsewhere(tm
 
     client = MlflowClient()
     cfg = ExperimentConfig.from_mapping({**dict(world_size=1, data_dir=str(data_dir), max_train_samples=64,
-                                                max_test_samples=32, batch_size=16, learning_rate=1e-4, precision="fp32")})
+                                                max_test_samples=32, batch_size=16, local_epochs=1, learning_rate=1e-4,
+                                                precision="fp32")})
     finished = client.create_run(tracking.experiment_id("dup")).info.run_id
     tracking.log_extra_params(finished, {**cfg.params(), "learning_rate": "0.00010"})  # spelled as `mlflow run` may
     client.set_terminated(finished, "FINISHED")

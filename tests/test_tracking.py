@@ -242,3 +242,20 @@ def test_what_runs_fedshard_is_told_by_program_and_script_not_by_words():
     assert not runs_fedshard(["vim", "sweep.py"])
     assert not runs_fedshard(["sleep", "60"])
     assert not runs_fedshard([])
+
+
+def test_loading_a_logged_model_leaves_no_download_behind(store, tmp_path, monkeypatch):
+    """Every extension and init_from loads a final model; its 220 MB download must not stay in /tmp."""
+    import tempfile
+
+    from fedshard.models.alexnet import AlexNet
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    run_id = MlflowClient().create_run(tracking.experiment_id("leak")).info.run_id
+    weights = {k: v.clone() for k, v in AlexNet().state_dict().items()}
+    tracking.log_model(run_id, weights, "alexnet")
+    loaded = tracking.load_weights(f"runs:/{run_id}/model")
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert list((tmp_path / "tmp").iterdir()) == []

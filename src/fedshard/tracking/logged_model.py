@@ -109,7 +109,11 @@ def load_weights(uri: str, experiment_name: str | None = None) -> dict:
     import mlflow.pytorch
 
     try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
+        # Into a directory of our own, gone afterwards: left to itself MLflow downloads the model (220 MB
+        # for AlexNet) into a temporary directory that it never removes, once for every run that starts
+        # from it (an extension, init_from).
+        with tempfile.TemporaryDirectory(prefix="fedshard-model-") as tmp:
+            return mlflow.pytorch.load_model(uri, dst_path=tmp, map_location="cpu").state_dict()
     except Exception as exc:
         if uri.startswith("runs:/"):  # a run from before final models were MLflow models: model/weights.pt
             with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
