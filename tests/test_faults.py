@@ -87,15 +87,17 @@ def test_stray_trainer_with_the_wrong_secret_is_refused(tmp_path, data_dir, stor
     assert run_info(exp.run_id)[0] == "FINISHED"
 
 
-def metaservers() -> set[int]:
-    return {p.pid for p in fedshard_processes("fedshard metaserver")}
+def metaservers(tmp_path) -> set[int]:
+    """This test's metaservers: their work directory (the address file) is under its directory, so
+    metaservers of other experiments on the machine do not count."""
+    return {p.pid for p in fedshard_processes(str(tmp_path)) if "metaserver" in p.cmdline()}
 
 
 def test_locked_store_is_a_clear_error_and_starts_no_experiment(tmp_path, data_dir, store):
     db = store.removeprefix("sqlite:///")
     lock = sqlite3.connect(db)
     lock.execute("BEGIN EXCLUSIVE")
-    before = metaservers()
+    before = metaservers(tmp_path)
     try:
         result = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), cwd=tmp_path)
     finally:
@@ -104,18 +106,18 @@ def test_locked_store_is_a_clear_error_and_starts_no_experiment(tmp_path, data_d
     assert result.returncode == 2
     assert f"cannot use the MLflow tracking store {store}: " in result.stderr and "locked" in result.stderr
     assert "aggregator pid" not in result.stdout
-    assert metaservers() <= before  # the metaserver started alongside the store check is gone again
+    assert metaservers(tmp_path) <= before  # the metaserver started alongside the store check is gone again
 
 
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    before = metaservers()
+    before = metaservers(tmp_path)
     start = time.monotonic()
     result = fedshard("run", *experiment_args(data_dir, world_size=1, rounds=1), cwd=tmp_path)
     assert result.returncode == 2 and time.monotonic() - start < 30
     assert "cannot use the MLflow tracking store http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
-    assert metaservers() <= before
+    assert metaservers(tmp_path) <= before
 
 
 def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path, data_dir, store):
