@@ -94,6 +94,7 @@ def test_a_child_whose_parent_died_before_the_request_starts_nothing():
     never fire: the preexec_fn ends the child instead of starting it."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that is no parent of anything
+    processes._prctl()  # looked up here, in the parent, as the preexec functions do
     for sig, unblock in ((signal.SIGTERM, True), (signal.SIGKILL, False)):
         child = subprocess.Popen(["sleep", "30"], preexec_fn=functools.partial(processes._die_with, gone.pid, sig,
                                                                                  unblock))

@@ -121,7 +121,8 @@ class Rounds:
         self.started = time.perf_counter()
         if self.relay is not None:
             self.relay.round_started(round_)
-        return Dispatched(round_, parts, payloads, transport.send_round(round_, parts, payloads, self.cfg.round_timeout))
+        return Dispatched(round_, parts, payloads, transport.send_round(
+            round_, parts, payloads, self.cfg.round_timeout, self.strategy.round_settings(round_)))
 
     def collect(self, dispatched: Dispatched) -> list[transport.TrainerReport]:
         return transport.collect_round(dispatched.round, dispatched.parts, dispatched.payloads,

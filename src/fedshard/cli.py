@@ -17,7 +17,6 @@ import click
 
 from . import lifecycle
 from .config import RENAMED, ConfigError, ExperimentConfig
-from .processes import exit_now, role_process, role_threads
 from .settings_help import HELP
 
 _TYPES = {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL, "str": click.STRING}
@@ -113,6 +112,8 @@ def run(experiment_name, remote_trainers, metaserver_host, metaserver_port, join
                             progress_every=progress_every, hand=hand or 0)
     except lifecycle.Refused as exc:  # from open_run too: the launcher has stopped the metaserver again
         fail(str(exc), exc.code)
+    from .processes import exit_now
+
     exit_now(code)
 
 
@@ -141,6 +142,8 @@ def _amp_is_gone(value: str):
 def metaserver(host, port, address_file, threads):
     """The rendezvous service that aggregator and trainers meet at."""
     from . import metaserver as role
+
+    from .processes import role_process
 
     with role_process("metaserver"):
         role.serve(host, port, address_file)
@@ -173,6 +176,8 @@ def aggregator(address, run_id, secret, threads, config_path, join_timeout, star
     """Rank 0: send slices, collect them, assemble, evaluate and log every round."""
     from . import aggregator as role
 
+    from .processes import role_process, role_threads
+
     role_threads(threads)
     with role_process("aggregator"):
         role.run(ExperimentConfig.from_json(Path(config_path).read_text()), address, run_id, secret, join_timeout,
@@ -192,6 +197,8 @@ def trainer(address, run_id, secret, threads, trainer_index, timeout, data_dir):
     that reaches the metaserver.
     """
     from . import trainer as role
+
+    from .processes import role_process, role_threads
 
     role_threads(threads)
     with role_process(f"trainer {trainer_index}"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 from . import models
 
-STRATEGIES = ("tensor_parallel", "fedavg")
+STRATEGIES = ("tensor_parallel", "fedavg", "fedprox")
 # The local optimisers, fresh every round (training.py): Adam with weight decay 1e-4, or SGD with
 # momentum 0.9 and weight decay 1e-4.
 OPTIMIZERS = ("adam", "sgd")
@@ -49,7 +49,7 @@ NAME_PARTS = {
     "model": "{}", "enable_layerwise_swapping": "layerwise", "local_epochs": "ep{}", "batch_size": "bs{}",
     "optimizer": "{}", "image_size": "img{}", "swap_every": "every{}",
     "strategy": "{}",
-    "partition": "{}", "dirichlet_alpha": "alpha{}", "max_train_samples": "train{}",
+    "proximal_mu": "mu{}", "partition": "{}", "dirichlet_alpha": "alpha{}", "max_train_samples": "train{}",
     "max_test_samples": "test{}", "init_from": "init", "precision": "{}",
 }
 
@@ -78,6 +78,7 @@ class ExperimentConfig:
     image_size: int = MODEL_DEFAULT["image_size"]
     swap_every: int = 2
     strategy: str = "tensor_parallel"
+    proximal_mu: float = 0.01
     partition: str = "contiguous"
     dirichlet_alpha: float = 0.5
     data_dir: str = "./data"
@@ -121,6 +122,9 @@ class ExperimentConfig:
         if not (self.enable_swapping and self.swapping_applies) and self.swap_every != _default("swap_every"):
             out["swap_every"] = (_default("swap_every"), "swap_every applies only when slices are swapped; "
                                                          "recorded as the default")
+        if self.strategy != "fedprox" and self.proximal_mu != _default("proximal_mu"):
+            out["proximal_mu"] = (_default("proximal_mu"), "proximal_mu applies only to strategy=fedprox; recorded as "
+                                                           "the default")
         if self.partition != "dirichlet" and self.dirichlet_alpha != _default("dirichlet_alpha"):
             out["dirichlet_alpha"] = (_default("dirichlet_alpha"), "dirichlet_alpha applies only to "
                                                                    "partition=dirichlet; recorded as the default")
@@ -148,6 +152,8 @@ class ExperimentConfig:
             p.append(f"strategy={self.strategy!r}: must be one of {', '.join(STRATEGIES)}")
         if self.partition not in PARTITIONS:
             p.append(f"partition={self.partition!r}: must be one of {', '.join(PARTITIONS)}")
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
+            p.append(f"proximal_mu={self.proximal_mu!r}: must be a finite number >= 0")
         if not (self.dirichlet_alpha > 0 and math.isfinite(self.dirichlet_alpha)):
             p.append(f"dirichlet_alpha={self.dirichlet_alpha!r}: must be a finite number > 0")
         for name in ("max_train_samples", "max_test_samples"):
@@ -217,8 +223,9 @@ class ExperimentConfig:
     def description(self) -> str:
         """The experiment in one line of words (the run's description in the MLflow UI)."""
         lr = canonical(self.learning_rate)
-        if self.strategy == "fedavg":
-            how = f"FedAvg of {self.world_size} whole-model trainer{'s' * (self.world_size > 1)}"
+        if self.strategy in ("fedavg", "fedprox"):
+            how = f"FedAvg of {self.world_size} whole-model trainer{'s' * (self.world_size > 1)}" + (
+                f" with FedProx's proximal term (mu {canonical(self.proximal_mu)})" if self.strategy == "fedprox" else "")
         elif self.world_size == 1:
             how = "centralised training of the full model (world size 1)"
         else:

@@ -35,15 +35,21 @@ _PR_SET_PDEATHSIG = 1
 # The hand at which a launcher holds its run (tracking/claims.py), as a sweep hands it to the launcher
 # it starts ("0": a run the sweep created) and the launcher to its aggregator.
 CLAIM_HAND_ENV = "FEDSHARD_CLAIM_HAND"
-# Resolved once, here: not in a preexec_fn, where loading a library after fork, with other threads
-# of the parent holding its locks, may deadlock.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl (Linux), looked up once, when first asked for: never inside a preexec_fn, where
+    loading a library after fork, with other threads of the parent holding its locks, may deadlock
+    (the preexec functions below look it up in the parent), and never on import, so that what runs
+    no process (analyze, export) imports this module on any system."""
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def signal_when_parent_dies(sig: int, parent: int) -> bool:
     """Ask the kernel to send `sig` to this process when its parent dies. False when the parent,
     `parent` (its pid), had already died: the kernel then never sends it."""
-    _prctl(_PR_SET_PDEATHSIG, sig)
+    _prctl()(_PR_SET_PDEATHSIG, sig)
     return os.getppid() == parent
 
 
@@ -57,6 +63,7 @@ def _die_with(parent: int, sig: int, unblock: bool) -> None:
 def preexec_role() -> Callable[[], None]:
     """The preexec_fn (it runs between fork and exec) of an experiment's role started by this
     process: SIGKILL when this process dies, and no role at all if it died before that was asked."""
+    _prctl()
     return functools.partial(_die_with, os.getpid(), signal.SIGKILL, False)
 
 
@@ -65,6 +72,7 @@ def preexec_launcher() -> Callable[[], None]:
     this process dies, so the launcher tears its experiment down and marks its run KILLED, and no
     launcher at all if it died before that was asked. Ray's processes block SIGINT, and a signal
     mask survives exec: the launcher must get its signals."""
+    _prctl()
     return functools.partial(_die_with, os.getpid(), signal.SIGTERM, True)
 
 

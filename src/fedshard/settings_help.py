@@ -25,7 +25,9 @@ HELP = {
     "image_size": f"side in pixels the 32x32 images are resized to on the device, batch by batch (>= 32; 0: "
                   f"the model's own, {models.own_values('image_size')})",
     "swap_every": "rounds between slice rotations when swapping",
-    "strategy": "tensor_parallel (slices) or fedavg (whole model per trainer)",
+    "strategy": "tensor_parallel (slices), fedavg (whole model per trainer, sample-weighted mean) or fedprox "
+                "(fedavg with the proximal term proximal_mu/2 ||w - w_round||^2 in each trainer's loss)",
+    "proximal_mu": "weight mu of FedProx's proximal term (strategy=fedprox only; 0 is FedAvg)",
     "partition": "how training images are divided: iid, contiguous or dirichlet",
     "dirichlet_alpha": "concentration of the dirichlet partition (smaller = more skewed)",
     "data_dir": "directory holding cifar-100-python/ (downloaded there when missing)",

@@ -2,16 +2,22 @@
 
 The round loop (aggregator.py) is written once, against the small `Strategy` interface below,
 as Flower's server is written against its Strategy: a strategy only answers which part trainer
-k trains in round r, what weights it receives, what shape that part has, and how the trained
-parts are combined. Its math is pure (no processes, no I/O) and tested against numpy. Each
-strategy is built once, with the experiment's configuration (`build`); a new one (FedProx,
-say) is one class here, one entry in REGISTRY and its name in config.STRATEGIES.
+k trains in round r, what weights it receives, what shape that part has, how the trained parts
+are combined and, where it has any, which settings each trainer is told every round (a small
+typed record, its `Settings`) and what term they add to a trainer's loss. Its math is pure (no
+processes, no I/O) and tested against hand-computed cases. Each strategy is built once, with
+the experiment's configuration (`build`); a new one is one class here and one entry in
+REGISTRY (and its name in config.STRATEGIES, with any setting of its own): FedProx is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
 
 from . import models, sharding
 from .config import STRATEGIES, ExperimentConfig
@@ -23,6 +29,8 @@ class Strategy(Protocol):
     """What the aggregator's round loop and the trainers ask of a federated strategy."""
 
     name: ClassVar[str]
+    Settings: ClassVar[type]  # the record a trainer is told each round: a dataclass of numbers
+
 
     def assignment(self, round_: int) -> list[int]:
         """The part each trainer trains in round `round_` (rounds count from 1), trainer order."""
@@ -38,8 +46,33 @@ class Strategy(Protocol):
         """The full model after round `round_`: from the model before it (`weights`), what each trainer
         received (`sent`, as `split` made it) and trained from it, on how many images (trainer order)."""
 
+    def round_settings(self, round_: int) -> list:
+        """The Settings record each trainer is told in round `round_`, trainer order."""
 
-class TensorParallel:
+    def local_loss(self, settings, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+        """Trainer side: the term added to its loss this round, given its `settings` and the weights
+        it `received` (None: the NLL alone)."""
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The per-round settings of a strategy that has none: nothing travels."""
+
+
+class _Plain:
+    """A strategy that tells its trainers nothing beyond their weights, and adds nothing to their loss."""
+
+    Settings: ClassVar[type] = NoSettings
+    n: int
+
+    def round_settings(self, round_: int) -> list:
+        return [NoSettings()] * self.n
+
+    def local_loss(self, settings, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+        return None
+
+
+class TensorParallel(_Plain):
     """Each trainer trains one width-wise slice; slices may rotate between trainers (swapping).
 
     With layerwise swapping (the original harness's), the trainer of slice s receives, in round r,
@@ -84,7 +117,7 @@ class TensorParallel:
         return {name: weights[name] + assembled[name] for name in weights}
 
 
-class FedAvg:
+class FedAvg(_Plain):
     """Every trainer trains the whole model; the result is the sample-weighted mean."""
 
     name = "fedavg"
@@ -113,7 +146,39 @@ class FedAvg:
         return sharding.MAX if sharding.rule(self.table, name) == sharding.MAX else None
 
 
-REGISTRY: dict[str, type] = {s.name: s for s in (TensorParallel, FedAvg)}
+@dataclass(frozen=True)
+class ProximalSettings:
+    proximal_mu: float
+
+
+class FedProx(FedAvg):
+    """FedAvg whose trainers minimise their loss plus the proximal term mu/2 ||w - w_round||^2 over the
+    model's parameters, w_round being the weights received that round (Li et al., FedProx, 2020): it
+    keeps local models near the global one on skewed (non-IID) partitions. mu = 0 is FedAvg."""
+
+    name = "fedprox"
+    Settings: ClassVar[type] = ProximalSettings
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self.mu = cfg.proximal_mu
+
+    def round_settings(self, round_: int) -> list:
+        return [ProximalSettings(self.mu)] * self.n
+
+    def local_loss(self, settings, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+        if settings.proximal_mu == 0:
+            return None
+        # A copy: `received` may be the model's own tensors, which training changes.
+        mu, anchor = settings.proximal_mu, {name: t.detach().clone() for name, t in received.items()}
+
+        def proximal(model: nn.Module) -> torch.Tensor:
+            return mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
+
+        return proximal
+
+
+REGISTRY: dict[str, type] = {s.name: s for s in (TensorParallel, FedAvg, FedProx)}
 assert tuple(REGISTRY) == STRATEGIES, "config.STRATEGIES names the strategies of REGISTRY, in its order"
 
 

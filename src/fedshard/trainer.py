@@ -59,9 +59,8 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
             # Built without initialising: the aggregator's weights overwrite every parameter and buffer.
             parts[part] = spec.shapes(strategy.widths(part)).to_empty(device=device)
         model = parts[part]
-        state = model.state_dict()
-        flat = transport.receive_weights(sum(transport.word_count(t) for t in state.values()))
-        model.load_state_dict(transport.unflatten(flat, state))
+        model.load_state_dict(transport.receive_weights(model.state_dict()))
+        settings = transport.receive_settings(strategy.Settings)
         seed = round_seed(cfg.seed, trainer, round_)
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device).manual_seed(seed)  # shuffling and augmentation
@@ -72,11 +71,11 @@ def run(metaserver: str, run_id: str, trainer: int, secret: str = "", timeout: f
         reporter.round_started(round_, len(own) * cfg.local_epochs)
         result = train_local(model, own, learning_rate=cfg.learning_rate, epochs=cfg.local_epochs,
                              batch_size=cfg.batch_size, generator=generator, bf16=bf16, on_step=reporter,
-                             optimizer=cfg.optimizer, prep=prep)
+                             optimizer=cfg.optimizer, prep=prep,
+                             extra_loss=strategy.local_loss(settings, model.state_dict()))
         print(f"trainer {trainer}: round {round_} slice {part} loss={result.mean_loss:.4f} "
               f"({result.samples} images, {result.seconds:.1f}s)", flush=True)
-        transport.send_result(transport.flatten(list(model.state_dict().values())), part,
-                              result.samples, result.mean_loss, result.seconds)
+        transport.send_result(model.state_dict(), part, result.samples, result.mean_loss, result.seconds)
     reporter.close()
     transport.leave()
     print(f"trainer {trainer}: done", flush=True)

@@ -246,11 +246,14 @@ def train_local(
     on_step: Callable[[int, int], None] | None = None,
     optimizer: str = "adam",
     prep: Preprocessing = Preprocessing(),
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> TrainResult:
     """A fresh `optimizer` (make_optimizer) and `epochs` shuffled passes over `data`, seen as `prep` says.
 
     channels_last None: on with bf16 on CUDA (see the module docstring). `on_step(done, total)`
     is told after every optimiser step how many of the round's steps are done (progress).
+    `extra_loss(model)` is added to what each step minimises (a strategy's term: FedProx's proximal
+    term); the loss reported is the NLL alone, the task's loss.
     """
     start = time.perf_counter()
     device = data.images.device
@@ -267,7 +270,7 @@ def train_local(
                 with _autocast(device, bf16):
                     loss = _nll_loss(model(x), y)  # the models return fp32 log-probabilities
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if extra_loss is None else loss + extra_loss(model)).backward()
                 opt.step()
                 total += loss.detach() * len(y)
                 done += 1

@@ -2,8 +2,10 @@
 
 Only tensors cross the wire: each message is a small int64/float64 header and
 one flat, contiguous float32 buffer holding every tensor of a (sliced) state
-dict, parameters and buffers, so a round costs two sends per trainer and
-direction whatever the number of layers. Integer buffers (batch norm's int64
+dict, parameters and buffers, in one order both sides take from `packing_order`,
+so a round costs two sends per trainer and direction whatever the number of
+layers (three down for a strategy with per-round settings: its record, a few
+float64 numbers). Integer buffers (batch norm's int64
 step counters) travel as their bytes, two float32 words each, and come back
 exactly. Nothing received is ever unpickled. The aggregator's side counts the
 bytes of every tensor it sends and receives, where it sends and receives them:
@@ -12,6 +14,7 @@ that is what a run records as its communication (comm/bytes_down, bytes_up).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -153,13 +156,34 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([_words(t) for t in tensors])
 
 
+def packing_order(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The order a state dict's tensors travel in, on both sides of the wire: by name. Neither side
+    relies on the other building its state dict in the same order."""
+    return sorted(state)
+
+
+def pack(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A state dict as one flat float32 buffer, in packing_order."""
+    return flatten([state[name] for name in packing_order(state)])
+
+
+def unpack(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict `pack` made of a state dict shaped like `like` (unflatten, in packing_order)."""
+    return unflatten(flat, {name: like[name] for name in packing_order(like)})
+
+
+def packed_words(state: Mapping[str, torch.Tensor]) -> int:
+    """The float32 words `pack(state)` has."""
+    return sum(word_count(t) for t in state.values())
+
+
 def flat_payloads(payloads: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Each payload flattened, the same payload once: FedAvg sends every trainer the one model, and
     n copies of its 220 MB would all be alive until the sends complete."""
     flats: dict[int, torch.Tensor] = {}  # by id: the payloads are alive, so their ids are their own
     for payload in payloads:
         if id(payload) not in flats:
-            flats[id(payload)] = flatten(list(payload.values()))
+            flats[id(payload)] = pack(payload)
     return [flats[id(payload)] for payload in payloads]
 
 
@@ -210,15 +234,24 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def settings_tensor(settings) -> torch.Tensor:
+    """A strategy's settings record (a dataclass of numbers) as the float64 tensor it travels as:
+    its fields in order, typed on both sides by the record's class, never pickled."""
+    return torch.tensor(dataclasses.astuple(settings), dtype=torch.float64)
+
+
 def send_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[str, torch.Tensor]],
-               timeout: float) -> list[int]:
-    """Send trainer k its part `parts[k]` and the weights `payloads[k]` of that part; return the
-    bytes sent to each trainer."""
+               timeout: float, settings: Sequence | None = None) -> list[int]:
+    """Send trainer k its part `parts[k]`, the weights `payloads[k]` of that part and, if its
+    strategy has any, its settings record `settings[k]` for this round; return the bytes sent to
+    each trainer."""
     sends, sent = [], []
     for k, (part, flat) in enumerate(zip(parts, flat_payloads(payloads))):
         header = torch.tensor([TRAIN, round_, part], dtype=torch.int64)
-        sends += [(k, dist.isend(header, k + 1)), (k, dist.isend(flat, k + 1))]
-        sent.append(nbytes(header, flat))
+        tensors = [header, flat] + ([settings_tensor(settings[k])] if settings and dataclasses.fields(settings[k])
+                                    else [])
+        sends += [(k, dist.isend(t, k + 1)) for t in tensors]
+        sent.append(nbytes(*tensors))
     _wait_all(sends, timeout, round_, "taking their weights")
     return sent
 
@@ -230,7 +263,7 @@ def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[
     receives, buffers = [], []
     for k, payload in enumerate(payloads):
         stats = torch.empty(4, dtype=torch.float64)
-        flat = torch.empty(sum(word_count(t) for t in payload.values()), dtype=torch.float32)
+        flat = torch.empty(packed_words(payload), dtype=torch.float32)
         receives += [(k, dist.irecv(stats, k + 1)), (k, dist.irecv(flat, k + 1))]
         buffers.append((stats, flat))
     _wait_all(receives, timeout, round_, "sending their results")
@@ -239,7 +272,7 @@ def collect_round(round_: int, parts: Sequence[int], payloads: Sequence[Mapping[
         samples, loss, seconds, part = stats.tolist()
         if int(part) != parts[k]:
             raise RuntimeError(f"trainer {k} returned slice {int(part)}, expected {parts[k]}")
-        reports.append(TrainerReport(k, int(part), int(samples), loss, seconds, unflatten(flat, payload),
+        reports.append(TrainerReport(k, int(part), int(samples), loss, seconds, unpack(flat, payload),
                                      nbytes(stats, flat)))
     return reports
 
@@ -261,13 +294,25 @@ def receive_header() -> tuple[int, int, int]:
     return command, round_, part
 
 
-def receive_weights(numel: int) -> torch.Tensor:
-    flat = torch.empty(numel, dtype=torch.float32)
+def receive_weights(like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of this round's part, shaped like `like` (the part's own state dict)."""
+    flat = torch.empty(packed_words(like), dtype=torch.float32)
     dist.recv(flat, AGGREGATOR)
-    return flat
+    return unpack(flat, like)
 
 
-def send_result(flat: torch.Tensor, part: int, samples: int, train_loss: float, seconds: float) -> None:
+def receive_settings(record: type):
+    """This round's settings record of the strategy, an instance of `record` (nothing travels for a
+    record without fields)."""
+    if not dataclasses.fields(record):
+        return record()
+    values = torch.empty(len(dataclasses.fields(record)), dtype=torch.float64)
+    dist.recv(values, AGGREGATOR)
+    return record(*values.tolist())
+
+
+def send_result(state: Mapping[str, torch.Tensor], part: int, samples: int, train_loss: float,
+                seconds: float) -> None:
     stats = torch.tensor([samples, train_loss, seconds, part], dtype=torch.float64)
     dist.send(stats, AGGREGATOR)
-    dist.send(flat.contiguous(), AGGREGATOR)
+    dist.send(pack(state), AGGREGATOR)
