@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedshard.synthetic import write_synthetic_cifar100
+from fedshard.core.synthetic import write_synthetic_cifar100
 
 REPO = Path(__file__).resolve().parents[1]
 # Experiments here last seconds: sample their system metrics every second (MLflow's own variable).
@@ -59,8 +59,10 @@ def store(_empty_store, tmp_path, monkeypatch) -> str:
     db = tmp_path / "mlflow.db"
     shutil.copyfile(_empty_store, db)
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # the copy's Default experiment is ours too
-        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                     ((tmp_path / "mlartifacts" / "0").as_uri(),))
+        conn.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            ((tmp_path / "mlartifacts" / "0").as_uri(),),
+        )
     uri = f"sqlite:///{db}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -93,8 +95,14 @@ def in_test_dir(cwd: Path) -> dict:
 
 def fedshard(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI as a user would, in its own process."""
-    return subprocess.run([sys.executable, "-m", "fedshard", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=in_test_dir(cwd))
+    return subprocess.run(
+        [sys.executable, "-m", "fedshard", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=in_test_dir(cwd),
+    )
 
 
 def fedshard_processes(marker: str) -> list[psutil.Process]:
@@ -113,8 +121,14 @@ def experiment_args(data_dir: Path, **params) -> list[str]:
     # fp32 by default: the tests' learning thresholds and exact histories were measured in fp32, and a
     # CPU with native bf16 would otherwise switch (precision=auto); the bf16 tests ask for it.
     # One local epoch (the harness's default is 3): the tests' rounds are kept short.
-    base = {"max_train_samples": 64, "max_test_samples": 32, "batch_size": 16, "local_epochs": 1,
-            "learning_rate": 1e-4, "precision": "fp32"}
+    base = {
+        "max_train_samples": 64,
+        "max_test_samples": 32,
+        "batch_size": 16,
+        "local_epochs": 1,
+        "learning_rate": 1e-4,
+        "precision": "fp32",
+    }
     base.update(params)
     args = ["--data-dir", str(data_dir)]
     for name, value in base.items():
@@ -125,8 +139,18 @@ def experiment_args(data_dir: Path, **params) -> list[str]:
 # The experiment that resume and takeover tests stop and continue (tests/test_resume.py,
 # tests/test_several_machines.py): rounds of about 3 s here, time to act between one round's
 # checkpoint and the run's end.
-CONFIG = dict(world_size=2, rounds=3, enable_swapping=True, swap_every=1, learning_rate=1e-3, max_train_samples=64,
-              max_test_samples=32, batch_size=16, local_epochs=1, precision="fp32")
+CONFIG = dict(
+    world_size=2,
+    rounds=3,
+    enable_swapping=True,
+    swap_every=1,
+    learning_rate=1e-3,
+    max_train_samples=64,
+    max_test_samples=32,
+    batch_size=16,
+    local_epochs=1,
+    precision="fp32",
+)
 METRICS = ("test_loss", "test_accuracy")
 
 
@@ -150,8 +174,14 @@ def reference(data_dir, _empty_store, tmp_path_factory):
     shutil.copyfile(_empty_store, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri}
-    result = subprocess.run([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **CONFIG)],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **CONFIG)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     from mlflow.tracking import MlflowClient
 
@@ -162,7 +192,6 @@ def reference(data_dir, _empty_store, tmp_path_factory):
     return found
 
 
-
 LEFTOVER_DEADLINE = 30.0
 
 
@@ -170,10 +199,17 @@ class Launcher:
     """`fedshard run` in the background, its output read line by line."""
 
     def __init__(self, tmp_path, data_dir, experiment="faults", resume: str = "", launcher_args=(), **params):
-        args = ["--resume", resume] if resume else [*experiment_args(data_dir, **params), "--experiment-name", experiment]
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedshard", "run", *args, *launcher_args],
-                                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=in_test_dir(tmp_path))
+        args = (
+            ["--resume", resume] if resume else [*experiment_args(data_dir, **params), "--experiment-name", experiment]
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedshard", "run", *args, *launcher_args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=in_test_dir(tmp_path),
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -234,9 +270,9 @@ def _racer(uri: str, experiment: str, rounds: int, barrier, results) -> None:
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from fedshard import tracking
-    from fedshard.config import ExperimentConfig
-    from fedshard.planning import Task
+    from fedshard.core.config import ExperimentConfig
     from fedshard.sweep import claiming
+    from fedshard.sweep.planning import Task
 
     parent, experiment_id = tracking.start_sweep_run(experiment, f"racer-{os.getpid()}", {})
     for r in range(rounds):

@@ -7,13 +7,15 @@ import os
 
 import pytest
 
-from fedshard import errors, files
+from fedshard.core import errors, files
 
 
 def test_an_exception_is_quoted_in_one_line_even_without_a_message():
     assert errors.first_line(ValueError("bad\nsecond line")) == "bad"
-    assert errors.last_line(ValueError("invalid:\n  world_size=0: must be an integer >= 1")) == \
-        "world_size=0: must be an integer >= 1"
+    assert (
+        errors.last_line(ValueError("invalid:\n  world_size=0: must be an integer >= 1"))
+        == "world_size=0: must be an integer >= 1"
+    )
     # an empty message once raised IndexError where the aggregator quoted it
     assert errors.first_line(RuntimeError()) == "RuntimeError" == errors.last_line(RuntimeError("  "))
     assert errors.described(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ..config import ExperimentConfig
-from ..planning import Task
-from ..processes import cpu_budget
+from fedshard.core.config import ExperimentConfig
+from fedshard.runtime.processes import cpu_budget
+from fedshard.sweep.planning import Task
 
 
 def child_command(cfg: ExperimentConfig) -> list[str]:

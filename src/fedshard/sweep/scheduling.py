@@ -30,16 +30,16 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import executors
-from ..config import ExperimentConfig
-from ..errors import described, one_line
-from ..files import tail
-from ..grid import Grid, SweepError
-from ..planning import Plan, Task
-from ..processes import CLAIM_HAND_ENV, describe_exit, interrupted
-from . import claiming
-from .reporting import Report
-from .resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import described, one_line
+from fedshard.core.files import tail
+from fedshard.runtime.processes import describe_exit, interrupted
+from fedshard.sweep import claiming, executors
+from fedshard.sweep.grid import Grid, SweepError
+from fedshard.sweep.planning import Plan, Task
+from fedshard.sweep.reporting import Report
+from fedshard.sweep.resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
+from fedshard.tracking.claims import HAND_ENV
 
 POLL_SECONDS = 0.2
 # How long a launcher gets to tear its experiment down after SIGTERM before the
@@ -85,9 +85,19 @@ class Outcome:
 class Sweep:
     """Runs configurations `parallel` at a time, each as its own cancellable `fedshard run`."""
 
-    def __init__(self, work: Plan, experiment_name: str, parallel: int = 1, max_retries: int = 1,
-                 grid: Grid | None = None, echo=print, show_progress: bool = True, executor=None,
-                 resume: bool = True, wait: bool = False):
+    def __init__(
+        self,
+        work: Plan,
+        experiment_name: str,
+        parallel: int = 1,
+        max_retries: int = 1,
+        grid: Grid | None = None,
+        echo=print,
+        show_progress: bool = True,
+        executor=None,
+        resume: bool = True,
+        wait: bool = False,
+    ):
         self.plan, self.configs, self.experiment_name = work, [t.cfg for t in work.tasks], experiment_name
         self.parallel, self.max_retries, self.resume, self.wait = parallel, max_retries, resume, wait
         self.skipped, self.grid = list(work.skipped), grid
@@ -143,7 +153,7 @@ class Sweep:
     def _prepare(self) -> None:
         """The launchers' environment (the store, their share of the cores) and GPUs, and the
         sweep's parent run."""
-        from .. import tracking
+        from fedshard import tracking
 
         per_cpu = cpus_per_experiment(self.parallel)
         self.env = executors.child_env({"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "FEDSHARD_CPUS": str(per_cpu)})
@@ -208,7 +218,8 @@ class Sweep:
                 if after in finished:
                     job.task = replace(job.task, extends=finished[after], after=None)
                 elif any(o.cfg == after for o in self.failed) or (
-                        not self.wait and any(a.job.cfg == after for a in self.elsewhere)):
+                    not self.wait and any(a.job.cfg == after for a in self.elsewhere)
+                ):
                     self.report.twin_failed(job, after)
                     job.task = Task(job.cfg)
                 else:
@@ -231,13 +242,13 @@ class Sweep:
     def _start(self, job: Job) -> None:
         """Its claim (its run: a new child run, or the failed one it resumes), its GPU and log, its
         launcher; or, when the claim does not win, nothing."""
-        from .. import tracking
+        from fedshard import tracking
 
         if not self._claim(job):
             return
         task = job.task
         self.report.starting(job)
-        env = {**self.env, CLAIM_HAND_ENV: str(job.hand)}
+        env = {**self.env, HAND_ENV: str(job.hand)}
         if task.resume:
             env.pop("MLFLOW_RUN_ID", None)  # `fedshard run --resume` reopens the run itself
         else:
@@ -281,10 +292,11 @@ class Sweep:
         one whose holder stopped without finishing it (or went silent) is claimed to run here. The
         `last` look, when the sweep's own work is done, counts those FINISHED meanwhile. True when
         there was news."""
-        from .. import tracking
+        from fedshard import tracking
 
         if not last and time.monotonic() - self.claims_looked < min(
-                CLAIMS_SECONDS, tracking.claims.beat_seconds(tracking.claims.timeout())):
+            CLAIMS_SECONDS, tracking.claims.beat_seconds(tracking.claims.timeout())
+        ):
             return False
         self.claims_looked = time.monotonic()
         with suppress(Exception):  # a store hiccup: the next look tries again
@@ -308,7 +320,7 @@ class Sweep:
         """A job whose launcher ended: FINISHED, or failed, with the reason its run recorded (else
         its log's last lines), and retried while attempts are left (`retry`), unless its launcher
         refused the input (exit 2): that refusal would only come again."""
-        from .. import tracking
+        from fedshard import tracking
 
         record = tracking.run_record(job.run_id)
         reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
@@ -339,7 +351,7 @@ class Sweep:
 
     @staticmethod
     def _upload_log(job: Job) -> None:
-        from .. import tracking
+        from fedshard import tracking
 
         with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
@@ -352,7 +364,7 @@ class Sweep:
         and marks its run KILLED), kill whatever is left after the grace period, and make sure no
         run stays RUNNING. An experiment that ended on its own meanwhile (FINISHED, or FAILED) counts
         as such, not as stopped. Why they stop: the sweep's `error`, else the signal."""
-        from .. import tracking
+        from fedshard import tracking
 
         jobs, self.running = self.running, []
         if not jobs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .store import client
+from fedshard.tracking.store import client
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -2,7 +2,7 @@
 latest round (`fedshard run --resume`).
 
 A run keeps the model of its latest round as the artifact checkpoint/round-<r>.pt (the file
-format is fedshard.checkpoint's), its round in the tag fedshard.checkpoint_round. The tags of
+format is fedshard.core.checkpoint's), its round in the tag fedshard.checkpoint_round. The tags of
 resume and extension live here too: a longer run of the same configuration starts from a
 shorter one's final model, with its rounds' metrics copied in.
 """
@@ -14,10 +14,10 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from .. import checkpoint
-from ..errors import described
-from .metrics import log_round
-from .store import client
+from fedshard.core import checkpoint
+from fedshard.core.errors import described
+from fedshard.tracking.metrics import log_round
+from fedshard.tracking.store import client
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_TAG = "fedshard.checkpoint_round"
@@ -36,8 +36,9 @@ def _artifacts(run_id: str):
     return get_artifact_repository(client().get_run(run_id).info.artifact_uri)
 
 
-def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None,
-                 still_ours=None) -> None:
+def commit_round(
+    run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None, still_ours=None
+) -> None:
     """Make round `round_` durable: its checkpoint first (when `weights` are given), then its
     metrics, then the older checkpoints go. A run whose metrics show round r therefore always
     has a checkpoint of round r or later, and a crash at any point leaves one that loads: the
@@ -69,9 +70,11 @@ def _store_checkpoint(run_id: str, round_: int, metrics: dict[str, float], weigh
         except Exception as exc:
             with suppress(Exception):  # no torn file left for a later resume to trip over
                 _artifacts(run_id).delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
-            raise CheckpointWriteError(f"round {round_}: cannot store the checkpoint in the run's artifacts "
-                                       f"({client().get_run(run_id).info.artifact_uri}): "
-                                       f"{described(exc)}") from exc
+            raise CheckpointWriteError(
+                f"round {round_}: cannot store the checkpoint in the run's artifacts "
+                f"({client().get_run(run_id).info.artifact_uri}): "
+                f"{described(exc)}"
+            ) from exc
 
 
 def checkpoint_rounds(run_id: str) -> list[int]:

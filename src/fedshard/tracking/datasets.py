@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .store import client
+from fedshard.tracking.store import client
 
 _ATTEMPTS = 3
 
@@ -19,12 +19,19 @@ def log_datasets(run_id: str, inputs) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types import Schema, TensorSpec
 
-    schema = json.dumps(TensorDatasetSchema(
-        features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, 32, 32), "images")]),
-        targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "fine_labels")])).to_dict())
-    datasets = [DatasetInput(Dataset(i.name, i.digest, "local", json.dumps({"uri": i.source}), schema,
-                                     json.dumps(i.profile)), [InputTag("mlflow.data.context", i.context)])
-                for i in inputs]
+    schema = json.dumps(
+        TensorDatasetSchema(
+            features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, 32, 32), "images")]),
+            targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "fine_labels")]),
+        ).to_dict()
+    )
+    datasets = [
+        DatasetInput(
+            Dataset(i.name, i.digest, "local", json.dumps({"uri": i.source}), schema, json.dumps(i.profile)),
+            [InputTag("mlflow.data.context", i.context)],
+        )
+        for i in inputs
+    ]
     # Experiments started together record the same data sets: both may find one missing and insert
     # it, and the store refuses the second insert. Once the first is in, a second try finds it.
     for attempt in range(1, _ATTEMPTS + 1):

@@ -8,9 +8,9 @@ from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..config import RUN_PREFIX
-from ..errors import first_line
-from .store import client, experiment_id, experiment_meant, tracking_uri
+from fedshard.core.config import RUN_PREFIX
+from fedshard.core.errors import first_line
+from fedshard.tracking.store import client, experiment_id, experiment_meant, tracking_uri
 
 MODEL_NAME = "model"  # the final model: runs:/<run id>/model
 # The run an experiment started from, when init_from named it (run:<name>): a name, recorded as an id too.
@@ -33,7 +33,7 @@ def log_model(run_id: str, weights: dict, model_name: str, example=None) -> None
     import torch
     from mlflow.models import infer_signature
 
-    from .. import models
+    from fedshard.core import models
 
     model = models.get(model_name).shapes()
     model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
@@ -47,16 +47,25 @@ def log_model(run_id: str, weights: dict, model_name: str, example=None) -> None
     # warns about pickle on every save, which is no news to whoever runs fedshard's own model.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     run = client().get_run(run_id)
-    logged = client().create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
-                                          params=dict(run.data.params))
+    logged = client().create_logged_model(
+        run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(run.data.params)
+    )
     mlflow.pytorch.log_model(
-        model, name=MODEL_NAME, model_id=logged.model_id, run_id=run_id, signature=infer_signature(x, y),
-        serialization_format="pickle", code_paths=[str(_FEDSHARD_PACKAGE)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
+        model,
+        name=MODEL_NAME,
+        model_id=logged.model_id,
+        run_id=run_id,
+        signature=infer_signature(x, y),
+        serialization_format="pickle",
+        code_paths=[str(_FEDSHARD_PACKAGE)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    )
 
 
-ACCEPTED = ("init_from takes a file of torch.save(model.state_dict(), PATH) (tensors only: it is loaded with "
-            "weights_only=True, which unpickles no object), runs:/<run id>/model, models:/<name>/<version> or run:<run name>")
+ACCEPTED = (
+    "init_from takes a file of torch.save(model.state_dict(), PATH) (tensors only: it is loaded with "
+    "weights_only=True, which unpickles no object), runs:/<run id>/model, models:/<name>/<version> or run:<run name>"
+)
 
 
 def _not_a_state_dict(exc: Exception) -> str:
@@ -76,14 +85,23 @@ def source_run(uri: str, experiment_name: str | None = None) -> str | None:
     any other init_from. FileNotFoundError when there is no such run."""
     if not uri.startswith(RUN_PREFIX):
         return None
-    name, experiment = uri[len(RUN_PREFIX):], experiment_meant(experiment_name)
+    name, experiment = uri[len(RUN_PREFIX) :], experiment_meant(experiment_name)
     exp_id = experiment_id(experiment, create=False)
-    runs = [] if exp_id is None or "'" in name else client().search_runs(
-        [exp_id], filter_string=f"tags.`mlflow.runName` = '{name}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    runs = (
+        []
+        if exp_id is None or "'" in name
+        else client().search_runs(
+            [exp_id],
+            filter_string=f"tags.`mlflow.runName` = '{name}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    )
     if not runs:
-        raise FileNotFoundError(f"init_from={uri!r}: experiment {experiment!r} has no FINISHED run named {name!r} "
-                                f"(run names are the configurations, e.g. ws1-lr0.0001-swapfalse-r10-s77)")
+        raise FileNotFoundError(
+            f"init_from={uri!r}: experiment {experiment!r} has no FINISHED run named {name!r} "
+            f"(run names are the configurations, e.g. ws1-lr0.0001-swapfalse-r10-s77)"
+        )
     return runs[0].info.run_id
 
 
@@ -117,8 +135,9 @@ def load_weights(uri: str, experiment_name: str | None = None) -> dict:
     except Exception as exc:
         if uri.startswith("runs:/"):  # a run from before final models were MLflow models: model/weights.pt
             with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-                legacy = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/weights.pt", dst_path=tmp,
-                                                             tracking_uri=tracking_uri())
+                legacy = mlflow.artifacts.download_artifacts(
+                    f"{uri.rstrip('/')}/weights.pt", dst_path=tmp, tracking_uri=tracking_uri()
+                )
                 return torch.load(legacy, map_location="cpu", weights_only=True)
         raise FileNotFoundError(f"init_from={uri!r}: cannot load it as an MLflow model: {first_line(exc)}") from exc
 

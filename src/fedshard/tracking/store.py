@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from ..errors import first_line
+from fedshard.core.errors import first_line
 
 DEFAULT_EXPERIMENT = "Default"
 NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in the UI
@@ -22,7 +22,8 @@ EXPERIMENT_DESCRIPTION = (
     "fedshard experiments: AlexNet or ResNet-34 on CIFAR-100, trained federated by N trainers (tensor-parallel slices, "
     "optionally swapped, or FedAvg), evaluated by the aggregator every round. Each run is one experiment "
     "(metrics test_loss / test_accuracy per round, step = round); a sweep is a parent run with its "
-    "experiments as children.")
+    "experiments as children."
+)
 # Fail within seconds, before any run exists, instead of MLflow's minutes of retries.
 _QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -105,7 +106,8 @@ def experiment_id(name: str, create: bool = True) -> str | None:
         from mlflow.entities import ExperimentTag
 
         return _store_with_artifacts_beside_it(tracking_uri()).create_experiment(
-            name, tags=[ExperimentTag(k, v) for k, v in tags.items()])
+            name, tags=[ExperimentTag(k, v) for k, v in tags.items()]
+        )
     except Exception:  # another process created it at the same moment: use that one
         exp = c.get_experiment_by_name(name)
         if exp is None:
