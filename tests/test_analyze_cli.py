@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
 from fedshard import cli
 from fedshard.results.plots import PLOT_FILES
+from helpers import REPO
 
 
 def curve(final_accs, rounds=3):

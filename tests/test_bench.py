@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.append(str(REPO / "benchmarks"))
 bench = importlib.import_module("bench")

@@ -15,9 +15,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, experiment_args, fedshard, fedshard_processes
 from fedshard.cli import run as run_command
 from fedshard.core.config import ExperimentConfig, field_names
+from helpers import REPO, experiment_args, fedshard, fedshard_processes
 
 
 def mlproject():

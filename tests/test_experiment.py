@@ -12,11 +12,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, experiment_args, fedshard, fedshard_processes
 from fedshard.core import data
 from fedshard.core.config import ExperimentConfig, field_names
 from fedshard.core.models.alexnet import AlexNet
 from fedshard.core.training import normalize
+from helpers import REPO, experiment_args, fedshard, fedshard_processes
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 CHANCE = 0.25  # the test data has 4 classes
 # What the swapping test's run measured on the code before models were a registry (commit f7cbddf).

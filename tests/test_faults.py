@@ -14,7 +14,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
+from helpers import Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def run_info(run_id):
@@ -147,7 +149,7 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, data_dir, monkey
 def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path, data_dir, store):
     """`mlflow run` dies on SIGTERM without telling its command; the launcher notices its parent
     is gone (PR_SET_PDEATHSIG), tears the experiment down and marks the run KILLED."""
-    from conftest import REPO
+    from helpers import REPO
 
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")

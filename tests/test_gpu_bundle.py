@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 sys.path.append(str(REPO / "benchmarks"))
 gpu_bundle = importlib.import_module("gpu_bundle")

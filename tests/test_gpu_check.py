@@ -16,9 +16,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO
 from fedshard.core.models import get as model_entry
 from fedshard.core.models.alexnet import AlexNet
+from helpers import REPO
 
 slice_widths = model_entry("alexnet").slice_widths
 

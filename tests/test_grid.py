@@ -210,7 +210,7 @@ def test_bad_axis_from_the_command_line_exits_2_and_creates_nothing(tmp_path, st
 
 def test_mlproject_passes_empty_grid_values_as_not_given(tmp_path, store):
     """MLproject cannot leave an option out: its sweep passes '' for the default grid, with --empty-is-default."""
-    from conftest import REPO
+    from helpers import REPO
 
     command = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["sweep"]["command"]
     assert command.split()[:3] == ["fedshard", "sweep", "--empty-is-default"]

@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, experiment_args, in_test_dir
+from helpers import REPO, experiment_args, in_test_dir
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TINY = dict(world_size=2, max_train_samples=32, max_test_samples=16, batch_size=8, enable_swapping=False)
 

@@ -16,11 +16,11 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_gone
 from fedshard import tracking
 from fedshard.core import checkpoint
 from fedshard.core.config import ExperimentConfig
 from fedshard.runtime import launcher, processes
+from helpers import assert_gone
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import experiment_args
 from fedshard import cli
 from fedshard.core import models, precision, training
 from fedshard.core.config import ConfigError, ExperimentConfig
 from fedshard.core.models.alexnet import AlexNet
 from fedshard.core.synthetic import write_synthetic_cifar100
 from fedshard.sweep.grid import SweepError, make_grid
+from helpers import experiment_args
 
 slice_widths = models.get("alexnet").slice_widths
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, Launcher, assert_gone, fedshard
 from fedshard import tracking
 from fedshard.core import data, models, sharding, training
 from fedshard.runtime import transport
+from helpers import REPO, Launcher, assert_gone, fedshard
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 SETTINGS = dict(
     model="resnet34",

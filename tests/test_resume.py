@@ -15,10 +15,12 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIG, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes, history
 from fedshard import cli, tracking
 from fedshard.core import precision
 from fedshard.core.config import ExperimentConfig
+from helpers import CONFIG, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes, history
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 NO_NATIVE_BF16 = (
     "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "

@@ -25,8 +25,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIG, REPO, claim_race, fedshard, fedshard_processes, history
 from fedshard import tracking
+from helpers import CONFIG, REPO, claim_race, fedshard, fedshard_processes, history
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 SWEEP = str(REPO / "sweep.py")
 

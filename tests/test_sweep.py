@@ -21,13 +21,13 @@ from click.testing import CliRunner
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, claim_race, fedshard, fedshard_processes
 from fedshard import cli, tracking
 from fedshard.core import precision
 from fedshard.core.config import ExperimentConfig, field_names
 from fedshard.sweep import Job, Sweep, child_command, cpus_per_experiment, executors, pick_gpu, visible_gpus
 from fedshard.sweep.grid import NAMED_AXES, expand, make_grid
 from fedshard.sweep.planning import plan
+from helpers import REPO, claim_race, fedshard, fedshard_processes
 
 SWEEP = str(REPO / "sweep.py")
 
@@ -765,7 +765,7 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
     assert pd.isna(row["ci_low"].item())  # one seed: no interval
 
     again = run_sweep(tmp_path, *grid)
-    assert again.returncode == 0 and "Total experiments to run: 0 (2 already finished)" in again.stdout
+    assert again.returncode == 0 and "Total experiments to run: 0 (3 already finished)" in again.stdout
 
 
 # --------------------------------------------------------------------------- two sweeps at once (claims)
