@@ -50,6 +50,7 @@ def analyze(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_analyze_ranks_a_hand_made_pickle_and_writes_the_plots(tmp_path):
     results = tmp_path / "hand_made.pkl"
     results.write_bytes(pickle.dumps(RESULTS))
@@ -99,6 +100,7 @@ def test_a_bad_pickle_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, ca
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_file_through_the_real_command(tmp_path):
     result = analyze("--results-file", "nowhere.pkl", cwd=tmp_path)
     assert result.returncode == 2

@@ -75,6 +75,7 @@ def test_what_a_claimant_may_do_given_the_claims_it_sees():
     assert judge("m", 1, [claim("m", params={"fedshard.claim.1": "resumed"})], NOW).kind == claims.WON
 
 
+@pytest.mark.slow
 def test_of_two_processes_taking_one_hand_exactly_one_gets_it_and_an_owner_ends_only_its_own_run(store):
     run_id = tracking.start_run(ExperimentConfig(world_size=1, precision="fp32"), "hands")
     takers = [

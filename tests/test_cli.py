@@ -52,6 +52,7 @@ def test_every_config_field_is_an_option_of_fedshard_run():
     assert set(field_names()) <= options
 
 
+@pytest.mark.slow
 def test_mlflow_run_logs_into_its_run_with_canonical_params_from_a_registered_model(tmp_path, data_dir, store):
     import mlflow
 
@@ -187,6 +188,7 @@ def test_bad_input_is_refused_with_the_value_and_what_is_valid(tmp_path, data_di
     assert exp is None or MlflowClient().search_runs([exp.experiment_id]) == []
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_exits_within_seconds_without_traceback(tmp_path, data_dir, store):
     start = time.monotonic()
     result = fedshard("run", *experiment_args(data_dir, learning_rate=0), "--experiment-name", "bad", cwd=tmp_path)
@@ -209,6 +211,7 @@ def write_corrupt_dataset(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "init_from_missing", "init_from_not_weights"])
+@pytest.mark.slow
 def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, case):
     args = {"world_size": 1}
     expect = {
@@ -237,6 +240,7 @@ def test_bad_data_and_weights_name_the_file(tmp_path, data_dir, shared_store, ca
     assert exp is None or MlflowClient().search_runs([exp.experiment_id]) == []
 
 
+@pytest.mark.slow
 def test_no_duplicate_refuses_a_configuration_that_finished_or_runs_elsewhere(tmp_path, data_dir, store):
     """A FINISHED run of the configuration (this one recorded before claims: found by its params) and a
     live claim of it: --no-duplicate names both and refuses, exit 2, before any run or process is left."""
@@ -274,6 +278,7 @@ def test_no_duplicate_refuses_a_configuration_that_finished_or_runs_elsewhere(tm
     assert fedshard_processes(str(tmp_path)) == []  # the metaserver, already starting, was stopped again
 
 
+@pytest.mark.slow
 def test_bad_input_under_mlflow_run_marks_its_run_failed(tmp_path, data_dir, store):
     """`mlflow run` creates the run before fedshard starts: bad input must not leave it RUNNING."""
     client = MlflowClient()

@@ -116,6 +116,7 @@ def test_the_budget_gives_each_step_its_share_of_what_is_left():
     assert gpu_check.Budget(10.0, reserve=20.0).allot(1.0, 0.0) == 0.0  # spent: nothing, never less
 
 
+@pytest.mark.slow
 def test_a_stopped_step_leaves_no_process_behind():
     """common.stop, as the budget stops a step: SIGTERM, then SIGKILL after the grace period (here
     the command ignores SIGTERM), then whatever the command started."""
@@ -271,6 +272,7 @@ def test_the_results_describe_the_machine_as_bench_does(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_full_run_step_runs_and_times_its_experiment_as_bench_does(data_dir, tmp_path, monkeypatch):
     """A real `fedshard run` at toy sizes: world size 2, 2 rounds, through common.run_experiment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -107,13 +107,15 @@ def test_a_child_whose_parent_died_before_the_request_starts_nothing():
     assert alive.wait(timeout=10) == 0
 
 
+@pytest.mark.slow
 def test_a_run_ends_without_importing_pytorch(tmp_path, store):
     """The launcher deletes a FINISHED run's checkpoints by their names: importing PyTorch for that
     would add 1.5 s to every run."""
     script = """
 import sys
 from pathlib import Path
-from fedshard import launcher, tracking
+from fedshard import tracking
+from fedshard.runtime import launcher
 from mlflow.tracking import MlflowClient
 run_id = MlflowClient().create_run(tracking.experiment_id("notorch")).info.run_id
 for r in (1, 2):

@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ assert "fedshard.runtime.processes" not in sys.modules, "analyze imported the mo
 """
 
 
+@pytest.mark.slow
 def test_the_cli_imports_and_analyze_runs_without_prctl(tmp_path):
     results = tmp_path / "r.pkl"
     results.write_bytes(pickle.dumps({(2, 0.001, True, 2, 1): [(0, 4.6, 0.01), (1, 4.0, 0.1), (2, 3.5, 0.2)]}))

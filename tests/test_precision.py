@@ -144,6 +144,7 @@ def data_pair(tmp_path, n_train, n_test):
     )
 
 
+@pytest.mark.slow
 def test_a_bf16_round_agrees_with_fp32_at_reduced_width_on_any_cpu(tmp_path):
     """The bf16 path (autocast in training and evaluation) on a 1/16-width slice, which even an
     emulating CPU runs in seconds: the tolerances of the CUDA test."""
@@ -154,6 +155,7 @@ def test_a_bf16_round_agrees_with_fp32_at_reduced_width_on_any_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not NATIVE, reason=NO_NATIVE_BF16)
+@pytest.mark.slow
 def test_a_bf16_round_of_the_full_model_agrees_with_fp32(tmp_path):
     """One local round of the full AlexNet in bf16 against fp32 from the same weights, data and
     seeds: the round's training loss within 2 %, the trained model's fp32 test loss within 5 %. Eight

@@ -77,6 +77,7 @@ def test_a_trainer_not_heard_from_is_silent_and_one_that_waits_is_not():
     assert progress.figures({**state(), "closed": True}, now=NOW + 25) is None  # the rounds are over
 
 
+@pytest.mark.slow
 def test_the_display_prints_a_line_every_so_often_when_not_on_a_terminal(tmp_path):
     path = tmp_path / "progress.json"
     path.write_text(json.dumps({**state(t0=report(), t1=report()), "round_started": time.time() - 10}))
@@ -100,6 +101,7 @@ def relayed(path, ready, timeout=10.0) -> dict:
     return got
 
 
+@pytest.mark.slow
 def test_trainer_reports_and_beats_reach_the_relays_file_through_a_real_store(tmp_path):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
     path = tmp_path / "progress.json"

@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import torch.distributed as dist
 
 from fedshard.runtime import progress
@@ -42,6 +43,7 @@ def published(store, key, ready, timeout=10.0) -> dict:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_store_error_fails_no_step_and_the_trainer_goes_on_being_heard():
     server = tcp_store()
     flaky = FlakyStore(server)

@@ -189,6 +189,7 @@ def check_targets(table, targets):
             assert row["bytes_to_target"] == pytest.approx(bytes_, nan_ok=True), (config, target)
 
 
+@pytest.mark.slow
 def test_comparisons_and_targets_through_the_functions(tmp_path):
     frame = results.read(write_csv(tmp_path / "hand.csv"))
     check_comparisons(analysis.comparisons(frame))
@@ -200,6 +201,7 @@ def test_comparisons_and_targets_through_the_functions(tmp_path):
     assert any("never (0/3 seeds)" in line and "fedavg" in line and "0.47" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_analyze_command_on_the_hand_made_csv(tmp_path):
     write_csv(tmp_path / "hand.csv")
     result = analyze("--results-file", "hand.csv", "--output-dir", "out", cwd=tmp_path)
@@ -235,6 +237,7 @@ def test_analyze_command_on_the_hand_made_csv(tmp_path):
     assert "default targets 0.26, 0.39, 0.47" in md
 
 
+@pytest.mark.slow
 def test_target_option_replaces_the_defaults(tmp_path):
     write_csv(tmp_path / "hand.csv")
     result = analyze(

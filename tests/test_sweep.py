@@ -306,6 +306,7 @@ def linked_data(tmp_path, data_dir):
     return link
 
 
+@pytest.mark.slow
 def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, data_dir, store):
     """A sweep of two configurations, run two at a time; the same sweep started 3 s later with --wait
     trains nothing (each configuration is claimed by the first), says where each runs and waits for
@@ -443,6 +444,7 @@ def assert_sweep_run_worth_opening(parent, out):
     assert re.search(r"  \[[12]/2\] round 1/1: test_accuracy=0\.\d{4} \(run [0-9a-f]{8}\)", out), out
 
 
+@pytest.mark.slow
 def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, data_dir, store):
     data = linked_data(tmp_path, data_dir)
     grid = [
@@ -525,6 +527,7 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
     assert (after.status, after.end_time) == ("FINISHED", before.end_time)  # a finished run is never touched
 
 
+@pytest.mark.slow
 def test_a_refused_configuration_is_reported_with_reason_and_run_id_and_not_retried(tmp_path, data_dir, store):
     # Four trainers cannot share three training images: the launcher refuses the input (exit 2), and
     # another attempt would be refused the same way. (Retrying: test_a_refused_experiment_is_not_retried...)
@@ -678,6 +681,7 @@ def slice_numel(n: int) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path, data_dir, store):
     """The baselines next to the method in one sweep: all run, the pickle refuses to mix them (its key has
     no strategy), --where selects, the CSV keeps them all; each round's bytes are those of the tensors
@@ -771,6 +775,7 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
 # --------------------------------------------------------------------------- two sweeps at once (claims)
 
 
+@pytest.mark.slow
 def test_sweeps_released_at_the_same_instant_claim_each_configuration_once(store):
     """Three processes claim one configuration at the same instant, with the sweep's own code, five times
     over: exactly one wins each time, the others are told who holds it, and every losing claim is

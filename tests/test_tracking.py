@@ -44,6 +44,7 @@ def test_experiments_starting_together_record_the_same_datasets(store):
     assert [[d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] for r in runs] == [["cifar100-test"]] * 6
 
 
+@pytest.mark.slow
 def test_a_new_store_keeps_its_artifacts_beside_it_wherever_it_is_opened_from(tmp_path):
     """A store fedshard creates (here from another directory) puts even its Default experiment's
     artifacts beside the database, not into ./mlruns of the current directory."""
@@ -111,6 +112,7 @@ def test_a_file_that_is_no_state_dict_says_what_is_accepted_never_an_unsafe_load
     assert "weights_only=False" not in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_weights_with_the_wrong_keys_name_them_and_count_them(tmp_path):
     from fedshard.core.config import ExperimentConfig
     from fedshard.core.models.alexnet import AlexNet
@@ -257,6 +259,7 @@ def test_what_runs_fedshard_is_told_by_program_and_script_not_by_words():
     assert not runs_fedshard([])
 
 
+@pytest.mark.slow
 def test_loading_a_logged_model_leaves_no_download_behind(store, tmp_path, monkeypatch):
     """Every extension and init_from loads a final model; its 220 MB download must not stay in /tmp."""
     import tempfile
