@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterable
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from fedshard.core.config import RENAMED, ConfigError, ExperimentConfig
 from fedshard.core.settings_help import HELP
 from fedshard.runtime import lifecycle
+
+if TYPE_CHECKING:
+    from fedshard.runtime.resume import Start
 
 _TYPES = {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL, "str": click.STRING}
 
@@ -26,7 +31,7 @@ def config_options(func):
     """One typed option per config field, e.g. --world-size, --enable-swapping [true|false]."""
     for f in reversed(fields(ExperimentConfig)):
         default = f.default if f.default is not MISSING else None
-        extra = {"is_flag": False, "flag_value": True} if f.type == "bool" else {}
+        extra: dict[str, Any] = {"is_flag": False, "flag_value": True} if f.type == "bool" else {}  # click.Option's
         func = click.option(
             f"--{f.name.replace('_', '-')}",
             f.name,
@@ -39,7 +44,7 @@ def config_options(func):
     return func
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"fedshard: error: {message}", err=True)
     sys.exit(code)
 
@@ -131,8 +136,9 @@ def run(
     from fedshard.runtime import launcher  # not tracking yet: MLflow is imported while the metaserver starts
     from fedshard.tracking.claims import HAND_ENV
 
-    hand = os.environ.get(HAND_ENV)  # set by a sweep that claimed the run for this launcher
-    hand = int(hand) if hand else None
+    given_hand = os.environ.get(HAND_ENV)  # set by a sweep that claimed the run for this launcher
+    hand = int(given_hand) if given_hand else None
+    start: Start | None
     try:
         if remote_trainers and metaserver_host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", ""):
             raise lifecycle.refuse(
@@ -195,7 +201,7 @@ def run(
     exit_now(code)
 
 
-def _resume_alone(run_id: str, extend_id, experiment_name, values) -> None:
+def _resume_alone(run_id: str, extend_id: str | None, experiment_name: str | None, values: Iterable[str]) -> None:
     """--resume continues a run with its own configuration and experiment: any option that would
     change them is refused (exit 2)."""
     given = [
@@ -208,7 +214,7 @@ def _resume_alone(run_id: str, extend_id, experiment_name, values) -> None:
         fail(f"--resume {run_id} continues the run with its own configuration and experiment; drop {', '.join(given)}")
 
 
-def _amp_is_gone(value: str):
+def _amp_is_gone(value: str) -> NoReturn:
     """Scripts and `mlflow run -P amp=...` from before precision existed: say what replaced it (exit 2;
     a click callback: outside `run`'s handling of refusals)."""
     fail(

@@ -15,13 +15,15 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from fedshard.core.config import KEY_SETTINGS, RESULT_SETTINGS, ConfigError, ExperimentConfig
-from fedshard.results.formats import plain, settings_of, to_frame
+from fedshard.results.formats import ResultsOrFrame, plain, settings_of, to_frame
 
 CONFIG_FIELDS = KEY_SETTINGS[:4]
 METRICS = ("final_accuracy", "best_accuracy")
@@ -35,6 +37,8 @@ TRAINED_START = 0.05
 CONFIDENCE = 0.95
 # Default targets: these fractions of the best configuration's mean final accuracy.
 TARGET_FRACTIONS = (0.5, 0.75, 0.9)
+# An experiment (experiment()): its source, and its configuration's identity (or its settings as given).
+Experiment = tuple[object, tuple[tuple[str, object], ...]]
 # How tables and figures name a setting; one not named here is named by setting_label.
 LABELS = {
     "world_size": "World Size",
@@ -84,7 +88,7 @@ def config_settings(frame: pd.DataFrame) -> list[str]:
     return [*CONFIG_FIELDS, *extra_settings(frame)]
 
 
-def format_value(setting: str, value) -> str:
+def format_value(setting: str, value: object) -> str:
     """A setting's value as people read it: LR 1e-05 (not np.float64(1e-05)), True, 'none'."""
     value = plain(value)
     if isinstance(value, float):
@@ -94,7 +98,7 @@ def format_value(setting: str, value) -> str:
     return str(value)
 
 
-def config_text(row, settings) -> str:
+def config_text(row: Mapping[Any, object], settings: Iterable[str]) -> str:
     """'World Size: 2, LR: 0.001, Swap: False, Rounds: 1, Strategy: fedavg' of a row (a mapping)."""
     return ", ".join(f"{setting_label(s)}: {format_value(s, row[s])}" for s in settings)
 
@@ -136,7 +140,7 @@ def diverged_text(diverged: int, n: int) -> str:
 # --------------------------------------------------------------------------- per run, per configuration
 
 
-def per_run(results) -> pd.DataFrame:
+def per_run(results: ResultsOrFrame) -> pd.DataFrame:
     """One row per run (configuration and seed), in settings order: start_accuracy (round 0's: the
     model before any training; NaN where the run has no round 0), final_accuracy and final_loss
     (the last round's, NaN where that is NaN), best_accuracy (the highest over the trained rounds,
@@ -174,7 +178,7 @@ def from_trained_model(frame: pd.DataFrame) -> bool:
     return bool((starts >= TRAINED_START).any() or ("init_from" in frame.columns and (frame["init_from"] != "").any()))
 
 
-def summarize(results, *, runs=None) -> pd.DataFrame:
+def summarize(results: ResultsOrFrame, *, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per configuration, seeds aggregated, best final accuracy first; `runs` is
     per_run(results) where the caller has it already.
 
@@ -211,7 +215,7 @@ def summarize(results, *, runs=None) -> pd.DataFrame:
     )
 
 
-def ranking_lines(results, top: int = 5, *, summary=None) -> list[str]:
+def ranking_lines(results: ResultsOrFrame, top: int = 5, *, summary: pd.DataFrame | None = None) -> list[str]:
     """The classic "Top N Configurations by Final Accuracy" lines, with mean ± std (n); `summary`
     is summarize(results) where the caller has it already."""
     table = summarize(results) if summary is None else summary
@@ -242,7 +246,7 @@ def paired_interval(differences: pd.Series) -> tuple[int, float, float, float]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _experiment_of(items: tuple) -> tuple:
+def _experiment_of(items: tuple[tuple[str, object], ...]) -> Experiment:
     values = dict(items)
     source = values.pop(SOURCE, None)
     try:
@@ -251,18 +255,26 @@ def _experiment_of(items: tuple) -> tuple:
         return source, items
 
 
-def experiment(values: dict) -> tuple:
+def experiment(values: Mapping[Any, object]) -> Experiment:
     """The experiment that settings make, as fedshard records it: a setting that does not apply
     takes the value it is recorded as, so (world size 1, swapping on) and (world size 1, swapping
     off) are one experiment, as are (1, fedavg) and (1, tensor_parallel). Two sources are two."""
     return _experiment_of(tuple((s, plain(v)) for s, v in values.items()))
 
 
-def _by_value(runs, group, setting, values, shared, context, metric) -> dict:
+def _by_value(
+    runs: pd.DataFrame,
+    group: pd.DataFrame,
+    setting: str,
+    values: Iterable[object],
+    shared: Mapping[str, object],
+    context: Mapping[str, object],
+    metric: str,
+) -> dict[Any, tuple[Experiment, pd.Series]]:
     """value -> (its experiment, its runs' metric by seed) for each value of `setting` in this
     context: the group's own runs of it, else the runs recorded as that experiment (world size 1
     stands in every swapping context, its swapping not applying)."""
-    found = {}
+    found: dict[Any, tuple[Experiment, pd.Series]] = {}  # Any: the values, sortable among themselves
     for value in values:
         exp = experiment({**shared, **context, setting: value})
         own = group[group[setting] == value]
@@ -272,12 +284,21 @@ def _by_value(runs, group, setting, values, shared, context, metric) -> dict:
     return found
 
 
-def _pairs(runs, group, setting, values, shared, context, metric, seen) -> list[dict]:
+def _pairs(
+    runs: pd.DataFrame,
+    group: pd.DataFrame,
+    setting: str,
+    values: Iterable[object],
+    shared: Mapping[str, object],
+    context: Mapping[str, object],
+    metric: str,
+    seen: set[tuple[str, Experiment, Experiment]],
+) -> list[dict[str, object]]:
     """Rows for every two values of `setting` within one context (the other settings fixed; `shared`:
     those every run has), a < b in natural order, that are two experiments not compared yet
     (`seen`); the runs are paired by seed."""
     by_value = _by_value(runs, group, setting, values, shared, context, metric)
-    rows = []
+    rows: list[dict[str, object]] = []
     for a, b in itertools.combinations(sorted(by_value), 2):
         (exp_a, first), (exp_b, second) = by_value[a], by_value[b]
         if exp_a == exp_b or (metric, exp_a, exp_b) in seen:
@@ -301,7 +322,7 @@ def _pairs(runs, group, setting, values, shared, context, metric, seen) -> list[
     return rows
 
 
-def comparisons(results, *, runs=None) -> pd.DataFrame:
+def comparisons(results: ResultsOrFrame, *, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every two configurations that differ in exactly one setting (and are two experiments:
     experiment), paired by seed: the mean difference b − a of each metric (METRICS) and its
     95 % interval, over the seeds where neither run diverged; `runs` is per_run(results) where the
@@ -319,8 +340,10 @@ def comparisons(results, *, runs=None) -> pd.DataFrame:
     # The settings every run shares are part of each context too: a dirichlet_alpha matters with
     # partition=dirichlet, however constant that is.
     shared = {s: plain(frame[s].iloc[0]) for s in settings_of(frame) if s not in settings and s != "seed"}
-    runs = runs.assign(_experiment=[experiment({**shared, **r}) for r in runs[settings].to_dict("records")])
-    rows, seen = [], set()
+    experiments = [experiment({**shared, **r}) for r in runs[settings].to_dict("records")]
+    runs = runs.assign(_experiment=pd.Series(experiments, index=runs.index, dtype=object))
+    rows: list[dict[str, object]] = []
+    seen: set[tuple[str, Experiment, Experiment]] = set()
     for metric in METRICS:
         for setting in settings:
             values = sorted(map(plain, runs[setting].unique()))
@@ -362,12 +385,14 @@ def targets_for(best: float) -> list[float]:
     return sorted({t for fraction in TARGET_FRACTIONS if (t := round(fraction * best, 2)) > 0})
 
 
-def default_targets(results) -> list[float]:
+def default_targets(results: ResultsOrFrame) -> list[float]:
     """targets_for the best configuration's mean final accuracy."""
     return targets_for(best_mean_final_accuracy(summarize(results)))
 
 
-def targets_table(results, targets, *, runs=None) -> pd.DataFrame:
+def targets_table(
+    results: ResultsOrFrame, targets: Iterable[float], *, runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per configuration and target accuracy: rounds_to_target (the first round whose test
     accuracy is at or above the target, mean over the seeds that reach it; NaN when none does),
     reached (seeds that do), n (seeds), bytes_to_target (mean bytes_total at that round over the
@@ -380,7 +405,7 @@ def targets_table(results, targets, *, runs=None) -> pd.DataFrame:
     curves = frame.sort_values("round", kind="mergesort")
     if "bytes_total" not in curves.columns:
         curves = curves.assign(bytes_total=np.nan)
-    tables = []
+    tables: list[pd.DataFrame] = []
     for target in targets:
         # drop_duplicates keeps each run's first row at or above the target: its earliest round.
         first = curves[curves["test_accuracy"] >= target].drop_duplicates(keys)[[*keys, "round", "bytes_total"]]

@@ -3,6 +3,8 @@ the paired comparisons and the rounds to target (the numbers come from analysis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pandas as pd
 
 from fedshard.results import analysis
@@ -14,7 +16,7 @@ def target_text(target: float) -> str:
     return f"{target:.2f}" if round(target, 2) == target else f"{target:g}"
 
 
-def _settings_cells(table: pd.DataFrame, settings) -> dict:
+def _settings_cells(table: pd.DataFrame, settings: Iterable[str]) -> dict[str, list[str]]:
     # None marks the compared setting's own column in a comparison: shown empty.
     return {setting_label(s): ["" if v is None else format_value(s, v) for v in table[s].tolist()] for s in settings}
 
@@ -77,7 +79,7 @@ def ranking_display(summary: pd.DataFrame, top: int) -> pd.DataFrame:
     )
 
 
-def comparisons_display(comparisons: pd.DataFrame, metric: str, settings) -> pd.DataFrame:
+def comparisons_display(comparisons: pd.DataFrame, metric: str, settings: Iterable[str]) -> pd.DataFrame:
     """One metric's paired comparisons as text cells; `settings` are the configurations' (Tables.settings)."""
     rows = comparisons[comparisons["metric"] == metric]
     return pd.DataFrame(
@@ -96,7 +98,7 @@ def comparisons_display(comparisons: pd.DataFrame, metric: str, settings) -> pd.
     )
 
 
-def targets_display(reached: pd.DataFrame, settings, with_bytes: bool) -> pd.DataFrame:
+def targets_display(reached: pd.DataFrame, settings: Iterable[str], with_bytes: bool) -> pd.DataFrame:
     """Rounds to each target as text: '2.0 (3/3 seeds)', 'never (0/3 seeds)'; `settings` are the
     configurations' (Tables.settings)."""
     shown = pd.DataFrame(

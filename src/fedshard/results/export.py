@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedshard.core.config import RESULT_SETTINGS, ConfigError, ExperimentConfig, setting_value
 from fedshard.core.errors import last_line
 from fedshard.core.files import write_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fedshard.tracking import RunRecord
+
+# A metric's history, as tracking.metric_history gives it: (step, value, timestamp) tuples.
+History = Iterable[tuple[int, float, int]]
 
 FORMATS = ("pickle", "csv")
 DEFAULT_OUTPUT = {"pickle": "experiment_results.pkl", "csv": "experiment_results.csv"}
@@ -47,15 +58,15 @@ class ExportedRun:
     run_id: str
     start_time: int
     cfg: ExperimentConfig
-    entries: list  # [(int, float, float)], round 0 first
-    comm: dict = field(default_factory=dict)  # CSV column -> {round: bytes}, for the rounds logged
+    entries: list[tuple[int, float, float]]  # (round, test_loss, test_accuracy), round 0 first
+    comm: dict[str, dict[int, float]] = field(default_factory=dict)  # CSV column -> {round: bytes}, rounds logged
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> tuple[int, float, bool, int, int]:
         return self.cfg.key()
 
 
-def entries_from_history(loss, accuracy, rounds: int) -> list[tuple[int, float, float]]:
+def entries_from_history(loss: History, accuracy: History, rounds: int) -> list[tuple[int, float, float]]:
     """[(round, test_loss, test_accuracy)] for rounds 0..rounds from two metric histories of
     (step, value, timestamp); raise ValueError when a round is missing. A step logged twice
     keeps its last value."""
@@ -73,20 +84,20 @@ def entries_from_history(loss, accuracy, rounds: int) -> list[tuple[int, float, 
     return [(r, losses[r], accs[r]) for r in expected]
 
 
-def _by_step(history) -> dict[int, float]:
-    latest = {}
+def _by_step(history: History) -> dict[int, float]:
+    latest: dict[int, float] = {}
     for step, value, _ts in sorted(history, key=lambda m: (m[0], m[2])):
         latest[int(step)] = float(value)
     return latest
 
 
-def _span(steps) -> str:
+def _span(steps: Sequence[int]) -> str:
     if not steps:
         return "none"
     return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}..{steps[-1]} ({len(steps)} values)"
 
 
-def parse_where(items) -> dict[str, str]:
+def parse_where(items: Iterable[object]) -> dict[str, str]:
     """--where NAME=VALUE items (or several in one, space-separated) -> {setting: canonical value}
     (config.setting_value); a name that is no result setting, or a value the setting refuses, is a
     SelectionError naming what is valid."""
@@ -105,7 +116,12 @@ def parse_where(items) -> dict[str, str]:
     return where
 
 
-def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]:
+def collect(
+    runs: Iterable[RunRecord],
+    histories: Callable[[str, str], History],
+    where: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = print,
+) -> dict[tuple, ExportedRun]:
     """Configuration identity -> the newest valid FINISHED experiment run of it among those that
     match `where` ({setting: canonical value}).
 
@@ -113,7 +129,9 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
     `histories(run_id, metric)` gives (step, value, timestamp) tuples. Runs that are not FINISHED and
     sweep parent runs are left out silently; finished runs that cannot be read (bad params, missing
     rounds) with a warning. A `where` value that no finished run has is a SelectionError."""
-    where, chosen, seen = where or {}, {}, {name: set() for name in where or {}}
+    where = where or {}
+    chosen: dict[tuple, ExportedRun] = {}
+    seen: dict[str, set[str]] = {name: set() for name in where}
     warn = warn or (lambda _: None)
     for run in sorted(
         (r for r in runs if r.status == "FINISHED" and r.is_experiment), key=lambda r: (r.start_time, r.run_id)
@@ -147,7 +165,7 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
     return dict(sorted(chosen.items(), key=lambda item: (item[1].key, item[0])))
 
 
-def pickle_refusal(table, experiment_name: str, key_format: int = 5) -> str | None:
+def pickle_refusal(table: pd.DataFrame, experiment_name: str, key_format: int = 5) -> str | None:
     """Why the runs of `table` (a results frame) cannot go into one pickle keyed by key_format's tuple
     (results.refusal, the rule results.pickle_dict keeps), or None when they can."""
     from fedshard.results import formats as results
@@ -166,12 +184,12 @@ def pickle_refusal(table, experiment_name: str, key_format: int = 5) -> str | No
     )
 
 
-def frame(exported: dict[tuple, ExportedRun]):
+def frame(exported: dict[tuple, ExportedRun]) -> pd.DataFrame:
     """The results frame (results.py): one row per run and round, every result setting a column, the
     round's bytes where the run counted them (bytes_total is 0 at round 0, as nothing was sent yet)."""
     import pandas as pd
 
-    rows = []
+    rows: list[dict[str, object]] = []
     for run in exported.values():
         settings = {name: getattr(run.cfg, name) for name in RESULT_SETTINGS}
         for r, loss, acc in run.entries:
@@ -192,7 +210,14 @@ def frame(exported: dict[tuple, ExportedRun]):
     return pd.DataFrame(rows)
 
 
-def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=print, key_format: int = 5) -> tuple:
+def export(
+    experiment_name: str,
+    output: str | Path,
+    fmt: str = "pickle",
+    where: Iterable[object] = (),
+    warn: Callable[[str], None] | None = print,
+    key_format: int = 5,
+) -> tuple[Path, dict[tuple, ExportedRun]]:
     """Export the experiment's FINISHED runs (those matching `where`, NAME=VALUE items) to `output`, a
     pickle keyed by key_format's tuple (results.KEY_FORMATS) or a CSV; return (path, exported runs)."""
     from fedshard import tracking

@@ -23,12 +23,17 @@ import math
 import pickle
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import pandas as pd
 
 from fedshard.core.config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig, canonical
 
+# The classic results dict: key (settings, as KEY_FORMATS says) -> [(round, test_loss, test_accuracy), ...].
+Results = dict[tuple[int | float | bool, ...], list[tuple[int, float, float]]]
+# What analysis and export take: a classic results dict or a results frame (to_frame).
+ResultsOrFrame = Results | pd.DataFrame
 KEY_TYPES = (int, float, bool, int, int)
 # The two key formats of the pickle: 5 (KEY_SETTINGS) and the harness's 6, layerwise swapping fourth.
 KEY_FORMATS = {
@@ -41,7 +46,8 @@ CSV_COLUMNS = (*RESULT_SETTINGS, "run_id", "round", "test_loss", "test_accuracy"
 # What a CSV must hold to be a results CSV: enough for the classic pickle's content.
 CSV_REQUIRED = (*KEY_SETTINGS, "round", "test_loss", "test_accuracy")
 # Each setting's type ("int", "float", "bool", "str"), from the one description of an experiment.
-SETTING_TYPES = {f.name: f.type for f in fields(ExperimentConfig) if f.name in RESULT_SETTINGS}
+# (config.py's annotations are postponed, so each field's type is the string it is written as.)
+SETTING_TYPES = {f.name: str(f.type) for f in fields(ExperimentConfig) if f.name in RESULT_SETTINGS}
 _COLUMN_TYPES = {
     **SETTING_TYPES,
     "run_id": "str",
@@ -63,26 +69,26 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
     # dict/list/tuple/int/float/bool have opcodes of their own, so a genuine
     # results pickle never names a global. Refusing every global means loading
     # a hostile file cannot import or call anything (os.system, eval, ...).
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> NoReturn:
         raise ResultsError(
             f"it refers to the global {module}.{name}, which is refused "
             "(a results pickle holds only dicts, lists, tuples, ints, floats and bools)"
         )
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> NoReturn:
         raise ResultsError("it contains a persistent id, which is refused")
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> bool:
     # bool is a subclass of int, but True is not a world size or a round.
     return type(x) is int
 
 
-def _is_number(x) -> bool:
+def _is_number(x: object) -> bool:
     return type(x) in (int, float)
 
 
-def _key_problem(key, size: int) -> str | None:
+def _key_problem(key: object, size: int) -> str | None:
     """What is wrong with one key of a pickle whose keys have `size` fields (its first key's), or None."""
     if type(key) is not tuple or len(key) not in KEY_FORMATS:
         return f"key {key!r} is not a 5-tuple {KEY_SETTINGS} nor a 6-tuple {KEY_FORMATS[6]}"
@@ -101,7 +107,7 @@ def _key_problem(key, size: int) -> str | None:
     return None
 
 
-def _entries_problem(entries) -> str | None:
+def _entries_problem(entries: object) -> str | None:
     if type(entries) is not list or not entries:
         return (
             f"value is {type(entries).__name__} {entries!r:.60}, expected a non-empty "
@@ -137,7 +143,7 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _unpickle(path: Path, data: bytes) -> dict:
+def _unpickle(path: Path, data: bytes) -> Results:
     try:
         results = _NoGlobalsUnpickler(io.BytesIO(data)).load()
     except ResultsError as e:
@@ -162,19 +168,19 @@ def _unpickle(path: Path, data: bytes) -> dict:
     return results
 
 
-def load_pickle(path) -> dict:
+def load_pickle(path: str | Path) -> Results:
     """Read and validate a results pickle; raise ResultsError saying what is wrong."""
     path = Path(path)
     return _unpickle(path, _read_bytes(path))
 
 
-def plain(value):
+def plain(value: object) -> Any:
     """A numpy scalar as the Python value it holds (np.float64(1e-05) -> 1e-05, whose repr is the
-    short one); anything else as is."""
+    short one); anything else as is. (Any: a frame's cell, of whatever type its column holds.)"""
     return value.item() if isinstance(value, np.generic) else value
 
 
-def frame_from_pickle(results: dict) -> pd.DataFrame:
+def frame_from_pickle(results: Results) -> pd.DataFrame:
     """The results frame of a classic results dict: its key's settings (five, or six with
     enable_layerwise_swapping), no run ids, no bytes."""
     settings = KEY_FORMATS[len(next(iter(results)))]
@@ -190,7 +196,7 @@ def frame_from_pickle(results: dict) -> pd.DataFrame:
     )
 
 
-def to_frame(results) -> pd.DataFrame:
+def to_frame(results: ResultsOrFrame) -> pd.DataFrame:
     """A results frame from either a results frame (returned as is) or a classic results dict."""
     if isinstance(results, pd.DataFrame):
         return results
@@ -243,7 +249,7 @@ def refusal(frame: pd.DataFrame, key_format: int = 5) -> str | None:
     return None
 
 
-def pickle_dict(frame: pd.DataFrame, key_format: int = 5) -> dict:
+def pickle_dict(frame: pd.DataFrame, key_format: int = 5) -> Results:
     """The classic results dict of a frame, keyed by KEY_FORMATS[key_format]: exact Python types,
     rounds sorted, round 0 first. A frame without enable_layerwise_swapping (a 5-tuple pickle's)
     has it off.
@@ -255,10 +261,11 @@ def pickle_dict(frame: pd.DataFrame, key_format: int = 5) -> dict:
     settings = KEY_FORMATS[key_format]
     if "enable_layerwise_swapping" not in frame.columns:
         frame = frame.assign(enable_layerwise_swapping=False)
-    out = {}
+    out: Results = {}
     ordered = frame.sort_values([*settings, "round"], kind="mergesort")
-    for values, run in ordered.groupby(list(settings), sort=True):
-        key = tuple(kind(v) for kind, v in zip(_KEY_TYPES[key_format], values))
+    for _, run in ordered.groupby(list(settings), sort=True):
+        first = run.iloc[0]  # its settings, as the group's key has them
+        key = tuple(kind(first[s]) for kind, s in zip(_KEY_TYPES[key_format], settings))
         if run["round"].duplicated().any():  # the same settings twice: only a hand-made frame has that
             raise ResultsError(
                 f"{key!r} has several runs (their run ids differ): the results pickle holds one run per key"
@@ -273,7 +280,7 @@ def pickle_dict(frame: pd.DataFrame, key_format: int = 5) -> dict:
 # --------------------------------------------------------------------------- the CSV
 
 
-def _cell(column: str, value) -> str:
+def _cell(column: str, value: Any) -> str:  # Any: whatever scalar a frame holds, numpy's or Python's
     """One CSV cell: empty for a missing value, True/False, floats as repr (1e-05), bytes as ints; a
     test loss or accuracy that is NaN (a diverged run) is a value, not a missing one: nan."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
@@ -306,7 +313,7 @@ def _csv_header(data: bytes) -> list[str] | None:
     return [name.strip() for name in next(csv.reader([first]), [])]
 
 
-def _parse(kind: str, text: str):
+def _parse(kind: str, text: str) -> str | int | float | bool:
     if kind == "bytes":
         return float(text) if text.strip() else math.nan
     if kind == "str":
@@ -320,13 +327,18 @@ def _parse(kind: str, text: str):
 
 
 _EXPECTED = {"int": "an integer", "float": "a number", "bool": "True or False", "bytes": "a number or empty"}
-_DTYPES = {"int": "int64", "float": "float64", "bool": "bool", "bytes": "float64"}
+_DTYPES: dict[str, Literal["int64", "float64", "bool"]] = {
+    "int": "int64",
+    "float": "float64",
+    "bool": "bool",
+    "bytes": "float64",
+}
 
 
 def _typed(path: Path, name: str, texts: pd.Series) -> pd.Series:
     """One CSV column in its type; a cell that is not is a ResultsError naming its line."""
     kind = _COLUMN_TYPES[name]
-    parsed = {}
+    parsed: dict[str, str | int | float | bool] = {}
     for text in texts.unique():
         try:
             parsed[text] = _parse(kind, text)
@@ -368,11 +380,11 @@ def _frame_from_csv(path: Path, data: bytes, header: list[str]) -> pd.DataFrame:
         ("round", frame["round"] < 0),
     ):
         if bad.any():
-            line = int(bad.idxmax()) + 2
+            line = int(bad.argmax()) + 2  # the frame's index is its rows' positions
             raise ResultsError(f"{path}: line {line}: {name} {frame[name].iloc[line - 2].item()!r} is out of range")
     twice = frame.duplicated([*settings, "round"])
     if twice.any():
-        line = int(twice.idxmax()) + 2
+        line = int(twice.argmax()) + 2
         raise ResultsError(
             f"{path}: line {line}: round {frame['round'].iloc[line - 2].item()} of this run "
             "(the same settings and seed) appears twice"
@@ -380,7 +392,7 @@ def _frame_from_csv(path: Path, data: bytes, header: list[str]) -> pd.DataFrame:
     return frame.sort_values([*settings, "round"], kind="mergesort").reset_index(drop=True)
 
 
-def read(path) -> pd.DataFrame:
+def read(path: str | Path) -> pd.DataFrame:
     """The results frame of a results CSV or a results pickle, told apart by content: a first line
     naming any of CSV_REQUIRED is a CSV header; anything else must be a safe pickle."""
     path = Path(path)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedshard.core.files import write_atomic
@@ -32,7 +35,7 @@ from fedshard.results.analysis import (
     per_run,
     setting_label,
 )
-from fedshard.results.formats import plain, to_frame
+from fedshard.results.formats import ResultsOrFrame, plain, to_frame
 
 # The classic figures, in the order make_plots writes them (swap_comparison only where a
 # swapping and a non-swapping configuration can be compared).
@@ -60,10 +63,10 @@ BEST_VS_ROUNDS_TITLE = "Best accuracy over the trained rounds (r ≥ 1) vs round
 TITLE_VALUE_CHARS = 24
 
 
-def _extras_label(row, extras) -> str:
+def _extras_label(row: Mapping[Any, object], extras: Iterable[str]) -> str:
     """'layerwise on, strategy fedavg' of a row's further settings."""
 
-    def value(s) -> str:
+    def value(s: str) -> str:
         v = plain(row[s])
         text = ("on" if v else "off") if isinstance(v, bool) else format_value(s, v)
         return text if len(text) <= TITLE_VALUE_CHARS else text[: TITLE_VALUE_CHARS - 1] + "…"
@@ -108,7 +111,7 @@ def _ordered(frame: pd.DataFrame, column: str, by: list[str]) -> list[str]:
     return list(frame.sort_values(by, kind="mergesort")[column].unique())
 
 
-def _png(figure, title: str, note: str) -> bytes:
+def _png(figure: Figure, title: str, note: str) -> bytes:
     """The figure as PNG bytes, titled, with `note` (what was left out) under it as a footnote; closed."""
     figure.suptitle(title, y=1.02)
     if note:
@@ -126,7 +129,7 @@ def _nothing_to_draw(title: str, why: str) -> bytes:
     return _png(figure, title, "")
 
 
-def _layout(frame: pd.DataFrame, extras: list[str]) -> tuple[dict, dict]:
+def _layout(frame: pd.DataFrame, extras: list[str]) -> tuple[dict[str, object], dict[tuple[str, int], str]]:
     """The panels of the learning curves: one per world size (and round count, where there are
     several), swapping and further settings, a row per world size with its panels side by side
     from the left; where a world size has more than MAX_COLUMNS, every panel in turn, wrapped
@@ -151,7 +154,7 @@ def _layout(frame: pd.DataFrame, extras: list[str]) -> tuple[dict, dict]:
     return {"row": "panel_row", "row_order": rows, "col": "panel_slot"}, titles
 
 
-def _fit_y(grid) -> str:
+def _fit_y(grid: sns.FacetGrid) -> str:
     """One y range for every panel, but a panel whose curves would be flat on it (FLAT_SHARE) keeps
     its own, its title saying so; empty panels (no such configuration) are hidden. Returns the
     footnote explaining the own ranges, or ''."""
@@ -174,7 +177,7 @@ def _fit_y(grid) -> str:
     )
 
 
-def _learning_curves(curves, lr_order, extras, note) -> bytes:
+def _learning_curves(curves: pd.DataFrame, lr_order: list[str], extras: list[str], note: str) -> bytes:
     # One panel per world size, swapping and further settings (_layout); one line per learning
     # rate, i.e. one line per configuration, mean over seeds with a ±1 sd band. Several sources
     # are line styles in one panel, so that their curves of one configuration lie side by side.
@@ -208,7 +211,7 @@ def _learning_curves(curves, lr_order, extras, note) -> bytes:
     return _png(grid.figure, LEARNING_CURVES_TITLE, "\n".join(filter(None, [_fit_y(grid), note])))
 
 
-def _accuracy_vs_lr(runs, extras, note) -> bytes:
+def _accuracy_vs_lr(runs: pd.DataFrame, extras: list[str], note: str) -> bytes:
     runs = runs.assign(panel=[f"{r} rounds" + (f", {v}" if v else "") for r, v in zip(runs["rounds"], runs["variant"])])
     panels = _ordered(runs, "panel", ["rounds", *extras])
     grid = sns.relplot(
@@ -234,7 +237,7 @@ def _accuracy_vs_lr(runs, extras, note) -> bytes:
     return _png(grid.figure, ACCURACY_VS_LR_TITLE, note)
 
 
-def _swap_comparison(runs, lr_order, extras, note) -> bytes | None:
+def _swap_comparison(runs: pd.DataFrame, lr_order: list[str], extras: list[str], note: str) -> bytes | None:
     """Only (world_size > 1, lr, rounds, other settings) that ran both with and without swapping."""
     sharded = runs[runs["world_size"] > 1]
     paired = (
@@ -270,7 +273,7 @@ def _swap_comparison(runs, lr_order, extras, note) -> bytes | None:
     return _png(grid.figure, "Swapping on vs off (mean ± sd over seeds)", note)
 
 
-def _best_vs_rounds(runs, lr_order, settings_order, note) -> bytes:
+def _best_vs_rounds(runs: pd.DataFrame, lr_order: list[str], settings_order: list[str], note: str) -> bytes:
     grid = sns.catplot(
         data=runs,
         kind="point",
@@ -293,7 +296,7 @@ def _best_vs_rounds(runs, lr_order, settings_order, note) -> bytes:
     return _png(grid.figure, BEST_VS_ROUNDS_TITLE, note)
 
 
-def _accuracy_vs_bytes(curves, settings, note) -> bytes | None:
+def _accuracy_vs_bytes(curves: pd.DataFrame, settings: list[str], note: str) -> bytes | None:
     """Test accuracy against cumulative communication, one line per configuration."""
     if "bytes_total" not in curves.columns:
         return None
@@ -333,7 +336,7 @@ def _left_out(runs: pd.DataFrame) -> str:
     )
 
 
-def figures(results, *, runs=None) -> dict[str, bytes]:
+def figures(results: ResultsOrFrame, *, runs: pd.DataFrame | None = None) -> dict[str, bytes]:
     """The PNG figures, file name -> bytes, in PLOT_FILES order (then BYTES_PLOT_FILE); `runs` is
     analysis.per_run(results) where the caller has it already.
 
@@ -361,7 +364,7 @@ def figures(results, *, runs=None) -> dict[str, bytes]:
     runs, curves = _labelled(kept, settings, extras), _labelled(frame, settings, extras)
     lr_order = [format_value("learning_rate", lr) for lr in sorted(runs["learning_rate"].unique())]
     settings_order = _ordered(runs, "setting", ["world_size", "enable_swapping", *extras])
-    drawn = {
+    drawn: dict[str, bytes | None] = {
         PLOT_FILES[0]: _learning_curves(curves, lr_order, extras, note),
         PLOT_FILES[1]: _accuracy_vs_lr(runs, extras, note),
         PLOT_FILES[2]: _swap_comparison(runs, lr_order, extras, note),
@@ -371,6 +374,6 @@ def figures(results, *, runs=None) -> dict[str, bytes]:
     return {name: png for name, png in drawn.items() if png is not None}
 
 
-def make_plots(results, output_dir, *, runs=None) -> list[Path]:
+def make_plots(results: ResultsOrFrame, output_dir: str | Path, *, runs: pd.DataFrame | None = None) -> list[Path]:
     """Write the figures (figures) into output_dir (created if missing); return their paths."""
     return [write_atomic(Path(output_dir) / name, png) for name, png in figures(results, runs=runs).items()]

@@ -8,6 +8,7 @@ plots.py; this module only chooses the targets, says what the tables mean, and w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fedshard.core.files import not_a_directory, write_atomic
 from fedshard.results import analysis
 from fedshard.results.analysis import config_settings
 from fedshard.results.display import comparisons_display, ranking_display, summary_display, target_text, targets_display
-from fedshard.results.formats import to_frame
+from fedshard.results.formats import ResultsOrFrame, to_frame
 from fedshard.results.plots import BYTES_PLOT_FILE, figures
 from fedshard.results.sources import read_sources
 
@@ -36,10 +37,10 @@ FILE_NOTES = {
 }
 
 
-def parse_targets(values) -> list[float] | None:
+def parse_targets(values: Iterable[object]) -> list[float] | None:
     """--target values ('0.3', '0.3,0.5', '' for none given) -> sorted targets, or None when none
     is given (the defaults apply). A value that is not a number in (0, 1] is a ValueError."""
-    targets = set()
+    targets: set[float] = set()
     for text in (t.strip() for value in values for t in str(value).split(",")):
         if not text:
             continue
@@ -62,19 +63,19 @@ class Tables:
     frame: pd.DataFrame  # the results frame
     runs: pd.DataFrame  # analysis.per_run
     summary: pd.DataFrame  # analysis.summarize
-    settings: list  # the settings that tell configurations apart (analysis.config_settings)
+    settings: list[str]  # the settings that tell configurations apart (analysis.config_settings)
     comparisons: pd.DataFrame
     reached: pd.DataFrame
     targets_note: str
     trained_start: bool  # runs start from a trained model (analysis.from_trained_model)
-    notes: tuple = ()  # what reading several results files assumed (sources.read_sources)
+    notes: tuple[str, ...] = ()  # what reading several results files assumed (sources.read_sources)
 
 
-def _targets_text(targets) -> str:
+def _targets_text(targets: Iterable[float]) -> str:
     return ", ".join(map(target_text, targets))
 
 
-def tables(results, targets=None, notes=()) -> Tables:
+def tables(results: ResultsOrFrame, targets: Sequence[float] | None = None, notes: Iterable[str] = ()) -> Tables:
     """The analysis of `results`; targets None (or empty) means the default targets; `notes` are
     read_sources' notes."""
     frame = to_frame(results)
@@ -124,10 +125,10 @@ def markdown_table(shown: pd.DataFrame) -> str:
     """A GitHub/pandoc pipe table of text cells (no tabulate needed); columns of numbers only are
     right-aligned, as a paper sets them."""
 
-    def cell(text) -> str:
+    def cell(text: object) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    def numeric(column) -> bool:
+    def numeric(column: Iterable[str]) -> bool:
         return all(_is_number(v) for v in column if v != "")
 
     lines = [
@@ -178,7 +179,7 @@ def reading_notes(t: Tables) -> list[str]:
     return [*notes, *t.notes, *filter(None, [diverged_note(t)])]
 
 
-def markdown(t: Tables, files, top: int = 5, sources=()) -> str:
+def markdown(t: Tables, files: Iterable[Path], top: int = 5, sources: Sequence[str | Path] = ()) -> str:
     """report.md: every table, the targets used, and the files written beside it; `sources` are the
     results files read."""
     lines = [
@@ -236,7 +237,7 @@ def _csv(table: pd.DataFrame) -> bytes:
     return table.to_csv(index=False, lineterminator="\n").encode()
 
 
-def _write(t: Tables, output_dir, plots: bool, top: int, sources) -> list[Path]:
+def _write(t: Tables, output_dir: str | Path, plots: bool, top: int, sources: Sequence[str | Path]) -> list[Path]:
     # Every file is made in memory first: a figure that cannot be drawn leaves no half-written report.
     out = Path(output_dir)
     contents = {
@@ -249,7 +250,15 @@ def _write(t: Tables, output_dir, plots: bool, top: int, sources) -> list[Path]:
     return [write_atomic(out / name, data) for name, data in contents.items()]
 
 
-def write_report(frame, output_dir, targets=None, plots: bool = True, *, top: int = 5, sources=()) -> list[Path]:
+def write_report(
+    frame: ResultsOrFrame,
+    output_dir: str | Path,
+    targets: Sequence[float] | None = None,
+    plots: bool = True,
+    *,
+    top: int = 5,
+    sources: Sequence[str | Path] = (),
+) -> list[Path]:
     """Write report.md, comparisons.csv, targets.csv and (plots=True) the figures into
     output_dir (created if missing); return every file written, report.md first. targets None
     means the default targets; `sources` names the results files in report.md."""
@@ -284,7 +293,13 @@ def console_lines(t: Tables, top: int = 5) -> list[str]:
 
 
 def report(
-    results_files, output_dir="plots", top: int = 5, plots: bool = True, targets=None, echo=print, labels=()
+    results_files: str | Path | Iterable[str | Path],
+    output_dir: str | Path = "plots",
+    top: int = 5,
+    plots: bool = True,
+    targets: Sequence[float] | None = None,
+    echo: Callable[[str], None] = print,
+    labels: Iterable[object] = (),
 ) -> None:
     """What `fedshard analyze` shows of one results file or several (a path, or a list of paths;
     `labels` are NAME=FILE items naming their sources); unless plots=False (print the tables
@@ -302,8 +317,8 @@ def report(
     for line in console_lines(t, top):
         echo(line)
     if plots:
-        report_file, *files = _write(t, output_dir, True, top, files)
+        report_file, *written = _write(t, output_dir, True, top, files)
         echo("")
         echo(f"Report written to {report_file}, with:")
-        for path in files:
+        for path in written:
             echo(f"  {path}")

@@ -23,7 +23,9 @@ where that would make it the same configuration and seed as another run of its f
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -35,7 +37,7 @@ SOURCE = "source"
 UNRECORDED = {"enable_layerwise_swapping": False}
 
 
-def parse_labels(items, files) -> dict[str, str]:
+def parse_labels(items: Iterable[object], files: Sequence[str]) -> dict[str, str]:
     """--label NAME=FILE items -> {file: name}; FILE must be one of `files` (the --results-file
     values, compared as paths). A ResultsError names what is wrong."""
     given = {Path(f).resolve(): f for f in files}
@@ -54,7 +56,7 @@ def parse_labels(items, files) -> dict[str, str]:
     return labels
 
 
-def source_names(files, labels: dict) -> list[str]:
+def source_names(files: Sequence[str], labels: dict[str, str]) -> list[str]:
     """Each file's source: its label, else its stem. Files labelled alike are one source; two
     files of one stem that no label tells apart are a ResultsError."""
     if len({Path(f).resolve() for f in files}) < len(files):
@@ -67,7 +69,7 @@ def source_names(files, labels: dict) -> list[str]:
     return [labels.get(f) or Path(f).stem for f in files]
 
 
-def _recorded(values: dict) -> dict:
+def _recorded(values: dict[str, object]) -> dict[str, object]:
     """One run's settings as fedshard records them (what does not apply canonicalised); a
     configuration fedshard would not run is left as written."""
     try:
@@ -100,9 +102,10 @@ def _fill(frames: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], lis
     """Every frame with every setting some frame records (UNRECORDED, else the others' one value),
     and a note for each file whose runs were given another file's value."""
     settings = [s for s in dict.fromkeys(s for f in frames.values() for s in settings_of(f))]
-    notes, filled = [], {}
+    notes: list[str] = []
+    filled: dict[str, pd.DataFrame] = {}
     for name, frame in frames.items():
-        taken = {}
+        taken: dict[str, Any] = {}  # Any: a cell of the other frames, of whatever type its column holds
         for s in (s for s in settings if s not in frame.columns):
             if s in UNRECORDED:
                 frame = frame.assign(**{s: UNRECORDED[s]})
@@ -128,20 +131,21 @@ def _fill(frames: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], lis
     return filled, notes
 
 
-def read_sources(files, labels=()) -> tuple[pd.DataFrame, list[str]]:
+def read_sources(files: Iterable[str | Path], labels: Iterable[object] = ()) -> tuple[pd.DataFrame, list[str]]:
     """The results frame of one or more results files, with a `source` column when they are
     several sources, and notes on what was assumed for settings a file does not record."""
-    files = [str(f) for f in files]
-    names = source_names(files, parse_labels(labels, files))
-    frames = {f: _as_recorded(read(f)) for f in files}
+    paths = [str(f) for f in files]
+    names = source_names(paths, parse_labels(labels, paths))
+    frames = {f: _as_recorded(read(f)) for f in paths}
     if len(frames) == 1:
         return next(iter(frames.values())), []
     frames, notes = _fill(frames)
     frame = pd.concat([f.assign(**{SOURCE: name}) for name, f in zip(names, frames.values())], ignore_index=True)
     keys = [*settings_of(frame), SOURCE, "round"]
     if (twice := frame.duplicated(keys)).any():
-        run = frame.loc[twice.idxmax(), settings_of(frame)].to_dict()
-        raise ResultsError(f"the run {run} is in more than one file of source {frame.loc[twice.idxmax(), SOURCE]!r}")
+        row = frame.iloc[int(twice.argmax())]  # concat(ignore_index=True): the index is the rows' positions
+        run = row[settings_of(frame)].to_dict()
+        raise ResultsError(f"the run {run} is in more than one file of source {row[SOURCE]!r}")
     if len(set(names)) == 1:  # one source in several files: nothing to tell apart
         frame = frame.drop(columns=SOURCE)
     return frame, notes

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from fedshard.core import precision
 from fedshard.core.config import ExperimentConfig
@@ -31,6 +33,10 @@ from fedshard.sweep.planning import Plan, config_of, plan
 from fedshard.sweep.reporting import Report, axes_text
 from fedshard.sweep.resources import child_command, cpus_per_experiment, pick_gpu, visible_gpus
 from fedshard.sweep.scheduling import Job, Outcome, Sweep
+
+if TYPE_CHECKING:
+    from fedshard.sweep.executors import Executor
+    from fedshard.tracking import RunRecord
 
 __all__ = [
     "Job",
@@ -52,9 +58,9 @@ def main(
     parallel: int,
     max_retries: int,
     dry_run: bool,
-    echo=print,
+    echo: Callable[[str], None] = print,
     show_progress: bool = True,
-    executor=None,
+    executor: Executor | None = None,
     resume: bool = True,
     extend: bool = True,
     wait: bool = False,
@@ -112,7 +118,7 @@ def _experiment(experiment_name: str | None) -> str:
     return tracking.default_experiment_name(experiment_name)
 
 
-def _mark_stale(stale, echo) -> None:
+def _mark_stale(stale: Sequence[RunRecord], echo: Callable[[str], None]) -> None:
     """RUNNING runs that nobody will end never end by themselves: mark them KILLED, so their
     configurations run (or resume) again. A dead claim (its owner gone, or silent for over its claim
     timeout, tracking/claims.py) is reaped: its owner, should it come back, finds its run taken. Other
@@ -150,7 +156,13 @@ def _mark_stale(stale, echo) -> None:
         )
 
 
-def _note_running(runs, stale, todo, wait: bool, echo) -> None:
+def _note_running(
+    runs: Iterable[RunRecord],
+    stale: Iterable[RunRecord],
+    todo: Iterable[ExperimentConfig],
+    wait: bool,
+    echo: Callable[[str], None],
+) -> None:
     """Say which configurations to run are running elsewhere now: held by a live claim (reported when
     their turn comes, and waited for with --wait), or RUNNING in a run from before claims, which this
     sweep cannot judge and runs again."""
@@ -180,7 +192,7 @@ def _note_running(runs, stale, todo, wait: bool, echo) -> None:
         )
 
 
-def _dry_run(grid: Grid, configurations: int, work: Plan, experiment_name: str, echo) -> None:
+def _dry_run(grid: Grid, configurations: int, work: Plan, experiment_name: str, echo: Callable[[str], None]) -> None:
     """What a sweep would run (and from which round) and what it skips; it starts nothing."""
     from fedshard import tracking
 
@@ -218,7 +230,7 @@ def _axes_line(grid: Grid, configurations: int) -> str:
     return f"{line} = {combinations} combinations, {configurations} configurations{collapsed}"
 
 
-def _ensure_data(configs) -> None:
+def _ensure_data(configs: Collection[ExperimentConfig]) -> None:
     """Download (or unpack) the data set once, before experiments run side by side and would
     each try to download it into the same directory."""
     from fedshard.core import data

@@ -133,9 +133,10 @@ def _judged(run_id: str, hand: int, experiment_id: str, task: Task) -> Claimed |
     verdict = claims.acquire(run_id, hand, experiment_id, claims.key(task.cfg))
     if verdict.kind == claims.WON:
         return Claimed(run_id, hand, task)
-    if verdict.kind == claims.FINISHED:
+    # A FINISHED or ELSEWHERE verdict names the run it is about (`other`).
+    if verdict.kind == claims.FINISHED and verdict.other is not None:
         return Done(verdict.other)
-    if verdict.kind == claims.ELSEWHERE:
+    if verdict.kind == claims.ELSEWHERE and verdict.other is not None:
         return Held(verdict.other)
     return Busy()
 
@@ -162,7 +163,7 @@ def look_elsewhere(away: list[Away], take: bool) -> list[tuple[Away, RunRecord, 
     from fedshard import tracking
 
     claims = tracking.claims
-    news = []
+    news: list[tuple[Away, RunRecord, Task | None]] = []
     for a in away:
         a.run = run = tracking.run_record(a.run.run_id)
         if run.status == "FINISHED":

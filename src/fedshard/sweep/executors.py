@@ -15,12 +15,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from fedshard.core.config import ExperimentConfig
 from fedshard.core.errors import first_line
 from fedshard.runtime.processes import describe_exit, preexec_launcher  # no import may run between fork and exec
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray._private.worker import RemoteFunction2  # what ray.remote makes of run_on_node; Ray exports no name for it
 
 POLL_SECONDS = 0.2
 # A launcher's output comes back with its Ray task; a few rounds' lines fit easily.
@@ -96,7 +103,7 @@ class LocalExecutor:
 
     spreads_gpus = True  # the sweep hands out CUDA_VISIBLE_DEVICES itself
 
-    def open(self, configs, parallel: int, echo) -> None:
+    def open(self, configs: Sequence[ExperimentConfig], parallel: int, echo: Callable[[str], None]) -> None:
         pass
 
     def start(self, cfg: ExperimentConfig, argv: list[str], env: dict[str, str], log: Path) -> LocalProcess:
@@ -145,7 +152,7 @@ def run_on_node(args: list[str], overrides: dict[str, str], cwd: str) -> tuple[i
 class RayTask:
     """One experiment running as a Ray task somewhere in the cluster."""
 
-    def __init__(self, ray, ref, log: Path):
+    def __init__(self, ray: ModuleType, ref: ObjectRef[tuple[int, bytes]], log: Path):
         self.ray, self.ref, self.log = ray, ref, log
         self.where = f"Ray task {ref.task_id().hex()[:12]}"
         self._outcome: str | None = None
@@ -206,10 +213,12 @@ class RayExecutor:
             raise ExecutorError(f"--gpus-per-experiment {gpus:g}: a share of one GPU (<= 1) or whole GPUs")
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.cpus, self.gpus = cpus, gpus
-        self.ray = self.remote = None
-        self.parallel, self.cluster_cpus, self.node_cpus = 1, 0.0, []
+        self.ray: ModuleType | None = None
+        self.remote: RemoteFunction2[tuple[int, bytes], list[str], dict[str, str], str] | None = None
+        self.parallel, self.cluster_cpus = 1, 0.0
+        self.node_cpus: list[float] = []
 
-    def open(self, configs, parallel: int, echo) -> None:
+    def open(self, configs: Sequence[ExperimentConfig], parallel: int, echo: Callable[[str], None]) -> None:
         import logging
         from urllib.parse import urlparse
 
@@ -271,6 +280,8 @@ class RayExecutor:
         return cpus, self.gpus or 0.0
 
     def start(self, cfg: ExperimentConfig, argv: list[str], env: dict[str, str], log: Path) -> RayTask:
+        if self.ray is None or self.remote is None:
+            raise RuntimeError("RayExecutor.start before open")
         cpus, gpus = self.resources(cfg)
         # The node's own environment and Python, plus what the experiment needs from the sweep:
         # its run, the tracking server (and its credentials), its share of the node's cores.
@@ -287,7 +298,12 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make(name: str, address: str | None = None, cpus: int | None = None, gpus: float | None = None):
+# What runs a sweep's experiments, and the handle of one running experiment (scheduling.py holds these).
+Executor = LocalExecutor | RayExecutor
+Handle = LocalProcess | RayTask
+
+
+def make(name: str, address: str | None = None, cpus: int | None = None, gpus: float | None = None) -> Executor:
     if name == "local":
         if address or cpus or gpus is not None:
             raise ExecutorError(

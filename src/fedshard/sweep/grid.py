@@ -12,6 +12,7 @@ rate and a setting that does not apply (swapping for FedAvg) never makes a secon
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +50,12 @@ class SweepError(ValueError):
     """A bad grid, axis, -P assignment or grid file; the message says what and what is valid."""
 
 
-def split_values(label: str, value) -> list[str]:
+def split_values(label: str, value: object) -> list[str]:
     """'1e-5, 1e-4' or [1e-5, 0.0001] (YAML) -> ['1e-5', '1e-4']; booleans as true/false. An empty
     string is a value only where a YAML list says "" (init_from: ["", torchvision:DEFAULT]); in a
     comma-separated list it is a typo."""
     listed = isinstance(value, (list, tuple))
-    items = value if listed else str(value).split(",")
+    items: Sequence[object] = value if isinstance(value, (list, tuple)) else str(value).split(",")
     if not listed and not str(value).strip():
         items = []  # '' is no list of values, not a list of one empty value
     out = []
@@ -82,7 +83,7 @@ def _axis_setting(name: str, where: str) -> str:
     return setting
 
 
-def parse_axes(items) -> dict[str, list[str]]:
+def parse_axes(items: Iterable[object]) -> dict[str, list[str]]:
     """['strategy=tensor_parallel,fedavg', ...] (--axis, repeatable) -> {setting: values}."""
     axes: dict[str, list[str]] = {}
     for item in items:
@@ -96,7 +97,7 @@ def parse_axes(items) -> dict[str, list[str]]:
     return axes
 
 
-def parse_assignments(items, axes=(), where=None) -> dict[str, str]:
+def parse_assignments(items: Iterable[object], axes: Collection[str] = (), where: str | None = None) -> dict[str, str]:
     """-P key=value pairs -> {key: value}; keys must be experiment parameters that are not axes.
     `where` names the pairs' origin in messages ('grid file g.yaml: params'), else each is -P 'k=v'."""
     fixed: dict[str, str] = {}
@@ -121,14 +122,32 @@ def parse_assignments(items, axes=(), where=None) -> dict[str, str]:
     return fixed
 
 
-def _yaml_problem(exc) -> str:
+def _yaml_problem(exc: BaseException) -> str:
     """'line 3, column 5: mapping values are not allowed here' of a YAML error (its marks count from 0)."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or first_line(exc)
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
-def load_grid_file(path) -> dict:
+@dataclass(frozen=True)
+class GridFile:
+    """What a grid file says: its axes (the five named ones by setting, then those under `axes`), its
+    fixed `params` and the settings of its `pretrain` run."""
+
+    axes: dict[str, list[str]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    pretrain: dict[str, str] = field(default_factory=dict)
+
+
+def _strings(mapping: Mapping[object, object]) -> dict[str, str]:
+    """A grid file's mapping of settings to values, as strings: booleans as true/false, null as ''."""
+    return {
+        str(k): ("true" if v else "false") if isinstance(v, bool) else ("" if v is None else str(v))
+        for k, v in mapping.items()
+    }
+
+
+def load_grid_file(path: str | Path) -> GridFile:
     """A YAML grid: any of world_sizes, learning_rates, swap, rounds, seeds (lists or comma strings),
     axes (a mapping of further settings to their values), params (a mapping of fixed settings) and
     pretrain (the settings of one run that goes first, whose final model every configuration of
@@ -142,13 +161,13 @@ def load_grid_file(path) -> dict:
     except yaml.YAMLError as exc:
         raise SweepError(f"grid file {path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
-        return {}
+        return GridFile()
     if not isinstance(data, dict):
         raise SweepError(f"grid file {path}: expected a mapping with keys {', '.join(GRID_FILE_KEYS)}")
     unknown = sorted(set(map(str, data)) - set(GRID_FILE_KEYS))
     if unknown:
         raise SweepError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(GRID_FILE_KEYS)}")
-    out: dict = {
+    axes: dict[str, list[str]] = {
         NAMED_AXES[key]: split_values(f"grid file {path}: {key}", data[key])
         for key in NAMED_AXES
         if data.get(key) is not None
@@ -163,29 +182,25 @@ def load_grid_file(path) -> dict:
             raise SweepError(f"grid file {path}: {key} must be a mapping such as {example}")
     for name, values in (data.get("axes") or {}).items():
         setting = _axis_setting(str(name), f"grid file {path}: axes")
-        if setting in out:
+        if setting in axes:
             raise SweepError(f"grid file {path}: {setting} is given twice")
-        out[setting] = split_values(f"grid file {path}: axes {setting}", values)
-    for key in ("params", "pretrain"):
-        out[key] = {
-            str(k): ("true" if v else "false") if isinstance(v, bool) else ("" if v is None else str(v))
-            for k, v in (data.get(key) or {}).items()
-        }
-    unknown = sorted(set(out["pretrain"]) - set(field_names()))
+        axes[setting] = split_values(f"grid file {path}: axes {setting}", values)
+    params, pretrain = _strings(data.get("params") or {}), _strings(data.get("pretrain") or {})
+    unknown = sorted(set(pretrain) - set(field_names()))
     if unknown:
         raise SweepError(
             f"grid file {path}: pretrain: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(field_names())}"
         )
-    return out
+    return GridFile(axes, params, pretrain)
 
 
 @dataclass(frozen=True)
 class Grid:
-    axes: dict  # setting -> list of value strings: the five named axes first, then any others
-    fixed: dict = field(default_factory=dict)  # experiment parameter -> value string, the same for every run
+    axes: dict[str, list[str]]  # setting -> its values: the five named axes first, then any others
+    fixed: dict[str, str] = field(default_factory=dict)  # experiment parameter -> value, the same for every run
     # The settings of one run that goes first (with the fixed ones); every configuration of the grid
     # starts from its final model (init_from=run:<its name>). Empty: no such run.
-    pretrain: dict = field(default_factory=dict)
+    pretrain: dict[str, str] = field(default_factory=dict)
 
     @property
     def extra_axes(self) -> list[str]:
@@ -198,27 +213,33 @@ def label(setting: str) -> str:
     return next((option for option, s in NAMED_AXES.items() if s == setting), setting)
 
 
-def make_grid(options: dict, assignments=(), grid_file=None, axes=(), empty_is_default: bool = False) -> Grid:
+def make_grid(
+    options: Mapping[str, object],
+    assignments: Iterable[object] = (),
+    grid_file: str | Path | None = None,
+    axes: Iterable[object] = (),
+    empty_is_default: bool = False,
+) -> Grid:
     """Options (the five named axes, by option name) and --axis items given on the command line win
     over the grid file, which wins over the default grid. An option that is None was not given; one
     given with no values ('') is refused, as the grid file's `world_sizes: []` is, unless
     empty_is_default (MLproject, which cannot leave an option out, passes '' for "not given")."""
-    from_file = load_grid_file(grid_file) if grid_file else {}
+    from_file = load_grid_file(grid_file) if grid_file else GridFile()
     given = parse_axes(axes)
     for option, setting in NAMED_AXES.items():
         if options.get(option) is not None and not (empty_is_default and not str(options[option]).strip()):
             if setting in given:
                 raise SweepError(f"{setting} is given twice: as {_option(option)} and as --axis {setting}")
             given[setting] = split_values(_option(option), options[option])
-    grid_axes = {s: given.get(s) or from_file.get(s) or list(DEFAULT_GRID[s]) for s in KEY_SETTINGS}
-    for setting in [s for s in from_file if s not in ("params", "pretrain")] + list(given):
+    grid_axes = {s: given.get(s) or from_file.axes.get(s) or list(DEFAULT_GRID[s]) for s in KEY_SETTINGS}
+    for setting in list(from_file.axes) + list(given):
         if setting not in KEY_SETTINGS:
-            grid_axes[setting] = given.get(setting) or from_file[setting]
+            grid_axes[setting] = given.get(setting) or from_file.axes[setting]
     fixed = parse_assignments(
-        (f"{k}={v}" for k, v in from_file.get("params", {}).items()), grid_axes, f"grid file {grid_file}: params"
+        (f"{k}={v}" for k, v in from_file.params.items()), grid_axes, f"grid file {grid_file}: params"
     )
     fixed.update(parse_assignments(assignments, grid_axes))
-    pretrain = from_file.get("pretrain", {})
+    pretrain = from_file.pretrain
     if pretrain and ("init_from" in grid_axes or "init_from" in fixed):
         raise SweepError(
             f"grid file {grid_file}: pretrain sets init_from of every configuration (the pretrain run); "
@@ -227,7 +248,7 @@ def make_grid(options: dict, assignments=(), grid_file=None, axes=(), empty_is_d
     return Grid(grid_axes, fixed, pretrain)
 
 
-def expand(grid: Grid, resolve=None) -> list[ExperimentConfig]:
+def expand(grid: Grid, resolve: Callable[[ExperimentConfig], ExperimentConfig] | None = None) -> list[ExperimentConfig]:
     """Every configuration of the grid, validated, canonical and without duplicates, in grid order
     (the five named axes, then the others). Settings that do not apply collapse (swapping for world
     size 1 and FedAvg, ...), so the default grid is 18 + 36 = 54 runs. A value is checked in each
@@ -237,7 +258,7 @@ def expand(grid: Grid, resolve=None) -> list[ExperimentConfig]:
     that what starts from it names the run it really is (its precision decided, say)."""
     problems: list[str] = []
 
-    def config(values: dict) -> ExperimentConfig | None:
+    def config(values: dict[str, str]) -> ExperimentConfig | None:
         try:
             cfg = ExperimentConfig.from_mapping(values)
             return resolve(cfg) if resolve is not None else cfg
@@ -246,7 +267,9 @@ def expand(grid: Grid, resolve=None) -> list[ExperimentConfig]:
             problems.extend(ln for ln in (lines[1:] or lines) if ln not in problems)
             return None
 
-    configs, seen, start = [], set(), {}
+    configs: list[ExperimentConfig] = []
+    seen: set[ExperimentConfig] = set()
+    start: dict[str, str] = {}
     if grid.pretrain:  # the run that goes first, and what every other configuration starts from
         first = config({**grid.fixed, **grid.pretrain})
         if first is not None:
@@ -263,7 +286,7 @@ def expand(grid: Grid, resolve=None) -> list[ExperimentConfig]:
     return configs
 
 
-def describe(cfg: ExperimentConfig, extra=()) -> str:
+def describe(cfg: ExperimentConfig, extra: Iterable[str] = ()) -> str:
     """The harness's words for a configuration, plus the settings of any further axes:
     'world_size=2, lr=0.001, swap=False, rounds=1, seed=123, strategy=fedavg'."""
     settings = cfg.settings()
@@ -273,7 +296,7 @@ def describe(cfg: ExperimentConfig, extra=()) -> str:
     )
 
 
-def named(cfg: ExperimentConfig, extra=()) -> str:
+def named(cfg: ExperimentConfig, extra: Iterable[str] = ()) -> str:
     """The pickle key, plus the settings of any further axes: '(2, 0.001, False, 1, 123) strategy=fedavg'."""
     settings = cfg.settings()
     return " ".join([repr(cfg.key()), *(f"{s}={settings[s]}" for s in extra)])

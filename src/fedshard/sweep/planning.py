@@ -27,13 +27,18 @@ strategy or batch size never is.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fedshard.core.config import RUN_PREFIX, ConfigError, ExperimentConfig
 from fedshard.sweep.grid import SweepError
 
+if TYPE_CHECKING:
+    from fedshard.tracking import RunRecord
 
-def config_of(run) -> ExperimentConfig | None:
+
+def config_of(run: RunRecord) -> ExperimentConfig | None:
     """The configuration of an experiment run (tracking.RunRecord-like); None for a sweep's parent
     run or any other run that is no experiment, and for params no configuration can have: such a
     run is never skipped, resumed, extended, analysed or counted as running elsewhere."""
@@ -45,17 +50,17 @@ def config_of(run) -> ExperimentConfig | None:
         return None
 
 
-def finished_configs(runs) -> dict[tuple, tuple[ExperimentConfig, str]]:
+def finished_configs(runs: Iterable[RunRecord]) -> dict[tuple, tuple[ExperimentConfig, str]]:
     """Configuration identity -> (configuration, id) of a FINISHED experiment run (sweep parent runs
     excluded)."""
-    done = {}
+    done: dict[tuple, tuple[ExperimentConfig, str]] = {}
     for run in runs:
         if run.status == "FINISHED" and (cfg := config_of(run)) is not None:
             done[cfg.identity()] = (cfg, run.run_id)
     return done
 
 
-def resumable(runs, stale=()) -> dict[tuple, tuple[int, str]]:
+def resumable(runs: Iterable[RunRecord], stale: Collection[str] = ()) -> dict[tuple, tuple[int, str]]:
     """Configuration identity -> (round, run id) of its most advanced checkpoint among FAILED, KILLED
     and stale (`stale`: ids of RUNNING runs whose owner is gone) runs."""
     best: dict[tuple, tuple[int, str]] = {}
@@ -139,7 +144,13 @@ def _rank(task: Task) -> tuple[int, int]:
     return task.start, way
 
 
-def plan(configs, runs, resume: bool = True, extend: bool = True, stale=()) -> Plan:
+def plan(
+    configs: Sequence[ExperimentConfig],
+    runs: Sequence[RunRecord],
+    resume: bool = True,
+    extend: bool = True,
+    stale: Collection[str] = (),
+) -> Plan:
     """What to run of `configs` given the store's `runs` (tracking.RunRecord-like), in grid order.
     Only a FINISHED run makes a configuration done; `resume` / `extend` False train every
     configuration that is not done from round 0."""
@@ -177,13 +188,14 @@ def source_name(cfg: ExperimentConfig) -> str | None:
     return cfg.init_from[len(RUN_PREFIX) :] if cfg.init_from.startswith(RUN_PREFIX) else None
 
 
-def _chained(tasks: list[Task], configs, runs) -> list[Task]:
+def _chained(tasks: list[Task], configs: Iterable[ExperimentConfig], runs: Iterable[RunRecord]) -> list[Task]:
     """Tasks that train from round 0 from a run the plan makes wait for it (`source`), and sources go
     first; a source that is neither in the grid nor a FINISHED run of the store is refused."""
     by_name = {c.run_name(): c for c in configs}
     finished = {r.tags.get("mlflow.runName") for r in runs if r.status == "FINISHED"}
     planned = {t.cfg for t in tasks}
-    chained, sources = [], set()
+    chained: list[Task] = []
+    sources: set[ExperimentConfig] = set()
     for task in tasks:
         name = source_name(task.cfg)
         if name is not None and name not in by_name and name not in finished:
@@ -191,7 +203,7 @@ def _chained(tasks: list[Task], configs, runs) -> list[Task]:
                 f"init_from={task.cfg.init_from}: no FINISHED run named {name!r} in the experiment, and "
                 f"no configuration of this grid has that name"
             )
-        source = by_name.get(name)
+        source = by_name.get(name) if name is not None else None
         if source is not None and source in planned and not (task.start or task.resume):
             task = Task(task.cfg, source=source)
             sources.add(source)

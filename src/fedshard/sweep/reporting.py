@@ -18,8 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Never
 
 from fedshard.core.errors import described
 from fedshard.runtime.progress import clock
@@ -27,9 +28,13 @@ from fedshard.sweep.grid import describe, label, named
 from fedshard.sweep.planning import config_of
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from fedshard.core.config import ExperimentConfig
     from fedshard.sweep.grid import Grid
     from fedshard.sweep.planning import Task
     from fedshard.sweep.scheduling import Job, Outcome, Sweep
+    from fedshard.tracking import RunRecord
 
 # How often the sweep looks at its running experiments' latest round (console, parent run counters).
 PROGRESS_SECONDS = 5.0
@@ -45,10 +50,10 @@ def axes_text(grid: Grid) -> str:
 class Report:
     """The sweep as its user and its parent run see it."""
 
-    def __init__(self, sweep: Sweep, echo=print, show_progress: bool = True):
+    def __init__(self, sweep: Sweep, echo: Callable[[str], None] = print, show_progress: bool = True):
         self.sweep, self.echo, self.show_progress = sweep, echo, show_progress
         self.extra = sweep.grid.extra_axes if sweep.grid is not None else []  # further axes, named in console lines
-        self.bar = None  # the tqdm progress bar, on stderr
+        self.bar: tqdm[Never] | None = None  # the progress bar (of no iterable), on stderr
         self.t0 = time.monotonic()
         self.rounds_done = 0  # rounds this sweep's experiments trained, as seen in their runs
         self.busy = 0.0  # experiment-seconds: the seconds each running experiment has run, summed
@@ -218,10 +223,10 @@ class Report:
         self.say(
             f"  MLflow run {job.run_id}"
             + (f" on GPU {job.gpu}" if job.gpu is not None else "")
-            + f", {job.handle.where}, log {job.log}"
+            + f", {job.launcher.where}, log {job.log}"
         )
 
-    def twin_failed(self, job: Job, after) -> None:
+    def twin_failed(self, job: Job, after: ExperimentConfig) -> None:
         self.say(
             f"Note: {describe(job.cfg, self.extra)} was to extend the {after.rounds}-round run, which failed; "
             f"it trains from round 0 instead"
@@ -251,7 +256,7 @@ class Report:
         self._advance()
 
     # -- configurations another owner holds (claims: tracking/claims.py) ------------------------
-    def elsewhere(self, job: Job, run) -> None:
+    def elsewhere(self, job: Job, run: RunRecord) -> None:
         """A configuration that another live owner holds: where (host, pid) and its run."""
         from fedshard import tracking
 
@@ -260,20 +265,20 @@ class Report:
             f"{tracking.claims.owner_text(run)}); " + ("waiting for it" if self.sweep.wait else "not run here")
         )
 
-    def taken_over(self, job: Job, who: str | None, run) -> None:
+    def taken_over(self, job: Job, who: str | None, run: RunRecord) -> None:
         self.say(
             f"Experiment taken over elsewhere: {named(job.cfg, self.extra)}: its launcher here was silent past "
             f"the claim timeout and stopped without ending run {job.run_id}, which changed hands ({who})"
         )
 
-    def finished_elsewhere(self, job: Job, run) -> None:
+    def finished_elsewhere(self, job: Job, run: RunRecord) -> None:
         self.say(f"Experiment finished elsewhere: {named(job.cfg, self.extra)} (run {run.run_id}); skipped")
 
-    def completed_elsewhere(self, job: Job, run) -> None:
+    def completed_elsewhere(self, job: Job, run: RunRecord) -> None:
         self.say(f"Experiment completed elsewhere: {named(job.cfg, self.extra)} (run {run.run_id})")
         self._advance()
 
-    def free_again(self, job: Job, run) -> None:
+    def free_again(self, job: Job, run: RunRecord) -> None:
         self.say(
             f"Experiment no longer held elsewhere: {named(job.cfg, self.extra)} (run {run.run_id} "
             f"{'ended ' + run.status if run.status != 'RUNNING' else 'went silent'}); claiming it here"
@@ -290,7 +295,7 @@ class Report:
         """Whether it is time to look at the running experiments' rounds again."""
         return time.monotonic() - self.looked >= PROGRESS_SECONDS
 
-    def look_at_rounds(self, jobs) -> bool:
+    def look_at_rounds(self, jobs: Iterable[Job]) -> bool:
         """Say each experiment's newest round and accuracy, and count the rounds trained; True when
         there was news."""
         from fedshard import tracking
@@ -309,7 +314,7 @@ class Report:
                     )
         return changed
 
-    def look_at_steps(self, jobs) -> None:
+    def look_at_steps(self, jobs: Iterable[Job]) -> None:
         """Every STEPS_SECONDS, each running experiment's progress inside its round, from the figures
         its launcher shows (progress.py): a round of many minutes is not silence."""
         from fedshard.runtime import progress

@@ -26,9 +26,11 @@ import signal
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 
 from fedshard.core.config import ExperimentConfig
 from fedshard.core.errors import described, one_line
@@ -59,7 +61,7 @@ class Job:
     index: int  # 1-based position among the configurations to run
     attempt: int = 1
     run_id: str = ""
-    handle: executors.LocalProcess | executors.RayTask | None = None
+    handle: executors.Handle | None = None
     log: Path | None = None
     gpu: str | None = None
     started: float = 0.0
@@ -72,6 +74,13 @@ class Job:
     @property
     def cfg(self) -> ExperimentConfig:
         return self.task.cfg
+
+    @property
+    def launcher(self) -> executors.Handle:
+        """The handle of its launcher, which every started job (in Sweep.running) has."""
+        if self.handle is None:
+            raise RuntimeError(f"experiment {self.index} has not started")
+        return self.handle
 
 
 @dataclass
@@ -92,9 +101,9 @@ class Sweep:
         parallel: int = 1,
         max_retries: int = 1,
         grid: Grid | None = None,
-        echo=print,
+        echo: Callable[[str], None] = print,
         show_progress: bool = True,
-        executor=None,
+        executor: executors.Executor | None = None,
         resume: bool = True,
         wait: bool = False,
     ):
@@ -170,7 +179,7 @@ class Sweep:
             return interrupted(self.stop_signal)
         return f"{len(self.failed)} experiment(s) failed" if self.failed else None
 
-    def _on_signal(self, signum, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
         # A second Ctrl-C while stopping changes nothing: the teardown always completes.
@@ -184,7 +193,7 @@ class Sweep:
             changed |= self._look_after_claims()
             if self.report.due():
                 changed |= self.report.look_at_rounds(self.running)
-            for job in [j for j in self.running if j.handle.done()]:
+            for job in [j for j in self.running if j.launcher.done()]:
                 self.running.remove(job)
                 self._finish(job)
                 changed = True
@@ -244,6 +253,7 @@ class Sweep:
         launcher; or, when the claim does not win, nothing."""
         from fedshard import tracking
 
+        assert self.logs is not None, "run() makes the logs' directory before the loop starts"
         if not self._claim(job):
             return
         task = job.task
@@ -324,7 +334,7 @@ class Sweep:
 
         record = tracking.run_record(job.run_id)
         reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
-        reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
+        reason = f"{job.launcher.outcome()}: {reason}" if reason else job.launcher.outcome()
         if record.status == "RUNNING" and tracking.claims.end(job.run_id, job.hand, "FAILED", reason):
             record = replace(record, status="FAILED")  # the launcher died (or its node was lost) before it ended it
         if (who := tracking.claims.lost(job.run_id, job.hand)) is not None:  # taken over while its launcher was silent
@@ -338,13 +348,13 @@ class Sweep:
             self.finished.append(replace(outcome, reason=""))
             self.report.completed(job)
             return
-        if retry and job.attempt <= self.max_retries and job.handle.outcome() != REFUSED:
+        if retry and job.attempt <= self.max_retries and job.launcher.outcome() != REFUSED:
             # The retry continues from the failed run's checkpoint if it stored one: no round twice.
-            retry = job.task
+            again = job.task
             if self.resume and record.checkpoint_round:
-                retry = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
-            self.report.failed(job, outcome, retry)
-            self.pending.append(Job(retry, job.index, job.attempt + 1))
+                again = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
+            self.report.failed(job, outcome, again)
+            self.pending.append(Job(again, job.index, job.attempt + 1))
             return
         self.failed.append(outcome)
         self.report.failed(job, outcome)
@@ -353,6 +363,8 @@ class Sweep:
     def _upload_log(job: Job) -> None:
         from fedshard import tracking
 
+        if job.log is None:  # it never started
+            return
         with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
             copy.write_bytes(job.log.read_bytes())
@@ -369,15 +381,19 @@ class Sweep:
         jobs, self.running = self.running, []
         if not jobs:
             return
-        why = f"failed: {described(error)}" if error else interrupted(self.stop_signal)
+        if error is not None:
+            why = f"failed: {described(error)}"
+        else:
+            assert self.stop_signal is not None, "running experiments stop early on an error or a signal only"
+            why = interrupted(self.stop_signal)
         self.report.stopping(why, jobs)
         for job in jobs:
-            job.handle.stop()
+            job.launcher.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for job in jobs:
-            job.handle.wait(max(0.0, deadline - time.monotonic()))
-            if not job.handle.done():
-                job.handle.kill()
+            job.launcher.wait(max(0.0, deadline - time.monotonic()))
+            if not job.launcher.done():
+                job.launcher.kill()
             status = None
             with suppress(Exception):  # a broken store: the run is counted stopped
                 status = tracking.run_status(job.run_id)
