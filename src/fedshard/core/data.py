@@ -24,7 +24,7 @@ import numpy as np
 from numpy._core import multiarray as _multiarray
 
 from fedshard.core.config import PARTITIONS
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.core.files import write_atomic
 from fedshard.core.models import NUM_CLASSES
 
@@ -66,8 +66,10 @@ def download_and_extract_archive(*args, **kwargs):
     return download(*args, **kwargs)
 
 
-class DataError(Exception):
+class DataError(FedshardError):
     """A user-facing problem with the dataset; message names the path and what to do."""
+
+    exit_code = 2
 
 
 # --- finding and downloading -------------------------------------------------

@@ -22,7 +22,7 @@ import pickle
 from dataclasses import dataclass, field
 
 from fedshard.core.config import RESULT_SETTINGS, ConfigError, ExperimentConfig, setting_value
-from fedshard.core.errors import last_line
+from fedshard.core.errors import FedshardError, last_line
 from fedshard.core.files import write_atomic
 
 FORMATS = ("pickle", "csv")
@@ -33,13 +33,15 @@ PICKLE_PROTOCOL = 4
 COMM_METRICS = {"comm/bytes_down": "bytes_down", "comm/bytes_up": "bytes_up", "comm/bytes_total": "bytes_total"}
 
 
-class ExportError(Exception):
+class ExportError(FedshardError):
     """Nothing to export (no FINISHED run) or the file cannot be written: exit 1."""
 
 
 class SelectionError(ExportError):
     """Bad input: no such experiment, a bad --where, an --output under a file, or runs that the chosen
     format cannot keep apart; nothing written: exit 2."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

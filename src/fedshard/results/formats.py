@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from fedshard.core.config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig, canonical
+from fedshard.core.errors import FedshardError
 
 KEY_TYPES = (int, float, bool, int, int)
 # The two key formats of the pickle: 5 (KEY_SETTINGS) and the harness's 6, layerwise swapping fourth.
@@ -52,8 +53,10 @@ _COLUMN_TYPES = {
 }
 
 
-class ResultsError(Exception):
+class ResultsError(FedshardError):
     """The file is missing, empty or not a results pickle or CSV; message says which and why."""
+
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------- the pickle

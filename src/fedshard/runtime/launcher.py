@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.core.identity import process_alive, started_at
 from fedshard.runtime import progress
 from fedshard.runtime.lifecycle import CLAIM_LOST
@@ -33,14 +33,19 @@ if TYPE_CHECKING:
 LOST = "LOST"
 
 
-class Interrupted(BaseException):  # not an Exception: no `except Exception` may swallow it
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) stops the experiment. Not an Exception, nor a FedshardError, on
+    purpose: no `except Exception` may swallow it; the launcher ends the run KILLED with 128 + signum."""
+
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-class CheckFailed(Exception):
+class CheckFailed(FedshardError):
     """The experiment cannot start (data, init_from, partition); nothing was started."""
+
+    exit_code = 2
 
 
 def check(cfg: ExperimentConfig, experiment_name: str | None = None) -> list:

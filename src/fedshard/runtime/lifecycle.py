@@ -4,7 +4,7 @@
 is what happens to the MLflow run around it: where a --resume or --extend continues from, how the
 run is opened once the metaserver is starting (a new run, the one `mlflow run` made, or a
 reopened one), and that no run is left RUNNING when the experiment cannot start. A refusal is a
-`Refused` that carries the message and the exit status; saying it and exiting stay with the
+`StartRefused` that carries the message and the exit status; saying it and exiting stay with the
 command.
 
 MLflow is imported inside the functions only: the launcher starts the metaserver before it opens
@@ -18,7 +18,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import ConfigError, ExperimentConfig
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 
 if TYPE_CHECKING:  # resume imports tracking, hence MLflow
     from fedshard.runtime.resume import Start
@@ -29,13 +29,16 @@ if TYPE_CHECKING:  # resume imports tracking, hence MLflow
 CLAIM_LOST = 3
 
 
-class Refused(Exception):
-    """The experiment cannot start. The command says the message and exits with `code`: 2 for
-    input, or a run named, that cannot be used; 1 for a run made that could not be prepared."""
+class StartRefused(FedshardError):
+    """The experiment cannot start. The command says the message and exits with `exit_code`: 2 for
+    input, or a run named, that cannot be used; 1 for a run made that could not be prepared;
+    CLAIM_LOST for a run that changed hands."""
 
-    def __init__(self, message: str, code: int = 2):
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = exit_code
 
 
 def fail_outer_run(message: str) -> None:
@@ -51,10 +54,10 @@ def fail_outer_run(message: str) -> None:
             pass  # the store itself may be what is broken; the command's message says so
 
 
-def refuse(message: str) -> Refused:
+def refuse(message: str) -> StartRefused:
     """The refusal of bad input, to raise, once the run `mlflow run` created is failed with it."""
     fail_outer_run(message)
-    return Refused(message)
+    return StartRefused(message)
 
 
 def keep_with_outer_run(path, artifact_path: str | None = None) -> None:
@@ -80,17 +83,19 @@ def resumed(run_id: str, hand: int | None = None, warn=None) -> tuple[Experiment
     try:
         tracking.ensure_store()
         if hand is not None and (taken := claims.taken(run_id, hand)) is not None:
-            raise Refused(f"--resume {run_id}: the run changed hands before this launcher started: {taken}", CLAIM_LOST)
+            raise StartRefused(
+                f"--resume {run_id}: the run changed hands before this launcher started: {taken}", CLAIM_LOST
+            )
         cfg, start = resume.for_resume(run_id, warn=warn, handed=hand)
         if hand is None:
             hand = claims.hands(tracking.run_record(run_id)) + 1
             if not claims.take(run_id, hand, "resumed with fedshard run --resume"):
-                raise Refused(
+                raise StartRefused(
                     f"--resume {run_id}: another process took the run over just now; see its params fedshard.claim.*"
                 )
         return cfg, start, hand
     except (tracking.TrackingError, resume.ContinueError, claims.ClaimError) as exc:
-        raise Refused(str(exc)) from None
+        raise StartRefused(str(exc)) from None
 
 
 def extended(cfg: ExperimentConfig, source_id: str) -> Start:
@@ -149,7 +154,7 @@ def open_run(
     except claims.ClaimError as exc:
         raise refuse(str(exc)) from None
     except claims.ClaimLost as exc:
-        raise Refused(f"the run changed hands before this launcher started: {exc}", CLAIM_LOST) from None
+        raise StartRefused(f"the run changed hands before this launcher started: {exc}", CLAIM_LOST) from None
     try:  # the run is RUNNING from here on: whatever fails ends it
         if resume_id:
             tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
@@ -161,7 +166,7 @@ def open_run(
     except Exception as exc:
         reason = f"could not prepare run {run_id}: {described(exc)}"
         claims.end(run_id, hand or 0, "FAILED", reason)
-        raise Refused(reason, 1) from None
+        raise StartRefused(reason, 1) from None
     return run_id
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.core.files import tail
 
 _PR_SET_PDEATHSIG = 1
@@ -130,7 +130,7 @@ STARTUP_TIMEOUT = 60.0
 GRACE_SECONDS = 5.0
 
 
-class ExperimentFailed(Exception):
+class ExperimentFailed(FedshardError):
     """A child failed; the message is the reason recorded on the run."""
 
 

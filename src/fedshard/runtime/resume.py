@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from fedshard import tracking
 from fedshard.core.checkpoint import Checkpoint
 from fedshard.core.config import ConfigError, ExperimentConfig
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
 
 
-class ContinueError(ValueError):
+class ContinueError(FedshardError, ValueError):
     """This run cannot be resumed or extended; nothing was changed."""
+
+    exit_code = 2
 
 
 @dataclass

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
 
 AGGREGATOR = 0
 STOP, TRAIN = 0, 1
@@ -52,8 +52,9 @@ def _verifier(run_id: str, secret: str) -> str:
     return hashlib.sha256(f"verify\0{run_id}\0{secret}".encode()).hexdigest()
 
 
-class Refused(RuntimeError):
-    """This process does not hold the experiment's secret."""
+class JoinRefused(FedshardError, RuntimeError):
+    """This process may not join the experiment: it does not hold the experiment's secret, or its
+    trainer index was taken."""
 
 
 def _client(address: str, timeout: float) -> dist.TCPStore:
@@ -78,7 +79,7 @@ def enter_experiment(address: str, run_id: str, secret: str, timeout: float) -> 
     base = _client(address, timeout)
     announced = dist.PrefixStore(f"fedshard/{run_id}/", base).get("verifier").decode()
     if announced != _verifier(run_id, secret):
-        raise Refused(f"refused: the secret given does not match experiment {run_id} at {address}")
+        raise JoinRefused(f"refused: the secret given does not match experiment {run_id} at {address}")
     return dist.PrefixStore(namespace(run_id, secret), base)
 
 
@@ -87,10 +88,10 @@ def claim_rank(store: dist.Store, trainer: int) -> None:
     --rank (a command pasted twice) is refused instead of breaking the process group."""
     token = secrets.token_hex(8)
     if store.compare_set(f"trainer/{trainer}", "", token).decode() != token:
-        raise Refused(f"refused: trainer {trainer} of this experiment has already joined")
+        raise JoinRefused(f"refused: trainer {trainer} of this experiment has already joined")
 
 
-class TrainersMissing(RuntimeError):
+class TrainersMissing(FedshardError, RuntimeError):
     """Not every trainer arrived within the join timeout."""
 
 
@@ -218,7 +219,7 @@ class TrainerReport:
     nbytes: int  # bytes received from the trainer: its numbers and its weights
 
 
-class RoundFailed(RuntimeError):
+class RoundFailed(FedshardError, RuntimeError):
     """A round's exchange did not complete: a trainer died, hung past the timeout or misbehaved."""
 
 

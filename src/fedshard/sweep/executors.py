@@ -19,7 +19,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
 from fedshard.runtime.processes import describe_exit, preexec_launcher  # no import may run between fork and exec
 
 POLL_SECONDS = 0.2
@@ -109,8 +109,10 @@ class LocalExecutor:
 # --------------------------------------------------------------------------- Ray
 
 
-class ExecutorError(ValueError):
+class ExecutorError(FedshardError, ValueError):
     """The executor cannot run this sweep (Ray missing, a request no node can satisfy)."""
+
+    exit_code = 2
 
 
 def run_on_node(args: list[str], overrides: dict[str, str], cwd: str) -> tuple[int, bytes]:

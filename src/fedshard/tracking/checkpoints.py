@@ -15,7 +15,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from fedshard.core import checkpoint
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.tracking.metrics import log_round
 from fedshard.tracking.store import client
 
@@ -26,7 +26,7 @@ EXTENDS_TAG = "fedshard.extends"
 ROUNDS_TRAINED_TAG = "fedshard.rounds_trained"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(FedshardError, OSError):
     """A round's checkpoint could not be stored; the run cannot promise to continue from it."""
 
 

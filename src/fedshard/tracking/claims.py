@@ -37,6 +37,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import FedshardError
 from fedshard.tracking.owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
 from fedshard.tracking.runs import CLAIM_STATE_TAG as STATE_TAG
 from fedshard.tracking.runs import WITHDRAWN, RunRecord, end_run, set_tags
@@ -61,12 +62,16 @@ LOOK_SECONDS = 0.25
 WON, WAIT, CONTENDED, ELSEWHERE, FINISHED, LOST = "won", "wait", "contended", "elsewhere", "finished", "lost"
 
 
-class ClaimError(ValueError):
+class ClaimError(FedshardError, ValueError):
     """A bad claim timeout setting; the message names the value and what is valid."""
 
+    exit_code = 2
 
-class ClaimLost(Exception):
+
+class ClaimLost(FedshardError):
     """The run changed hands: another process resumed, reaped or ended it."""
+
+    exit_code = 3  # runtime.lifecycle.CLAIM_LOST: the launcher of a run that changed hands exits so
 
 
 def timeout() -> float:

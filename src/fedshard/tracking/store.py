@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
 
 DEFAULT_EXPERIMENT = "Default"
 NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in the UI
@@ -28,7 +28,7 @@ EXPERIMENT_DESCRIPTION = (
 _QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FedshardError, RuntimeError):
     """The MLflow store cannot be used; the message names the URI."""
 
 
