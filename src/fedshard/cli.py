@@ -143,9 +143,7 @@ def run(
             )
         if resume_id:
             _resume_alone(resume_id, extend_id, experiment_name, values)
-            cfg, start, hand = lifecycle.resumed(
-                resume_id, hand, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True)
-            )
+            cfg, start, hand = lifecycle.resumed(resume_id, hand)
             click.echo(f"fedshard: resuming run {resume_id} after round {start.checkpoint.round} of {cfg.rounds}")
         else:
             try:
@@ -178,7 +176,6 @@ def run(
             start=start,
             hand=hand,
             no_duplicate=no_duplicate,
-            echo=click.echo,
         )
         placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
         code = launcher.run(
@@ -574,9 +571,7 @@ def export(experiment_name: str | None, output: str | None, fmt: str, key_format
     new_folder = not folder.exists()
     try:
         name = tracking.default_experiment_name(experiment_name or None)
-        path, exported = exporter.export(
-            name, output, fmt, where, warn=lambda m: click.echo(m, err=True), key_format=int(key_format)
-        )
+        path, exported = exporter.export(name, output, fmt, where, key_format=int(key_format))
     except FedshardError as exc:
         fail(str(exc), exc.exit_code)
     configs = len({tuple(kv for kv in identity if kv[0] != "seed") for identity in exported})

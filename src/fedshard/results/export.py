@@ -17,13 +17,19 @@ of every round. Files are written atomically (files.write_atomic).
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from fedshard.core.config import RESULT_SETTINGS, ConfigError, ExperimentConfig, setting_value
 from fedshard.core.errors import FedshardError, last_line
 from fedshard.core.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("pickle", "csv")
 DEFAULT_OUTPUT = {"pickle": "experiment_results.pkl", "csv": "experiment_results.csv"}
@@ -107,16 +113,22 @@ def parse_where(items) -> dict[str, str]:
     return where
 
 
-def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]:
+def collect(
+    runs: Iterable[Any],
+    histories: Callable[[str, str], list[tuple[int, float, int]]],
+    where: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> dict[tuple, ExportedRun]:
     """Configuration identity -> the newest valid FINISHED experiment run of it among those that
     match `where` ({setting: canonical value}).
 
     `runs` are tracking.RunRecord-like (run_id, status, start_time, is_experiment, config());
     `histories(run_id, metric)` gives (step, value, timestamp) tuples. Runs that are not FINISHED and
     sweep parent runs are left out silently; finished runs that cannot be read (bad params, missing
-    rounds) with a warning. A `where` value that no finished run has is a SelectionError."""
+    rounds) with a warning, which `quiet` logs at DEBUG only (a sweep's analysis of its own runs). A
+    `where` value that no finished run has is a SelectionError."""
     where, chosen, seen = where or {}, {}, {name: set() for name in where or {}}
-    warn = warn or (lambda _: None)
+    level = logging.DEBUG if quiet else logging.WARNING
     for run in sorted(
         (r for r in runs if r.status == "FINISHED" and r.is_experiment), key=lambda r: (r.start_time, r.run_id)
     ):
@@ -126,7 +138,7 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
                 histories(run.run_id, "test_loss"), histories(run.run_id, "test_accuracy"), cfg.rounds
             )
         except (ConfigError, ValueError) as exc:
-            warn(f"warning: run {run.run_id} left out: {last_line(exc)}")
+            log.log(level, f"warning: run {run.run_id} left out: {last_line(exc)}")
             continue
         settings = cfg.settings()
         for name in where:
@@ -135,9 +147,10 @@ def collect(runs, histories, where=None, warn=print) -> dict[tuple, ExportedRun]
             continue
         comm = {column: _by_step(histories(run.run_id, metric)) for metric, column in COMM_METRICS.items()}
         if cfg.identity() in chosen:
-            warn(
+            log.log(
+                level,
                 f"warning: {cfg.run_name()} has several FINISHED runs; using the newest, {run.run_id} "
-                f"(replaces {chosen[cfg.identity()].run_id})"
+                f"(replaces {chosen[cfg.identity()].run_id})",
             )
         chosen[cfg.identity()] = ExportedRun(run.run_id, run.start_time, cfg, entries, comm)
     for name, value in where.items():
@@ -194,7 +207,9 @@ def frame(exported: dict[tuple, ExportedRun]):
     return pd.DataFrame(rows)
 
 
-def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=print, key_format: int = 5) -> tuple:
+def export(
+    experiment_name: str, output: str | Path, fmt: str = "pickle", where: Iterable[str] = (), key_format: int = 5
+) -> tuple[Path, dict[tuple, ExportedRun]]:
     """Export the experiment's FINISHED runs (those matching `where`, NAME=VALUE items) to `output`, a
     pickle keyed by key_format's tuple (results.KEY_FORMATS) or a CSV; return (path, exported runs)."""
     from fedshard import tracking
@@ -215,7 +230,7 @@ def export(experiment_name: str, output, fmt: str = "pickle", where=(), warn=pri
             f"(experiments there: {', '.join(tracking.experiment_names()) or 'none'})"
         )
     runs = tracking.list_runs(experiment_name, status="FINISHED")
-    exported = collect(runs, tracking.metric_history, selection, warn)
+    exported = collect(runs, tracking.metric_history, selection)
     if not exported:
         raise ExportError(f"experiment {experiment_name!r} has no FINISHED experiment run to export; nothing written")
     table = frame(exported)

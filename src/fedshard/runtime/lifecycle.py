@@ -13,6 +13,7 @@ the run, so that the two start-ups (seconds of imports each) overlap.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import suppress
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from fedshard.core.errors import FedshardError, described
 if TYPE_CHECKING:  # resume imports tracking, hence MLflow
     from fedshard.runtime.resume import Start
 
+log = logging.getLogger(__name__)
 
 # The exit status of a launcher whose run changed hands (tracking/claims.py): a sweep took it over while
 # this launcher was paused past the claim timeout, or before it could start.
@@ -50,8 +52,8 @@ def fail_outer_run(message: str) -> None:
 
         try:
             tracking.end_run(run_id, "FAILED", message)
-        except Exception:
-            pass  # the store itself may be what is broken; the command's message says so
+        except Exception as exc:  # the store itself may be what is broken; the command's message says so
+            log.debug(f"run {run_id} of `mlflow run` was not ended FAILED: {described(exc)}")
 
 
 def refuse(message: str) -> StartRefused:
@@ -69,9 +71,9 @@ def keep_with_outer_run(path, artifact_path: str | None = None) -> None:
         tracking.log_artifact(run_id, path, artifact_path)
 
 
-def resumed(run_id: str, hand: int | None = None, warn=None) -> tuple[ExperimentConfig, Start, int]:
+def resumed(run_id: str, hand: int | None = None) -> tuple[ExperimentConfig, Start, int]:
     """The configuration, start and hand of `fedshard run --resume RUN_ID`: the run's own configuration,
-    after its newest usable checkpoint; `warn` hears of checkpoints passed over. A sweep hands the
+    after its newest usable checkpoint (checkpoints passed over are logged as warnings). A sweep hands the
     run over at `hand` (it took the run's claim); by hand, the run's next hand is taken here, before
     anything starts, so that two resumes of one run never both go ahead."""
     if os.environ.get("MLFLOW_RUN_ID"):
@@ -86,7 +88,7 @@ def resumed(run_id: str, hand: int | None = None, warn=None) -> tuple[Experiment
             raise StartRefused(
                 f"--resume {run_id}: the run changed hands before this launcher started: {taken}", CLAIM_LOST
             )
-        cfg, start = resume.for_resume(run_id, warn=warn, handed=hand)
+        cfg, start = resume.for_resume(run_id, handed=hand)
         if hand is None:
             hand = claims.hands(tracking.run_record(run_id)) + 1
             if not claims.take(run_id, hand, "resumed with fedshard run --resume"):
@@ -120,7 +122,6 @@ def open_run(
     start: Start | None = None,
     hand: int | None = None,
     no_duplicate: bool = False,
-    echo=print,
 ) -> str:
     """Open the experiment's run and return its id: the launcher's `open_run`, called while the
     metaserver starts. A resumed run is reopened, with the metrics of its checkpoint's round that
@@ -145,7 +146,7 @@ def open_run(
             run_id = resume_id
         else:
             if hand is None:
-                _say_twins(cfg, experiment_name, no_duplicate, echo)
+                _say_twins(cfg, experiment_name, no_duplicate)
             elif os.environ.get("MLFLOW_RUN_ID"):
                 claims.check(os.environ["MLFLOW_RUN_ID"], hand)
             run_id = tracking.start_run(cfg, experiment_name, tags=held)
@@ -170,7 +171,7 @@ def open_run(
     return run_id
 
 
-def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate: bool, echo) -> None:
+def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate: bool) -> None:
     """Repeating a configuration can be on purpose, so `fedshard run` goes ahead; but it first names
     the configuration's FINISHED runs and live claims in the experiment (with `no_duplicate`: refuses,
     exit 2, before any run exists)."""
@@ -187,7 +188,7 @@ def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate:
     if words and no_duplicate:
         raise refuse(f"--no-duplicate: this configuration {'; it '.join(words)} (experiment {name!r}); nothing started")
     for text in words:
-        echo(
+        log.info(
             f"fedshard: note: this configuration {text} (experiment {name!r}); running it again, as asked "
             f"(--no-duplicate refuses instead)"
         )

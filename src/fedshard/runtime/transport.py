@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import secrets
 import socket
@@ -28,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from fedshard.core.errors import FedshardError, first_line
+
+log = logging.getLogger(__name__)
 
 AGGREGATOR = 0
 STOP, TRAIN = 0, 1
@@ -95,7 +98,7 @@ class TrainersMissing(FedshardError, RuntimeError):
     """Not every trainer arrived within the join timeout."""
 
 
-def await_trainers(store: dist.Store, world_size: int, timeout: float, report=print) -> None:
+def await_trainers(store: dist.Store, world_size: int, timeout: float) -> None:
     """Aggregator side: wait until every trainer has claimed its index, naming each as it arrives
     and, after `timeout` seconds, the ones still missing (on other machines they start by hand)."""
     deadline = time.monotonic() + timeout
@@ -103,7 +106,7 @@ def await_trainers(store: dist.Store, world_size: int, timeout: float, report=pr
     while missing:
         for k in [k for k in missing if store.check([f"trainer/{k}"])]:
             missing.remove(k)
-            report(f"aggregator: trainer {k} joined")
+            log.info(f"aggregator: trainer {k} joined")
         if missing and time.monotonic() > deadline:
             raise TrainersMissing(f"trainer(s) {missing} did not join within join_timeout={timeout:g}s")
         time.sleep(0.1)

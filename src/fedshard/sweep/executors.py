@@ -9,6 +9,7 @@ only by the Ray executor, so the default needs no Ray.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -19,8 +20,10 @@ from contextlib import suppress
 from pathlib import Path
 
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import FedshardError, first_line
+from fedshard.core.errors import FedshardError, described, first_line
 from fedshard.runtime.processes import describe_exit, preexec_launcher  # no import may run between fork and exec
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 # A launcher's output comes back with its Ray task; a few rounds' lines fit easily.
@@ -173,15 +176,19 @@ class RayTask:
         return self._outcome or "still running"
 
     def stop(self) -> None:
-        with suppress(Exception):
+        try:
             self.ray.cancel(self.ref)  # interrupts run_on_node, which stops the launcher
+        except Exception as exc:  # the task has ended already, or Ray is going: wait() and kill() follow
+            log.debug(f"the Ray task was not cancelled: {described(exc)}")
 
     def wait(self, timeout: float) -> None:
         self.ray.wait([self.ref], timeout=max(0.0, timeout))
 
     def kill(self) -> None:
-        with suppress(Exception):
+        try:
             self.ray.cancel(self.ref, force=True)  # the worker exits; its launcher dies with it
+        except Exception as exc:  # the task has ended already, or Ray is going
+            log.debug(f"the Ray task was not force-cancelled: {described(exc)}")
         self.wait(30)
         self.done()
 
