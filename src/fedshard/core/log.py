@@ -26,7 +26,7 @@ LOG_FILE_ENV = "FEDSHARD_LOG_FILE"  # set by the launcher for the roles it start
 _FORMAT = logging.Formatter("%(message)s")
 
 
-class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+class _Console(logging.StreamHandler):
     """A handler on sys.stdout or sys.stderr as they are when a record comes: click's test runner
     and pytest replace them after the handler was made."""
 
@@ -34,7 +34,7 @@ class _Console(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__()
         self.stream_name = stream_name
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> object:
         return getattr(sys, self.stream_name)
 
