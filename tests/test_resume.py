@@ -211,9 +211,11 @@ def test_a_reopened_run_that_cannot_be_prepared_ends_failed_with_the_reason(stor
     cfg = ExperimentConfig(world_size=1, rounds=2, precision="fp32")
     run_id = make_run("reopen", "KILLED", cfg.params(), checkpoint=1)
     unloggable = Start(Checkpoint(1, {}, {"bad name!": 0.5}))  # a metric name MLflow refuses
-    with pytest.raises(lifecycle.Refused, match="could not prepare run .*MlflowException: Invalid value") as refused:
+    with pytest.raises(
+        lifecycle.StartRefused, match="could not prepare run .*MlflowException: Invalid value"
+    ) as refused:
         lifecycle.open_run(cfg, [], resume_id=run_id, start=unloggable)
-    assert refused.value.code == 1
+    assert refused.value.exit_code == 1
     record = tracking.run_record(run_id)
     assert record.status == "FAILED" and record.tags[tracking.FAILURE_TAG] == str(refused.value)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from fedshard.core.config import RENAMED, ConfigError, ExperimentConfig
+from fedshard.core.errors import FedshardError
 from fedshard.core.settings_help import HELP
 from fedshard.runtime import lifecycle
 
@@ -119,17 +120,17 @@ def main():
     callback=lambda ctx, param, value: value is None or _amp_is_gone(value),
 )
 def run(
-    experiment_name,
-    remote_trainers,
-    metaserver_host,
-    metaserver_port,
-    join_timeout,
-    resume_id,
-    extend_id,
-    progress_every,
-    no_duplicate,
-    **values,
-):
+    experiment_name: str | None,
+    remote_trainers: bool,
+    metaserver_host: str,
+    metaserver_port: int,
+    join_timeout: float,
+    resume_id: str | None,
+    extend_id: str | None,
+    progress_every: float,
+    no_duplicate: bool,
+    **values: Any,
+) -> None:
     """Run one experiment: a metaserver, an aggregator and WORLD_SIZE trainers as processes."""
     import os
 
@@ -147,9 +148,7 @@ def run(
             )
         if resume_id:
             _resume_alone(resume_id, extend_id, experiment_name, values)
-            cfg, start, hand = lifecycle.resumed(
-                resume_id, hand, warn=lambda m: click.echo(f"fedshard: warning: {m}", err=True)
-            )
+            cfg, start, hand = lifecycle.resumed(resume_id, hand)
             click.echo(f"fedshard: resuming run {resume_id} after round {start.checkpoint.round} of {cfg.rounds}")
         else:
             try:
@@ -182,7 +181,6 @@ def run(
             start=start,
             hand=hand,
             no_duplicate=no_duplicate,
-            echo=click.echo,
         )
         placement = launcher.Placement(metaserver_host, metaserver_port, remote_trainers, join_timeout)
         code = launcher.run(
@@ -194,8 +192,8 @@ def run(
             progress_every=progress_every,
             hand=hand or 0,
         )
-    except lifecycle.Refused as exc:  # from open_run too: the launcher has stopped the metaserver again
-        fail(str(exc), exc.code)
+    except lifecycle.StartRefused as exc:  # from open_run too: the launcher has stopped the metaserver again
+        fail(str(exc), exc.exit_code)
     from fedshard.runtime.processes import exit_now
 
     exit_now(code)
@@ -442,31 +440,31 @@ _GRID_HELP = "comma-separated values [default: {}]"
     help="a claim whose owner was silent this long is dead and taken over [default: $FEDSHARD_CLAIM_TIMEOUT, else 60]",
 )
 def sweep(
-    axes,
-    axes_text,
-    world_sizes,
-    learning_rates,
-    swap,
-    rounds,
-    seeds,
-    assignments,
-    params_text,
-    grid_file,
-    experiment_name,
-    parallel,
-    max_retries,
-    dry_run,
-    no_resume,
-    no_extend,
-    no_progress,
-    executor,
-    empty_is_default,
-    ray_address,
-    cpus_per_experiment,
-    gpus_per_experiment,
-    wait,
-    claim_timeout,
-):
+    axes: tuple[str, ...],
+    axes_text: str,
+    world_sizes: str | None,
+    learning_rates: str | None,
+    swap: str | None,
+    rounds: str | None,
+    seeds: str | None,
+    assignments: tuple[str, ...],
+    params_text: str,
+    grid_file: str | None,
+    experiment_name: str | None,
+    parallel: int,
+    max_retries: int,
+    dry_run: bool,
+    no_resume: bool,
+    no_extend: bool,
+    no_progress: bool,
+    executor: str,
+    empty_is_default: bool,
+    ray_address: str | None,
+    cpus_per_experiment: float | None,
+    gpus_per_experiment: float | None,
+    wait: bool,
+    claim_timeout: float | None,
+) -> None:
     """Run the grid of experiments: every configuration without a FINISHED run, as child runs of one sweep run.
 
     A failed or killed experiment continues from its last checkpoint, and a configuration at
@@ -517,10 +515,8 @@ def sweep(
             extend=not no_extend,
             wait=wait,
         )
-    except (grids.SweepError, ConfigError, executors.ExecutorError, tracking.claims.ClaimError) as exc:
-        fail(str(exc))
-    except tracking.TrackingError as exc:
-        fail(str(exc), 1)
+    except FedshardError as exc:
+        fail(str(exc), exc.exit_code)
     sys.exit(code)
 
 
@@ -570,7 +566,7 @@ def _seconds(value: str | None) -> float | None:
     metavar="NAME=VALUE",
     help="only runs with this setting, e.g. --where strategy=fedavg (repeatable)",
 )
-def export(experiment_name, output, fmt, key_format, where):
+def export(experiment_name: str | None, output: str | None, fmt: str, key_format: str, where: tuple[str, ...]) -> None:
     """Rebuild the results pickle (or a CSV) from the FINISHED runs of an experiment."""
     from fedshard import tracking
     from fedshard.results import export as exporter
@@ -580,13 +576,9 @@ def export(experiment_name, output, fmt, key_format, where):
     new_folder = not folder.exists()
     try:
         name = tracking.default_experiment_name(experiment_name or None)
-        path, exported = exporter.export(
-            name, output, fmt, where, warn=lambda m: click.echo(m, err=True), key_format=int(key_format)
-        )
-    except exporter.SelectionError as exc:
-        fail(str(exc))
-    except (exporter.ExportError, tracking.TrackingError) as exc:
-        fail(str(exc), 1)
+        path, exported = exporter.export(name, output, fmt, where, key_format=int(key_format))
+    except FedshardError as exc:
+        fail(str(exc), exc.exit_code)
     configs = len({tuple(kv for kv in identity if kv[0] != "seed") for identity in exported})
     if new_folder:
         click.echo(f"Created the folder {folder} (it did not exist)")
@@ -646,10 +638,16 @@ def _count(n: int, noun: str) -> str:
     help="target test accuracy in (0, 1] for rounds-to-target, e.g. 0.3 or 0.3,0.5 (repeatable; "
     "replaces the default 50/75/90 % of the best mean final accuracy; '' = the defaults)",
 )
-def analyze(results_files, labels, no_plots, output_dir, top, target):
+def analyze(
+    results_files: tuple[str, ...],
+    labels: tuple[str, ...],
+    no_plots: bool,
+    output_dir: str,
+    top: int,
+    target: tuple[str, ...],
+) -> None:
     """Summary statistics, ranking, paired comparisons, rounds to target, report.md and plots from
     results pickles or CSVs (no MLflow needed)."""
-    from fedshard.results import formats as results
     from fedshard.results import report as reporting
 
     try:
@@ -660,8 +658,8 @@ def analyze(results_files, labels, no_plots, output_dir, top, target):
         reporting.report(
             results_files, output_dir, top, plots=not no_plots, targets=targets, echo=click.echo, labels=labels
         )
-    except results.ResultsError as exc:
-        fail(str(exc))
+    except FedshardError as exc:
+        fail(str(exc), exc.exit_code)
     except NotADirectoryError as exc:  # bad input: a path that cannot be a directory
         fail(f"--output-dir {output_dir}: {exc.strerror or exc}")
     except OSError as exc:

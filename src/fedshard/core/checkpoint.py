@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ FORMAT = "fedshard-checkpoint-1"
 _NAME = re.compile(r"round-(\d{5,})\.pt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedshardError, ValueError):
     """A file that is not a complete fedshard checkpoint (truncated, foreign, another model)."""
 
 

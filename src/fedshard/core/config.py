@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, fields
 
 from fedshard.core import models
+from fedshard.core.errors import FedshardError
 
 STRATEGIES = ("tensor_parallel", "fedavg", "fedprox")
 # The local optimisers, fresh every round (training.py): Adam with weight decay 1e-4, or SGD with
@@ -69,8 +70,10 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-class ConfigError(ValueError):
+class ConfigError(FedshardError, ValueError):
     """An invalid experiment setting; the message names the value and what is valid."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import pickle
-import sys
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -24,9 +24,11 @@ import numpy as np
 from numpy._core import multiarray as _multiarray
 
 from fedshard.core.config import PARTITIONS
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.core.files import write_atomic
 from fedshard.core.models import NUM_CLASSES
+
+log = logging.getLogger(__name__)
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
@@ -66,8 +68,10 @@ def download_and_extract_archive(*args, **kwargs):
     return download(*args, **kwargs)
 
 
-class DataError(Exception):
+class DataError(FedshardError):
     """A user-facing problem with the dataset; message names the path and what to do."""
+
+    exit_code = 2
 
 
 # --- finding and downloading -------------------------------------------------
@@ -116,7 +120,7 @@ def _is_complete(root: pathlib.Path) -> bool:
 
 
 def _say(message: str) -> None:
-    print(f"fedshard: {message}", file=sys.stderr, flush=True)
+    log.warning(f"fedshard: {message}")  # on stderr, as what fedshard does on its own (core/log.py)
 
 
 def _missing_message(data_dir: pathlib.Path, reason: str) -> str:

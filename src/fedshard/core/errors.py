@@ -2,9 +2,20 @@
 
 Messages name the value and what would be valid; when they quote an exception from a library
 (MLflow, gloo, pickle, torch), they quote one line of it, never a traceback.
+
+Every exception fedshard raises is a `FedshardError`, which carries the exit status a command ends
+with when it is what stops the command: 1 for a failure, 2 for input that cannot be used (a usage
+error). An entry point (cli.py) says the message and exits with `exc.exit_code`, in one place.
 """
 
 from __future__ import annotations
+
+
+class FedshardError(Exception):
+    """The base of fedshard's exceptions. Each class keeps its builtin base too (ValueError, OSError,
+    RuntimeError), so that `except ValueError` around it keeps working."""
+
+    exit_code: int = 1
 
 
 def first_line(exc: BaseException) -> str:

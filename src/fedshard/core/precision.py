@@ -16,6 +16,8 @@ import functools
 import os
 from pathlib import Path
 
+from fedshard.core.errors import FedshardError
+
 # CPU flags (as /proc/cpuinfo names them) of native bf16 arithmetic: AVX-512 BF16 (AMD Zen 4,
 # Intel Cooper Lake and later) and AMX (Intel Sapphire Rapids and later).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -27,8 +29,10 @@ OVERRIDE = "FEDSHARD_CPU_BF16"
 TAG = "fedshard.core.precision"
 
 
-class PrecisionError(ValueError):
+class PrecisionError(FedshardError, ValueError):
     """bf16 asked for where the device does not compute it natively."""
+
+    exit_code = 2
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

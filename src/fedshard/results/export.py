@@ -17,6 +17,7 @@ of every round. Files are written atomically (files.write_atomic).
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import RESULT_SETTINGS, ConfigError, ExperimentConfig, setting_value
-from fedshard.core.errors import last_line
+from fedshard.core.errors import FedshardError, last_line
 from fedshard.core.files import write_atomic
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 # A metric's history, as tracking.metric_history gives it: (step, value, timestamp) tuples.
 History = Iterable[tuple[int, float, int]]
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("pickle", "csv")
 DEFAULT_OUTPUT = {"pickle": "experiment_results.pkl", "csv": "experiment_results.csv"}
 # Protocol 4: readable by every Python 3 still in use, and by results.load_pickle.
@@ -44,13 +47,15 @@ PICKLE_PROTOCOL = 4
 COMM_METRICS = {"comm/bytes_down": "bytes_down", "comm/bytes_up": "bytes_up", "comm/bytes_total": "bytes_total"}
 
 
-class ExportError(Exception):
+class ExportError(FedshardError):
     """Nothing to export (no FINISHED run) or the file cannot be written: exit 1."""
 
 
 class SelectionError(ExportError):
     """Bad input: no such experiment, a bad --where, an --output under a file, or runs that the chosen
     format cannot keep apart; nothing written: exit 2."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ def collect(
     runs: Iterable[RunRecord],
     histories: Callable[[str, str], History],
     where: Mapping[str, str] | None = None,
-    warn: Callable[[str], None] | None = print,
+    quiet: bool = False,
 ) -> dict[tuple, ExportedRun]:
     """Configuration identity -> the newest valid FINISHED experiment run of it among those that
     match `where` ({setting: canonical value}).
@@ -128,11 +133,12 @@ def collect(
     `runs` are tracking.RunRecord-like (run_id, status, start_time, is_experiment, config());
     `histories(run_id, metric)` gives (step, value, timestamp) tuples. Runs that are not FINISHED and
     sweep parent runs are left out silently; finished runs that cannot be read (bad params, missing
-    rounds) with a warning. A `where` value that no finished run has is a SelectionError."""
+    rounds) with a warning, which `quiet` logs at DEBUG only (a sweep's analysis of its own runs). A
+    `where` value that no finished run has is a SelectionError."""
     where = where or {}
     chosen: dict[tuple, ExportedRun] = {}
     seen: dict[str, set[str]] = {name: set() for name in where}
-    warn = warn or (lambda _: None)
+    level = logging.DEBUG if quiet else logging.WARNING
     for run in sorted(
         (r for r in runs if r.status == "FINISHED" and r.is_experiment), key=lambda r: (r.start_time, r.run_id)
     ):
@@ -142,7 +148,7 @@ def collect(
                 histories(run.run_id, "test_loss"), histories(run.run_id, "test_accuracy"), cfg.rounds
             )
         except (ConfigError, ValueError) as exc:
-            warn(f"warning: run {run.run_id} left out: {last_line(exc)}")
+            log.log(level, f"warning: run {run.run_id} left out: {last_line(exc)}")
             continue
         settings = cfg.settings()
         for name in where:
@@ -151,9 +157,10 @@ def collect(
             continue
         comm = {column: _by_step(histories(run.run_id, metric)) for metric, column in COMM_METRICS.items()}
         if cfg.identity() in chosen:
-            warn(
+            log.log(
+                level,
                 f"warning: {cfg.run_name()} has several FINISHED runs; using the newest, {run.run_id} "
-                f"(replaces {chosen[cfg.identity()].run_id})"
+                f"(replaces {chosen[cfg.identity()].run_id})",
             )
         chosen[cfg.identity()] = ExportedRun(run.run_id, run.start_time, cfg, entries, comm)
     for name, value in where.items():
@@ -215,7 +222,6 @@ def export(
     output: str | Path,
     fmt: str = "pickle",
     where: Iterable[object] = (),
-    warn: Callable[[str], None] | None = print,
     key_format: int = 5,
 ) -> tuple[Path, dict[tuple, ExportedRun]]:
     """Export the experiment's FINISHED runs (those matching `where`, NAME=VALUE items) to `output`, a
@@ -238,7 +244,7 @@ def export(
             f"(experiments there: {', '.join(tracking.experiment_names()) or 'none'})"
         )
     runs = tracking.list_runs(experiment_name, status="FINISHED")
-    exported = collect(runs, tracking.metric_history, selection, warn)
+    exported = collect(runs, tracking.metric_history, selection)
     if not exported:
         raise ExportError(f"experiment {experiment_name!r} has no FINISHED experiment run to export; nothing written")
     table = frame(exported)

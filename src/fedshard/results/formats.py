@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from fedshard.core.config import KEY_SETTINGS, RESULT_SETTINGS, ExperimentConfig, canonical
+from fedshard.core.errors import FedshardError
 
 # The classic results dict: key (settings, as KEY_FORMATS says) -> [(round, test_loss, test_accuracy), ...].
 Results = dict[tuple[int | float | bool, ...], list[tuple[int, float, float]]]
@@ -58,8 +59,10 @@ _COLUMN_TYPES = {
 }
 
 
-class ResultsError(Exception):
+class ResultsError(FedshardError):
     """The file is missing, empty or not a results pickle or CSV; message says which and why."""
+
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------- the pickle

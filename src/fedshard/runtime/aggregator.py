@@ -12,6 +12,7 @@ adds time to a round.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,8 @@ from fedshard.core.training import (
     resolve_device,
 )
 from fedshard.runtime import initial, progress, transport
+
+log = logging.getLogger(__name__)
 
 
 class Committer:
@@ -150,7 +153,7 @@ class Rounds:
         # Round 0 needs no checkpoint: the seed (or init_from) makes that model again.
         self.committer.submit(round_, metrics, self.weights if round_ > 0 else None)
         train = f" train_loss={extra['train_loss']:.4f} ({extra['round_seconds']:.1f}s)" if extra else ""
-        print(f"round {round_}/{self.cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}", flush=True)
+        log.info(f"round {round_}/{self.cfg.rounds}: test_loss={loss:.4f} test_accuracy={acc:.4f}{train}")
 
 
 def run(
@@ -189,11 +192,11 @@ def run(
         else None
     )
     rounds = Rounds(cfg, run_id, weights, moved, test, relay)
-    print(f"aggregator: waiting for {cfg.world_size} trainer(s)", flush=True)
-    transport.await_trainers(store, cfg.world_size, join_timeout, report=lambda m: print(m, flush=True))
+    log.info(f"aggregator: waiting for {cfg.world_size} trainer(s)")
+    transport.await_trainers(store, cfg.world_size, join_timeout)
     transport.join(store, transport.AGGREGATOR, cfg.world_size + 1, cfg.round_timeout, metaserver)
     if first:
-        print(f"aggregator: continuing after round {first} (rounds 0..{first} are in the run)", flush=True)
+        log.info(f"aggregator: continuing after round {first} (rounds 0..{first} are in the run)")
 
     dispatched = rounds.dispatch(first + 1) if first < cfg.rounds else None
     from fedshard import tracking  # only now: importing MLflow takes seconds the trainers need not wait for
@@ -222,4 +225,4 @@ def run(
         run_id, rounds.weights, cfg.model, example=evaluation_input(test.images[:2], rounds.prep).cpu().numpy()
     )
     transport.leave()
-    print("aggregator: all rounds complete", flush=True)
+    log.info("aggregator: all rounds complete")

@@ -9,6 +9,7 @@ run: FINISHED only when every round was logged, else FAILED or KILLED with the r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.core.identity import process_alive, started_at
 from fedshard.runtime import progress
 from fedshard.runtime.lifecycle import CLAIM_LOST
 from fedshard.runtime.processes import Experiment, ExperimentFailed, Placement, interrupted, terminate_when_parent_dies
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fedshard.runtime.resume import Start
@@ -33,14 +36,19 @@ if TYPE_CHECKING:
 LOST = "LOST"
 
 
-class Interrupted(BaseException):  # not an Exception: no `except Exception` may swallow it
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) stops the experiment. Not an Exception, nor a FedshardError, on
+    purpose: no `except Exception` may swallow it; the launcher ends the run KILLED with 128 + signum."""
+
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-class CheckFailed(Exception):
+class CheckFailed(FedshardError):
     """The experiment cannot start (data, init_from, partition); nothing was started."""
+
+    exit_code = 2
 
 
 def check(cfg: ExperimentConfig, experiment_name: str | None = None) -> list:
@@ -241,8 +249,10 @@ def _run_to_the_end(exp: Experiment, keeper, tick=None) -> tuple[str, str | None
     for line in exp.aggregator.new_lines() if exp.aggregator else []:
         exp.echo(line)
     if monitor is not None:
-        with suppress(Exception):
+        try:
             monitor.finish()
+        except Exception as exc:  # system metrics are never worth the run's end
+            log.debug(f"the system metrics monitor did not finish: {described(exc)}")
     return status, reason, code
 
 
@@ -271,16 +281,22 @@ def _record_the_end(
     from fedshard import tracking
 
     run_id = keeper.run_id
-    with suppress(Exception):  # not into a run that is another launcher's now (nor below: the end takes a hand)
+    try:  # not into a run that is another launcher's now (nor below: the end takes a hand)
         tracking.claims.check(run_id, keeper.hand)
         tracking.log_artifact(run_id, exp.workdir / "logs")
+    except Exception as exc:  # the logs are not worth the run's end, which is what matters now
+        log.debug(f"the processes' logs were not stored in run {run_id}: {described(exc)}")
     tags = {}
-    with suppress(Exception):  # rounds this run's own trainers trained: the last one in, less copied ones
+    try:  # rounds this run's own trainers trained: the last one in, less copied ones
         last = max(tracking.logged_steps(run_id) or {0})
         tags[tracking.ROUNDS_TRAINED_TAG] = str(max(0, last - copied_rounds))
+    except Exception as exc:  # a tag is not worth the run's end
+        log.debug(f"run {run_id} ends without its rounds-trained tag: {described(exc)}")
     if not keeper.end(status, reason, tags):
         return LOST, tracking.claims.taken(run_id, keeper.hand), CLAIM_LOST
     if status == "FINISHED":  # only now: until the run is FINISHED, its checkpoint is what resumes it
-        with suppress(Exception):
+        try:
             tracking.delete_checkpoints(run_id)
+        except Exception as exc:  # the run is FINISHED; a checkpoint left over only takes room
+            log.debug(f"the checkpoints of FINISHED run {run_id} were not deleted: {described(exc)}")
     return status, reason, code

@@ -4,7 +4,7 @@
 is what happens to the MLflow run around it: where a --resume or --extend continues from, how the
 run is opened once the metaserver is starting (a new run, the one `mlflow run` made, or a
 reopened one), and that no run is left RUNNING when the experiment cannot start. A refusal is a
-`Refused` that carries the message and the exit status; saying it and exiting stay with the
+`StartRefused` that carries the message and the exit status; saying it and exiting stay with the
 command.
 
 MLflow is imported inside the functions only: the launcher starts the metaserver before it opens
@@ -13,29 +13,34 @@ the run, so that the two start-ups (seconds of imports each) overlap.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import ConfigError, ExperimentConfig
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 
 if TYPE_CHECKING:  # resume imports tracking, hence MLflow
     from fedshard.runtime.resume import Start
 
+log = logging.getLogger(__name__)
 
 # The exit status of a launcher whose run changed hands (tracking/claims.py): a sweep took it over while
 # this launcher was paused past the claim timeout, or before it could start.
 CLAIM_LOST = 3
 
 
-class Refused(Exception):
-    """The experiment cannot start. The command says the message and exits with `code`: 2 for
-    input, or a run named, that cannot be used; 1 for a run made that could not be prepared."""
+class StartRefused(FedshardError):
+    """The experiment cannot start. The command says the message and exits with `exit_code`: 2 for
+    input, or a run named, that cannot be used; 1 for a run made that could not be prepared;
+    CLAIM_LOST for a run that changed hands."""
 
-    def __init__(self, message: str, code: int = 2):
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = exit_code
 
 
 def fail_outer_run(message: str) -> None:
@@ -47,14 +52,14 @@ def fail_outer_run(message: str) -> None:
 
         try:
             tracking.end_run(run_id, "FAILED", message)
-        except Exception:
-            pass  # the store itself may be what is broken; the command's message says so
+        except Exception as exc:  # the store itself may be what is broken; the command's message says so
+            log.debug(f"run {run_id} of `mlflow run` was not ended FAILED: {described(exc)}")
 
 
-def refuse(message: str) -> Refused:
+def refuse(message: str) -> StartRefused:
     """The refusal of bad input, to raise, once the run `mlflow run` created is failed with it."""
     fail_outer_run(message)
-    return Refused(message)
+    return StartRefused(message)
 
 
 def keep_with_outer_run(path, artifact_path: str | None = None) -> None:
@@ -66,9 +71,9 @@ def keep_with_outer_run(path, artifact_path: str | None = None) -> None:
         tracking.log_artifact(run_id, path, artifact_path)
 
 
-def resumed(run_id: str, hand: int | None = None, warn=None) -> tuple[ExperimentConfig, Start, int]:
+def resumed(run_id: str, hand: int | None = None) -> tuple[ExperimentConfig, Start, int]:
     """The configuration, start and hand of `fedshard run --resume RUN_ID`: the run's own configuration,
-    after its newest usable checkpoint; `warn` hears of checkpoints passed over. A sweep hands the
+    after its newest usable checkpoint (checkpoints passed over are logged as warnings). A sweep hands the
     run over at `hand` (it took the run's claim); by hand, the run's next hand is taken here, before
     anything starts, so that two resumes of one run never both go ahead."""
     if os.environ.get("MLFLOW_RUN_ID"):
@@ -80,17 +85,19 @@ def resumed(run_id: str, hand: int | None = None, warn=None) -> tuple[Experiment
     try:
         tracking.ensure_store()
         if hand is not None and (taken := claims.taken(run_id, hand)) is not None:
-            raise Refused(f"--resume {run_id}: the run changed hands before this launcher started: {taken}", CLAIM_LOST)
-        cfg, start = resume.for_resume(run_id, warn=warn, handed=hand)
+            raise StartRefused(
+                f"--resume {run_id}: the run changed hands before this launcher started: {taken}", CLAIM_LOST
+            )
+        cfg, start = resume.for_resume(run_id, handed=hand)
         if hand is None:
             hand = claims.hands(tracking.run_record(run_id)) + 1
             if not claims.take(run_id, hand, "resumed with fedshard run --resume"):
-                raise Refused(
+                raise StartRefused(
                     f"--resume {run_id}: another process took the run over just now; see its params fedshard.claim.*"
                 )
         return cfg, start, hand
     except (tracking.TrackingError, resume.ContinueError, claims.ClaimError) as exc:
-        raise Refused(str(exc)) from None
+        raise StartRefused(str(exc)) from None
 
 
 def extended(cfg: ExperimentConfig, source_id: str) -> Start:
@@ -115,7 +122,6 @@ def open_run(
     start: Start | None = None,
     hand: int | None = None,
     no_duplicate: bool = False,
-    echo=print,
 ) -> str:
     """Open the experiment's run and return its id: the launcher's `open_run`, called while the
     metaserver starts. A resumed run is reopened, with the metrics of its checkpoint's round that
@@ -140,7 +146,7 @@ def open_run(
             run_id = resume_id
         else:
             if hand is None:
-                _say_twins(cfg, experiment_name, no_duplicate, echo)
+                _say_twins(cfg, experiment_name, no_duplicate)
             elif os.environ.get("MLFLOW_RUN_ID"):
                 claims.check(os.environ["MLFLOW_RUN_ID"], hand)
             run_id = tracking.start_run(cfg, experiment_name, tags=held)
@@ -149,7 +155,7 @@ def open_run(
     except claims.ClaimError as exc:
         raise refuse(str(exc)) from None
     except claims.ClaimLost as exc:
-        raise Refused(f"the run changed hands before this launcher started: {exc}", CLAIM_LOST) from None
+        raise StartRefused(f"the run changed hands before this launcher started: {exc}", CLAIM_LOST) from None
     try:  # the run is RUNNING from here on: whatever fails ends it
         if resume_id:
             tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
@@ -161,11 +167,11 @@ def open_run(
     except Exception as exc:
         reason = f"could not prepare run {run_id}: {described(exc)}"
         claims.end(run_id, hand or 0, "FAILED", reason)
-        raise Refused(reason, 1) from None
+        raise StartRefused(reason, 1) from None
     return run_id
 
 
-def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate: bool, echo) -> None:
+def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate: bool) -> None:
     """Repeating a configuration can be on purpose, so `fedshard run` goes ahead; but it first names
     the configuration's FINISHED runs and live claims in the experiment (with `no_duplicate`: refuses,
     exit 2, before any run exists)."""
@@ -182,7 +188,7 @@ def _say_twins(cfg: ExperimentConfig, experiment_name: str | None, no_duplicate:
     if words and no_duplicate:
         raise refuse(f"--no-duplicate: this configuration {'; it '.join(words)} (experiment {name!r}); nothing started")
     for text in words:
-        echo(
+        log.info(
             f"fedshard: note: this configuration {text} (experiment {name!r}); running it again, as asked "
             f"(--no-duplicate refuses instead)"
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import secrets
 import shlex
@@ -22,14 +23,17 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedshard.core import log as log_setup
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.core.files import tail
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -90,15 +94,17 @@ def exit_now(code: int):
 
 
 @contextmanager
-def role_process(role: str):
-    """Run a role (metaserver, aggregator, trainer) to its end, then exit_now. A failure is said in
-    one line after its traceback (the launcher records a role's last line) and exits 1."""
+def role_process(role: str) -> Iterator[None]:
+    """Run a role (metaserver, aggregator, trainer) to its end, then exit_now; it logs to its log file
+    when the launcher started it (core/log.py). A failure is said in one line after its traceback
+    (the launcher records a role's last line) and exits 1."""
+    log_setup.setup_role()
     code = 0
     try:
         yield
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"{role}: error: {described(exc)}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the role's end: said, with its traceback, and its exit code
+        log.error("%s", traceback.format_exc().rstrip())
+        log.error(f"{role}: error: {described(exc)}")
         code = 1
     exit_now(code)
 
@@ -130,7 +136,7 @@ STARTUP_TIMEOUT = 60.0
 GRACE_SECONDS = 5.0
 
 
-class ExperimentFailed(Exception):
+class ExperimentFailed(FedshardError):
     """A child failed; the message is the reason recorded on the run."""
 
 
@@ -205,7 +211,9 @@ class Experiment:
             os.environ, FEDSHARD_SECRET=self.secret, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **env_extra
         )
         env.pop("MLFLOW_RUN_ID", None)  # children log to the run they are given, explicitly
-        with log.open("wb") as out:
+        env[log_setup.LOG_FILE_ENV] = str(log)  # the role's logging writes there (a FileHandler)
+        # Appending, as the role's FileHandler does: its records and what it prints land in order.
+        with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedshard", *args, "--threads", str(threads)],
                 stdin=subprocess.DEVNULL,

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedshard.core.errors import described
 from fedshard.core.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 1.0  # how often a trainer reports (and the aggregator relays) at most
 SILENT_SECONDS = 30.0  # a trainer not heard from for this long is called silent (or a third of
@@ -71,8 +75,10 @@ class TrainerReporter:
             with self.lock:
                 self.report["beat"] += 1
                 raw = json.dumps(self.report)
-            with contextlib.suppress(Exception):
+            try:
                 self.store.set(self.key, raw)
+            except Exception as exc:  # a beat is never worth failing a round for; the next one tries again
+                log.debug(f"a progress beat was not sent: {described(exc)}")
 
     def close(self) -> None:
         self.stop.set()
@@ -113,7 +119,8 @@ class Relay:
                         seen[k] = raw
                         self.state["trainers"][str(k)] = {**json.loads(raw), "heard": time.time()}
                 self._write()
-            except Exception:  # progress is never worth failing a round for; the next second tries again
+            except Exception as exc:  # progress is never worth failing a round for; the next second tries again
+                log.debug(f"the trainers' progress was not relayed this second: {described(exc)}")
                 continue
 
     def _write(self, closed: bool = False) -> None:

@@ -10,16 +10,21 @@ and what would be valid, raised before any run is changed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fedshard import tracking
 from fedshard.core.checkpoint import Checkpoint
 from fedshard.core.config import ConfigError, ExperimentConfig
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, described, first_line
+
+log = logging.getLogger(__name__)
 
 
-class ContinueError(ValueError):
+class ContinueError(FedshardError, ValueError):
     """This run cannot be resumed or extended; nothing was changed."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -46,7 +51,7 @@ def _experiment_run(run_id: str, verb: str) -> tuple[tracking.RunRecord, Experim
         raise ContinueError(f"--{verb} {run_id}: not a fedshard experiment run: {exc}") from None
 
 
-def for_resume(run_id: str, warn=None, handed: int | None = None) -> tuple[ExperimentConfig, Start]:
+def for_resume(run_id: str, handed: int | None = None) -> tuple[ExperimentConfig, Start]:
     """The configuration and start of a run to resume; raises ContinueError when it cannot be. A
     RUNNING run is refused while its claim is live (tracking/claims.py), unless a sweep took it for
     this launcher (`handed`: the hand it holds the run at)."""
@@ -69,7 +74,7 @@ def for_resume(run_id: str, warn=None, handed: int | None = None) -> tuple[Exper
             f"precision it computed in, so its rounds cannot be continued exactly; run the "
             f"configuration again (precision=fp32 reproduces what it computed on a CPU)"
         )
-    start = _resume_point(run_id, record, cfg, warn)
+    start = _resume_point(run_id, record, cfg)
     beyond = sorted(s for s in tracking.logged_steps(run_id) if s > start.checkpoint.round)
     if beyond:  # training them again would log those rounds twice
         raise ContinueError(
@@ -79,10 +84,10 @@ def for_resume(run_id: str, warn=None, handed: int | None = None) -> tuple[Exper
     return cfg, start
 
 
-def _resume_point(run_id: str, record, cfg: ExperimentConfig, warn) -> Start:
+def _resume_point(run_id: str, record: tracking.RunRecord, cfg: ExperimentConfig) -> Start:
     extends = record.tags.get(tracking.EXTENDS_TAG)
     copied = _run_rounds(extends) if extends else 0
-    ckpt = tracking.load_checkpoint(run_id, cfg.model, warn)
+    ckpt = tracking.load_checkpoint(run_id, cfg.model)
     if ckpt is not None:
         return Start(ckpt, copied)
     if extends:  # an extended run that stopped before its first own checkpoint: its source's model
@@ -96,7 +101,8 @@ def _resume_point(run_id: str, record, cfg: ExperimentConfig, warn) -> Start:
 def _run_rounds(run_id: str) -> int:
     try:
         return int(tracking.run_record(run_id).params.get("rounds", 0))
-    except Exception:
+    except Exception as exc:  # a source run gone or unreadable: no rounds copied from it
+        log.debug(f"the rounds of run {run_id} are taken as 0: {described(exc)}")
         return 0
 
 

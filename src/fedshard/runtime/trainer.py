@@ -8,6 +8,7 @@ the whole experiment.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -18,6 +19,8 @@ from fedshard.core import data, models, precision, strategies
 from fedshard.core.config import ExperimentConfig
 from fedshard.core.training import DeviceData, Preprocessing, configure_backends, resolve_device, train_local
 from fedshard.runtime import progress, transport
+
+log = logging.getLogger(__name__)
 
 
 def round_seed(seed: int, trainer: int, round_: int) -> int:
@@ -43,7 +46,7 @@ def run(
     mine = data.partition(labels, cfg.world_size, cfg.partition, cfg.seed, cfg.dirichlet_alpha)[trainer]
     own = DeviceData.from_numpy(images[mine], labels[mine], device)
     del images, labels
-    print(f"trainer {trainer}: {len(own)} training images on {device}, {'bf16' if bf16 else 'fp32'}", flush=True)
+    log.info(f"trainer {trainer}: {len(own)} training images on {device}, {'bf16' if bf16 else 'fp32'}")
     transport.claim_rank(store, trainer)
     transport.join(store, trainer + 1, cfg.world_size + 1, cfg.round_timeout, metaserver)
     strategy = strategies.build(cfg)
@@ -69,7 +72,7 @@ def run(
         generator = torch.Generator(device).manual_seed(seed)  # shuffling and augmentation
         if not rounds_trained:
             # Wall-clock time of the first training step, for startup measurements (benchmarks/bench.py).
-            print(f"trainer {trainer}: first training step at unix time {time.time():.3f}", flush=True)
+            log.info(f"trainer {trainer}: first training step at unix time {time.time():.3f}")
         rounds_trained += 1
         reporter.round_started(round_, len(own) * cfg.local_epochs)
         result = train_local(
@@ -85,12 +88,11 @@ def run(
             prep=prep,
             extra_loss=strategy.local_loss(settings, model.state_dict()),
         )
-        print(
+        log.info(
             f"trainer {trainer}: round {round_} slice {part} loss={result.mean_loss:.4f} "
-            f"({result.samples} images, {result.seconds:.1f}s)",
-            flush=True,
+            f"({result.samples} images, {result.seconds:.1f}s)"
         )
         transport.send_result(model.state_dict(), part, result.samples, result.mean_loss, result.seconds)
     reporter.close()
     transport.leave()
-    print(f"trainer {trainer}: done", flush=True)
+    log.info(f"trainer {trainer}: done")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import secrets
 import socket
@@ -27,7 +28,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
+
+log = logging.getLogger(__name__)
 
 AGGREGATOR = 0
 STOP, TRAIN = 0, 1
@@ -52,8 +55,9 @@ def _verifier(run_id: str, secret: str) -> str:
     return hashlib.sha256(f"verify\0{run_id}\0{secret}".encode()).hexdigest()
 
 
-class Refused(RuntimeError):
-    """This process does not hold the experiment's secret."""
+class JoinRefused(FedshardError, RuntimeError):
+    """This process may not join the experiment: it does not hold the experiment's secret, or its
+    trainer index was taken."""
 
 
 def _client(address: str, timeout: float) -> dist.TCPStore:
@@ -78,7 +82,7 @@ def enter_experiment(address: str, run_id: str, secret: str, timeout: float) -> 
     base = _client(address, timeout)
     announced = dist.PrefixStore(f"fedshard/{run_id}/", base).get("verifier").decode()
     if announced != _verifier(run_id, secret):
-        raise Refused(f"refused: the secret given does not match experiment {run_id} at {address}")
+        raise JoinRefused(f"refused: the secret given does not match experiment {run_id} at {address}")
     return dist.PrefixStore(namespace(run_id, secret), base)
 
 
@@ -87,14 +91,14 @@ def claim_rank(store: dist.Store, trainer: int) -> None:
     --rank (a command pasted twice) is refused instead of breaking the process group."""
     token = secrets.token_hex(8)
     if store.compare_set(f"trainer/{trainer}", "", token).decode() != token:
-        raise Refused(f"refused: trainer {trainer} of this experiment has already joined")
+        raise JoinRefused(f"refused: trainer {trainer} of this experiment has already joined")
 
 
-class TrainersMissing(RuntimeError):
+class TrainersMissing(FedshardError, RuntimeError):
     """Not every trainer arrived within the join timeout."""
 
 
-def await_trainers(store: dist.Store, world_size: int, timeout: float, report=print) -> None:
+def await_trainers(store: dist.Store, world_size: int, timeout: float) -> None:
     """Aggregator side: wait until every trainer has claimed its index, naming each as it arrives
     and, after `timeout` seconds, the ones still missing (on other machines they start by hand)."""
     deadline = time.monotonic() + timeout
@@ -102,7 +106,7 @@ def await_trainers(store: dist.Store, world_size: int, timeout: float, report=pr
     while missing:
         for k in [k for k in missing if store.check([f"trainer/{k}"])]:
             missing.remove(k)
-            report(f"aggregator: trainer {k} joined")
+            log.info(f"aggregator: trainer {k} joined")
         if missing and time.monotonic() > deadline:
             raise TrainersMissing(f"trainer(s) {missing} did not join within join_timeout={timeout:g}s")
         time.sleep(0.1)
@@ -218,7 +222,7 @@ class TrainerReport:
     nbytes: int  # bytes received from the trainer: its numbers and its weights
 
 
-class RoundFailed(RuntimeError):
+class RoundFailed(FedshardError, RuntimeError):
     """A round's exchange did not complete: a trainer died, hung past the timeout or misbehaved."""
 
 

@@ -9,6 +9,7 @@ only by the Ray executor, so the default needs no Ray.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -22,12 +23,13 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import ExperimentConfig
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, described, first_line
 from fedshard.runtime.processes import describe_exit, preexec_launcher  # no import may run between fork and exec
 
 if TYPE_CHECKING:
     from ray import ObjectRef
     from ray._private.worker import RemoteFunction2  # what ray.remote makes of run_on_node; Ray exports no name for it
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 # A launcher's output comes back with its Ray task; a few rounds' lines fit easily.
@@ -116,8 +118,10 @@ class LocalExecutor:
 # --------------------------------------------------------------------------- Ray
 
 
-class ExecutorError(ValueError):
+class ExecutorError(FedshardError, ValueError):
     """The executor cannot run this sweep (Ray missing, a request no node can satisfy)."""
+
+    exit_code = 2
 
 
 def run_on_node(args: list[str], overrides: dict[str, str], cwd: str) -> tuple[int, bytes]:
@@ -178,15 +182,19 @@ class RayTask:
         return self._outcome or "still running"
 
     def stop(self) -> None:
-        with suppress(Exception):
+        try:
             self.ray.cancel(self.ref)  # interrupts run_on_node, which stops the launcher
+        except Exception as exc:  # the task has ended already, or Ray is going: wait() and kill() follow
+            log.debug(f"the Ray task was not cancelled: {described(exc)}")
 
     def wait(self, timeout: float) -> None:
         self.ray.wait([self.ref], timeout=max(0.0, timeout))
 
     def kill(self) -> None:
-        with suppress(Exception):
+        try:
             self.ray.cancel(self.ref, force=True)  # the worker exits; its launcher dies with it
+        except Exception as exc:  # the task has ended already, or Ray is going
+            log.debug(f"the Ray task was not force-cancelled: {described(exc)}")
         self.wait(30)
         self.done()
 

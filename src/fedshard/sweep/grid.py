@@ -25,7 +25,7 @@ from fedshard.core.config import (
     ExperimentConfig,
     field_names,
 )
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, first_line
 
 # Option (and grid-file key) of the five classic axes -> the setting it varies.
 NAMED_AXES = {
@@ -46,8 +46,10 @@ DEFAULT_GRID = {
 GRID_FILE_KEYS = (*NAMED_AXES, "axes", "params", "pretrain")
 
 
-class SweepError(ValueError):
+class SweepError(FedshardError, ValueError):
     """A bad grid, axis, -P assignment or grid file; the message says what and what is valid."""
+
+    exit_code = 2
 
 
 def split_values(label: str, value: object) -> list[str]:

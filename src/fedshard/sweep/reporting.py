@@ -14,18 +14,20 @@ none of the sweep's lists.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from contextlib import suppress
 from typing import TYPE_CHECKING, Never
 
 from fedshard.core.errors import described
 from fedshard.runtime.progress import clock
 from fedshard.sweep.grid import describe, label, named
 from fedshard.sweep.planning import config_of
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -158,15 +160,19 @@ class Report:
             self.bar.close()
         if not self.sweep.parent_run_id:
             return
-        with suppress(Exception):
+        try:
             self.log_counters()
+        except Exception as exc:  # counters are never worth the sweep's end
+            log.debug(f"the sweep's counters were not logged: {described(exc)}")
         try:
             if analyse:
                 self.log_analysis()
         except Exception as exc:  # the sweep's own results are safe in its experiments' runs
             self.say(f"Note: could not log the analysis to the sweep's run: {described(exc)}")
-        with suppress(Exception):
+        try:
             tracking.end_run(self.sweep.parent_run_id, status, reason)
+        except Exception as exc:  # a broken store: the next sweep marks the run KILLED (stale)
+            log.debug(f"the sweep's run was not ended {status}: {described(exc)}")
 
     def log_analysis(self) -> None:
         """`fedshard analyze` of the sweep's FINISHED experiments (these and those skipped), into its
@@ -182,7 +188,7 @@ class Report:
             for r in tracking.list_runs(s.experiment_name, status="FINISHED")
             if (cfg := config_of(r)) is not None and cfg.identity() in mine
         ]
-        exported = export.collect(runs, tracking.metric_history, warn=None)
+        exported = export.collect(runs, tracking.metric_history, quiet=True)
         if not exported:
             return
         results = export.frame(exported)
@@ -303,7 +309,7 @@ class Report:
         self.looked = time.monotonic()
         total, changed = len(self.sweep.configs), False
         for job in jobs:
-            with suppress(Exception):  # a progress report is never worth failing the sweep for
+            try:
                 seen = tracking.latest(job.run_id)
                 if seen and seen[0] > job.last_round:
                     self.rounds_done += seen[0] - job.last_round
@@ -312,6 +318,8 @@ class Report:
                         f"  [{job.index}/{total}] round {seen[0]}/{job.cfg.rounds}: "
                         f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})"
                     )
+            except Exception as exc:  # a progress report is never worth failing the sweep for
+                log.debug(f"the rounds of run {job.run_id} were not looked at: {described(exc)}")
         return changed
 
     def look_at_steps(self, jobs: Iterable[Job]) -> None:
@@ -358,8 +366,10 @@ class Report:
         self.look_at_steps(self.sweep.running)
         if self.bar is not None and not self.bar.disable and time.monotonic() - self.looked_eta >= 1:
             self.looked_eta = time.monotonic()
-            with suppress(Exception):  # an estimate is never worth failing the sweep for
+            try:
                 self.bar.set_postfix_str(f"{len(self.sweep.failed)} failed, ETA {clock(self.eta())}")
+            except Exception as exc:  # an estimate is never worth failing the sweep for
+                log.debug(f"no ETA: {described(exc)}")
 
     def _advance(self) -> None:
         """One more experiment done (finished, or failed for good): the bar, or a Progress line."""

@@ -20,6 +20,7 @@ it should its owner stop without finishing it).
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import signal
@@ -27,7 +28,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -42,6 +42,8 @@ from fedshard.sweep.planning import Plan, Task
 from fedshard.sweep.reporting import Report
 from fedshard.sweep.resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
 from fedshard.tracking.claims import HAND_ENV
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 # How long a launcher gets to tear its experiment down after SIGTERM before the
@@ -198,8 +200,10 @@ class Sweep:
                 self._finish(job)
                 changed = True
             if changed:
-                with suppress(Exception):  # counters are never worth failing the sweep for
+                try:
                     self.report.log_counters()
+                except Exception as exc:  # counters are never worth failing the sweep for
+                    log.debug(f"the sweep's counters were not logged: {described(exc)}")
             self.report.tick()
             time.sleep(POLL_SECONDS)
 
@@ -309,13 +313,17 @@ class Sweep:
         ):
             return False
         self.claims_looked = time.monotonic()
-        with suppress(Exception):  # a store hiccup: the next look tries again
+        try:
             claiming.keep_alive(self.running)
+        except Exception as exc:  # a store hiccup: the next look tries again
+            log.debug(f"the claims were not renewed this time: {described(exc)}")
         if not (self.wait or last):
             return False
         news = []
-        with suppress(Exception):  # likewise
+        try:
             news = claiming.look_elsewhere(self.elsewhere, take=self.wait)
+        except Exception as exc:  # likewise
+            log.debug(f"the configurations held elsewhere were not looked at this time: {described(exc)}")
         for away, run, task in news:
             self.elsewhere.remove(away)
             if task is None:
@@ -365,10 +373,13 @@ class Sweep:
 
         if job.log is None:  # it never started
             return
-        with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
-            copy.write_bytes(job.log.read_bytes())
-            tracking.log_artifact(job.run_id, copy, "logs")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
+                copy.write_bytes(job.log.read_bytes())
+                tracking.log_artifact(job.run_id, copy, "logs")
+        except Exception as exc:  # the launcher's log stays in the sweep's folder
+            log.debug(f"the launcher's log was not stored in run {job.run_id}: {described(exc)}")
 
     # -- stopping -------------------------------------------------------------------------
     def _stop_all(self, error: BaseException | None) -> None:
@@ -395,15 +406,19 @@ class Sweep:
             if not job.launcher.done():
                 job.launcher.kill()
             status = None
-            with suppress(Exception):  # a broken store: the run is counted stopped
+            try:
                 status = tracking.run_status(job.run_id)
+            except Exception as exc:  # a broken store: the run is counted stopped
+                log.debug(f"the status of run {job.run_id} is unknown: {described(exc)}")
             if status in ("FINISHED", "FAILED"):
                 self._finish(job, retry=False)
                 continue
             reason = f"sweep {why}"
-            with suppress(Exception):
+            try:
                 if status == "RUNNING":
                     tracking.claims.end(job.run_id, job.hand, "KILLED", reason)
+            except Exception as exc:  # a broken store: the next sweep marks the run KILLED (stale)
+                log.debug(f"run {job.run_id} was not ended KILLED: {described(exc)}")
             self._upload_log(job)
             self.killed.append(Outcome(job.cfg, job.run_id, job.attempt, reason))
             self.report.stopped(job)

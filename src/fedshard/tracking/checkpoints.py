@@ -9,15 +9,17 @@ shorter one's final model, with its rounds' metrics copied in.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
-from contextlib import suppress
 from pathlib import Path
 
 from fedshard.core import checkpoint
-from fedshard.core.errors import described
+from fedshard.core.errors import FedshardError, described
 from fedshard.tracking.metrics import log_round
 from fedshard.tracking.store import client
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_TAG = "fedshard.checkpoint_round"
@@ -26,7 +28,7 @@ EXTENDS_TAG = "fedshard.extends"
 ROUNDS_TRAINED_TAG = "fedshard.rounds_trained"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(FedshardError, OSError):
     """A round's checkpoint could not be stored; the run cannot promise to continue from it."""
 
 
@@ -68,8 +70,10 @@ def _store_checkpoint(run_id: str, round_: int, metrics: dict[str, float], weigh
             path = checkpoint.save(checkpoint.Checkpoint(round_, weights, metrics), Path(tmp) / name)
             client().log_artifact(run_id, str(path), CHECKPOINT_DIR)
         except Exception as exc:
-            with suppress(Exception):  # no torn file left for a later resume to trip over
+            try:  # no torn file left for a later resume to trip over
                 _artifacts(run_id).delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
+            except Exception as cleanup_exc:  # the error that matters is raised below; a resume passes torn files over
+                log.debug(f"a torn {name} may remain in run {run_id}: {described(cleanup_exc)}")
             raise CheckpointWriteError(
                 f"round {round_}: cannot store the checkpoint in the run's artifacts "
                 f"({client().get_run(run_id).info.artifact_uri}): "
@@ -83,7 +87,7 @@ def checkpoint_rounds(run_id: str) -> list[int]:
     return sorted((r for r in rounds if r is not None), reverse=True)
 
 
-def load_checkpoint(run_id: str, model: str, warn=None):
+def load_checkpoint(run_id: str, model: str) -> checkpoint.Checkpoint | None:
     """The run's newest checkpoint that loads completely and holds `model`'s weights (a torn newer
     file is passed over, with a warning), or None when it has none."""
     for round_ in checkpoint_rounds(run_id):
@@ -91,9 +95,11 @@ def load_checkpoint(run_id: str, model: str, warn=None):
             try:
                 path = client().download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}", tmp)
                 return checkpoint.load(path, model)
-            except Exception as exc:
-                if warn:
-                    warn(f"run {run_id}: checkpoint of round {round_} is unusable ({exc}); trying an older one")
+            except Exception as exc:  # a torn or foreign file, an artifact gone: an older one may do
+                log.warning(
+                    f"fedshard: warning: run {run_id}: checkpoint of round {round_} is unusable ({exc}); "
+                    f"trying an older one"
+                )
     return None
 
 
@@ -103,8 +109,10 @@ def delete_checkpoints(run_id: str, below: int | None = None) -> None:
     repo = _artifacts(run_id)
     if below is None:
         repo.delete_artifacts(CHECKPOINT_DIR)
-        with suppress(Exception):
+        try:
             client().delete_tag(run_id, CHECKPOINT_TAG)
+        except Exception as exc:  # a run without the tag: nothing to delete
+            log.debug(f"run {run_id} had no checkpoint tag to delete: {described(exc)}")
         return
     for round_ in checkpoint_rounds(run_id):
         if round_ < below:

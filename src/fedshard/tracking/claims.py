@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -37,10 +38,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import FedshardError, described
 from fedshard.tracking.owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
 from fedshard.tracking.runs import CLAIM_STATE_TAG as STATE_TAG
 from fedshard.tracking.runs import WITHDRAWN, RunRecord, end_run, set_tags
 from fedshard.tracking.store import client
+
+log = logging.getLogger(__name__)
 
 CLAIM_TAG = "fedshard.claim"  # the configuration's identity, digested: what every claim of it shares
 HEARTBEAT_TAG = "fedshard.claim.heartbeat"  # seconds since the epoch, on the owner's clock
@@ -61,12 +65,16 @@ LOOK_SECONDS = 0.25
 WON, WAIT, CONTENDED, ELSEWHERE, FINISHED, LOST = "won", "wait", "contended", "elsewhere", "finished", "lost"
 
 
-class ClaimError(ValueError):
+class ClaimError(FedshardError, ValueError):
     """A bad claim timeout setting; the message names the value and what is valid."""
 
+    exit_code = 2
 
-class ClaimLost(Exception):
+
+class ClaimLost(FedshardError):
     """The run changed hands: another process resumed, reaped or ended it."""
+
+    exit_code = 3  # runtime.lifecycle.CLAIM_LOST: the launcher of a run that changed hands exits so
 
 
 def timeout() -> float:
@@ -246,8 +254,10 @@ def take(run_id: str, n: int, what: str) -> bool:
     process got it, False when another process has it. Raises when the store cannot be used."""
     name = HAND_PARAM.format(n)
     value = f"{what}; pid {os.getpid()} on {host()} at {time.strftime('%Y-%m-%d %H:%M:%S')} ({secrets.token_hex(4)})"
-    with suppress(Exception):  # refused when another value is there; the store says below which
+    try:
         client().log_param(run_id, name, value[:5000])
+    except Exception as exc:  # refused when another value is there; the store says below which
+        log.debug(f"{name} of run {run_id} was not set here: {described(exc)}")
     return client().get_run(run_id).data.params.get(name) == value[:5000]
 
 
@@ -291,9 +301,10 @@ def reap(run: RunRecord, status: str, reason: str) -> bool:
         return False
     try:
         end_run(run.run_id, status, reason)
-    except Exception:
+    except Exception as exc:
         if client().get_run(run.run_id).info.lifecycle_stage != "deleted":
-            raise  # else its owner came back and withdrew it meanwhile: it is gone all the same
+            raise
+        log.debug(f"run {run.run_id} was withdrawn by its owner meanwhile: gone all the same ({described(exc)})")
     return True
 
 
@@ -343,11 +354,13 @@ class Keeper:
 
     def _run(self) -> None:
         while True:
-            with suppress(Exception):  # a store hiccup: the next beat tries again
+            try:
                 self.taken = taken(self.run_id, self.hand)
                 if self.taken is not None:
                     return
                 beat(self.run_id)
+            except Exception as exc:  # a store hiccup: the next beat tries again
+                log.debug(f"no heartbeat of run {self.run_id} this time: {described(exc)}")
             if self._stop.wait(self.every):
                 return
 

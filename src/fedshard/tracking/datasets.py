@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
+from fedshard.core.errors import described
 from fedshard.tracking.store import client
+
+log = logging.getLogger(__name__)
 
 _ATTEMPTS = 3
 
@@ -38,7 +42,8 @@ def log_datasets(run_id: str, inputs) -> None:
         try:
             client().log_inputs(run_id, datasets=datasets)
             return
-        except Exception:
+        except Exception as exc:
             if attempt == _ATTEMPTS:
                 raise
+            log.debug(f"the datasets of run {run_id} were not logged, trying again: {described(exc)}")
             time.sleep(0.5 * attempt)

@@ -3,14 +3,16 @@ such a model or a state-dict file, for an experiment to start from (`init_from`)
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
 from fedshard.core.config import RUN_PREFIX
-from fedshard.core.errors import first_line
+from fedshard.core.errors import described, first_line
 from fedshard.tracking.store import client, experiment_id, experiment_meant, tracking_uri
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the final model: runs:/<run id>/model
 # The run an experiment started from, when init_from named it (run:<name>): a name, recorded as an id too.
@@ -134,11 +136,14 @@ def load_weights(uri: str, experiment_name: str | None = None) -> dict:
             return mlflow.pytorch.load_model(uri, dst_path=tmp, map_location="cpu").state_dict()
     except Exception as exc:
         if uri.startswith("runs:/"):  # a run from before final models were MLflow models: model/weights.pt
-            with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-                legacy = mlflow.artifacts.download_artifacts(
-                    f"{uri.rstrip('/')}/weights.pt", dst_path=tmp, tracking_uri=tracking_uri()
-                )
-                return torch.load(legacy, map_location="cpu", weights_only=True)
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    legacy = mlflow.artifacts.download_artifacts(
+                        f"{uri.rstrip('/')}/weights.pt", dst_path=tmp, tracking_uri=tracking_uri()
+                    )
+                    return torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as legacy_exc:  # no legacy weights either: the model's own error is said below
+                log.debug(f"{uri} holds no legacy model/weights.pt: {described(legacy_exc)}")
         raise FileNotFoundError(f"init_from={uri!r}: cannot load it as an MLflow model: {first_line(exc)}") from exc
 
 

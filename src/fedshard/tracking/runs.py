@@ -7,6 +7,7 @@ the sweep and then taken over by `fedshard run` through MLFLOW_RUN_ID.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from contextlib import suppress
@@ -16,9 +17,12 @@ from pathlib import Path
 from mlflow.entities import Param
 
 from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import described
 from fedshard.tracking.checkpoints import CHECKPOINT_TAG
 from fedshard.tracking.owners import owner_tags
 from fedshard.tracking.store import NOTE_TAG, TrackingError, client, default_experiment_name, experiment_id
+
+log = logging.getLogger(__name__)
 
 FAILURE_TAG = "fedshard.failure_reason"
 RUN_NAME_TAG = "mlflow.runName"  # setting it renames the run
@@ -261,7 +265,9 @@ def end_run(run_id: str, status: str, reason: str | None = None, tags: dict[str,
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
     """Set a FAILED, KILLED or stale run RUNNING again, owned by this process."""
     c = client()
-    with suppress(Exception):
+    try:
         c.delete_tag(run_id, FAILURE_TAG)
+    except Exception as exc:  # a run that failed without a reason has no such tag
+        log.debug(f"run {run_id} had no failure reason to delete: {described(exc)}")
     set_tags(run_id, {**tags, **owner_tags()})
     c.update_run(run_id, status="RUNNING")

@@ -4,6 +4,7 @@ experiments in it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,9 @@ from urllib.parse import unquote, urlparse
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from fedshard.core.errors import first_line
+from fedshard.core.errors import FedshardError, described, first_line
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "Default"
 NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in the UI
@@ -28,7 +31,7 @@ EXPERIMENT_DESCRIPTION = (
 _QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FedshardError, RuntimeError):
     """The MLflow store cannot be used; the message names the URI."""
 
 
@@ -108,10 +111,11 @@ def experiment_id(name: str, create: bool = True) -> str | None:
         return _store_with_artifacts_beside_it(tracking_uri()).create_experiment(
             name, tags=[ExperimentTag(k, v) for k, v in tags.items()]
         )
-    except Exception:  # another process created it at the same moment: use that one
+    except Exception as exc:
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
+        log.debug(f"experiment {name!r} was created by another process at the same moment: {described(exc)}")
         return exp.experiment_id
 
 
