@@ -214,7 +214,7 @@ class RayExecutor:
 
     spreads_gpus = False  # Ray assigns GPUs (CUDA_VISIBLE_DEVICES) to each task
 
-    def __init__(self, address: str | None = None, cpus: int | None = None, gpus: float | None = None):
+    def __init__(self, address: str | None = None, cpus: float | None = None, gpus: float | None = None):
         if importlib.util.find_spec("ray") is None:
             raise ExecutorError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install ray==2.60.0)")
         if gpus is not None and gpus > 1 and gpus != int(gpus):
@@ -311,7 +311,7 @@ Executor = LocalExecutor | RayExecutor
 Handle = LocalProcess | RayTask
 
 
-def make(name: str, address: str | None = None, cpus: int | None = None, gpus: float | None = None) -> Executor:
+def make(name: str, address: str | None = None, cpus: float | None = None, gpus: float | None = None) -> Executor:
     if name == "local":
         if address or cpus or gpus is not None:
             raise ExecutorError(
