@@ -683,9 +683,10 @@ def slice_numel(n: int) -> int:
 
 @pytest.mark.slow
 def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path, data_dir, store):
-    """The baselines next to the method in one sweep: all run, the pickle refuses to mix them (its key has
+    """A baseline next to the method in one sweep: both run, the pickle refuses to mix them (its key has
     no strategy), --where selects, the CSV keeps them all; each round's bytes are those of the tensors
-    sent (FedProx's trainers are told their proximal_mu too, one float64 a round)."""
+    sent (FedProx's trainers are told their proximal_mu too, one float64 a round). FedProx is FedAvg
+    plus that record (tests/test_fedprox.py); FedAvg's own real runs are in tests/test_experiment.py."""
     grid = [
         "--world-sizes",
         "2",
@@ -698,7 +699,7 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
         "--seeds",
         "123",
         "--axis",
-        "strategy=tensor_parallel,fedavg,fedprox",
+        "strategy=tensor_parallel,fedprox",
         *tiny(linked_data(tmp_path, data_dir)),
         "--experiment-name",
         "mix",
@@ -706,22 +707,22 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
     first = run_sweep(tmp_path, *grid, "--parallel", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     assert (
-        "Starting experiment: world_size=2, lr=0.001, swap=False, rounds=1, seed=123, strategy=fedavg" in first.stdout
+        "Starting experiment: world_size=2, lr=0.001, swap=False, rounds=1, seed=123, strategy=fedprox" in first.stdout
     )
-    assert "Experiment completed successfully: (2, 0.001, False, 1, 123) strategy=fedavg" in first.stdout
+    assert "Experiment completed successfully: (2, 0.001, False, 1, 123) strategy=fedprox" in first.stdout
     (parent,), children = split_runs("mix")
     runs = {r.data.params["strategy"]: r for r in children}
-    assert set(runs) == {"tensor_parallel", "fedavg", "fedprox"} and {r.info.status for r in children} == {"FINISHED"}
-    assert runs["fedprox"].data.params["proximal_mu"] == "0.01" and runs["fedavg"].data.params["proximal_mu"] == "0.01"
-    assert runs["fedavg"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-fedavg-train16-test16"
+    assert set(runs) == {"tensor_parallel", "fedprox"} and {r.info.status for r in children} == {"FINISHED"}
+    assert runs["fedprox"].data.params["proximal_mu"] == "0.01" == runs["tensor_parallel"].data.params["proximal_mu"]
+    assert runs["fedprox"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-fedprox-train16-test16"
     assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-train16-test16"
-    assert parent.data.params["grid.strategy"] == "tensor_parallel,fedavg,fedprox"
+    assert parent.data.params["grid.strategy"] == "tensor_parallel,fedprox"
 
     # Bytes: what the aggregator sent and received, against the tensors' sizes from the layer table
     # (float32 weights, plus a 3 x int64 header down and 4 x float64 numbers up per trainer).
     client = MlflowClient()
     sent = {}
-    for strategy, n, settings in (("tensor_parallel", 2, 0), ("fedavg", 1, 0), ("fedprox", 1, 8)):
+    for strategy, n, settings in (("tensor_parallel", 2, 0), ("fedprox", 1, 8)):
         run = client.get_run(runs[strategy].info.run_id)
         weights = 4 * slice_numel(n)
         for k in range(2):
@@ -733,43 +734,43 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
         assert sent[strategy] == 4 * weights + 112 + 2 * settings
         assert run.data.params["model.params_per_trainer"] == str(slice_numel(n))
         assert run.data.params["model.params_full"] == str(slice_numel(1))
-    assert 0.5 < sent["tensor_parallel"] / sent["fedavg"] < 0.51  # half, and the biases kept whole on each slice
+    assert 0.5 < sent["tensor_parallel"] / sent["fedprox"] < 0.51  # half, and the biases kept whole on each slice
 
     # The pickle's key cannot tell the two apart: refused, naming the setting, nothing written.
     refused = fedshard("export", "--experiment-name", "mix", "--output", "r.pkl", cwd=tmp_path)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "differ in strategy (fedavg, fedprox, tensor_parallel)" in refused.stderr
-    assert "--where strategy=fedavg" in refused.stderr and "--format csv" in refused.stderr
+    assert "differ in strategy (fedprox, tensor_parallel)" in refused.stderr
+    assert "--where strategy=fedprox" in refused.stderr and "--format csv" in refused.stderr
     assert not (tmp_path / "r.pkl").exists()
     only = fedshard(
-        "export", "--experiment-name", "mix", "--output", "r.pkl", "--where", "strategy=fedavg", cwd=tmp_path
+        "export", "--experiment-name", "mix", "--output", "r.pkl", "--where", "strategy=fedprox", cwd=tmp_path
     )
     assert only.returncode == 0, only.stderr
     results = pickle.loads((tmp_path / "r.pkl").read_bytes())
     assert list(results) == [(2, 0.001, False, 1, 123)]
-    assert results[(2, 0.001, False, 1, 123)][-1][2] == runs["fedavg"].data.metrics["test_accuracy"]
+    assert results[(2, 0.001, False, 1, 123)][-1][2] == runs["fedprox"].data.metrics["test_accuracy"]
     both = fedshard("export", "--experiment-name", "mix", "--format", "csv", "--output", "r.csv", cwd=tmp_path)
     assert both.returncode == 0, both.stderr
     table = pd.read_csv(tmp_path / "r.csv")
-    assert sorted(set(table["strategy"])) == ["fedavg", "fedprox", "tensor_parallel"] and len(table) == 6
+    assert sorted(set(table["strategy"])) == ["fedprox", "tensor_parallel"] and len(table) == 4
     at_1 = table[table["round"] == 1].set_index("strategy")["bytes_total"]
     assert at_1.to_dict() == sent
 
-    # The sweep's run compares them: one row per metric, strategy fedavg -> tensor_parallel, one seed.
+    # The sweep's run compares them: one row per metric, strategy fedprox -> tensor_parallel, one seed.
     comparisons = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/comparisons.csv"))
     row = comparisons[
         (comparisons["setting"] == "strategy")
         & (comparisons["metric"] == "final_accuracy")
         & (comparisons["value_b"] == "tensor_parallel")
-        & (comparisons["value_a"] == "fedavg")
+        & (comparisons["value_a"] == "fedprox")
     ]
-    assert (row["value_a"].item(), row["value_b"].item(), row["n"].item()) == ("fedavg", "tensor_parallel", 1)
+    assert (row["value_a"].item(), row["value_b"].item(), row["n"].item()) == ("fedprox", "tensor_parallel", 1)
     accs = {s: r.data.metrics["test_accuracy"] for s, r in runs.items()}
-    assert row["mean_difference"].item() == pytest.approx(accs["tensor_parallel"] - accs["fedavg"])
+    assert row["mean_difference"].item() == pytest.approx(accs["tensor_parallel"] - accs["fedprox"])
     assert pd.isna(row["ci_low"].item())  # one seed: no interval
 
     again = run_sweep(tmp_path, *grid)
-    assert again.returncode == 0 and "Total experiments to run: 0 (3 already finished)" in again.stdout
+    assert again.returncode == 0 and "Total experiments to run: 0 (2 already finished)" in again.stdout
 
 
 # --------------------------------------------------------------------------- two sweeps at once (claims)
