@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
+from typing import Any, SupportsFloat, cast
 
 from fedshard.core import models
 from fedshard.core.errors import FedshardError
@@ -87,10 +88,10 @@ class ExperimentConfig:
     enable_layerwise_swapping: bool = False
     # The model's recipe (MODEL_DEFAULT): AlexNet's is the original harness's, 3 local epochs at batch 32
     # with Adam on 32x32 images; ResNet-34's 1 local epoch at batch 32 with SGD on 224x224.
-    local_epochs: int = MODEL_DEFAULT["local_epochs"]
-    batch_size: int = MODEL_DEFAULT["batch_size"]
-    optimizer: str = MODEL_DEFAULT["optimizer"]
-    image_size: int = MODEL_DEFAULT["image_size"]
+    local_epochs: int = 0  # these four: MODEL_DEFAULT, checked below the class
+    batch_size: int = 0
+    optimizer: str = ""
+    image_size: int = 0
     swap_every: int = 2
     strategy: str = "tensor_parallel"
     proximal_mu: float = 0.01
@@ -109,7 +110,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # Coerce exact types first so that 1 and 1.0, "1e-05" and 0.00001 are one config.
         for f in fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+            object.__setattr__(self, f.name, _coerce(f.name, str(f.type), getattr(self, f.name)))
         recipe = models.REGISTRY.get(self.model, models.get(models.DEFAULT)).recipe  # an unknown model is a problem
         for name, unset in MODEL_DEFAULT.items():
             if getattr(self, name) == unset:
@@ -306,7 +307,7 @@ class ExperimentConfig:
             )
         return cls(**values)
 
-    def replace(self, **changes) -> ExperimentConfig:
+    def replace(self, **changes: Any) -> ExperimentConfig:  # any value: __post_init__ coerces and checks it
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -315,7 +316,7 @@ class ExperimentConfig:
         cfg = cls.from_mapping(values)
         given = cls.__new__(cls)  # the values as given, coerced but not canonicalised
         for f in fields(cls):
-            object.__setattr__(given, f.name, _coerce(f.name, f.type, values.get(f.name, getattr(cfg, f.name))))
+            object.__setattr__(given, f.name, _coerce(f.name, str(f.type), values.get(f.name, getattr(cfg, f.name))))
         return cfg, [f"{why} ({name}={canonical(value)})" for name, (value, why) in given._not_applying().items()]
 
 
@@ -341,11 +342,14 @@ def _layerwise_problems(model: models.Model, world_size: int, strategy: str) -> 
     return []
 
 
-def _default(name: str):
+def _default(name: str) -> object:
     return ExperimentConfig.__dataclass_fields__[name].default
 
 
-def canonical(value) -> str:
+assert all(_default(name) == unset for name, unset in MODEL_DEFAULT.items()), "the recipe's fields default to unset"
+
+
+def canonical(value: object) -> str:
     """One string per value: 1e-05 and 0.00001 both become '1e-05', booleans 'true'/'false'."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -354,7 +358,7 @@ def canonical(value) -> str:
     return str(value)
 
 
-def setting_value(name: str, value) -> str:
+def setting_value(name: str, value: object) -> str:
     """One setting's value as runs record it (canonical), checked by that setting's own rules; a
     ConfigError names it and what is valid. Whether it suits the other settings is not asked (a
     world size is checked with FedAvg, which runs any number of trainers; every other setting with
@@ -362,7 +366,7 @@ def setting_value(name: str, value) -> str:
     do not apply are left out: dirichlet_alpha=0.1 stays 0.1 whatever the partition. A value one
     model allows is valid (init_from=torchvision:DEFAULT is ResNet-34's); the value that means "the
     model's own" is not, as runs record the value it stood for."""
-    coerced = _coerce(name, ExperimentConfig.__dataclass_fields__[name].type, value)
+    coerced = _coerce(name, str(ExperimentConfig.__dataclass_fields__[name].type), value)
     if name in MODEL_DEFAULT and coerced == MODEL_DEFAULT[name]:
         raise ConfigError(
             f"{name}={canonical(coerced) or repr(coerced)} stands for the model's own value, which "
@@ -384,7 +388,7 @@ def field_names() -> list[str]:
     return [f.name for f in fields(ExperimentConfig)]
 
 
-def _coerce(name: str, typ: str, value):
+def _coerce(name: str, typ: str, value: object) -> object:
     try:
         if typ == "bool":
             if isinstance(value, bool):
@@ -406,7 +410,8 @@ def _coerce(name: str, typ: str, value):
         if typ == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(str(value).strip()) if isinstance(value, str) else float(value)
+            # Anything else float() takes (numpy scalars); what it refuses is the TypeError below.
+            return float(str(value).strip()) if isinstance(value, str) else float(cast(SupportsFloat, value))
         return str(value)
     except (TypeError, ValueError):
         kind = {"bool": "true or false", "int": "an integer", "float": "a number"}[typ]

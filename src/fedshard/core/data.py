@@ -19,6 +19,7 @@ import pathlib
 import pickle
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from numpy._core import multiarray as _multiarray
@@ -77,7 +78,7 @@ class DataError(FedshardError):
 # --- finding and downloading -------------------------------------------------
 
 
-def ensure_cifar100(data_dir, download: bool = True) -> pathlib.Path:
+def ensure_cifar100(data_dir: str | os.PathLike[str], download: bool = True) -> pathlib.Path:
     """Return data_dir/cifar-100-python, downloading and extracting it when the whole set is missing
     (saying so on stderr). Some of its files without the others is a
     DataError naming the missing ones: a download would replace files that are there."""
@@ -134,7 +135,7 @@ def _missing_message(data_dir: pathlib.Path, reason: str) -> str:
 # --- reading and validating --------------------------------------------------
 
 
-def load_split(data_dir, split: str, max_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def load_split(data_dir: str | os.PathLike[str], split: str, max_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, 3, 32, 32) and fine labels int64 (N,) of one split.
 
     max_samples > 0 keeps only the first max_samples images.
@@ -156,7 +157,7 @@ def load_split(data_dir, split: str, max_samples: int = 0) -> tuple[np.ndarray, 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only _ALLOWED_GLOBALS and refuses every other global."""
 
-    def __init__(self, file, path: pathlib.Path):
+    def __init__(self, file: BinaryIO, path: pathlib.Path):
         # latin1 turns Python 2 str (keys and array buffers) into what numpy expects.
         super().__init__(file, encoding="latin1")
         self._path = path
@@ -170,7 +171,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
-def _read_pickle(path: pathlib.Path):
+def _read_pickle(path: pathlib.Path) -> object:
     try:
         with open(path, "rb") as f:
             return _RestrictedUnpickler(f, path).load()
@@ -182,7 +183,7 @@ def _read_pickle(path: pathlib.Path):
         raise DataError(f"{path}: {described(exc)}; {_invalid_hint(path)}") from exc
 
 
-def _validated(batch, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+def _validated(batch: object, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     """The (data, labels) arrays of a split file, or a DataError saying what is wrong."""
 
     def fail(problem: str) -> DataError:
@@ -253,7 +254,7 @@ def _contiguous(labels, n, rng, alpha):
 def _dirichlet(labels, n, rng, alpha):
     """Per class, share its samples among the parts in Dirichlet(alpha) proportions."""
     for _ in range(DIRICHLET_ATTEMPTS):
-        chunks = [[] for _ in range(n)]
+        chunks: list[list[np.ndarray]] = [[] for _ in range(n)]
         for cls in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == cls))
             cuts = (np.cumsum(rng.dirichlet(np.full(n, alpha)))[:-1] * len(members)).astype(int)
@@ -329,7 +330,7 @@ def cached_digest(path: pathlib.Path) -> str:
 
 
 def inputs(
-    data_dir,
+    data_dir: str | os.PathLike[str],
     parts: list[np.ndarray],
     test_images: int,
     partition: str,

@@ -12,7 +12,7 @@ from contextlib import suppress
 from pathlib import Path
 
 
-def not_a_directory(path) -> str | None:
+def not_a_directory(path: str | Path) -> str | None:
     """Why `path` cannot be made a directory ('PART is a file, not a directory', where mkdir -p would
     say 'File exists'), or None when it can: every part that exists is a directory."""
     path = Path(path)
@@ -22,7 +22,7 @@ def not_a_directory(path) -> str | None:
     return None
 
 
-def make_dirs(path) -> Path:
+def make_dirs(path: str | Path) -> Path:
     """mkdir -p; a part of the path that is a file is a NotADirectoryError saying so (not_a_directory)."""
     if (problem := not_a_directory(path)) is not None:
         raise NotADirectoryError(problem)
@@ -30,7 +30,7 @@ def make_dirs(path) -> Path:
     return Path(path)
 
 
-def write_atomic(path, data: bytes, mode: int | None = None) -> Path:
+def write_atomic(path: str | Path, data: bytes, mode: int | None = None) -> Path:
     """Write `data` to `path` through a temporary file in the same directory and os.replace: a
     reader sees the previous file or the complete new one, never half of it, and no temporary
     file is left. The file keeps the mode of the one it replaces, else `mode`, else the umask's."""
@@ -58,7 +58,7 @@ def write_atomic(path, data: bytes, mode: int | None = None) -> Path:
     return path
 
 
-def tail(path, n: int = 5) -> str:
+def tail(path: str | Path, n: int = 5) -> str:
     """The last `n` non-empty lines of a log, joined with ' | ' (a failure's reason in one line);
     '' when the file cannot be read."""
     with suppress(OSError):

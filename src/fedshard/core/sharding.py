@@ -17,7 +17,7 @@ table does not cover is an error, never silently whole. Nothing is trained or se
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ def rule(table: Table, name: str) -> int | None | str:
     raise KeyError(f"{name!r}: the slicing table splits {module!r} along dim {dim}, which says nothing of a {kind!r}")
 
 
-def rules(table: Table, names) -> dict[str, int | None | str]:
+def rules(table: Table, names: Iterable[str]) -> dict[str, int | None | str]:
     """rule() of each name: the slicing table spelt out for every tensor of a state dict."""
     return {name: rule(table, name) for name in names}
 
@@ -58,7 +58,7 @@ def slice_state(state: Mapping[str, torch.Tensor], n: int, table: Table) -> list
     return slices
 
 
-def input_split(names, table: Table) -> list[str]:
+def input_split(names: Iterable[str], table: Table) -> list[str]:
     """The names among `names` cut along their inputs (dim 1): what layerwise swapping exchanges."""
     return [name for name in names if rule(table, name) == 1]
 
@@ -85,6 +85,8 @@ def combine(
         return torch.stack(list(parts)).amax(0)
     if how is None:
         return weighted_mean(parts, weights)
+    if isinstance(how, str):  # no rule but MAX is a name
+        raise ValueError(f"unknown combine rule {how!r}")
     return torch.cat(list(parts), how)
 
 

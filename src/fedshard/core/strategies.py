@@ -12,6 +12,8 @@ REGISTRY (and its name in config.STRATEGIES, with any setting of its own): FedPr
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
@@ -51,10 +53,10 @@ class Strategy(Protocol):
         """The full model after round `round_`: from the model before it (`weights`), what each trainer
         received (`sent`, as `split` made it) and trained from it, on how many images (trainer order)."""
 
-    def round_settings(self, round_: int) -> list:
+    def round_settings(self, round_: int) -> list[object]:
         """The Settings record each trainer is told in round `round_`, trainer order."""
 
-    def local_loss(self, settings, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+    def local_loss(self, settings: object, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
         """Trainer side: the term added to its loss this round, given its `settings` and the weights
         it `received` (None: the NLL alone)."""
 
@@ -70,10 +72,10 @@ class _Plain:
     Settings: ClassVar[type] = NoSettings
     n: int
 
-    def round_settings(self, round_: int) -> list:
+    def round_settings(self, round_: int) -> list[object]:
         return [NoSettings()] * self.n
 
-    def local_loss(self, settings, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+    def local_loss(self, settings: object, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
         return None
 
 
@@ -182,17 +184,20 @@ class FedProx(FedAvg):
         super().__init__(cfg)
         self.mu = cfg.proximal_mu
 
-    def round_settings(self, round_: int) -> list:
+    def round_settings(self, round_: int) -> list[object]:
         return [ProximalSettings(self.mu)] * self.n
 
-    def local_loss(self, settings, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+    def local_loss(self, settings: object, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
+        if not isinstance(settings, ProximalSettings):
+            raise TypeError(f"FedProx's trainer was told {settings!r}, not its ProximalSettings")
         if settings.proximal_mu == 0:
             return None
         # A copy: `received` may be the model's own tensors, which training changes.
         mu, anchor = settings.proximal_mu, {name: t.detach().clone() for name, t in received.items()}
 
         def proximal(model: nn.Module) -> torch.Tensor:
-            return mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
+            squares = [((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters()]
+            return mu / 2 * functools.reduce(operator.add, squares)  # sum(), in tensors from the first
 
         return proximal
 

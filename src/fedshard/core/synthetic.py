@@ -29,7 +29,7 @@ PICKLE_PROTOCOL = 4
 
 
 def write_synthetic_cifar100(
-    data_dir, n_train: int = 512, n_test: int = 256, n_classes: int = 4, seed: int = 0
+    data_dir: str | pathlib.Path, n_train: int = 512, n_test: int = 256, n_classes: int = 4, seed: int = 0
 ) -> pathlib.Path:
     """Write data_dir/cifar-100-python/{train,test,meta}; return that directory."""
     if not 1 <= n_classes <= NUM_CLASSES:
@@ -73,6 +73,6 @@ def _class_colours(n_classes: int) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb(i / n_classes, 0.9, 0.9) for i in range(n_classes)]) * 255.0
 
 
-def _write_pickle(path: pathlib.Path, obj) -> None:
+def _write_pickle(path: pathlib.Path, obj: object) -> None:
     """Atomically, so a reader never sees a half-written file; readable by everyone, like the real data."""
     write_atomic(path, pickle.dumps(obj, protocol=PICKLE_PROTOCOL), mode=0o644)

@@ -24,7 +24,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +139,9 @@ def evaluation_input(images: torch.Tensor, prep: Preprocessing = Preprocessing()
     return normalize(resize(images, prep.size), prep)
 
 
-def draw_augmentation(b: int, generator: torch.Generator, device: torch.device, pad: int = PAD):
+def draw_augmentation(
+    b: int, generator: torch.Generator, device: torch.device, pad: int = PAD
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: crop offsets dy, dx in 0..2*pad into the padded image, and whether to flip; each (b, 1)."""
     dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
@@ -149,7 +151,8 @@ def draw_augmentation(b: int, generator: torch.Generator, device: torch.device, 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
     """Per-image random crop of the zero-padded image and random horizontal flip, as one gather."""
-    return apply_augmentation(images, *draw_augmentation(images.shape[0], generator, images.device, pad), pad)
+    dy, dx, flip = draw_augmentation(images.shape[0], generator, images.device, pad)
+    return apply_augmentation(images, dy, dx, flip, pad)
 
 
 def apply_augmentation(
@@ -193,7 +196,7 @@ def input_batches(
         yield x, data.labels.index_select(0, batch)
 
 
-def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, parameters: Iterable[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
     """A fresh optimiser (config.OPTIMIZERS), as the harness's: adam, Adam with weight decay 1e-4 (its
     AlexNet's), or sgd, SGD with momentum 0.9 and weight decay 1e-4 (its ResNet-34's). Fused: one
     pass over the parameters per step instead of several; on a CPU at batch 8 it cut a full AlexNet
@@ -205,7 +208,7 @@ def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.O
     raise ValueError(f"optimizer={name!r}: must be adam or sgd")
 
 
-def _autocast(device: torch.device, bf16: bool):
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -217,7 +220,7 @@ def _use_channels_last(device: torch.device, bf16: bool, channels_last: bool | N
 
 
 @contextlib.contextmanager
-def _memory_format(model: nn.Module, channels_last: bool):
+def _memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
     """Run `model` with channels_last weights and give it back contiguous: callers flatten
     parameters with .view(-1) (transport, parameters_to_vector) and load state dicts into them.
     The same Parameter objects are kept, so references to them stay valid."""

@@ -192,7 +192,7 @@ def get(name: str) -> Model:
         raise ValueError(f"model={name!r}: must be one of {', '.join(REGISTRY)}") from None
 
 
-def state_dict_mismatch(state, model: nn.Module, shown: int = 5) -> str:
+def state_dict_mismatch(state: object, model: nn.Module, shown: int = 5) -> str:
     """Why `state` does not load into `model`, in words: what it is when it is no mapping, else its
     missing and unexpected keys (the first `shown` of each, and how many) and the tensors of the
     wrong shape. load_state_dict's own error names none of them in its first line."""

@@ -8,11 +8,16 @@ narrower AlexNet that a trainer can train on its own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedshard.core.models import NUM_CLASSES
+
+if TYPE_CHECKING:
+    from fedshard.core.models import Model
 
 # layer -> weight dimension that is split. Output-split layers (dim 0) slice
 # their bias with the weight; input-split layers (dim 1) keep the bias whole.
@@ -72,15 +77,15 @@ class AlexNet(nn.Module):
 # --- the family interface (models.Model) ----------------------------------------------------
 
 
-def network(model, widths: dict[str, int] | None) -> AlexNet:
+def network(model: Model, widths: dict[str, int] | None) -> AlexNet:
     return AlexNet(widths)
 
 
-def table(model) -> dict[str, int | None]:
+def table(model: Model) -> dict[str, int | None]:
     return dict(SPLIT_DIM)
 
 
-def full_widths(model) -> dict[str, int]:
+def full_widths(model: Model) -> dict[str, int]:
     return dict(FULL_WIDTHS)
 
 
@@ -96,7 +101,7 @@ def conv_output_sizes(image_size: int) -> dict[str, int]:
     }
 
 
-def forward_flops(model, widths: dict[str, int] | None, image_size: int) -> int:
+def forward_flops(model: Model, widths: dict[str, int] | None, image_size: int) -> int:
     sizes, macs = conv_output_sizes(image_size), 0
     with torch.device("meta"):
         net = AlexNet(widths)

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 
 from fedshard.core.models import TORCHVISION_PREFIX, Model
 
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
-def weights_entry(model: Model, uri: str):
+
+def weights_entry(model: Model, uri: str) -> WeightsEnum:
     """The torchvision weights enum member init_from names; ValueError naming what is valid."""
     from torchvision.models import get_model_weights
 

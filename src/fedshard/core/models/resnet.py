@@ -12,13 +12,20 @@ initialisation is PyTorch's default for each layer, as the harness's network had
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedshard.core.models import NUM_CLASSES
 
+if TYPE_CHECKING:
+    from fedshard.core.models import Model
+
 STAGE_WIDTHS = (64, 128, 256, 512)  # torchvision's layer1..layer4
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 STEM_WIDTH = 64
 
 
@@ -48,7 +55,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-def blocks(arch: tuple[int, ...]):
+def blocks(arch: tuple[int, ...]) -> Iterator[tuple[str, int, int, int]]:
     """(name, in channels, channels, stride) of every block, in order: layer1.0, layer1.1, ..."""
     inplanes = STEM_WIDTH
     for stage, (count, planes) in enumerate(zip(arch, STAGE_WIDTHS), start=1):
@@ -79,7 +86,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in STAGES:  # added by name in __init__ (torchvision's names: layer1 .. layer4)
+            x = self.get_submodule(stage)(x)
         x = torch.flatten(self.avgpool(x), 1)
         # fp32 log-probabilities under autocast too, as AlexNet's (the loss is NLL on them).
         return F.log_softmax(self.fc(x).float(), dim=1)
@@ -88,11 +96,11 @@ class ResNet(nn.Module):
 # --- the family interface (models.Model) ----------------------------------------------------
 
 
-def network(model, widths: dict[str, int] | None) -> ResNet:
+def network(model: Model, widths: dict[str, int] | None) -> ResNet:
     return ResNet(model.arch, widths)
 
 
-def table(model) -> dict[str, int | None]:
+def table(model: Model) -> dict[str, int | None]:
     out: dict[str, int | None] = {"conv1": None, "bn1": None}
     for name, inplanes, planes, stride in blocks(model.arch):
         out.update({f"{name}.conv1": 0, f"{name}.bn1": 0, f"{name}.conv2": 1, f"{name}.bn2": None})
@@ -102,7 +110,7 @@ def table(model) -> dict[str, int | None]:
     return out
 
 
-def full_widths(model) -> dict[str, int]:
+def full_widths(model: Model) -> dict[str, int]:
     return {f"{name}.conv1": planes for name, _, planes, _ in blocks(model.arch)}
 
 
@@ -112,7 +120,7 @@ def _stem_out(image_size: int) -> tuple[int, int]:
     return stem, conv_out(stem, 3, 2, 1)
 
 
-def forward_flops(model, widths: dict[str, int] | None, image_size: int) -> int:
+def forward_flops(model: Model, widths: dict[str, int] | None, image_size: int) -> int:
     widths = widths or {}
     stem, size = _stem_out(image_size)
     macs = STEM_WIDTH * 3 * 7 * 7 * stem**2
