@@ -12,12 +12,17 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedshard.core import checkpoint
 from fedshard.core.errors import FedshardError, described
 from fedshard.tracking.metrics import log_round
 from fedshard.tracking.store import client
+
+if TYPE_CHECKING:
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +37,18 @@ class CheckpointWriteError(FedshardError, OSError):
     """A round's checkpoint could not be stored; the run cannot promise to continue from it."""
 
 
-def _artifacts(run_id: str):
+def _artifacts(run_id: str) -> ArtifactRepository:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     return get_artifact_repository(client().get_run(run_id).info.artifact_uri)
 
 
 def commit_round(
-    run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None, still_ours=None
+    run_id: str,
+    round_: int,
+    metrics: dict[str, float],
+    weights: dict | None = None,
+    still_ours: Callable[[], None] | None = None,
 ) -> None:
     """Make round `round_` durable: its checkpoint first (when `weights` are given), then its
     metrics, then the older checkpoints go. A run whose metrics show round r therefore always

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from fedshard.core.errors import described
 from fedshard.tracking.store import client
+
+if TYPE_CHECKING:
+    from fedshard.core.data import DatasetInput
 
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 3
 
 
-def log_datasets(run_id: str, inputs) -> None:
+def log_datasets(run_id: str, inputs: Iterable[DatasetInput]) -> None:
     """Record the data sets an experiment reads (data.DatasetInput) as the run's dataset inputs:
     name, digest, source file, number of images, and its context (training / evaluation)."""
     import json

@@ -4,10 +4,14 @@ extension read back, and the system/ metrics of the machine the run ran on."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric
 
 from fedshard.tracking.store import client, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 # What only the machine says, not the experiment: never copied from one run into another.
 SYSTEM_PREFIX = "system/"
@@ -51,7 +55,7 @@ def copy_round_metrics(source_id: str, run_id: str, up_to: int) -> None:
         c.log_batch(run_id, metrics=batch[i : i + _BATCH])
 
 
-def monitor_system(run_id: str):
+def monitor_system(run_id: str) -> SystemMetricsMonitor:
     """Sample this machine's CPU, memory, disk and network (and GPUs, with `fedshard[gpu]`) into the
     run's system/ metrics with MLflow's own monitor, until .finish(); a resumed run continues its
     steps. The launcher runs it, so it covers all of an experiment's local processes."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Param
 
@@ -21,6 +23,9 @@ from fedshard.core.errors import described
 from fedshard.tracking.checkpoints import CHECKPOINT_TAG
 from fedshard.tracking.owners import owner_tags
 from fedshard.tracking.store import NOTE_TAG, TrackingError, client, default_experiment_name, experiment_id
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ class RunRecord:
     tags: dict
 
     @classmethod
-    def of(cls, run) -> RunRecord:
+    def of(cls, run: Run) -> RunRecord:
         """The record of an MLflow Run (as get_run and search_runs return it)."""
         return cls(
             run.info.run_id,
@@ -73,7 +78,7 @@ class RunRecord:
             and self.tags.get(CLAIM_STATE_TAG) != WITHDRAWN
         )
 
-    def config(self, only=None) -> ExperimentConfig:
+    def config(self, only: Iterable[str] | None = None) -> ExperimentConfig:
         """The run's configuration, parsed from its params whatever their spelling ('0.00001' and
         '1e-05' are one learning rate); `only` restricts it to those params (others default).
         Its precision is the one it really computed in (precision.recorded): runs from before

@@ -8,12 +8,16 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, overload
 from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from fedshard.core.errors import FedshardError, described, first_line
+
+if TYPE_CHECKING:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +56,15 @@ def sqlite_artifact_root(uri: str | None = None) -> Path | None:
     return Path(unquote(urlparse(uri).path)).resolve().parent / ARTIFACTS_DIR
 
 
-def _store_with_artifacts_beside_it(uri: str):
+def _store_with_artifacts_beside_it(uri: str) -> SqlAlchemyStore:
     """The SQLite store, opened so that an experiment it creates gets `<root>/<experiment id>`
     as its artifact location rather than `./mlruns/<id>` of whatever directory this process is
     in (which makes two stores share, and collide in, one `mlruns/`)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     root = sqlite_artifact_root(uri)
+    if root is None:
+        raise ValueError(f"{uri} is no SQLite store")
     return SqlAlchemyStore(uri, root.as_uri())
 
 
@@ -93,6 +99,10 @@ def ensure_store() -> str:
     return uri
 
 
+@overload
+def experiment_id(name: str, create: Literal[True] = ...) -> str: ...
+@overload
+def experiment_id(name: str, create: bool) -> str | None: ...
 def experiment_id(name: str, create: bool = True) -> str | None:
     """The id of experiment `name`, created (with a description, and for a local SQLite store
     with its artifacts beside the database) when it does not exist yet and `create` is set."""
