@@ -203,14 +203,14 @@ def run(
 
     tracking.log_extra_params(run_id, strategies.model_sizes(cfg))
     if first == 0 and cfg.init_from.startswith(RUN_PREFIX):  # the name says what it was, the id which run
-        tracking.set_tags(
-            run_id,
-            {tracking.INIT_FROM_RUN_TAG: tracking.source_run(cfg.init_from, initial.experiment_if_named(cfg, run_id))},
-        )
+        source = tracking.source_run(cfg.init_from, initial.experiment_if_named(cfg, run_id))
+        if source is not None:  # always, for run:<name> (no such run raised)
+            tracking.set_tags(run_id, {tracking.INIT_FROM_RUN_TAG: source})
     tracking.record_precision(run_id, cfg)
     if first == 0:
         rounds.evaluate_and_commit(0, {})
     for round_ in range(first + 1, cfg.rounds + 1):
+        assert dispatched is not None  # a round is left, so it was dispatched
         reports = rounds.collect(dispatched)
         metrics = rounds.combine(dispatched, reports)
         if round_ < cfg.rounds:

@@ -29,7 +29,10 @@ from fedshard.runtime.processes import Experiment, ExperimentFailed, Placement, 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from fedshard.runtime.resume import Start
+    from fedshard.tracking.claims import Keeper
 
 
 # What became of a run that changed hands while this launcher ran it (tracking/claims.py).
@@ -97,7 +100,7 @@ def _check_batches(cfg: ExperimentConfig, sizes: list[int]) -> None:
 def run(
     cfg: ExperimentConfig,
     open_run: Callable[[], str],
-    echo=print,
+    echo: Callable[[str], None] = print,
     placement: Placement = Placement(),
     start: Start | None = None,
     progress_every: float = 30.0,
@@ -127,7 +130,7 @@ def _run_in(
     workdir: Path,
     cfg: ExperimentConfig,
     open_run: Callable[[], str],
-    echo,
+    echo: Callable[[str], None],
     placement: Placement,
     start: Start | None,
     progress_every: float,
@@ -184,11 +187,11 @@ class _Signals:
     `raising`, raises Interrupted; later ones are ignored: a second Ctrl-C must not interrupt the
     teardown that the first one started, nor may a first one that comes during the teardown."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self.raising = True
 
-    def _on_signal(self, signum, _frame):
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
             if self.raising:
@@ -198,12 +201,14 @@ class _Signals:
         self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
-    def __exit__(self, *_exc) -> None:
+    def __exit__(self, *_exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def _run_to_the_end(exp: Experiment, keeper, tick=None) -> tuple[str, str | None, int]:
+def _run_to_the_end(
+    exp: Experiment, keeper: Keeper, tick: Callable[[], None] | None = None
+) -> tuple[str, str | None, int]:
     """Start the experiment's processes, watch them to the end and tear them down whatever happens;
     returns the run's (status, reason, exit code): FINISHED only when every round was logged, KILLED
     when a signal came before that, even during the teardown, LOST as soon as `keeper` (the claim's
@@ -259,7 +264,7 @@ def _run_to_the_end(exp: Experiment, keeper, tick=None) -> tuple[str, str | None
 def _announce(exp: Experiment) -> None:
     """Say where the experiment's processes are; with remote trainers, the command for each."""
     cfg, placement, echo = exp.cfg, exp.placement, exp.echo
-    where = f"fedshard: run {exp.run_id}: metaserver {exp.address}, aggregator pid {exp.aggregator.proc.pid}"
+    where = f"fedshard: run {exp.run_id}: metaserver {exp.address}, aggregator pid {exp.pid_of_aggregator}"
     if not placement.remote_trainers:
         echo(f"{where}, trainer pids {[t.proc.pid for t in exp.trainers]}")
         return
@@ -272,7 +277,7 @@ def _announce(exp: Experiment) -> None:
 
 
 def _record_the_end(
-    exp: Experiment, keeper, status: str, reason: str | None, code: int, copied_rounds: int
+    exp: Experiment, keeper: Keeper, status: str, reason: str | None, code: int, copied_rounds: int
 ) -> tuple[str, str | None, int]:
     """End the MLflow run with its status and reason, its processes' logs and the rounds its own
     trainers trained; a FINISHED run's checkpoint goes (its final model is kept, once). The run is

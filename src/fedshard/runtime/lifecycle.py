@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import suppress
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedshard.core.config import ConfigError, ExperimentConfig
@@ -62,7 +63,7 @@ def refuse(message: str) -> StartRefused:
     return StartRefused(message)
 
 
-def keep_with_outer_run(path, artifact_path: str | None = None) -> None:
+def keep_with_outer_run(path: str | Path, artifact_path: str | None = None) -> None:
     """Under `mlflow run -e export` or `-e analyze`: keep what the command wrote with that run too."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
@@ -140,6 +141,7 @@ def open_run(
         tracking.ensure_store()
         held = claims.claim_tags(cfg, claims.HELD)
         if resume_id:
+            assert start is not None  # the launcher gives a resumed run its start
             if hand is not None:
                 claims.check(resume_id, hand)
             tracking.reopen_run(resume_id, {tracking.RESUMED_TAG: str(start.checkpoint.round), **held})
@@ -158,10 +160,12 @@ def open_run(
         raise StartRefused(f"the run changed hands before this launcher started: {exc}", CLAIM_LOST) from None
     try:  # the run is RUNNING from here on: whatever fails ends it
         if resume_id:
+            assert start is not None
             tracking.log_missing(resume_id, start.checkpoint.round, start.checkpoint.metrics)
         else:
             tracking.log_datasets(run_id, datasets)
             if extend_id:
+                assert start is not None  # the launcher gives an extending run its start
                 tracking.copy_round_metrics(extend_id, run_id, start.copied_rounds)
                 tracking.set_tags(run_id, {tracking.EXTENDS_TAG: extend_id})
     except Exception as exc:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from fedshard.core import log as log_setup
 from fedshard.core.config import ExperimentConfig
@@ -84,7 +85,7 @@ def terminate_when_parent_dies() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def exit_now(code: int):
+def exit_now(code: int) -> NoReturn:
     """End this process with `code` at once, its output flushed: for when every result is sent and
     logged and every child is gone. The interpreter's teardown of PyTorch and MLflow would add
     about a second to each process of every experiment; multiprocessing ends its children so too."""
@@ -185,7 +186,7 @@ class Experiment:
         self,
         cfg: ExperimentConfig,
         workdir: Path,
-        echo=print,
+        echo: Callable[[str], None] = print,
         placement: Placement = Placement(),
         start_file: Path | None = None,
     ):
@@ -240,7 +241,7 @@ class Experiment:
         this launcher holds at `hand` (tracking/claims.py; the aggregator writes nothing once it changed)."""
         self.run_id = run_id
         cores = cpu_budget()
-        meta = self.metaserver
+        meta = self._started(self.metaserver, "metaserver")
         while not self.address_file.exists():
             if meta.proc.poll() is not None:
                 raise ExperimentFailed(f"metaserver {describe_exit(meta.proc.returncode)}: {meta.last_lines()}")
@@ -279,8 +280,20 @@ class Experiment:
             for k in range(self.cfg.world_size)
         ]
 
+    @property
+    def pid_of_aggregator(self) -> int:
+        return self._started(self.aggregator, "aggregator").proc.pid
+
+    @staticmethod
+    def _started(child: Child | None, role: str) -> Child:
+        if child is None:
+            raise RuntimeError(f"the {role} was not started")
+        return child
+
     def remote_trainer_commands(self) -> list[str]:
         """What to run on each trainer machine. It carries the secret: pass it on privately."""
+        if self.run_id is None:
+            raise RuntimeError("the trainers' commands are known once the experiment started")
         return [
             shlex.join(
                 [
@@ -299,22 +312,23 @@ class Experiment:
             for k in range(self.cfg.world_size)
         ]
 
-    def watch(self, tick=None) -> None:
+    def watch(self, tick: Callable[[], None] | None = None) -> None:
         """Return when the aggregator completed; raise ExperimentFailed as soon as any child fails.
         `tick()` is called at every look (the progress display)."""
+        aggregator = self._started(self.aggregator, "aggregator")
         while True:
-            for line in self.aggregator.new_lines():
+            for line in aggregator.new_lines():
                 self.echo(line)
             if tick is not None:
                 tick()
-            if self.aggregator.proc.poll() == 0:
+            if aggregator.proc.poll() == 0:
                 return
             if any(self._failed(c) for c in self.children):
                 # One death brings others down. A process killed by a signal is the cause; when
                 # none was, the aggregator knows best what went wrong (a trainer that merely lost
                 # its peer may exit first), so wait a little for it. Name causes first.
                 deadline = time.monotonic() + (0.5 if self._killed() else GRACE_SECONDS)
-                while time.monotonic() < deadline and self.aggregator.proc.poll() is None:
+                while time.monotonic() < deadline and aggregator.proc.poll() is None:
                     time.sleep(0.05)
                 failed = sorted(
                     (c for c in self.children if self._failed(c)),

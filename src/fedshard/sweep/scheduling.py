@@ -341,7 +341,7 @@ class Sweep:
         from fedshard import tracking
 
         record = tracking.run_record(job.run_id)
-        reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
+        reason = record.tags.get(tracking.FAILURE_TAG) or (tail(job.log, 3) if job.log is not None else "")
         reason = f"{job.launcher.outcome()}: {reason}" if reason else job.launcher.outcome()
         if record.status == "RUNNING" and tracking.claims.end(job.run_id, job.hand, "FAILED", reason):
             record = replace(record, status="FAILED")  # the launcher died (or its node was lost) before it ended it

@@ -14,7 +14,7 @@ from fedshard.core.errors import described, first_line
 from fedshard.tracking.store import client, experiment_id, experiment_meant, tracking_uri
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ INIT_FROM_RUN_TAG = "fedshard.init_from_run_id"
 _FEDSHARD_PACKAGE = Path(__file__).resolve().parents[1]
 
 
-def log_model(run_id: str, weights: dict, model_name: str, example: torch.Tensor | None = None) -> None:
+def log_model(run_id: str, weights: dict, model_name: str, example: np.ndarray | None = None) -> None:
     """The final model as an MLflow model: `mlflow.pytorch.load_model("runs:/<id>/model")` gives
     fedshard's network of `model_name` (models.REGISTRY: AlexNet, ResNet), registrable with
     `mlflow.register_model`. Its signature: a float32 batch (N, 3, S, S) of CIFAR images as the
