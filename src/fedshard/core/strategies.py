@@ -16,7 +16,7 @@ import functools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,13 +25,16 @@ from fedshard.core import models, sharding
 from fedshard.core.config import STRATEGIES, ExperimentConfig
 from fedshard.core.sharding import StateDict
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 
 @runtime_checkable
 class Strategy(Protocol):
     """What the aggregator's round loop and the trainers ask of a federated strategy."""
 
     name: ClassVar[str]
-    Settings: ClassVar[type]  # the record a trainer is told each round: a dataclass of numbers
+    Settings: ClassVar[type[DataclassInstance]]  # the record a trainer is told each round: a dataclass of numbers
 
     def assignment(self, round_: int) -> list[int]:
         """The part each trainer trains in round `round_` (rounds count from 1), trainer order."""
@@ -53,7 +56,7 @@ class Strategy(Protocol):
         """The full model after round `round_`: from the model before it (`weights`), what each trainer
         received (`sent`, as `split` made it) and trained from it, on how many images (trainer order)."""
 
-    def round_settings(self, round_: int) -> list[object]:
+    def round_settings(self, round_: int) -> list[DataclassInstance]:
         """The Settings record each trainer is told in round `round_`, trainer order."""
 
     def local_loss(self, settings: object, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
@@ -69,10 +72,10 @@ class NoSettings:
 class _Plain:
     """A strategy that tells its trainers nothing beyond their weights, and adds nothing to their loss."""
 
-    Settings: ClassVar[type] = NoSettings
+    Settings: ClassVar[type[DataclassInstance]] = NoSettings
     n: int
 
-    def round_settings(self, round_: int) -> list[object]:
+    def round_settings(self, round_: int) -> list[DataclassInstance]:
         return [NoSettings()] * self.n
 
     def local_loss(self, settings: object, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:
@@ -178,13 +181,13 @@ class FedProx(FedAvg):
     keeps local models near the global one on skewed (non-IID) partitions. mu = 0 is FedAvg."""
 
     name = "fedprox"
-    Settings: ClassVar[type] = ProximalSettings
+    Settings: ClassVar[type[DataclassInstance]] = ProximalSettings
 
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
         self.mu = cfg.proximal_mu
 
-    def round_settings(self, round_: int) -> list[object]:
+    def round_settings(self, round_: int) -> list[DataclassInstance]:
         return [ProximalSettings(self.mu)] * self.n
 
     def local_loss(self, settings: object, received: StateDict) -> Callable[[nn.Module], torch.Tensor] | None:

@@ -16,11 +16,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Never, TextIO
 
 from fedshard.core.errors import described
 from fedshard.core.files import write_atomic
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ class TrainerReporter:
     store: a training step never waits for it, and a store error (a hiccup, or the experiment
     ending) fails no round and silences no trainer: the next beat tries again."""
 
-    def __init__(self, store, trainer: int, batch_size: int):
+    def __init__(self, store: Store, trainer: int, batch_size: int):
         self.store, self.key, self.batch = store, key(trainer), batch_size
         self.lock = threading.Lock()
         self.report = {"round": 0, "done": 0, "total": 0, "images": 0, "seconds": 0.0, "beat": 0}
@@ -89,9 +95,9 @@ class Relay:
     """The aggregator's side: every second, the trainers' latest reports and when each was last
     heard (by the aggregator's clock, so other machines' clocks do not matter), into `path`."""
 
-    def __init__(self, store, path, world_size: int, rounds: int, round_timeout: float = 1800.0):
+    def __init__(self, store: Store, path: str | Path, world_size: int, rounds: int, round_timeout: float = 1800.0):
         self.store, self.path, self.n, self.rounds = store, Path(path), world_size, rounds
-        self.state = {
+        self.state: dict[str, Any] = {  # the JSON the relay writes: read() gives it back
             "round": 0,
             "rounds": rounds,
             "world_size": world_size,
@@ -139,7 +145,7 @@ class Relay:
             self._write(closed=True)
 
 
-def read(path) -> dict | None:
+def read(path: str | Path) -> dict | None:
     """The relayed state, or None before the first write (or where there is none)."""
     try:
         return json.loads(Path(path).read_text())
@@ -220,13 +226,16 @@ class Display:
     steps of all trainers, images/s and the ETAs of the round and the run), else a line every
     `every` seconds; nothing when `every` is 0. Other output goes through `write`, above the bar."""
 
-    def __init__(self, path, every: float, echo=print, stream=None):
+    def __init__(
+        self, path: str | Path, every: float, echo: Callable[[str], None] = print, stream: TextIO | None = None
+    ):
         import sys
 
         self.path, self.every, self.echo = Path(path), every, echo
         self.stream = stream or sys.stderr
         self.live = every > 0 and self.stream.isatty()
-        self.bar, self.looked, self.said = None, 0.0, time.monotonic()
+        self.bar: tqdm[Never] | None = None
+        self.looked, self.said = 0.0, time.monotonic()
 
     def write(self, line: str) -> None:
         """`echo` the line, to its own stream (the round lines of `fedshard run > log` reach the log),
@@ -255,9 +264,10 @@ class Display:
         from tqdm import tqdm
 
         desc = f"round {f.round}/{f.rounds}"
-        if self.bar is None:
+        bar = self.bar
+        if bar is None:
             tqdm.monitor_interval = 0  # no monitor thread: the launcher forks its children
-            self.bar = tqdm(
+            bar = self.bar = tqdm(
                 total=f.total,
                 desc=desc,
                 file=self.stream,
@@ -265,11 +275,11 @@ class Display:
                 dynamic_ncols=True,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} steps{postfix}",
             )
-        if self.bar.desc != desc or self.bar.total != f.total:
-            self.bar.reset(total=f.total)
-            self.bar.set_description_str(desc, refresh=False)
-        self.bar.n = f.done
-        self.bar.set_postfix_str(
+        if bar.desc != desc or bar.total != f.total:
+            bar.reset(total=f.total)
+            bar.set_description_str(desc, refresh=False)
+        bar.n = f.done
+        bar.set_postfix_str(
             f"{f.images_per_s:.0f} img/s, ETA {clock(f.eta_round)}, run {clock(f.eta_run)}"
             + "".join(f", trainer {k} silent {s:.0f}s" for k, s in f.silent)
         )

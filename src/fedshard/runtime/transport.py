@@ -24,11 +24,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from fedshard.core.errors import FedshardError, first_line
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    D = TypeVar("D", bound=DataclassInstance)  # a strategy's settings record
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +254,22 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def settings_tensor(settings) -> torch.Tensor:
+def _isend(tensor: torch.Tensor, rank: int) -> dist.Work:
+    return _in_group(dist.isend(tensor, rank), rank)
+
+
+def _irecv(tensor: torch.Tensor, rank: int) -> dist.Work:
+    return _in_group(dist.irecv(tensor, rank), rank)
+
+
+def _in_group(work: dist.Work | None, rank: int) -> dist.Work:
+    """torch gives no Work for a peer outside the process group: that is a bug here, said so."""
+    if work is None:
+        raise RuntimeError(f"rank {rank} is not in this experiment's process group")
+    return work
+
+
+def settings_tensor(settings: DataclassInstance) -> torch.Tensor:
     """A strategy's settings record (a dataclass of numbers) as the float64 tensor it travels as:
     its fields in order, typed on both sides by the record's class, never pickled."""
     return torch.tensor(dataclasses.astuple(settings), dtype=torch.float64)
@@ -259,7 +280,7 @@ def send_round(
     parts: Sequence[int],
     payloads: Sequence[Mapping[str, torch.Tensor]],
     timeout: float,
-    settings: Sequence | None = None,
+    settings: Sequence[DataclassInstance] | None = None,
 ) -> list[int]:
     """Send trainer k its part `parts[k]`, the weights `payloads[k]` of that part and, if its
     strategy has any, its settings record `settings[k]` for this round; return the bytes sent to
@@ -270,7 +291,7 @@ def send_round(
         tensors = [header, flat] + (
             [settings_tensor(settings[k])] if settings and dataclasses.fields(settings[k]) else []
         )
-        sends += [(k, dist.isend(t, k + 1)) for t in tensors]
+        sends += [(k, _isend(t, k + 1)) for t in tensors]
         sent.append(nbytes(*tensors))
     _wait_all(sends, timeout, round_, "taking their weights")
     return sent
@@ -285,7 +306,7 @@ def collect_round(
     for k, payload in enumerate(payloads):
         stats = torch.empty(4, dtype=torch.float64)
         flat = torch.empty(packed_words(payload), dtype=torch.float32)
-        receives += [(k, dist.irecv(stats, k + 1)), (k, dist.irecv(flat, k + 1))]
+        receives += [(k, _irecv(stats, k + 1)), (k, _irecv(flat, k + 1))]
         buffers.append((stats, flat))
     _wait_all(receives, timeout, round_, "sending their results")
     reports = []
@@ -300,7 +321,7 @@ def collect_round(
 
 
 def stop_trainers(n: int) -> None:
-    works = [dist.isend(torch.tensor([STOP, 0, 0], dtype=torch.int64), k + 1) for k in range(n)]
+    works = [_isend(torch.tensor([STOP, 0, 0], dtype=torch.int64), k + 1) for k in range(n)]
     for work in works:
         work.wait()
 
@@ -323,7 +344,7 @@ def receive_weights(like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return unpack(flat, like)
 
 
-def receive_settings(record: type):
+def receive_settings(record: type[D]) -> D:
     """This round's settings record of the strategy, an instance of `record` (nothing travels for a
     record without fields)."""
     if not dataclasses.fields(record):
