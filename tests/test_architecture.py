@@ -60,4 +60,4 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 def test_the_package_shows_its_layers_at_its_top():
     top = sorted(p.name for p in Path(fedshard.__file__).parent.iterdir() if not p.name.startswith(("_", ".")))
     # model.py only keeps the path final models logged before the registry were pickled under.
-    assert top == ["cli.py", "core", "model.py", "results", "runtime", "sweep", "tracking"]
+    assert top == ["cli", "core", "model.py", "results", "runtime", "sweep", "tracking"]

@@ -5,7 +5,7 @@ Messages name the value and what would be valid; when they quote an exception fr
 
 Every exception fedshard raises is a `FedshardError`, which carries the exit status a command ends
 with when it is what stops the command: 1 for a failure, 2 for input that cannot be used (a usage
-error). An entry point (cli.py) says the message and exits with `exc.exit_code`, in one place.
+error). An entry point (cli/) says the message and exits with `exc.exit_code`, in one place.
 """
 
 from __future__ import annotations

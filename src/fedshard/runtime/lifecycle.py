@@ -1,6 +1,6 @@
 """Opening, continuing and failing an experiment's MLflow run.
 
-`fedshard run` parses its options (cli.py) and hands the experiment to the launcher; this module
+`fedshard run` parses its options (cli/) and hands the experiment to the launcher; this module
 is what happens to the MLflow run around it: where a --resume or --extend continues from, how the
 run is opened once the metaserver is starting (a new run, the one `mlflow run` made, or a
 reopened one), and that no run is left RUNNING when the experiment cannot start. A refusal is a
