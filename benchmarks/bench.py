@@ -14,7 +14,7 @@ Figures (their targets are TARGETS in report.py; how each is measured is in its 
                           batch-size-1 DataLoader loop, same model and images.
   train_images_per_s_<model>_<size>px
                           model_figures.py: training images/s of every model of the registry
-                          (fedshard.models) with its own recipe, the full model (and, in the
+                          (fedshard.core.models) with its own recipe, the full model (and, in the
                           details, a world-size-2 slice) at 32x32 and at its own image size
                           (ResNet-34: 224x224), resized on the device as a trainer does.
   cpu_bf16_speedup        precision_figures.py (CPU only): full-AlexNet training images/s in bf16
@@ -32,7 +32,7 @@ Figures (their targets are TARGETS in report.py; how each is measured is in its 
                           CIFAR-100's full size (150 MB), the dataset digests hashed (as at every
                           start before the digest cache) and then read from the cache.
   exchange_gbytes_per_s   exchange.py: full AlexNet weights (~220 MB) to a trainer process and
-                          back through fedshard.transport on loopback: 2 x bytes / seconds.
+                          back through fedshard.runtime.transport on loopback: 2 x bytes / seconds.
   checkpoint_seconds      experiment.py: storing one round's checkpoint (220 MB) in the run's
                           artifacts, as the experiment's aggregator measured it (mean of rounds
                           >= 1). It overlaps the next round's training; round_overhead_ratio shows
@@ -67,10 +67,6 @@ from pathlib import Path
 
 import torch
 
-from fedshard import training
-from fedshard.data import load_split
-from fedshard.synthetic import write_synthetic_cifar100
-
 import common
 import cuda_figures
 import exchange
@@ -79,6 +75,9 @@ import model_figures
 import pipeline
 import precision_figures
 from common import say
+from fedshard.core import training
+from fedshard.core.data import load_split
+from fedshard.core.synthetic import write_synthetic_cifar100
 from report import Report
 
 
@@ -89,24 +88,32 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--pack", type=int, default=4, help="CUDA: runs sharing the GPU in the grid projection")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the sweeps with and without extension")
-    parser.add_argument("--no-projection", action="store_true",
-                        help="CUDA: skip the packing and the grid projection (gpu_check.py makes its own)")
+    parser.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="CUDA: skip the packing and the grid projection (gpu_check.py makes its own)",
+    )
     return parser.parse_args(argv)
 
 
 def choose_sizes(quick: bool, on_cuda: bool) -> dict:
     """Images and repeats of each measurement: --quick for a first look (see the module docstring)."""
+
     def pick(cpu_quick, cpu_full, cuda_quick, cuda_full):
         return (cuda_quick if quick else cuda_full) if on_cuda else (cpu_quick if quick else cpu_full)
 
     return {
-        "pipeline_images": 4096 if quick else 16384, "pipeline_repeats": 3,
-        "eval_fast_images": pick(128, 512, 10_000, 10_000), "eval_plain_images": pick(128, 512, 1000, 2000),
+        "pipeline_images": 4096 if quick else 16384,
+        "pipeline_repeats": 3,
+        "eval_fast_images": pick(128, 512, 10_000, 10_000),
+        "eval_plain_images": pick(128, 512, 1000, 2000),
         "experiment_images": pick(512, 1024, 8192, 50_000),
-        "experiment_rounds": 3 if quick else 4, "local_repeats": 2 if quick else 3,
+        "experiment_rounds": 3 if quick else 4,
+        "local_repeats": 2 if quick else 3,
         "exchange_repeats": 3 if quick else 10,
         # training keeps batch 64, a trainer's; fewer timed steps and evaluated images
-        "precision_steps": 3 if quick else 4, "precision_eval_images": 256 if quick else 1000,
+        "precision_steps": 3 if quick else 4,
+        "precision_eval_images": 256 if quick else 1000,
         "cuda_train_images": 16384 if quick else 50_000,
         "sweep_images": pick(128, 512, 8192, 50_000),
     }
@@ -127,9 +134,17 @@ def cuda(report: Report, args, device, sizes: dict) -> None:
     c = report.add("cuda", cuda_figures.cuda_section(device, sizes["cuda_train_images"], report.info.get("gpu", "")))
     if not args.no_projection:
         say("CUDA: packing, grid projection")
-        report.add("grid", cuda_figures.grid_section(
-            c.details, args.pack, 10 if args.quick else 20, report.results["details"]["eval"]["fedshard_images_per_s"],
-            report.figures["exchange_gbytes_per_s"], report.figures["startup_seconds"]))
+        report.add(
+            "grid",
+            cuda_figures.grid_section(
+                c.details,
+                args.pack,
+                10 if args.quick else 20,
+                report.results["details"]["eval"]["fedshard_images_per_s"],
+                report.figures["exchange_gbytes_per_s"],
+                report.figures["startup_seconds"],
+            ),
+        )
 
 
 def main(argv=None) -> int:
@@ -150,32 +165,42 @@ def main(argv=None) -> int:
         # ------------------------------------------------------------------- input pipeline
         say("input pipeline: classic DataLoader+PIL vs fedshard on-device batches")
         n = sizes["pipeline_images"]
-        report.add("data_pipeline", pipeline.data_pipeline_section(train_x[:n], train_y[:n], device,
-                                                                   sizes["pipeline_repeats"]))
+        report.add(
+            "data_pipeline", pipeline.data_pipeline_section(train_x[:n], train_y[:n], device, sizes["pipeline_repeats"])
+        )
 
         # ------------------------------------------------------------------- evaluation
         say("evaluation: batched vs batch size 1")
-        report.add("eval", pipeline.eval_section(test_x, test_y, device, sizes["eval_fast_images"],
-                                                 sizes["eval_plain_images"]))
+        report.add(
+            "eval", pipeline.eval_section(test_x, test_y, device, sizes["eval_fast_images"], sizes["eval_plain_images"])
+        )
 
         # ------------------------------------------------------------------- fp32 against bf16 (CPU)
         if not on_cuda:
             say("CPU: fp32 against bf16, full AlexNet, training and evaluation")
-            report.add("precision", precision_figures.precision_section(
-                common.cores(), sizes["precision_steps"], sizes["precision_eval_images"]))
+            report.add(
+                "precision",
+                precision_figures.precision_section(
+                    common.cores(), sizes["precision_steps"], sizes["precision_eval_images"]
+                ),
+            )
 
         # ------------------------------------------------------------------- every model
         say("models: training images/s of each model, its recipe, 32x32 and its own image size")
         report.add("models", model_figures.models_section(args.quick))
 
         # ------------------------------------------------------------------- weight exchange
-        say("weight exchange: full AlexNet there and back through fedshard.transport")
+        say("weight exchange: full AlexNet there and back through fedshard.runtime.transport")
         report.add("exchange", exchange.exchange_section(sizes["exchange_repeats"]))
 
         # ------------------------------------------------------------------- one real experiment
         n = sizes["experiment_images"]
-        report.add("experiment", experiment.experiment_section(tmp / "data", tmp, train_x[:n], train_y[:n], device,
-                                                               sizes["experiment_rounds"], sizes["local_repeats"]))
+        report.add(
+            "experiment",
+            experiment.experiment_section(
+                tmp / "data", tmp, train_x[:n], train_y[:n], device, sizes["experiment_rounds"], sizes["local_repeats"]
+            ),
+        )
 
         # ------------------------------------------------------------------- startup, full-size files
         report.add("startup", experiment.startup_section(tmp, device.type))
@@ -183,8 +208,7 @@ def main(argv=None) -> int:
         # ------------------------------------------------------------------- extension
         if not args.no_sweeps:
             say("sweeps: rounds 2 and 4, two seeds, from scratch and with extension")
-            report.add("extension", experiment.extension_section(tmp / "data", tmp, sizes["sweep_images"],
-                                                                 device.type))
+            report.add("extension", experiment.extension_section(tmp / "data", tmp, sizes["sweep_images"], device.type))
 
         if on_cuda:
             cuda(report, args, device, sizes)

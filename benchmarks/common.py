@@ -20,7 +20,7 @@ import tempfile
 import time
 import unittest.mock
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -80,7 +80,7 @@ def threads(n: int):
 
 
 def utc_date() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine(device: torch.device) -> dict:
@@ -91,10 +91,16 @@ def machine(device: torch.device) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"date": utc_date(), "cpu": cpu, "cores": cores(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "load_average_1min_start": round(os.getloadavg()[0], 2)}
+    info = {
+        "date": utc_date(),
+        "cpu": cpu,
+        "cores": cores(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "load_average_1min_start": round(os.getloadavg()[0], 2),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
@@ -151,8 +157,9 @@ def stop(proc: subprocess.Popen, grace: float) -> None:
             child.kill()
 
 
-def run_command(command: list[str], timeout: float, cwd=None, env=None, watch_roles: bool = False,
-                grace: float = GRACE_SECONDS) -> Finished:
+def run_command(
+    command: list[str], timeout: float, cwd=None, env=None, watch_roles: bool = False, grace: float = GRACE_SECONDS
+) -> Finished:
     """Run `command` to its end, or stop it (`stop`) after `timeout` seconds. With `watch_roles`, its child
     processes are polled every 50 ms (0.5 s after the first 30 s) for the startup breakdown:
     psutil's create_time comes from the boot time in whole seconds, up to a second off."""
@@ -191,19 +198,56 @@ def store_env(store: Path, **extra: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- experiments and sweeps
 
 
-def fedshard_run(data_dir: Path, device: str, world_size: int, rounds: int, train_images: int,
-                 test_images: int, experiment: str, *extra: str) -> list[str]:
+def fedshard_run(
+    data_dir: Path,
+    device: str,
+    world_size: int,
+    rounds: int,
+    train_images: int,
+    test_images: int,
+    experiment: str,
+    *extra: str,
+) -> list[str]:
     """`fedshard run` as a user starts it."""
-    return [sys.executable, "-m", "fedshard", "run", "--world-size", str(world_size), "--rounds", str(rounds),
-            "--data-dir", str(data_dir), "--max-train-samples", str(train_images),
-            "--max-test-samples", str(test_images), "--experiment-name", experiment, "--device", device, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fedshard",
+        "run",
+        "--world-size",
+        str(world_size),
+        "--rounds",
+        str(rounds),
+        "--data-dir",
+        str(data_dir),
+        "--max-train-samples",
+        str(train_images),
+        "--max-test-samples",
+        str(test_images),
+        "--experiment-name",
+        experiment,
+        "--device",
+        device,
+        *extra,
+    ]
 
 
 def sweep(data_dir: Path, device: str, train_images: int, test_images: int, *axes: str) -> list[str]:
     """`sweep.py` over the grid `axes`, every experiment on `device` with these many images."""
-    return [sys.executable, str(REPO / "sweep.py"), *axes, "-P", f"data_dir={data_dir}",
-            "-P", f"max_train_samples={train_images}", "-P", f"max_test_samples={test_images}",
-            "-P", f"device={device}", "--no-progress"]
+    return [
+        sys.executable,
+        str(REPO / "sweep.py"),
+        *axes,
+        "-P",
+        f"data_dir={data_dir}",
+        "-P",
+        f"max_train_samples={train_images}",
+        "-P",
+        f"max_test_samples={test_images}",
+        "-P",
+        f"device={device}",
+        "--no-progress",
+    ]
 
 
 def read_run(output: str, uri: str, workdir: Path) -> dict:
@@ -223,10 +267,14 @@ def read_run(output: str, uri: str, workdir: Path) -> dict:
 
     log = Path(client.download_artifacts(run_id, "logs/trainer_0.log", str(workdir)))
     first_step = FIRST_STEP_LINE.search(log.read_text())
-    return {"run_id": run_id, "round_seconds": history("round_seconds"),
-            "trainer_seconds": history("trainer_0/seconds"), "eval_seconds": history("eval_seconds"),
-            "checkpoint_seconds": history("checkpoint_seconds"),
-            "first_step": float(first_step.group(1)) if first_step else None}
+    return {
+        "run_id": run_id,
+        "round_seconds": history("round_seconds"),
+        "trainer_seconds": history("trainer_0/seconds"),
+        "eval_seconds": history("eval_seconds"),
+        "checkpoint_seconds": history("checkpoint_seconds"),
+        "first_step": float(first_step.group(1)) if first_step else None,
+    }
 
 
 def open_store(store: Path) -> str:
@@ -238,9 +286,21 @@ def open_store(store: Path) -> str:
         return tracking.ensure_store()
 
 
-def run_experiment(data_dir: Path, store: Path, *, world_size: int, rounds: int, train_images: int,
-                   test_images: int, device: str, timeout: float, experiment: str, extra: tuple = (),
-                   partial: bool = False, **env: str) -> tuple[Finished, dict | None]:
+def run_experiment(
+    data_dir: Path,
+    store: Path,
+    *,
+    world_size: int,
+    rounds: int,
+    train_images: int,
+    test_images: int,
+    device: str,
+    timeout: float,
+    experiment: str,
+    extra: tuple = (),
+    partial: bool = False,
+    **env: str,
+) -> tuple[Finished, dict | None]:
     """The one way both benchmark scripts run and time an experiment: `fedshard run` as a user
     starts it, in `store` (an existing MLflow store, `open_store`). Returns how the command ended
     and, when it logged a run, what `read_run` reads with startup_seconds (from the command's
@@ -262,8 +322,11 @@ def run_experiment(data_dir: Path, store: Path, *, world_size: int, rounds: int,
         return done, None
     startup = run["first_step"] - done.started if run["first_step"] is not None else None
     in_order = sorted(done.spawned.items(), key=lambda kv: kv[1])
-    return done, {**run, "startup_seconds": startup,
-                  "startup_breakdown": {f"{role}_spawned_s": s for role, s in in_order}}
+    return done, {
+        **run,
+        "startup_seconds": startup,
+        "startup_breakdown": {f"{role}_spawned_s": s for role, s in in_order},
+    }
 
 
 def best_steady_round(seconds_by_round: dict[int, float]) -> float:

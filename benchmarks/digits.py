@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedshard.data import DATASET_DIR, NUM_CLASSES
-from fedshard.files import write_atomic
+from fedshard.core.data import DATASET_DIR
+from fedshard.core.files import write_atomic
+from fedshard.core.models import NUM_CLASSES
 
 
 def write_digits(data_dir: Path, test_share: float = 0.2, seed: int = 0) -> tuple[int, int]:
@@ -34,8 +35,11 @@ def write_digits(data_dir: Path, test_share: float = 0.2, seed: int = 0) -> tupl
     root = data_dir / DATASET_DIR
     root.mkdir(parents=True, exist_ok=True)
     for name, index in (("train", order[:cut]), ("test", order[cut:])):
-        batch = {"data": rows[index], "fine_labels": digits.target[index].tolist(),
-                 "coarse_labels": digits.target[index].tolist()}
+        batch = {
+            "data": rows[index],
+            "fine_labels": digits.target[index].tolist(),
+            "coarse_labels": digits.target[index].tolist(),
+        }
         write_atomic(root / name, pickle.dumps(batch, protocol=4))
     write_atomic(root / "meta", pickle.dumps({"fine_label_names": [str(i) for i in range(NUM_CLASSES)]}, protocol=4))
     return cut, len(rows) - cut

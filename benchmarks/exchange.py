@@ -1,5 +1,5 @@
 """The weight exchange: full AlexNet weights (about 220 MB) to a trainer process and back through
-fedshard.transport on loopback, as a round moves them: exchange_gbytes_per_s = 2 x bytes / seconds.
+fedshard.runtime.transport on loopback, as a round moves them: exchange_gbytes_per_s = 2 x bytes / seconds.
 
 Two reference points for the same bytes come with it: bare gloo send/recv on one reused buffer
 (what the wire allows), and the one copy fedshard makes to send (flattening the state dict).
@@ -17,9 +17,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from fedshard import models, transport
-
 from common import best_of
+from fedshard.core import models
+from fedshard.runtime import transport
 from report import Section
 
 TIMEOUT = 120.0  # seconds for the rendezvous and each transfer: loopback needs a fraction of it
@@ -45,7 +45,7 @@ def echo_trainer(address: str, run_id: str, secret: str, numel: int, raw_repeats
 
 
 def _round_trips(state: dict, repeats: int) -> list[float]:
-    """Seconds of each there-and-back through fedshard.transport, the first being a warm-up
+    """Seconds of each there-and-back through fedshard.runtime.transport, the first being a warm-up
     (buffers, connection); raises if the weights do not come back unchanged."""
     times = []
     for r in range(repeats + 1):
@@ -76,8 +76,10 @@ def bench_exchange(repeats: int) -> dict:
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     address, run_id, secret = f"127.0.0.1:{master.port}", "bench-exchange", "bench"
     store = transport.open_experiment(address, run_id, secret, TIMEOUT)
-    child = subprocess.Popen([sys.executable, __file__, "--echo-trainer", address, run_id, secret, str(numel),
-                              str(repeats + 1)], stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--echo-trainer", address, run_id, secret, str(numel), str(repeats + 1)],
+        stdin=subprocess.DEVNULL,
+    )
     try:
         transport.join(store, transport.AGGREGATOR, world_size=2, timeout=TIMEOUT, metaserver=address)
         times = _round_trips(state, repeats)
@@ -92,17 +94,28 @@ def bench_exchange(repeats: int) -> dict:
             child.kill()
             child.wait()
     best = min(times[1:])
-    return {"bytes": nbytes, "params": numel, "seconds": times[1:], "best_seconds": best,
-            "exchange_gbytes_per_s": 2 * nbytes / best / 1e9,
-            "raw_gloo_gbytes_per_s": 2 * nbytes / min(raw[1:]) / 1e9, "flatten_seconds": flatten_s}
+    return {
+        "bytes": nbytes,
+        "params": numel,
+        "seconds": times[1:],
+        "best_seconds": best,
+        "exchange_gbytes_per_s": 2 * nbytes / best / 1e9,
+        "raw_gloo_gbytes_per_s": 2 * nbytes / min(raw[1:]) / 1e9,
+        "flatten_seconds": flatten_s,
+    }
 
 
 def exchange_section(repeats: int) -> Section:
     x = bench_exchange(repeats)
-    return Section(x, {"exchange_gbytes_per_s": x["exchange_gbytes_per_s"]}, [
-        ("exchange_gbytes_per_s", x["exchange_gbytes_per_s"], "GB/s"),
-        ("  bare gloo, reused buffer", x["raw_gloo_gbytes_per_s"], "GB/s"),
-        ("  flattening 220 MB to send", x["flatten_seconds"], "s")])
+    return Section(
+        x,
+        {"exchange_gbytes_per_s": x["exchange_gbytes_per_s"]},
+        [
+            ("exchange_gbytes_per_s", x["exchange_gbytes_per_s"], "GB/s"),
+            ("  bare gloo, reused buffer", x["raw_gloo_gbytes_per_s"], "GB/s"),
+            ("  flattening 220 MB to send", x["flatten_seconds"], "s"),
+        ],
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--echo-trainer"]:

@@ -24,19 +24,28 @@ from pathlib import Path
 
 import torch
 
-from fedshard import models, precision, training
-
 import common
 from common import say
+from fedshard.core import models, precision, training
 from report import Section
 
 
 def run_experiment(data_dir: Path, workdir: Path, n_train: int, rounds: int, device: str, **env: str) -> dict:
     """`fedshard run` (world size 1, batch 64, one local epoch, 32 test images) through common.run_experiment;
     returns the run id, startup time and per-round metrics, or raises if the run failed."""
-    done, run = common.run_experiment(data_dir, workdir, world_size=1, rounds=rounds, train_images=n_train,
-                                      test_images=32, device=device, timeout=1800, experiment="bench",
-                                      extra=("--batch-size", "64", "--local-epochs", "1"), **env)
+    done, run = common.run_experiment(
+        data_dir,
+        workdir,
+        world_size=1,
+        rounds=rounds,
+        train_images=n_train,
+        test_images=32,
+        device=device,
+        timeout=1800,
+        experiment="bench",
+        extra=("--batch-size", "64", "--local-epochs", "1"),
+        **env,
+    )
     if run is None:
         raise RuntimeError(f"fedshard run failed ({done.code}):\n{done.output[-6000:]}")
     if run["startup_seconds"] is None:
@@ -50,12 +59,26 @@ def bench_local_training(images, labels, device, batch_size: int, repeats: int, 
     torch.manual_seed(0)
     model = models.get("alexnet").network().to(device)
     warm = training.DeviceData(data.images[: 2 * batch_size], data.labels[: 2 * batch_size])
-    training.train_local(model, warm, learning_rate=1e-3, epochs=1, batch_size=batch_size,
-                         generator=torch.Generator(device).manual_seed(0), bf16=bf16)
+    training.train_local(
+        model,
+        warm,
+        learning_rate=1e-3,
+        epochs=1,
+        batch_size=batch_size,
+        generator=torch.Generator(device).manual_seed(0),
+        bf16=bf16,
+    )
     times = []
     for r in range(repeats):
-        result = training.train_local(model, data, learning_rate=1e-3, epochs=1, batch_size=batch_size,
-                                      generator=torch.Generator(device).manual_seed(r), bf16=bf16)
+        result = training.train_local(
+            model,
+            data,
+            learning_rate=1e-3,
+            epochs=1,
+            batch_size=batch_size,
+            generator=torch.Generator(device).manual_seed(r),
+            bf16=bf16,
+        )
         times.append(result.seconds)
     return {"images": len(data), "seconds": times, "best_seconds": min(times)}
 
@@ -90,18 +113,34 @@ def experiment_section(data_dir: Path, workdir: Path, images, labels, device, ro
     local = {"images": n, "seconds": before["seconds"] + after["seconds"]}
     local["best_seconds"] = min(local["seconds"])
     r = round_figures(exp, local)
-    details = {"run_id": exp["run_id"], **r, "local_training": local, "startup_seconds": exp["startup_seconds"],
-               "startup_breakdown": exp["startup_breakdown"]}
-    figures = {"round_overhead_ratio": r["round_overhead_ratio"], "startup_seconds": exp["startup_seconds"],
-               "checkpoint_seconds": r["checkpoint_seconds"]}
-    return Section(details, figures, [
-        ("round_overhead_ratio", r["round_overhead_ratio"], "x"),
-        ("  best round (rounds >= 2)", r["best_round_seconds"], "s"),
-        ("  same training, no federation", r["local_training_seconds"], "s"),
-        ("  round / trainer's own time", r["round_over_trainer_seconds"], "x"),
-        ("checkpoint_seconds (in the background)", r["checkpoint_seconds"], "s"),
-        ("startup_seconds", exp["startup_seconds"], "s"),
-        *[(f"  {k.replace('_spawned_s', '')} process started", v, "s") for k, v in exp["startup_breakdown"].items()]])
+    details = {
+        "run_id": exp["run_id"],
+        **r,
+        "local_training": local,
+        "startup_seconds": exp["startup_seconds"],
+        "startup_breakdown": exp["startup_breakdown"],
+    }
+    figures = {
+        "round_overhead_ratio": r["round_overhead_ratio"],
+        "startup_seconds": exp["startup_seconds"],
+        "checkpoint_seconds": r["checkpoint_seconds"],
+    }
+    return Section(
+        details,
+        figures,
+        [
+            ("round_overhead_ratio", r["round_overhead_ratio"], "x"),
+            ("  best round (rounds >= 2)", r["best_round_seconds"], "s"),
+            ("  same training, no federation", r["local_training_seconds"], "s"),
+            ("  round / trainer's own time", r["round_over_trainer_seconds"], "x"),
+            ("checkpoint_seconds (in the background)", r["checkpoint_seconds"], "s"),
+            ("startup_seconds", exp["startup_seconds"], "s"),
+            *[
+                (f"  {k.replace('_spawned_s', '')} process started", v, "s")
+                for k, v in exp["startup_breakdown"].items()
+            ],
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- startup, full-size files
@@ -110,7 +149,7 @@ def experiment_section(data_dir: Path, workdir: Path, images, labels, device, ro
 def startup_section(workdir: Path, device: str) -> Section:
     """One-round experiments reading files of CIFAR-100's full size: first with an empty digest cache
     (the launcher hashes both files, as it did at every start before the cache), then with it."""
-    from fedshard.synthetic import write_synthetic_cifar100
+    from fedshard.core.synthetic import write_synthetic_cifar100
 
     data_dir, cache = workdir / "full-size", workdir / "cache"
     say("startup with full-size files: writing 50,000 + 10,000 synthetic images")
@@ -122,8 +161,14 @@ def startup_section(workdir: Path, device: str) -> Section:
         where.mkdir()
         seconds[name] = run_experiment(data_dir, where, 64, 1, device, XDG_CACHE_HOME=str(cache))["startup_seconds"]
     figures = {f"startup_seconds_full_files_{k}": v for k, v in seconds.items()}
-    return Section(figures, figures, [("startup_seconds_full_files_cold (digests hashed)", seconds["cold"], "s"),
-                                      ("startup_seconds_full_files_cached", seconds["cached"], "s")])
+    return Section(
+        figures,
+        figures,
+        [
+            ("startup_seconds_full_files_cold (digests hashed)", seconds["cold"], "s"),
+            ("startup_seconds_full_files_cached", seconds["cached"], "s"),
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- extension
@@ -138,8 +183,9 @@ def bench_extension(data_dir: Path, workdir: Path, n_train: int, device: str) ->
     for name, extra in (("from_scratch", ["--no-extend"]), ("extended", [])):
         where = workdir / f"sweep-{name}"
         where.mkdir()
-        done = common.run_command(common.sweep(data_dir, device, n_train, 32, *axes, *extra), 3600, cwd=where,
-                                  env=common.store_env(where))
+        done = common.run_command(
+            common.sweep(data_dir, device, n_train, 32, *axes, *extra), 3600, cwd=where, env=common.store_env(where)
+        )
         if done.code != 0:
             raise RuntimeError(f"sweep ({name}) failed:\n{done.output[-6000:]}")
         line = next(ln for ln in done.output.splitlines() if ln.startswith("Rounds to train:"))
@@ -150,7 +196,12 @@ def bench_extension(data_dir: Path, workdir: Path, n_train: int, device: str) ->
 
 def extension_section(data_dir: Path, workdir: Path, n_train: int, device: str) -> Section:
     ext = bench_extension(data_dir, workdir, n_train, device)
-    return Section(ext, {"extension_speedup": ext["extension_speedup"]}, [
-        ("extension_speedup", ext["extension_speedup"], "x"),
-        ("  sweep, every run from round 0", ext["from_scratch"]["seconds"], "s"),
-        ("  sweep, 4-round runs extend 2-round", ext["extended"]["seconds"], "s")])
+    return Section(
+        ext,
+        {"extension_speedup": ext["extension_speedup"]},
+        [
+            ("extension_speedup", ext["extension_speedup"], "x"),
+            ("  sweep, every run from round 0", ext["from_scratch"]["seconds"], "s"),
+            ("  sweep, 4-round runs extend 2-round", ext["extended"]["seconds"], "s"),
+        ],
+    )

@@ -48,8 +48,14 @@ MAX_MIB = 40.0
 MANIFEST, MANIFEST_JSON = "BUNDLE.txt", "bundle.json"  # for a reader; for the rehearsal's image
 UNCHECKED = 3  # install's exit status when it installed without dependency checks (--fallback)
 # The wheels' platform: the GPU machine is x86-64 Linux with a recent glibc; pip matches each tag exactly.
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 # What the check runs besides fedshard's own requirements: the CUDA tests (pytest, with the timeout
 # pyproject.toml sets) and the GPU memory sampled through NVML. The image holds all three.
 CHECK_NEEDS = ("pytest>=8", "pytest-timeout>=2.3", "nvidia-ml-py>=12")
@@ -79,18 +85,31 @@ def pyproject() -> dict:
 def fedshard_requirements() -> dict[str, str]:
     """fedshard's requirements (pyproject.toml) and what the check runs besides (CHECK_NEEDS),
     each -> who requires it."""
-    return {**dict.fromkeys(pyproject()["project"]["dependencies"], "fedshard"),
-            **dict.fromkeys(CHECK_NEEDS, "the check")}
+    return {
+        **dict.fromkeys(pyproject()["project"]["dependencies"], "fedshard"),
+        **dict.fromkeys(CHECK_NEEDS, "the check"),
+    }
 
 
 def pip(*args: str, env=None, capture=False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], env=env, text=True, check=False,
-                          stdout=subprocess.PIPE if capture else None)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", *args],
+        env=env,
+        text=True,
+        check=False,
+        stdout=subprocess.PIPE if capture else None,
+    )
 
 
 def target_options(python_version: str) -> list[str]:
-    return ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
-            *(f"--platform={p}" for p in PLATFORMS)]
+    return [
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        *(f"--platform={p}" for p in PLATFORMS),
+    ]
 
 
 # ----------------------------------------------------------------------------- build
@@ -100,8 +119,21 @@ def resolve(requirements: list[str], python_version: str) -> list[dict]:
     """pip's resolution of `requirements` for the target Python, in an empty environment, at the
     versions CI tests: the report's install items (name, version, requirements; no wheel fetched)."""
     with tempfile.TemporaryDirectory() as target:
-        done = pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-", "--target", target,
-                   "-c", str(CONSTRAINTS), *target_options(python_version), *requirements, capture=True)
+        done = pip(
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            "-",
+            "--target",
+            target,
+            "-c",
+            str(CONSTRAINTS),
+            *target_options(python_version),
+            *requirements,
+            capture=True,
+        )
     if done.returncode != 0:
         raise BundleError(f"pip could not resolve {' '.join(requirements)} for Python {python_version}")
     return json.loads(done.stdout)["install"]
@@ -132,12 +164,18 @@ def download(items: list[dict], dest: Path, python_version: str) -> list[Path]:
 
 def describe(bundle: dict) -> str:
     """What `build` prints and writes to BUNDLE.txt: the wheels, their size, what the machine must have."""
-    lines = [f"bundled for CPython {bundle['python_version']}, manylinux x86_64: {len(bundle['wheels'])} wheels, "
-             f"{bundle['mib']:.1f} MiB (at most {MAX_MIB:g})"]
-    lines += [f"  {name}  {mib:.2f} MiB{'  (only to build fedshard)' if name in bundle['build_only'] else ''}"
-              for name, mib in bundle["wheels"].items()]
-    lines += ["expected on the GPU machine (benchmarks/gpu_image.txt lists its image), as required by fedshard, "
-              "the check and the bundle:"]
+    lines = [
+        f"bundled for CPython {bundle['python_version']}, manylinux x86_64: {len(bundle['wheels'])} wheels, "
+        f"{bundle['mib']:.1f} MiB (at most {MAX_MIB:g})"
+    ]
+    lines += [
+        f"  {name}  {mib:.2f} MiB{'  (only to build fedshard)' if name in bundle['build_only'] else ''}"
+        for name, mib in bundle["wheels"].items()
+    ]
+    lines += [
+        "expected on the GPU machine (benchmarks/gpu_image.txt lists its image), as required by fedshard, "
+        "the check and the bundle:"
+    ]
     lines += [f"  {name}: {', '.join(reqs)}" for name, reqs in bundle["expected"].items()]
     return "\n".join(lines) + "\n"
 
@@ -160,13 +198,20 @@ def build(dest: Path, python_version: str) -> str:
     try:
         wheels = download(bundled + builders, tmp, python_version)
         sizes = {w.name: w.stat().st_size / 2**20 for w in wheels}
-        bundle = {"python_version": python_version, "platforms": PLATFORMS, "mib": sum(sizes.values()),
-                  "wheels": sizes, "expected": expectations(roots, bundled, python_version, image),
-                  "build_only": [w.name for w in wheels if canonical(w.name.split("-")[0]) in build_names]}
+        bundle = {
+            "python_version": python_version,
+            "platforms": PLATFORMS,
+            "mib": sum(sizes.values()),
+            "wheels": sizes,
+            "expected": expectations(roots, bundled, python_version, image),
+            "build_only": [w.name for w in wheels if canonical(w.name.split("-")[0]) in build_names],
+        }
         text = describe(bundle)
         if bundle["mib"] > MAX_MIB:
-            raise BundleError(f"{text}the bundle is {bundle['mib']:.1f} MiB, over its limit of {MAX_MIB:g} MiB: "
-                              f"{dest} is left as it was")
+            raise BundleError(
+                f"{text}the bundle is {bundle['mib']:.1f} MiB, over its limit of {MAX_MIB:g} MiB: "
+                f"{dest} is left as it was"
+            )
         (tmp / MANIFEST).write_text(text)
         (tmp / MANIFEST_JSON).write_text(json.dumps(bundle, indent=1) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
@@ -189,8 +234,12 @@ def offline_env() -> dict[str, str]:
 def outside_the_bundle(report: dict, wheels: Path) -> list[str]:
     """The packages pip's report says it installed from anywhere but the bundle or this tree."""
     bundle = wheels.resolve().as_uri() + "/"
-    return [f"{i['metadata']['name']} from {url}" for i in report["install"]
-            for url in [i["download_info"]["url"]] if not (url.startswith(bundle) or url == REPO.as_uri())]
+    return [
+        f"{i['metadata']['name']} from {url}"
+        for i in report["install"]
+        for url in [i["download_info"]["url"]]
+        if not (url.startswith(bundle) or url == REPO.as_uri())
+    ]
 
 
 def install(wheels: Path, fallback: bool = False) -> tuple[list[str], bool]:
@@ -203,8 +252,19 @@ def install(wheels: Path, fallback: bool = False) -> tuple[list[str], bool]:
     env = offline_env()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        done = pip("install", "--no-index", "--find-links", str(wheels), "--no-compile", "--quiet",
-                   "--report", str(report), "-e", str(REPO), env=env)
+        done = pip(
+            "install",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "--no-compile",
+            "--quiet",
+            "--report",
+            str(report),
+            "-e",
+            str(REPO),
+            env=env,
+        )
         if done.returncode == 0:
             installed = json.loads(report.read_text())
             stray = outside_the_bundle(installed, wheels)
@@ -212,14 +272,17 @@ def install(wheels: Path, fallback: bool = False) -> tuple[list[str], bool]:
                 raise BundleError("installed from outside the bundle: " + ", ".join(stray))
             return [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installed["install"]], True
     if not fallback:
-        raise BundleError(f"the environment and the bundle in {wheels} do not hold everything fedshard needs "
-                          "(pip's message above)")
+        raise BundleError(
+            f"the environment and the bundle in {wheels} do not hold everything fedshard needs (pip's message above)"
+        )
     print("gpu_bundle: installing the bundle without dependency checks instead", file=sys.stderr, flush=True)
     build_only = json.loads((wheels / MANIFEST_JSON).read_text())["build_only"]
     every = [str(w) for w in sorted(wheels.glob("*.whl")) if w.name not in build_only]
     quick = ("install", "--no-index", "--no-deps", "--no-compile", "--quiet")
-    if pip(*quick, *every, env=env).returncode or pip(*quick, "--find-links", str(wheels), "-e", str(REPO),
-                                                       env=env).returncode:
+    if (
+        pip(*quick, *every, env=env).returncode
+        or pip(*quick, "--find-links", str(wheels), "-e", str(REPO), env=env).returncode
+    ):
         raise BundleError("the bundle could not be installed even without dependency checks (above)")
     pip("check", env=env)
     return [Path(w).name for w in every] + ["fedshard (editable)"], False
@@ -233,14 +296,19 @@ def expected_requirements(wheels: Path) -> list[str]:
     has one (torch==2.11.0), else the name with every specifier asked of it."""
     image = image_packages()
     expected = json.loads((wheels / MANIFEST_JSON).read_text())["expected"]
-    specifiers = {n: ",".join(r.split(" (")[0] for r in reqs if not r.startswith("any"))
-                  for n, reqs in expected.items()}
+    specifiers = {
+        n: ",".join(r.split(" (")[0] for r in reqs if not r.startswith("any")) for n, reqs in expected.items()
+    }
     return [image[n] if "==" in image[n] else n + specifiers[n] for n in expected]
 
 
 def site_packages(python: Path) -> Path:
-    done = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, text=True, stdout=subprocess.PIPE)
+    done = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        text=True,
+        stdout=subprocess.PIPE,
+    )
     return Path(done.stdout.strip())
 
 
@@ -262,13 +330,17 @@ def image_env(path: Path, wheels: Path) -> Path:
     python = path / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *expected_requirements(wheels)],
-                              check=False)
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *expected_requirements(wheels)], check=False
+        )
         if done.returncode:
             shutil.rmtree(path)
             raise BundleError(f"could not install the image's packages into {path} (above)")
-    listed = json.loads(subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], check=True,
-                                       text=True, stdout=subprocess.PIPE).stdout)
+    listed = json.loads(
+        subprocess.run(
+            [str(python), "-m", "pip", "list", "--format", "json"], check=True, text=True, stdout=subprocess.PIPE
+        ).stdout
+    )
     extra = sorted({canonical(d["name"]) for d in listed} - set(image_packages()))
     if extra:
         raise BundleError(f"{path} holds what the GPU image lacks: {', '.join(extra)}; remove {path} and retry")
@@ -293,8 +365,10 @@ def main(argv=None) -> int:
             print(build(args.dest, args.python_version) + f"written to {args.dest}")
         elif args.command == "install":
             installed, checked = install(args.wheels, args.fallback)
-            print(f"gpu_bundle: installed from {args.wheels} alone, no index"
-                  f"{'' if checked else ', WITHOUT dependency checks'}: {', '.join(installed)}")
+            print(
+                f"gpu_bundle: installed from {args.wheels} alone, no index"
+                f"{'' if checked else ', WITHOUT dependency checks'}: {', '.join(installed)}"
+            )
             return 0 if checked else UNCHECKED
         else:
             image = image_env(args.path.with_name(args.path.name + "-image"), args.wheels)

@@ -93,15 +93,17 @@ def best_parallel(packing: dict[int, dict]) -> int | None:
     return max(sorted(done), key=lambda n: done[n]["experiments_per_hour"]) if done else None
 
 
-def project_grid(full_round_seconds: float, startup_seconds: float, packing: dict[int, dict],
-                 work=None) -> dict:
+def project_grid(full_round_seconds: float, startup_seconds: float, packing: dict[int, dict], work=None) -> dict:
     """Minutes for a grid (the default one unless `work`, a planning.Plan) on one GPU, from the
     measured world-size-2 round (1 local epoch), the measured startup and the best packing's
     speedup over one at a time."""
     work = work or projection.default_plan()
     best = best_parallel(packing)
-    speedup = (packing[best]["experiments_per_hour"] / packing[1]["experiments_per_hour"]
-               if best is not None and packing.get(1, {}).get("ok") else 1.0)
+    speedup = (
+        packing[best]["experiments_per_hour"] / packing[1]["experiments_per_hour"]
+        if best is not None and packing.get(1, {}).get("ok")
+        else 1.0
+    )
     world_sizes = sorted({task.cfg.world_size for task in work.tasks})
     per_round = projection.rounds_scaled_by_flops(full_round_seconds, measured_world_size=2, world_sizes=world_sizes)
     return {**projection.project(per_round, startup_seconds, speedup, work), "best_parallel": best}
@@ -146,8 +148,12 @@ class MemoryPeak:
 
 def ended(done: common.Finished, seconds: float) -> dict:
     """How a step's command ended, and whether the budget stopped it."""
-    return {"ok": done.code == 0, "seconds": done.seconds, "allotted_seconds": seconds,
-            "cut_at_budget": done.code == 124}
+    return {
+        "ok": done.code == 0,
+        "seconds": done.seconds,
+        "allotted_seconds": seconds,
+        "cut_at_budget": done.code == 124,
+    }
 
 
 def step_cuda_tests(args, work: Path, seconds: float) -> dict:
@@ -160,8 +166,19 @@ def step_bench(args, work: Path, seconds: float) -> dict:
     """bench.py writes its JSON after each section, so a bench stopped by the budget keeps the
     figures of the sections it finished."""
     path = work / "bench.json"
-    done = common.run_command([sys.executable, str(REPO / "benchmarks" / "bench.py"), *BENCH_ARGS,
-                               "--device", args.device, "--json", str(path)], seconds, cwd=REPO)
+    done = common.run_command(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench.py"),
+            *BENCH_ARGS,
+            "--device",
+            args.device,
+            "--json",
+            str(path),
+        ],
+        seconds,
+        cwd=REPO,
+    )
     result = {**ended(done, seconds), "output_tail": done.output[-4000:]}
     if path.exists():
         result["figures"] = json.loads(path.read_text())["figures"]
@@ -172,18 +189,39 @@ def step_full_run(args, work: Path, seconds: float) -> dict:
     store = work / "full"
     store.mkdir()
     with MemoryPeak(not args.dry) as memory:
-        done, run = common.run_experiment(args.data, store, world_size=2, rounds=args.full_rounds,
-                                          train_images=args.train_images, test_images=args.test_images,
-                                          device=args.device, timeout=seconds, experiment="gpu-check",
-                                          extra=("--local-epochs", "1"), partial=True,
-                                          MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+        done, run = common.run_experiment(
+            args.data,
+            store,
+            world_size=2,
+            rounds=args.full_rounds,
+            train_images=args.train_images,
+            test_images=args.test_images,
+            device=args.device,
+            timeout=seconds,
+            experiment="gpu-check",
+            extra=("--local-epochs", "1"),
+            partial=True,
+            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+        )
     result = {**ended(done, seconds), "gpu_memory_peak_mib": memory.peak_mib, "output_tail": done.output[-4000:]}
     if run is None:
         return result
     steady = {r: s for r, s in run["round_seconds"].items() if r >= 2}
-    result.update({k: run[k] for k in ("run_id", "round_seconds", "eval_seconds", "checkpoint_seconds",
-                                       "trainer_seconds", "startup_seconds", "startup_breakdown")},
-                  full_round_seconds=common.best_steady_round(steady) if steady else None)
+    result.update(
+        {
+            k: run[k]
+            for k in (
+                "run_id",
+                "round_seconds",
+                "eval_seconds",
+                "checkpoint_seconds",
+                "trainer_seconds",
+                "startup_seconds",
+                "startup_breakdown",
+            )
+        },
+        full_round_seconds=common.best_steady_round(steady) if steady else None,
+    )
     return result
 
 
@@ -192,16 +230,36 @@ def step_packing(args, work: Path, n: int, seconds: float) -> dict:
     store = work / f"pack{n}"
     store.mkdir()
     seeds = ",".join(str(s) for s in range(1, args.pack_seeds + 1))
-    command = common.sweep(args.data, args.device, args.pack_images, args.test_images, "--world-sizes", "1,2",
-                           "--learning-rates", "1e-3", "--swap", "true", "--rounds", "1", "--seeds", seeds,
-                           "--parallel", str(n))
+    command = common.sweep(
+        args.data,
+        args.device,
+        args.pack_images,
+        args.test_images,
+        "--world-sizes",
+        "1,2",
+        "--learning-rates",
+        "1e-3",
+        "--swap",
+        "true",
+        "--rounds",
+        "1",
+        "--seeds",
+        seeds,
+        "--parallel",
+        str(n),
+    )
     env = common.store_env(store, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     with MemoryPeak(not args.dry) as memory:
         done = common.run_command(command, seconds, cwd=store, env=env)
     experiments = PACK_EXPERIMENTS_PER_SEED * args.pack_seeds
-    return {**ended(done, seconds), "parallel": n, "experiments": experiments,
-            "experiments_per_hour": experiments_per_hour(experiments, done.seconds) if done.code == 0 else None,
-            "gpu_memory_peak_mib": memory.peak_mib, "output_tail": done.output[-2000:]}
+    return {
+        **ended(done, seconds),
+        "parallel": n,
+        "experiments": experiments,
+        "experiments_per_hour": experiments_per_hour(experiments, done.seconds) if done.code == 0 else None,
+        "gpu_memory_peak_mib": memory.peak_mib,
+        "output_tail": done.output[-2000:],
+    }
 
 
 def skipped(seconds: float) -> dict:
@@ -212,11 +270,13 @@ def run_steps(args, budget: Budget, work: Path, steps: dict, save) -> None:
     """Every step in turn, each within its share of what is left of the budget, saving the results
     after each: a check cut short keeps what it measured."""
     weights = list(STEPS.values())
-    simple = {"cuda_tests": ("CUDA tests", step_cuda_tests),
-              "full_run": (f"full-size run: world size 2, {args.full_rounds} rounds", step_full_run),
-              "bench": ("bench.py on the device", step_bench)}
+    simple = {
+        "cuda_tests": ("CUDA tests", step_cuda_tests),
+        "full_run": (f"full-size run: world size 2, {args.full_rounds} rounds", step_full_run),
+        "bench": ("bench.py on the device", step_bench),
+    }
     for k, name in enumerate(STEPS):
-        seconds = budget.allot(weights[k], sum(weights[k + 1:]))
+        seconds = budget.allot(weights[k], sum(weights[k + 1 :]))
         if name == "packing":
             steps["packing"] = run_packing(args, work, seconds, save)
             continue
@@ -232,7 +292,7 @@ def run_packing(args, work: Path, seconds: float, save) -> dict:
     budget, packing = Budget(seconds), {}
     costs = [-(-PACK_EXPERIMENTS_PER_SEED * args.pack_seeds // n) for n in args.pack]
     for k, n in enumerate(args.pack):
-        share = budget.allot(costs[k], sum(costs[k + 1:]))
+        share = budget.allot(costs[k], sum(costs[k + 1 :]))
         say(f"sweep with --parallel {n} (at most {share:.0f} s)")
         packing[n] = step_packing(args, work, n, share) if share >= MIN_STEP_SECONDS else skipped(share)
         save()
@@ -245,10 +305,15 @@ def run_packing(args, work: Path, seconds: float, save) -> dict:
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="run every step on the CPU at toy sizes")
-    parser.add_argument("--budget", type=float, default=420.0,
-                        help="seconds the whole check may take; each step is stopped at its share [420]")
-    parser.add_argument("--output", type=Path, default=RESULTS,
-                        help="directory of the results file [benchmarks/results]")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=420.0,
+        help="seconds the whole check may take; each step is stopped at its share [420]",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS, help="directory of the results file [benchmarks/results]"
+    )
     parser.add_argument("--install", default="", help="how gpu_check.sh installed fedshard (recorded in the results)")
     args = parser.parse_args(argv)
     if args.budget < 2 * RESERVE_SECONDS:
@@ -266,17 +331,22 @@ def summarise(steps: dict) -> tuple[dict, dict]:
     """Every figure of the check, each once: bench.py's (moved out of its step) and this check's
     own; and the grids' projections, where the full run measured a steady round and a startup."""
     full, packing = steps.get("full_run", {}), steps.get("packing", {})
-    own = {"full_round_seconds": full.get("full_round_seconds"),
-           "full_run_startup_seconds": full.get("startup_seconds"),
-           "experiments_per_hour": {n: p.get("experiments_per_hour") for n, p in packing.items()},
-           "gpu_memory_peak_mib": {n: p.get("gpu_memory_peak_mib") for n, p in packing.items()},
-           "best_parallel": best_parallel(packing)}
+    own = {
+        "full_round_seconds": full.get("full_round_seconds"),
+        "full_run_startup_seconds": full.get("startup_seconds"),
+        "experiments_per_hour": {n: p.get("experiments_per_hour") for n, p in packing.items()},
+        "gpu_memory_peak_mib": {n: p.get("gpu_memory_peak_mib") for n, p in packing.items()},
+        "best_parallel": best_parallel(packing),
+    }
     figures = {**steps.get("bench", {}).pop("figures", {}), **own}
     if not own["full_round_seconds"] or own["full_run_startup_seconds"] is None:
         return figures, {}
-    grids = {"default": project_grid(own["full_round_seconds"], own["full_run_startup_seconds"], packing),
-             "harness": project_grid(own["full_round_seconds"], own["full_run_startup_seconds"], packing,
-                                     projection.harness_plan())}
+    grids = {
+        "default": project_grid(own["full_round_seconds"], own["full_run_startup_seconds"], packing),
+        "harness": project_grid(
+            own["full_round_seconds"], own["full_run_startup_seconds"], packing, projection.harness_plan()
+        ),
+    }
     figures["grid_projected_minutes"] = grids["default"]["grid_projected_minutes"]
     figures["harness_projected_minutes"] = grids["harness"]["grid_projected_minutes"]
     return figures, grids
@@ -286,8 +356,13 @@ def start_results(args) -> tuple[dict, Path]:
     """The results so far (the machine, as bench.py describes it) and the file they go to."""
     info = common.machine(torch.device(args.device))
     output = args.output / file_name(info.get("gpu", info["cpu"]), args.dry)
-    return {"machine": info, "dry": args.dry, "budget_seconds": args.budget, "install": args.install,
-            "steps": {}}, output
+    return {
+        "machine": info,
+        "dry": args.dry,
+        "budget_seconds": args.budget,
+        "install": args.install,
+        "steps": {},
+    }, output
 
 
 def closing_lines(output: Path, grids: dict) -> list[str]:
@@ -295,17 +370,25 @@ def closing_lines(output: Path, grids: dict) -> list[str]:
     lines = [f"results: {output}"]
     for name, label in (("default", "default grid"), ("harness", "harness grid (grids/harness.yaml)")):
         grid = grids.get(name)
-        packed = (f"best --parallel {grid['best_parallel']}" if grid and grid["best_parallel"] else
-                  "one at a time: no packing measured")
-        lines.append(f"{label}: {grid['runs']} runs, {grid['grid_projected_minutes']:.1f} min projected ({packed})"
-                     if grid else f"{label}: not projected (the full run measured no round >= 2, or no startup)")
+        packed = (
+            f"best --parallel {grid['best_parallel']}"
+            if grid and grid["best_parallel"]
+            else "one at a time: no packing measured"
+        )
+        lines.append(
+            f"{label}: {grid['runs']} runs, {grid['grid_projected_minutes']:.1f} min projected ({packed})"
+            if grid
+            else f"{label}: not projected (the full run measured no round >= 2, or no startup)"
+        )
     return lines
 
 
 def outcome(steps: dict) -> tuple[list[str], list[str]]:
     """The steps that failed by themselves, and those the budget stopped or skipped."""
-    every = {**{k: v for k, v in steps.items() if k != "packing"},
-             **{f"packing {n}": p for n, p in steps["packing"].items()}}
+    every = {
+        **{k: v for k, v in steps.items() if k != "packing"},
+        **{f"packing {n}": p for n, p in steps["packing"].items()},
+    }
     failed = [k for k, v in every.items() if v.get("ok") is False and not v.get("cut_at_budget")]
     return failed, [k for k, v in every.items() if v.get("cut_at_budget") or "skipped" in v]
 
@@ -322,7 +405,7 @@ def main(argv=None) -> int:
         output.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="fedshard-gpu-check-") as tmp:
-        from fedshard.synthetic import write_synthetic_cifar100
+        from fedshard.core.synthetic import write_synthetic_cifar100
 
         args.data = Path(tmp) / "data"
         say(f"writing CIFAR-100-format data: {args.train_images} training, {args.test_images} test images")
@@ -335,8 +418,13 @@ def main(argv=None) -> int:
     figures, grids = summarise(steps)
     results.update(grids=grids, figures=figures, targets=verdicts(figures, args.dry))
     save()
-    print(json.dumps({"figures": figures, "targets": results["targets"],
-                      "wall_seconds": round(results["wall_seconds"], 1)}, indent=2, default=str))
+    print(
+        json.dumps(
+            {"figures": figures, "targets": results["targets"], "wall_seconds": round(results["wall_seconds"], 1)},
+            indent=2,
+            default=str,
+        )
+    )
     failed, cut = outcome(steps)
     if cut:
         say(f"stopped or skipped at the budget, with what they measured: {', '.join(cut)}")

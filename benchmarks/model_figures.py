@@ -1,4 +1,4 @@
-"""Training images/s of every model of the registry (fedshard.models), as a trainer trains it: its
+"""Training images/s of every model of the registry (fedshard.core.models), as a trainer trains it: its
 own recipe (optimizer, batch size; images resized, cropped and flipped on the device), the full
 model and a world-size-2 slice, at 32 x 32 and at the model's own image size where that differs
 (ResNet-34: 224 x 224).
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from fedshard import models, training
-
 from common import best_of
+from fedshard.core import models, training
 from report import Section
 
 
@@ -29,13 +28,23 @@ def train_images_per_s(name: str, image_size: int, world_size: int, steps: int, 
     net = model.network(model.slice_widths(world_size, 0) if world_size > 1 else None)
     gen = torch.Generator().manual_seed(0)
     n = recipe.batch_size * steps
-    data = training.DeviceData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
-                               torch.randint(0, 100, (n,), generator=gen))
+    data = training.DeviceData(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+        torch.randint(0, 100, (n,), generator=gen),
+    )
     prep = training.Preprocessing.of(name, image_size)
 
     def one_pass():
-        training.train_local(net, data, learning_rate=1e-4, epochs=1, batch_size=recipe.batch_size, generator=gen,
-                             optimizer=recipe.optimizer, prep=prep)
+        training.train_local(
+            net,
+            data,
+            learning_rate=1e-4,
+            epochs=1,
+            batch_size=recipe.batch_size,
+            generator=gen,
+            optimizer=recipe.optimizer,
+            prep=prep,
+        )
 
     return n / best_of(one_pass, repeats, warmup=1)[0]
 
@@ -49,11 +58,18 @@ def models_section(quick: bool) -> Section:
             for world_size in (1, 2):
                 ips = train_images_per_s(name, size, world_size, steps, repeats=1 if quick else 2)
                 key = f"{name}_{size}px_ws{world_size}"
-                details[key] = {"model": name, "image_size": size, "world_size": world_size, "images_per_s": ips,
-                                "batch_size": model.recipe.batch_size, "optimizer": model.recipe.optimizer,
-                                "images_timed": model.recipe.batch_size * steps}
+                details[key] = {
+                    "model": name,
+                    "image_size": size,
+                    "world_size": world_size,
+                    "images_per_s": ips,
+                    "batch_size": model.recipe.batch_size,
+                    "optimizer": model.recipe.optimizer,
+                    "images_timed": model.recipe.batch_size * steps,
+                }
                 if world_size == 1:
                     figures[f"train_images_per_s_{name}_{size}px"] = ips
-                rows.append((f"train_images_per_s {name} {size}px" + (" (ws2 slice)" if world_size > 1 else ""),
-                             ips, "img/s"))
+                rows.append(
+                    (f"train_images_per_s {name} {size}px" + (" (ws2 slice)" if world_size > 1 else ""), ips, "img/s")
+                )
     return Section(details, figures, rows)

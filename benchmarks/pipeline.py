@@ -3,7 +3,7 @@ data_pipeline_speedup and eval_speedup.
 
 The classic way is what torchvision's CIFAR100 dataset with PIL transforms and a DataLoader
 does; fedshard keeps a partition as one uint8 tensor on the device and crops, flips and
-normalises whole batches there (fedshard.training).
+normalises whole batches there (fedshard.core.training).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedshard import models, precision, training
-
 from common import best_of, sync, threads
+from fedshard.core import models, precision, training
 from report import Section
 
 
@@ -49,8 +48,9 @@ def bench_data_pipeline(images, labels, device, batch_size: int, repeats: int) -
     """Images/s of one pass over the same images, each pipeline delivering batches on `device`.
     Both run on one torch thread: the classic pipeline is single-threaded by construction."""
     n = len(labels)
-    loader = torch.utils.data.DataLoader(ClassicCIFAR(images, labels, classic_transforms(True)),
-                                         batch_size=batch_size, shuffle=True, num_workers=0)
+    loader = torch.utils.data.DataLoader(
+        ClassicCIFAR(images, labels, classic_transforms(True)), batch_size=batch_size, shuffle=True, num_workers=0
+    )
     data = training.DeviceData.from_numpy(images, labels, device)
     generator = torch.Generator(device).manual_seed(0)
 
@@ -60,7 +60,7 @@ def bench_data_pipeline(images, labels, device, batch_size: int, repeats: int) -
         sync(device)
 
     def fedshard():
-        for x, y in training.input_batches(data, batch_size, generator):
+        for _ in training.input_batches(data, batch_size, generator):
             pass
         sync(device)
 
@@ -71,17 +71,27 @@ def bench_data_pipeline(images, labels, device, batch_size: int, repeats: int) -
             classic_times.append(best_of(classic, 1)[0])
             fast_times.append(best_of(fedshard, 1)[0])
     classic_ips, fast_ips = n / min(classic_times), n / min(fast_times)
-    return {"images": n, "batch_size": batch_size, "torch_threads": 1,
-            "classic_images_per_s": classic_ips, "fedshard_images_per_s": fast_ips,
-            "data_pipeline_speedup": fast_ips / classic_ips}
+    return {
+        "images": n,
+        "batch_size": batch_size,
+        "torch_threads": 1,
+        "classic_images_per_s": classic_ips,
+        "fedshard_images_per_s": fast_ips,
+        "data_pipeline_speedup": fast_ips / classic_ips,
+    }
 
 
 def data_pipeline_section(images, labels, device, repeats: int) -> Section:
     d = bench_data_pipeline(images, labels, device, 64, repeats)
-    return Section(d, {"data_pipeline_speedup": d["data_pipeline_speedup"]}, [
-        ("data_pipeline_speedup", d["data_pipeline_speedup"], "x"),
-        ("  fedshard pipeline", d["fedshard_images_per_s"], "img/s"),
-        ("  classic pipeline", d["classic_images_per_s"], "img/s")])
+    return Section(
+        d,
+        {"data_pipeline_speedup": d["data_pipeline_speedup"]},
+        [
+            ("data_pipeline_speedup", d["data_pipeline_speedup"], "x"),
+            ("  fedshard pipeline", d["fedshard_images_per_s"], "img/s"),
+            ("  classic pipeline", d["classic_images_per_s"], "img/s"),
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -92,8 +102,12 @@ def bench_eval(images, labels, device, n_fast: int, n_plain: int, bf16: bool, re
     torch.manual_seed(0)
     model = models.get("alexnet").network().to(device)
     fast_data = training.DeviceData.from_numpy(images[:n_fast], labels[:n_fast], device)
-    plain = torch.utils.data.DataLoader(ClassicCIFAR(images[:n_plain], labels[:n_plain], classic_transforms(False)),
-                                        batch_size=1, shuffle=False, num_workers=0)
+    plain = torch.utils.data.DataLoader(
+        ClassicCIFAR(images[:n_plain], labels[:n_plain], classic_transforms(False)),
+        batch_size=1,
+        shuffle=False,
+        num_workers=0,
+    )
 
     def fast():
         training.evaluate(model, fast_data, batch_size=1000, bf16=bf16)
@@ -112,16 +126,26 @@ def bench_eval(images, labels, device, n_fast: int, n_plain: int, bf16: bool, re
     training.evaluate(model, training.DeviceData(fast_data.images[:8], fast_data.labels[:8]), bf16=bf16)  # warm-up
     fast_s, _ = best_of(fast, repeats)
     plain_s, _ = best_of(plain_loop, 1)
-    return {"fedshard_images": n_fast, "plain_images": n_plain, "bf16": bf16,
-            "fedshard_images_per_s": n_fast / fast_s, "plain_images_per_s": n_plain / plain_s,
-            "eval_speedup": (n_fast / fast_s) / (n_plain / plain_s)}
+    return {
+        "fedshard_images": n_fast,
+        "plain_images": n_plain,
+        "bf16": bf16,
+        "fedshard_images_per_s": n_fast / fast_s,
+        "plain_images_per_s": n_plain / plain_s,
+        "eval_speedup": (n_fast / fast_s) / (n_plain / plain_s),
+    }
 
 
 def eval_section(images, labels, device, n_fast: int, n_plain: int) -> Section:
     """In the precision a run evaluates in on this device (precision=auto)."""
     bf16 = precision.resolve("auto", device.type) == "bf16"
     e = bench_eval(images, labels, device, n_fast, n_plain, bf16=bf16, repeats=2)
-    return Section(e, {"eval_speedup": e["eval_speedup"]}, [
-        ("eval_speedup", e["eval_speedup"], "x"),
-        ("  fedshard evaluate", e["fedshard_images_per_s"], "img/s"),
-        ("  batch-size-1 loop", e["plain_images_per_s"], "img/s")])
+    return Section(
+        e,
+        {"eval_speedup": e["eval_speedup"]},
+        [
+            ("eval_speedup", e["eval_speedup"], "x"),
+            ("  fedshard evaluate", e["fedshard_images_per_s"], "img/s"),
+            ("  batch-size-1 loop", e["plain_images_per_s"], "img/s"),
+        ],
+    )

@@ -18,9 +18,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fedshard import models, precision, training
-
 from common import best_of, threads
+from fedshard.core import models, precision, training
 from report import Section
 
 BATCH, WARMUP = 64, 2
@@ -53,8 +52,9 @@ def train_images_per_s(bf16: bool, channels_last: bool = False, steps: int = 4) 
 def eval_images_per_s(bf16: bool, images: int = 1000, steps: int = 4) -> float:
     torch.manual_seed(0)
     model = models.get("alexnet").network()
-    data = training.DeviceData(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8),
-                               torch.randint(0, 100, (images,)))
+    data = training.DeviceData(
+        torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 100, (images,))
+    )
     return images / _best_seconds(lambda: training.evaluate(model, data, batch_size=1000, bf16=bf16), steps)
 
 
@@ -62,8 +62,10 @@ def precision_section(cores: int, steps: int = 4, eval_images: int = 1000) -> Se
     """cpu_train_images_per_s_{fp32,bf16}, cpu_bf16_speedup and the same for evaluation."""
     native = precision.cpu_has_native_bf16()
     with threads(cores):
-        f = {"cpu_train_images_per_s_fp32": train_images_per_s(False, steps=steps),
-             "cpu_eval_images_per_s_fp32": eval_images_per_s(False, eval_images, steps)}
+        f = {
+            "cpu_train_images_per_s_fp32": train_images_per_s(False, steps=steps),
+            "cpu_eval_images_per_s_fp32": eval_images_per_s(False, eval_images, steps),
+        }
         if native:
             f["cpu_train_images_per_s_bf16"] = train_images_per_s(True, steps=steps)
             f["cpu_train_images_per_s_bf16_channels_last"] = train_images_per_s(True, True, steps)
@@ -71,13 +73,21 @@ def precision_section(cores: int, steps: int = 4, eval_images: int = 1000) -> Se
             f["cpu_bf16_speedup"] = f["cpu_train_images_per_s_bf16"] / f["cpu_train_images_per_s_fp32"]
             f["cpu_eval_bf16_speedup"] = f["cpu_eval_images_per_s_bf16"] / f["cpu_eval_images_per_s_fp32"]
     why = "" if native else "  (no native bf16 on this CPU: bf16 not measured)"
-    rows = [("cpu_bf16_speedup" + why, f.get("cpu_bf16_speedup"), "x"),
-            ("  train, fp32", f["cpu_train_images_per_s_fp32"], "img/s"),
-            ("  train, bf16", f.get("cpu_train_images_per_s_bf16"), "img/s"),
-            ("  train, bf16 + channels_last", f.get("cpu_train_images_per_s_bf16_channels_last"), "img/s"),
-            ("cpu_eval_bf16_speedup", f.get("cpu_eval_bf16_speedup"), "x"),
-            ("  evaluate, fp32", f["cpu_eval_images_per_s_fp32"], "img/s"),
-            ("  evaluate, bf16", f.get("cpu_eval_images_per_s_bf16"), "img/s")]
-    details = {**f, "native_bf16": native, "threads": cores, "batch": BATCH, "timed_steps": steps,
-               "eval_images": eval_images}
+    rows = [
+        ("cpu_bf16_speedup" + why, f.get("cpu_bf16_speedup"), "x"),
+        ("  train, fp32", f["cpu_train_images_per_s_fp32"], "img/s"),
+        ("  train, bf16", f.get("cpu_train_images_per_s_bf16"), "img/s"),
+        ("  train, bf16 + channels_last", f.get("cpu_train_images_per_s_bf16_channels_last"), "img/s"),
+        ("cpu_eval_bf16_speedup", f.get("cpu_eval_bf16_speedup"), "x"),
+        ("  evaluate, fp32", f["cpu_eval_images_per_s_fp32"], "img/s"),
+        ("  evaluate, bf16", f.get("cpu_eval_images_per_s_bf16"), "img/s"),
+    ]
+    details = {
+        **f,
+        "native_bf16": native,
+        "threads": cores,
+        "batch": BATCH,
+        "timed_steps": steps,
+        "eval_images": eval_images,
+    }
     return Section(details, f, rows)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedshard import grid, models, planning
+from fedshard.core import models
+from fedshard.sweep import grid, planning
 
 # The default grid on one H200 in at most half an hour: what the GPU figures are judged by.
 TARGET_MINUTES = 30.0
@@ -25,33 +26,43 @@ FORWARD_PASSES_PER_TRAINING_STEP = 3
 HARNESS = Path(__file__).resolve().parents[1] / "grids" / "harness.yaml"
 
 
-def training_flops_per_image(widths: dict[str, int] | None = None, model: str = "alexnet",
-                             image_size: int | None = None) -> int:
+def training_flops_per_image(
+    widths: dict[str, int] | None = None, model: str = "alexnet", image_size: int | None = None
+) -> int:
     """FLOPs of training `model` (or one slice of it) on one image at `image_size` (the model's own
     without: AlexNet 32x32, ResNet-34 224x224)."""
     return FORWARD_PASSES_PER_TRAINING_STEP * models.get(model).forward_flops(widths, image_size)
 
 
-def round_flops(world_size: int, images: int = CIFAR_TRAIN, model: str = "alexnet",
-                image_size: int | None = None) -> float:
+def round_flops(
+    world_size: int, images: int = CIFAR_TRAIN, model: str = "alexnet", image_size: int | None = None
+) -> float:
     """Training FLOPs of one round over `images`: each of the `world_size` trainers trains its own
     slice of `model` on its own share of the images (one local epoch; project multiplies by a
     run's local epochs)."""
     shares, spec = models.part_sizes(images, world_size), models.get(model)
-    return sum(training_flops_per_image(spec.slice_widths(world_size, k), model, image_size) * shares[k]
-               for k in range(world_size))
+    return sum(
+        training_flops_per_image(spec.slice_widths(world_size, k), model, image_size) * shares[k]
+        for k in range(world_size)
+    )
 
 
-def rounds_scaled_by_flops(seconds: float, measured_world_size: int = 2, world_sizes=(1, 2), model: str = "alexnet",
-                           image_size: int | None = None) -> dict[int, float]:
+def rounds_scaled_by_flops(
+    seconds: float,
+    measured_world_size: int = 2,
+    world_sizes=(1, 2),
+    model: str = "alexnet",
+    image_size: int | None = None,
+) -> dict[int, float]:
     """Seconds of a round for each world size, from one measured at `measured_world_size`: a round
     on one GPU is bound by its arithmetic, so the others take their share of FLOPs longer."""
     measured = round_flops(measured_world_size, model=model, image_size=image_size)
     return {n: seconds * round_flops(n, model=model, image_size=image_size) / measured for n in world_sizes}
 
 
-def rounds_from_rates(train_images_per_s: dict[int, float], eval_images_per_s: float,
-                      exchange_gbytes_per_s: float, model_bytes: int) -> dict[int, float]:
+def rounds_from_rates(
+    train_images_per_s: dict[int, float], eval_images_per_s: float, exchange_gbytes_per_s: float, model_bytes: int
+) -> dict[int, float]:
     """Seconds of a round for each world size, from its parts: the trainers share one GPU, so the
     training set takes its size over one slice trainer's images/s (no credit for two trainers
     overlapping); evaluating the test set is added although the aggregator overlaps it with the
@@ -71,8 +82,9 @@ def harness_plan() -> planning.Plan:
     return planning.plan(grid.expand(grid.make_grid({}, [], HARNESS)), [])
 
 
-def project(round_seconds: dict[int, float], startup_seconds: float, packing_speedup: float,
-            work: planning.Plan | None = None) -> dict:
+def project(
+    round_seconds: dict[int, float], startup_seconds: float, packing_speedup: float, work: planning.Plan | None = None
+) -> dict:
     """Minutes for a grid (`work`; the default one unless given) on one GPU: every run pays its
     startup and its rounds, each round `round_seconds` of its world size (a round of one local
     epoch) times its local epochs, at any batch size (a round is taken to cost its images'
@@ -80,8 +92,15 @@ def project(round_seconds: dict[int, float], startup_seconds: float, packing_spe
     several at a time on the GPU (what `sweep --parallel` does) finish sooner by the measured
     speedup of packing over one at a time."""
     work = work or default_plan()
-    serial = sum(startup_seconds + task.rounds_to_train * task.cfg.local_epochs * round_seconds[task.cfg.world_size]
-                 for task in work.tasks)
-    return {"runs": len(work.tasks), "rounds": work.rounds_to_train, "round_seconds": round_seconds,
-            "serial_minutes": serial / 60, "packing_speedup": packing_speedup,
-            "grid_projected_minutes": serial / packing_speedup / 60}
+    serial = sum(
+        startup_seconds + task.rounds_to_train * task.cfg.local_epochs * round_seconds[task.cfg.world_size]
+        for task in work.tasks
+    )
+    return {
+        "runs": len(work.tasks),
+        "rounds": work.rounds_to_train,
+        "round_seconds": round_seconds,
+        "serial_minutes": serial / 60,
+        "packing_speedup": packing_speedup,
+        "grid_projected_minutes": serial / packing_speedup / 60,
+    }

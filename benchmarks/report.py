@@ -22,7 +22,18 @@ TARGETS = {  # figure -> (comparison, bound, the device the bound is set for)
     "grid_projected_minutes": ("<=", projection.TARGET_MINUTES, projection.TARGET_DEVICE),
 }
 # Sections of bench.py's table, top to bottom (they are measured in another order).
-ROW_ORDER = ("data_pipeline", "eval", "precision", "models", "experiment", "startup", "exchange", "extension", "cuda", "grid")
+ROW_ORDER = (
+    "data_pipeline",
+    "eval",
+    "precision",
+    "models",
+    "experiment",
+    "startup",
+    "exchange",
+    "extension",
+    "cuda",
+    "grid",
+)
 
 
 def met(metric: str, value, on_gpu: bool) -> bool | None:
@@ -39,9 +50,11 @@ def met(metric: str, value, on_gpu: bool) -> bool | None:
 def judge(figures: dict, on_gpu: bool, names=tuple(TARGETS)) -> dict:
     """The verdict on each target of `names`, as both benchmark scripts record it: the comparison,
     the bound, the device it is set for, the figure's value and `met` (see met)."""
-    return {m: {"op": op, "bound": bound, "where": where, "value": figures.get(m),
-                "met": met(m, figures.get(m), on_gpu)}
-            for m in names for op, bound, where in [TARGETS[m]]}
+    return {
+        m: {"op": op, "bound": bound, "where": where, "value": figures.get(m), "met": met(m, figures.get(m), on_gpu)}
+        for m in names
+        for op, bound, where in [TARGETS[m]]
+    }
 
 
 def verdict(metric: str, value, on_gpu: bool) -> tuple[str, str]:
@@ -87,8 +100,7 @@ class Report:
     """Every figure of one bench.py run, gathered section by section."""
 
     def __init__(self, info: dict, quick: bool, sizes: dict, on_gpu: bool, path: str | None = None):
-        self.results: dict = {"machine": info, "quick": quick, "sizes": sizes, "details": {},
-                              "figures": {}}
+        self.results: dict = {"machine": info, "quick": quick, "sizes": sizes, "details": {}, "figures": {}}
         self.info, self.quick, self.on_gpu, self.path = info, quick, on_gpu, path
         self.figures: dict[str, float | None] = self.results["figures"]
         self.rows: dict[str, list] = {}
@@ -114,13 +126,20 @@ class Report:
         busy = max(info["load_average_1min_start"], info["load_average_1min_end"]) > 0.5 * info["cores"]
         noisy = "  <- other processes were running; timings are noisy" if busy else ""
         rows = [row for name in ROW_ORDER for row in self.rows.get(name, [])]
-        return "\n".join([
-            f"fedshard benchmark, {info['date']}{' (--quick)' if self.quick else ''}",
-            (f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
-             f"torch {info['torch']}, device {info.get('gpu', info['device'])}"),
-            (f"load average (1 min) at start / end: {info['load_average_1min_start']} / "
-             f"{info['load_average_1min_end']}{noisy}"),
-            table(rows, self.on_gpu)])
+        return "\n".join(
+            [
+                f"fedshard benchmark, {info['date']}{' (--quick)' if self.quick else ''}",
+                (
+                    f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
+                    f"torch {info['torch']}, device {info.get('gpu', info['device'])}"
+                ),
+                (
+                    f"load average (1 min) at start / end: {info['load_average_1min_start']} / "
+                    f"{info['load_average_1min_end']}{noisy}"
+                ),
+                table(rows, self.on_gpu),
+            ]
+        )
 
     def write(self, path: str) -> None:
         Path(path).write_text(json.dumps(self.results, indent=2, default=str))

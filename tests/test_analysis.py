@@ -1,4 +1,4 @@
-"""Tests for fedshard.analysis: loading/validation, aggregation, ranking, plots (classic pickles;
+"""Tests for fedshard.results.analysis: loading/validation, aggregation, ranking, plots (classic pickles;
 results CSVs, comparisons and targets are in test_report.py)."""
 
 import collections
@@ -9,10 +9,10 @@ import pickle
 import matplotlib.pyplot as plt
 import pytest
 
-from fedshard.analysis import ranking_lines, summarize
-from fedshard.plots import make_plots
-from fedshard.report import report
-from fedshard.results import ResultsError, load_pickle
+from fedshard.results.analysis import ranking_lines, summarize
+from fedshard.results.formats import ResultsError, load_pickle
+from fedshard.results.plots import make_plots
+from fedshard.results.report import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -20,7 +20,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def curve(accs, losses=None):
     """A run's entries: rounds 0..len(accs)-1 with the given accuracies."""
     losses = losses or [4.6 - 0.5 * r for r in range(len(accs))]
-    return [(r, float(l), float(a)) for r, (l, a) in enumerate(zip(losses, accs))]
+    return [(r, float(loss), float(acc)) for r, (loss, acc) in enumerate(zip(losses, accs))]
 
 
 # Hand-computed (sample std, ddof=1):
@@ -63,21 +63,20 @@ def test_ranking_lines_exact_order_and_format():
     assert ranking_lines(RESULTS, top=3) == EXPECTED_RANKING
     full = ranking_lines(RESULTS)
     assert full[0] == "Top 5 Configurations by Final Accuracy:"
-    assert full[4] == (
-        "4. World Size: 1, LR: 0.0001, Swap: False, Rounds: 5, Accuracy: 0.1500 ± 0.0707 (n=2)"
-    )
+    assert full[4] == ("4. World Size: 1, LR: 0.0001, Swap: False, Rounds: 5, Accuracy: 0.1500 ± 0.0707 (n=2)")
     assert len(full) == 5  # only 4 configurations exist
 
 
 def test_summarize_matches_hand_computed_values():
     table = summarize(RESULTS)
-    configs = list(table[["world_size", "learning_rate", "enable_swapping", "rounds"]]
-                   .itertuples(index=False, name=None))
-    assert configs == [(2, 0.001, True, 3), (1, 1e-05, False, 3),
-                       (2, 0.001, False, 3), (1, 0.0001, False, 5)]
+    configs = list(
+        table[["world_size", "learning_rate", "enable_swapping", "rounds"]].itertuples(index=False, name=None)
+    )
+    assert configs == [(2, 0.001, True, 3), (1, 1e-05, False, 3), (2, 0.001, False, 3), (1, 0.0001, False, 5)]
     assert table["final_accuracy_mean"].tolist() == pytest.approx([0.5, 0.45, 0.32, 0.15])
     assert table["final_accuracy_std"].tolist() == pytest.approx(
-        [0.1, math.nan, 0.02 * 2**0.5, 0.05 * 2**0.5], nan_ok=True)
+        [0.1, math.nan, 0.02 * 2**0.5, 0.05 * 2**0.5], nan_ok=True
+    )
     assert table["n"].tolist() == [3, 1, 2, 2]
     assert table["best_accuracy_mean"].tolist() == pytest.approx([0.5, 0.47, 0.32, 0.15])
     assert table["final_loss_mean"].iloc[0] == pytest.approx(2.2)
@@ -88,8 +87,10 @@ def test_make_plots_writes_valid_pngs(tmp_path):
     out = tmp_path / "nested" / "plots"
     paths = make_plots(RESULTS, out)
     assert [p.name for p in paths] == [
-        "learning_curves.png", "accuracy_vs_lr.png",
-        "swap_comparison.png", "best_accuracy_vs_rounds.png",
+        "learning_curves.png",
+        "accuracy_vs_lr.png",
+        "swap_comparison.png",
+        "best_accuracy_vs_rounds.png",
     ]
     for path in paths:
         data = path.read_bytes()
@@ -101,8 +102,7 @@ def test_make_plots_writes_valid_pngs(tmp_path):
 def test_swap_plot_skipped_without_world_size_above_one(tmp_path):
     only_centralised = {k: v for k, v in RESULTS.items() if k[0] == 1}
     names = [p.name for p in make_plots(only_centralised, tmp_path)]
-    assert names == ["learning_curves.png", "accuracy_vs_lr.png",
-                     "best_accuracy_vs_rounds.png"]
+    assert names == ["learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png"]
     assert not (tmp_path / "swap_comparison.png").exists()
 
 
@@ -116,7 +116,7 @@ def test_report_prints_counts_table_and_ranking(tmp_path):
     start = lines.index(EXPECTED_RANKING[0])  # comparisons and targets follow the ranking now
     (one_seed,) = [row for row in "\n".join(lines[:start]).splitlines() if " 1e-05 " in row]  # summary row
     assert "0.4500" in one_seed and "±" not in one_seed  # one seed: no spread
-    assert lines[start:start + 4] == EXPECTED_RANKING
+    assert lines[start : start + 4] == EXPECTED_RANKING
     assert lines[start + 4] == ""
     assert not (tmp_path / "plots").exists()
 
@@ -141,8 +141,10 @@ GOOD_RUN = curve([0.01, 0.2, 0.3, 0.4])
         ({(2, 0.001, True, 3): GOOD_RUN}, "is not a 5-tuple"),
         ({GOOD_KEY: []}, "expected a non-empty list"),
         ({GOOD_KEY: [(1, 4.0, 0.1), (2, 3.0, 0.2)]}, "round 1, expected round 0"),
-        ({GOOD_KEY: [(0, 4.0, 0.1), (2, 3.0, 0.2), (2, 2.0, 0.3)]},
-         "round 2 after round 2, expected rounds strictly increasing"),
+        (
+            {GOOD_KEY: [(0, 4.0, 0.1), (2, 3.0, 0.2), (2, 2.0, 0.3)]},
+            "round 2 after round 2, expected rounds strictly increasing",
+        ),
         ({GOOD_KEY: [(0, 4.0, 0.1), (1, "3.0", 0.2)]}, r"entry 1 is \(1, '3.0', 0.2\)"),
         ({GOOD_KEY: [(0, 4.0, 0.1, 9)]}, "expected a tuple"),
     ],
@@ -209,10 +211,12 @@ def test_plots_with_a_single_learning_rate(tmp_path):
 
 
 def test_a_nan_last_round_is_the_final_value_not_an_earlier_round_s():
-    from fedshard.analysis import per_run
+    from fedshard.results.analysis import per_run
 
-    diverged = {(2, 0.001, True, 2, 1): [(0, 4.6, 0.01), (1, 3.0, 0.3), (2, math.nan, 0.01)],
-                (2, 0.001, True, 2, 2): [(0, 4.6, 0.01), (1, 3.0, 0.2), (2, math.nan, math.nan)]}
+    diverged = {
+        (2, 0.001, True, 2, 1): [(0, 4.6, 0.01), (1, 3.0, 0.3), (2, math.nan, 0.01)],
+        (2, 0.001, True, 2, 2): [(0, 4.6, 0.01), (1, 3.0, 0.2), (2, math.nan, math.nan)],
+    }
     first, second = per_run(diverged).to_dict("records")
     assert math.isnan(first["final_loss"]) and first["final_accuracy"] == 0.01 and first["best_accuracy"] == 0.3
     assert math.isnan(second["final_loss"]) and math.isnan(second["final_accuracy"])
@@ -222,10 +226,14 @@ def test_a_nan_last_round_is_the_final_value_not_an_earlier_round_s():
 def test_one_experiment_is_never_compared_with_itself():
     """A legacy pickle holds world size 1 with swapping on and off: swapping does not apply to one
     trainer, so the two are one experiment and no "swap effect at world size 1" is shown."""
-    from fedshard.analysis import comparisons
+    from fedshard.results.analysis import comparisons
 
-    legacy = {(ws, 0.001, swap, 2, seed): curve([0.01, 0.1 * ws + 0.01 * seed + 0.05 * swap, 0.2 * ws + swap * 0.1])
-              for ws in (1, 2) for swap in (False, True) for seed in (1, 2)}
+    legacy = {
+        (ws, 0.001, swap, 2, seed): curve([0.01, 0.1 * ws + 0.01 * seed + 0.05 * swap, 0.2 * ws + swap * 0.1])
+        for ws in (1, 2)
+        for swap in (False, True)
+        for seed in (1, 2)
+    }
     table = comparisons(legacy)
     swap = table[table["setting"] == "enable_swapping"]
     assert swap["world_size"].tolist() == [2, 2]  # final and best accuracy, world size 2 only
@@ -234,8 +242,8 @@ def test_one_experiment_is_never_compared_with_itself():
 
 
 def test_every_setting_has_a_label_and_no_two_share_one():
-    from fedshard.analysis import setting_label
-    from fedshard.config import RESULT_SETTINGS
+    from fedshard.core.config import RESULT_SETTINGS
+    from fedshard.results.analysis import setting_label
 
     labels = [setting_label(s) for s in RESULT_SETTINGS]
     assert all(labels) and len(set(labels)) == len(labels)
@@ -247,12 +255,27 @@ def test_settings_every_run_shares_count_in_telling_experiments_apart():
     makes two alphas two experiments."""
     import pandas as pd
 
-    from fedshard.analysis import comparisons
+    from fedshard.results.analysis import comparisons
 
-    frame = pd.DataFrame([{"world_size": 2, "learning_rate": 1e-3, "enable_swapping": True, "rounds": 1, "seed": seed,
-                           "partition": "dirichlet", "dirichlet_alpha": alpha, "round": r, "test_loss": 4.6 - r,
-                           "test_accuracy": 0.01 + r * alpha / 10 + seed / 100}
-                          for alpha in (0.1, 1.0) for seed in (1, 2) for r in (0, 1)])
+    frame = pd.DataFrame(
+        [
+            {
+                "world_size": 2,
+                "learning_rate": 1e-3,
+                "enable_swapping": True,
+                "rounds": 1,
+                "seed": seed,
+                "partition": "dirichlet",
+                "dirichlet_alpha": alpha,
+                "round": r,
+                "test_loss": 4.6 - r,
+                "test_accuracy": 0.01 + r * alpha / 10 + seed / 100,
+            }
+            for alpha in (0.1, 1.0)
+            for seed in (1, 2)
+            for r in (0, 1)
+        ]
+    )
     table = comparisons(frame)
     assert table["setting"].tolist() == ["dirichlet_alpha"] * 2
     assert table["mean_difference"].tolist() == pytest.approx([0.09, 0.09])
@@ -270,22 +293,23 @@ LAYERWISE = {  # the harness's later key: enable_layerwise_swapping fourth
 
 
 def test_a_6_tuple_pickle_is_read_with_its_layerwise_setting(tmp_path):
-    from fedshard.results import read
+    from fedshard.results.formats import read
 
     path = write(tmp_path / "harness.pkl", LAYERWISE)
     assert load_pickle(path) == LAYERWISE
     frame = read(path)
     assert frame["enable_layerwise_swapping"].dtype == bool and frame["enable_layerwise_swapping"].sum() == 9
-    for bad, message in (({**LAYERWISE, (2, 0.001, True, 2, 1): GOOD_RUN}, "has 5 fields where the first key has 6"),
-                         ({(2, 0.001, True, "yes", 2, 1): GOOD_RUN}, "enable_layerwise_swapping is str 'yes', "
-                                                                     "expected bool"),
-                         ({(2, 0.001, True, 2): GOOD_RUN}, "is not a 5-tuple .* nor a 6-tuple")):
+    for bad, message in (
+        ({**LAYERWISE, (2, 0.001, True, 2, 1): GOOD_RUN}, "has 5 fields where the first key has 6"),
+        ({(2, 0.001, True, "yes", 2, 1): GOOD_RUN}, "enable_layerwise_swapping is str 'yes', expected bool"),
+        ({(2, 0.001, True, 2): GOOD_RUN}, "is not a 5-tuple .* nor a 6-tuple"),
+    ):
         with pytest.raises(ResultsError, match=message):
             load_pickle(write(tmp_path / "bad.pkl", bad))
 
 
 def test_best_accuracy_is_over_the_trained_rounds_and_the_start_has_a_column(tmp_path):
-    from fedshard.analysis import per_run
+    from fedshard.results.analysis import per_run
 
     # started from a trained model (0.61): the start is its highest accuracy, never its best
     started = {(2, 0.001, True, 2, 1): [(0, 1.5, 0.61), (1, 3.0, 0.30), (2, 2.5, 0.40)]}
@@ -309,13 +333,18 @@ def test_best_accuracy_is_over_the_trained_rounds_and_the_start_has_a_column(tmp
 def test_the_learning_curves_of_a_4_x_3_x_2_grid_wrap_and_zoom_into_flat_panels(monkeypatch):
     """The harness's grid: world sizes 1, 2, 4, 8 x three learning rates x swapping. One row of 7
     panels on one y axis was 3107 px wide, with the world-size-8 curves flat at the bottom."""
-    from fedshard import plots
+    from fedshard.results import plots
 
     top = {1: 0.6, 2: 0.3, 4: 0.25, 8: 0.05}  # world size 8 learns least: flat on a 0..0.6 axis
-    grid = {(ws, lr, swap, 3, seed): curve([0.01] + [0.01 + top[ws] * r / 3 * (1 + lr * 100) + 0.001 * seed
-                                                      for r in (1, 2, 3)])
-            for ws in top for lr in (1e-5, 1e-4, 1e-3) for swap in ((False,) if ws == 1 else (False, True))
-            for seed in (1, 2)}
+    grid = {
+        (ws, lr, swap, 3, seed): curve(
+            [0.01] + [0.01 + top[ws] * r / 3 * (1 + lr * 100) + 0.001 * seed for r in (1, 2, 3)]
+        )
+        for ws in top
+        for lr in (1e-5, 1e-4, 1e-3)
+        for swap in ((False,) if ws == 1 else (False, True))
+        for seed in (1, 2)
+    }
     drawn = []
     monkeypatch.setattr(plots, "_png", lambda figure, title, note: drawn.append((figure, note)) or b"png")
     plots.figures(grid)
@@ -335,7 +364,7 @@ def test_the_learning_curves_of_a_4_x_3_x_2_grid_wrap_and_zoom_into_flat_panels(
 
 def test_a_run_name_in_a_panel_title_is_cut_short():
     """init_from=run:<name> is a whole configuration: the panel says which, briefly; report.md in full."""
-    from fedshard.plots import TITLE_VALUE_CHARS, _extras_label
+    from fedshard.results.plots import TITLE_VALUE_CHARS, _extras_label
 
     row = {"init_from": "run:ws1-lr0.0001-swapfalse-r10-s77-ep1-bs8-train128-test64", "enable_layerwise_swapping": True}
     label = _extras_label(row, ["enable_layerwise_swapping", "init_from"])

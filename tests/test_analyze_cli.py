@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
 from fedshard import cli
-from fedshard.plots import PLOT_FILES
+from fedshard.results.plots import PLOT_FILES
+from helpers import REPO
 
 
 def curve(final_accs, rounds=3):
@@ -40,10 +40,17 @@ RESULTS = {
 def analyze(*args, cwd):
     """The real command, in its own process, with no MLflow store anywhere in its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([sys.executable, "-m", "fedshard", "analyze", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedshard", "analyze", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
+@pytest.mark.slow
 def test_analyze_ranks_a_hand_made_pickle_and_writes_the_plots(tmp_path):
     results = tmp_path / "hand_made.pkl"
     results.write_bytes(pickle.dumps(RESULTS))
@@ -93,6 +100,7 @@ def test_a_bad_pickle_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, ca
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_file_through_the_real_command(tmp_path):
     result = analyze("--results-file", "nowhere.pkl", cwd=tmp_path)
     assert result.returncode == 2
@@ -119,15 +127,18 @@ ONE_SEED_DIVERGED = {
 REPORT_FILES = ["report.md", "comparisons.csv", "targets.csv", *PLOT_FILES]
 
 
-@pytest.mark.parametrize("results, fmt", [(ALL_DIVERGED, "pickle"), (ALL_DIVERGED, "csv"),
-                                         (ONE_SEED_DIVERGED, "pickle")],
-                         ids=["all diverged", "all diverged, csv", "one seed diverged"])
+@pytest.mark.parametrize(
+    "results, fmt",
+    [(ALL_DIVERGED, "pickle"), (ALL_DIVERGED, "csv"), (ONE_SEED_DIVERGED, "pickle")],
+    ids=["all diverged", "all diverged, csv", "one seed diverged"],
+)
 def test_nan_accuracies_give_a_complete_report(tmp_path, monkeypatch, results, fmt):
-    from fedshard import results as formats
+    from fedshard.results import formats
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "nan.pkl").write_bytes(pickle.dumps(results) if fmt == "pickle"
-                                       else formats.csv_bytes(formats.frame_from_pickle(results)))
+    (tmp_path / "nan.pkl").write_bytes(
+        pickle.dumps(results) if fmt == "pickle" else formats.csv_bytes(formats.frame_from_pickle(results))
+    )
     result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "nan.pkl", "--output-dir", "rep"])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "rep").iterdir())
@@ -139,8 +150,10 @@ def test_nan_accuracies_give_a_complete_report(tmp_path, monkeypatch, results, f
     assert "runs diverged" in md and "kept out of every mean" in md and "figures leave diverged runs out" in md
     assert "Accuracy: nan" not in result.stdout and " nan " not in result.stdout.replace("NaN", "")
     if results is ALL_DIVERGED:
-        assert ("1. World Size: 2, LR: 0.001, Swap: True, Rounds: 1, Accuracy: none (1 of 1 seeds diverged)"
-                in result.stdout)
+        assert (
+            "1. World Size: 2, LR: 0.001, Swap: True, Rounds: 1, Accuracy: none (1 of 1 seeds diverged)"
+            in result.stdout
+        )
         assert "no default targets: every run diverged" in md and "(nothing to draw: every run diverged)" in md
 
 
@@ -151,9 +164,10 @@ def test_a_diverged_seed_is_counted_shown_kept_out_of_the_mean_and_ranked_last(t
     assert result.exit_code == 0, result.output
     ranking = result.stdout.split("Top 5 Configurations by Final Accuracy:\n")[1].splitlines()[:2]
     # swap's one finite seed (0.40) beats no swap's mean (0.21), yet a diverged seed ranks it last
-    assert ranking == ["1. World Size: 2, LR: 0.001, Swap: False, Rounds: 2, Accuracy: 0.2100 ± 0.0141 (n=2)",
-                       "2. World Size: 2, LR: 0.001, Swap: True, Rounds: 2, Accuracy: 0.4000 (n=1; 1 of 2 seeds "
-                       "diverged)"]
+    assert ranking == [
+        "1. World Size: 2, LR: 0.001, Swap: False, Rounds: 2, Accuracy: 0.2100 ± 0.0141 (n=2)",
+        "2. World Size: 2, LR: 0.001, Swap: True, Rounds: 2, Accuracy: 0.4000 (n=1; 1 of 2 seeds diverged)",
+    ]
     summary = result.stdout.split("Top 5")[0]
     (swap_row,) = [line for line in summary.splitlines() if " True " in line]
     assert swap_row.split()[4:8] == ["0.0100", "0.4000", "1", "1"] and "of 2" in swap_row  # start, mean, n, "1 of 2"
@@ -180,18 +194,21 @@ def test_a_6_tuple_pickle_gets_a_layerwise_column_and_comparison(tmp_path, monke
     (tmp_path / "harness.pkl").write_bytes(pickle.dumps(LAYERWISE))
     result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "harness.pkl", "--no-plots"])
     assert result.exit_code == 0, result.output
-    assert "1. World Size: 1, LR: 0.0001, Swap: False, Rounds: 2, Layerwise: False, Accuracy: 0.4000 (n=1)" \
-        in result.stdout  # world size 1 as fedshard records it: layerwise swapping does not apply
+    assert (
+        "1. World Size: 1, LR: 0.0001, Swap: False, Rounds: 2, Layerwise: False, Accuracy: 0.4000 (n=1)"
+        in result.stdout
+    )  # world size 1 as fedshard records it: layerwise swapping does not apply
     final = result.stdout.split("Paired comparisons, final accuracy")[1].split("\n\n")[0].splitlines()
     (row,) = [line.split() for line in final if line.split()[:3] == ["Layerwise", "False", "True"]]
     # on − off per seed: 0.10 − 0.20, 0.12 − 0.24; mean −0.11, half width t(0.975, 1) · 0.01414 / √2
     half = 12.7062 * 0.01
     assert row[-4:] == ["2", "-0.1100", f"[{-0.11 - half:+.4f},", f"{-0.11 + half:+.4f}]"]
     # world size 1 -> 2 with layerwise swapping too (world size 1 stands in: it does not apply there): seed 42
-    (world,) = [line.split() for line in final if line.split()[:4] == ["World", "Size", "1", "2"]
-                and line.split()[7] == "True"]
+    (world,) = [
+        line.split() for line in final if line.split()[:4] == ["World", "Size", "1", "2"] and line.split()[7] == "True"
+    ]
     assert world[8:10] == ["1", "-0.3000"]
-    from fedshard import report, sources
+    from fedshard.results import report, sources
 
     md = report.markdown(report.tables(sources.read_sources(["harness.pkl"])[0]), [])
     assert "| Layerwise |" in md and "highest over the trained rounds (r ≥ 1" in md and "Start Acc (round 0)" in md
@@ -204,8 +221,19 @@ def test_two_results_files_compare_their_sources(tmp_path, monkeypatch):
     ours = {(2, 0.001, True, 3, seed): curve(0.48 + 0.01 * seed + 0.01 * (seed == 3)) for seed in (1, 2, 3)}
     (tmp_path / "experiment_results_random.pkl").write_bytes(pickle.dumps(harness))
     (tmp_path / "ours.pkl").write_bytes(pickle.dumps(ours))
-    result = CliRunner().invoke(cli.main, ["analyze", "--results-file", "experiment_results_random.pkl",
-                                           "--results-file", "ours.pkl", "--label", "fedshard=ours.pkl", "--no-plots"])
+    result = CliRunner().invoke(
+        cli.main,
+        [
+            "analyze",
+            "--results-file",
+            "experiment_results_random.pkl",
+            "--results-file",
+            "ours.pkl",
+            "--label",
+            "fedshard=ours.pkl",
+            "--no-plots",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Source: experiment_results_random, Accuracy: 0.5200 ± 0.0100 (n=3)" in result.stdout
     final = result.stdout.split("Paired comparisons, final accuracy")[1].split("\n\n")[0].splitlines()
@@ -213,38 +241,67 @@ def test_two_results_files_compare_their_sources(tmp_path, monkeypatch):
     # a < b by name; b − a = fedshard − harness per seed: −0.02, −0.02, −0.01
     assert row[1:3] == ["experiment_results_random", "fedshard"] and row[-4:-2] == ["3", "-0.0167"]
 
-    for args, message in ((["--results-file", "ours.pkl", "--results-file", "sub/ours.pkl"],
-                           "several results files are named ours; tell them apart with --label NAME=FILE"),
-                          (["--results-file", "ours.pkl", "--label", "x=other.pkl"],
-                           "--label 'x=other.pkl': other.pkl is not one of the results files given"),
-                          (["--results-file", "ours.pkl", "--label", "ours.pkl"], "expected NAME=FILE")):
+    for args, message in (
+        (
+            ["--results-file", "ours.pkl", "--results-file", "sub/ours.pkl"],
+            "several results files are named ours; tell them apart with --label NAME=FILE",
+        ),
+        (
+            ["--results-file", "ours.pkl", "--label", "x=other.pkl"],
+            "--label 'x=other.pkl': other.pkl is not one of the results files given",
+        ),
+        (["--results-file", "ours.pkl", "--label", "ours.pkl"], "expected NAME=FILE"),
+    ):
         (tmp_path / "sub").mkdir(exist_ok=True)
         (tmp_path / "sub" / "ours.pkl").write_bytes(pickle.dumps(ours))
         refused = CliRunner().invoke(cli.main, ["analyze", *args, "--no-plots"])
         assert refused.exit_code == 2 and message in refused.stderr, refused.output
     # what a pickle does not record is taken from the other files' runs, and said; where they differ, refused
-    from fedshard import results, sources
+    from fedshard.results import formats as results
+    from fedshard.results import sources
 
     csv = results.frame_from_pickle(ours).assign(strategy="tensor_parallel", init_from="")
     (tmp_path / "ours.csv").write_bytes(results.csv_bytes(csv))
     frame, notes = sources.read_sources(["experiment_results_random.pkl", "ours.csv"])
-    assert notes == ["experiment_results_random.pkl records no strategy, init_from: its runs are taken to have the "
-                     "other files' strategy=tensor_parallel, init_from=''"]
-    assert set(frame["strategy"]) == {"tensor_parallel"} and set(frame["source"]) == {"experiment_results_random",
-                                                                                      "ours"}
+    assert notes == [
+        "experiment_results_random.pkl records no strategy, init_from: its runs are taken to have the "
+        "other files' strategy=tensor_parallel, init_from=''"
+    ]
+    assert set(frame["strategy"]) == {"tensor_parallel"} and set(frame["source"]) == {
+        "experiment_results_random",
+        "ours",
+    }
     (tmp_path / "ours.csv").write_bytes(results.csv_bytes(pd.concat([csv, csv.assign(strategy="fedavg")])))
-    with pytest.raises(results.ResultsError, match=r"experiment_results_random.pkl records no strategy, and the runs "
-                                                   r"of the other files differ in it \(fedavg, tensor_parallel\)"):
+    with pytest.raises(
+        results.ResultsError,
+        match=r"experiment_results_random.pkl records no strategy, and the runs "
+        r"of the other files differ in it \(fedavg, tensor_parallel\)",
+    ):
         sources.read_sources(["experiment_results_random.pkl", "ours.csv"])
     from test_analysis import LAYERWISE
 
     (tmp_path / "six.pkl").write_bytes(pickle.dumps(LAYERWISE))
     frame, notes = sources.read_sources(["experiment_results_random.pkl", "six.pkl"])
-    assert notes == ["experiment_results_random.pkl records no enable_layerwise_swapping: its runs are read as "
-                     "enable_layerwise_swapping=false, as a 5-tuple pickle, like any file from before the setting "
-                     "existed, holds runs without it"]
+    assert notes == [
+        "experiment_results_random.pkl records no enable_layerwise_swapping: its runs are read as "
+        "enable_layerwise_swapping=false, as a 5-tuple pickle, like any file from before the setting "
+        "existed, holds runs without it"
+    ]
     assert not frame.loc[frame["source"] == "experiment_results_random", "enable_layerwise_swapping"].any()
     # files given one label are one source: the harness's study in two files
-    one = CliRunner().invoke(cli.main, ["analyze", "--results-file", "ours.pkl", "--results-file", "sub/ours.pkl",
-                                        "--label", "a=ours.pkl", "--label", "a=sub/ours.pkl", "--no-plots"])
+    one = CliRunner().invoke(
+        cli.main,
+        [
+            "analyze",
+            "--results-file",
+            "ours.pkl",
+            "--results-file",
+            "sub/ours.pkl",
+            "--label",
+            "a=ours.pkl",
+            "--label",
+            "a=sub/ours.pkl",
+            "--no-plots",
+        ],
+    )
     assert one.exit_code == 2 and "is in more than one file of source 'a'" in one.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.append(str(REPO / "benchmarks"))
 bench = importlib.import_module("bench")
@@ -27,8 +27,12 @@ def test_best_of_times_only_the_calls_after_the_warm_up():
 
 def test_an_experiments_round_is_its_best_round_from_round_2():
     assert common.best_steady_round({1: 9.0, 2: 6.0, 3: 7.0, 4: 8.0}) == 6.0  # not the median, 7.0
-    exp = {"round_seconds": {1: 9.0, 2: 6.0, 3: 7.0}, "trainer_seconds": {1: 8.0, 2: 5.5, 3: 5.0},
-           "eval_seconds": {}, "checkpoint_seconds": {1: 0.2, 2: 0.4}}
+    exp = {
+        "round_seconds": {1: 9.0, 2: 6.0, 3: 7.0},
+        "trainer_seconds": {1: 8.0, 2: 5.5, 3: 5.0},
+        "eval_seconds": {},
+        "checkpoint_seconds": {1: 0.2, 2: 0.4},
+    }
     figures = experiment.round_figures(exp, {"best_seconds": 5.0})
     assert figures["round_overhead_ratio"] == pytest.approx(6.0 / 5.0)
     assert figures["round_over_trainer_seconds"] == pytest.approx(6.0 / 5.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedshard import checkpoint
-from fedshard.models.alexnet import AlexNet
+from fedshard.core import checkpoint
+from fedshard.core.models.alexnet import AlexNet
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,32 @@ import sys
 import pytest
 
 from fedshard import tracking
-from fedshard.config import ExperimentConfig
+from fedshard.core.config import ExperimentConfig
 from fedshard.tracking import claims
 from fedshard.tracking.runs import RunRecord
 
 NOW = 1_000_000.0
 
 
-def claim(run_id: str, status: str = "RUNNING", state: str = claims.HELD, age: float = 1.0, host: str = "elsewhere",
-          pid: int = 1, start: int = 0, timeout: float = 60.0, params=None) -> RunRecord:
-    tags = {claims.CLAIM_TAG: "k", claims.STATE_TAG: state, claims.HEARTBEAT_TAG: str(NOW - age),
-            claims.TIMEOUT_TAG: str(timeout), tracking.HOST_TAG: host, tracking.PID_TAG: str(pid)}
+def claim(
+    run_id: str,
+    status: str = "RUNNING",
+    state: str = claims.HELD,
+    age: float = 1.0,
+    host: str = "elsewhere",
+    pid: int = 1,
+    start: int = 0,
+    timeout: float = 60.0,
+    params=None,
+) -> RunRecord:
+    tags = {
+        claims.CLAIM_TAG: "k",
+        claims.STATE_TAG: state,
+        claims.HEARTBEAT_TAG: str(NOW - age),
+        claims.TIMEOUT_TAG: str(timeout),
+        tracking.HOST_TAG: host,
+        tracking.PID_TAG: str(pid),
+    }
     return RunRecord(run_id, "1", status, start, dict(params or {}), tags)
 
 
@@ -60,12 +75,21 @@ def test_what_a_claimant_may_do_given_the_claims_it_sees():
     assert judge("m", 1, [claim("m", params={"fedshard.claim.1": "resumed"})], NOW).kind == claims.WON
 
 
+@pytest.mark.slow
 def test_of_two_processes_taking_one_hand_exactly_one_gets_it_and_an_owner_ends_only_its_own_run(store):
     run_id = tracking.start_run(ExperimentConfig(world_size=1, precision="fp32"), "hands")
-    takers = [subprocess.Popen(
-        [sys.executable, "-c", "import sys; from fedshard.tracking import claims; "
-                         f"sys.exit(0 if claims.take('{run_id}', 1, 'resumed') else 3)"],
-        env=dict(os.environ)) for _ in range(2)]
+    takers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from fedshard.tracking import claims; "
+                f"sys.exit(0 if claims.take('{run_id}', 1, 'resumed') else 3)",
+            ],
+            env=dict(os.environ),
+        )
+        for _ in range(2)
+    ]
     assert sorted(t.wait(timeout=120) for t in takers) == [0, 3]
     assert claims.taken(run_id, 0).startswith("resumed; pid ")
     assert claims.lost(run_id, 0) is not None and claims.lost(run_id, 1) is None

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from fedshard.config import ConfigError, ExperimentConfig, canonical
+from fedshard.core.config import ConfigError, ExperimentConfig, canonical
 
 
 @pytest.mark.parametrize(
@@ -67,11 +67,24 @@ def test_json_round_trip_and_unknown_keys():
 def test_settings_that_do_not_apply_take_one_value_with_a_note():
     # One trainer trains the whole model whatever the strategy; swap_every means nothing without
     # swapping; dirichlet_alpha nothing for another partition: each is recorded as one value.
-    cfg, notes = ExperimentConfig.with_notes({"world_size": "1", "strategy": "fedavg", "enable_swapping": "true",
-                                              "swap_every": "3", "partition": "iid", "dirichlet_alpha": "0.1",
-                                              "enable_layerwise_swapping": "true"})
+    cfg, notes = ExperimentConfig.with_notes(
+        {
+            "world_size": "1",
+            "strategy": "fedavg",
+            "enable_swapping": "true",
+            "swap_every": "3",
+            "partition": "iid",
+            "dirichlet_alpha": "0.1",
+            "enable_layerwise_swapping": "true",
+        }
+    )
     assert (cfg.strategy, cfg.enable_swapping, cfg.swap_every, cfg.dirichlet_alpha, cfg.enable_layerwise_swapping) == (
-        "tensor_parallel", False, 2, 0.5, False)
+        "tensor_parallel",
+        False,
+        2,
+        0.5,
+        False,
+    )
     assert cfg == ExperimentConfig(world_size=1, partition="iid")
     assert notes == [
         "one trainer trains the whole model whatever the strategy; running it as centralised training "
@@ -90,20 +103,34 @@ def test_identity_is_every_setting_that_can_change_a_result():
     here = ExperimentConfig(world_size=2, data_dir="/a", eval_batch_size=10, round_timeout=5, device="cpu")
     there = ExperimentConfig(world_size=2, data_dir="/b", deterministic=True)
     assert here != there and here.identity() == there.identity()
-    for change in ({"strategy": "fedavg"}, {"batch_size": 16}, {"partition": "iid"}, {"seed": 1},
-                   {"enable_layerwise_swapping": True},
-                   {"max_train_samples": 100}, {"local_epochs": 2}, {"init_from": "w.pt"}):
+    for change in (
+        {"strategy": "fedavg"},
+        {"batch_size": 16},
+        {"partition": "iid"},
+        {"seed": 1},
+        {"enable_layerwise_swapping": True},
+        {"max_train_samples": 100},
+        {"local_epochs": 2},
+        {"init_from": "w.pt"},
+    ):
         assert ExperimentConfig(world_size=2, **change).identity() != here.identity(), change
-    assert [name for name, _ in here.identity()][:5] == ["world_size", "learning_rate", "enable_swapping",
-                                                          "rounds", "seed"]
+    assert [name for name, _ in here.identity()][:5] == [
+        "world_size",
+        "learning_rate",
+        "enable_swapping",
+        "rounds",
+        "seed",
+    ]
 
 
 def test_run_name_is_the_configuration():
     assert ExperimentConfig(world_size=2, learning_rate="0.001", rounds=1).run_name() == "ws2-lr0.001-swaptrue-r1-s123"
     assert ExperimentConfig(world_size=2, strategy="fedavg", rounds=1, batch_size=16).run_name() == (
-        "ws2-lr0.001-swapfalse-r1-s123-bs16-fedavg")
+        "ws2-lr0.001-swapfalse-r1-s123-bs16-fedavg"
+    )
     assert ExperimentConfig(partition="dirichlet", dirichlet_alpha=0.1, data_dir="/x").run_name() == (
-        "ws2-lr0.001-swaptrue-r30-s123-dirichlet-alpha0.1")
+        "ws2-lr0.001-swaptrue-r30-s123-dirichlet-alpha0.1"
+    )
 
 
 def test_the_defaults_are_the_harness_experiment():

@@ -1,4 +1,4 @@
-"""fedshard.data: reading, validating, downloading and partitioning CIFAR-100."""
+"""fedshard.core.data: reading, validating, downloading and partitioning CIFAR-100."""
 
 import hashlib
 import os
@@ -13,9 +13,9 @@ import urllib.error
 import numpy as np
 import pytest
 
-import fedshard.data as data
-from fedshard.data import DataError, ensure_cifar100, load_split, partition
-from fedshard.synthetic import write_synthetic_cifar100
+import fedshard.core.data as data
+from fedshard.core.data import DataError, ensure_cifar100, load_split, partition
+from fedshard.core.synthetic import write_synthetic_cifar100
 
 
 def _write_train(tmp_path, obj, protocol=4):
@@ -227,12 +227,17 @@ def test_an_incomplete_dataset_names_the_missing_file_and_downloads_nothing(tmp_
 
 def test_a_download_says_what_it_does(tmp_path, monkeypatch, capsys):
     source = write_synthetic_cifar100(tmp_path / "source", n_train=4, n_test=4)
-    monkeypatch.setattr(data, "download_and_extract_archive",
-                        lambda url, where, **_: shutil.copytree(source, pathlib.Path(where) / "cifar-100-python"))
+    monkeypatch.setattr(
+        data,
+        "download_and_extract_archive",
+        lambda url, where, **_: shutil.copytree(source, pathlib.Path(where) / "cifar-100-python"),
+    )
     assert ensure_cifar100(tmp_path / "data") == tmp_path / "data" / "cifar-100-python"
-    assert capsys.readouterr().err == (f"fedshard: CIFAR-100 is not in {tmp_path / 'data' / 'cifar-100-python'}: "
-                                       f"downloading {data.CIFAR100_URL} (about 170 MB) into {tmp_path / 'data'} "
-                                       "and extracting it\n")
+    assert capsys.readouterr().err == (
+        f"fedshard: CIFAR-100 is not in {tmp_path / 'data' / 'cifar-100-python'}: "
+        f"downloading {data.CIFAR100_URL} (about 170 MB) into {tmp_path / 'data'} "
+        "and extracting it\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, experiment_args, fedshard, fedshard_processes
-from fedshard import data
-from fedshard.config import ExperimentConfig, field_names
-from fedshard.models.alexnet import AlexNet
-from fedshard.training import normalize
+from fedshard.core import data
+from fedshard.core.config import ExperimentConfig, field_names
+from fedshard.core.models.alexnet import AlexNet
+from fedshard.core.training import normalize
+from helpers import REPO, experiment_args, fedshard, fedshard_processes
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 CHANCE = 0.25  # the test data has 4 classes
 # What the swapping test's run measured on the code before models were a registry (commit f7cbddf).
@@ -24,8 +26,9 @@ BEFORE_MODELS = json.loads((REPO / "tests" / "fixtures" / "alexnet_before_models
 
 
 def run_experiment(tmp_path, data_dir, launcher_args=(), **params):
-    result = fedshard("run", *experiment_args(data_dir, **params), "--experiment-name", "tests", *launcher_args,
-                      cwd=tmp_path)
+    result = fedshard(
+        "run", *experiment_args(data_dir, **params), "--experiment-name", "tests", *launcher_args, cwd=tmp_path
+    )
     match = re.search(r"fedshard: run ([0-9a-f]{32}):", result.stdout)
     assert match, result.stdout + result.stderr
     run_id = match.group(1)
@@ -61,7 +64,7 @@ def check_finished_run(result, run_id, rounds):
     return run
 
 
-def expected_slice(k, r, n, every):  # docs/experiments.md, written out independently of fedshard.sharding
+def expected_slice(k, r, n, every):  # docs/experiments.md, written out independently of fedshard.core.sharding
     return (k + r // every) % n
 
 
@@ -71,7 +74,10 @@ def assert_numbers_as_before_models(run_id):
     last bits, which three rounds of training grow, so there within 0.1 %."""
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     same_machine = (BEFORE_MODELS["cpu"], BEFORE_MODELS["torch"], BEFORE_MODELS["threads"]) == (
-        cpu, torch.__version__, torch.get_num_threads())
+        cpu,
+        torch.__version__,
+        torch.get_num_threads(),
+    )
     for metric, values in BEFORE_MODELS["metrics"].items():
         expected = {int(step): value for step, value in values.items()}
         found = history(run_id, metric)
@@ -124,8 +130,10 @@ def assert_mlflow_native(run, data_dir, store_dir, n_test):
     # System metrics, sampled while the experiment ran (the tests sample every second).
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     # A description in words, and the code version, as `mlflow run` records it.
-    assert run.data.tags["mlflow.note.content"] == ExperimentConfig.from_mapping(
-        {k: v for k, v in run.data.params.items() if k in field_names()}).description()
+    assert (
+        run.data.tags["mlflow.note.content"]
+        == ExperimentConfig.from_mapping({k: v for k, v in run.data.params.items() if k in field_names()}).description()
+    )
     if (REPO / ".git").exists():  # fedshard runs from this checkout (CI: a clean clone)
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert run.data.tags["mlflow.source.git.commit"] == commit.stdout.strip()
@@ -141,8 +149,9 @@ def test_world_size_one_is_centralised_training_and_learns(tmp_path, data_dir, s
     rounds = 5
     elsewhere = tmp_path / "elsewhere"  # started away from the store: its artifacts still go beside it
     elsewhere.mkdir()
-    result, run_id, pids = run_experiment(elsewhere, data_dir, world_size=1, rounds=rounds, enable_swapping=True,
-                                          **LEARNS)
+    result, run_id, pids = run_experiment(
+        elsewhere, data_dir, world_size=1, rounds=rounds, enable_swapping=True, **LEARNS
+    )
     run = check_finished_run(result, run_id, rounds)
     assert run.data.params["enable_swapping"] == "false"  # does not apply, switched off with a notice
     assert "swapping does not apply" in result.stdout
@@ -156,13 +165,23 @@ def test_world_size_one_is_centralised_training_and_learns(tmp_path, data_dir, s
 
 def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tmp_path, data_dir, store):
     rounds, every = 3, 1
-    result, run_id, pids = run_experiment(tmp_path, data_dir, ["--progress-every", "1"], world_size=2, rounds=rounds,
-                                          swap_every=every, enable_swapping=True, local_epochs=2, **LEARNS)
+    result, run_id, pids = run_experiment(
+        tmp_path,
+        data_dir,
+        ["--progress-every", "1"],
+        world_size=2,
+        rounds=rounds,
+        swap_every=every,
+        enable_swapping=True,
+        local_epochs=2,
+        **LEARNS,
+    )
     check_finished_run(result, run_id, rounds)
     assert_numbers_as_before_models(run_id)
     # inside the rounds, not a terminal: a progress line every second (16 steps per trainer and round)
-    assert re.search(r"^round [1-3]/3: steps \d+/32 \(\d+%\), \d+ img/s, ETA \d+:\d\d", result.stdout, re.M), \
+    assert re.search(r"^round [1-3]/3: steps \d+/32 \(\d+%\), \d+ img/s, ETA \d+:\d\d", result.stdout, re.M), (
         result.stdout
+    )
     for k in range(2):
         trained = history(run_id, f"trainer_{k}/slice")
         assert trained == {r: expected_slice(k, r, 2, every) for r in range(1, rounds + 1)}
@@ -172,8 +191,9 @@ def test_world_size_two_with_swapping_trains_the_prescribed_slices_and_learns(tm
 
 
 def test_world_size_two_without_swapping_keeps_slices_and_learns(tmp_path, data_dir, store):
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=3, enable_swapping=False,
-                                          local_epochs=2, **LEARNS)
+    result, run_id, pids = run_experiment(
+        tmp_path, data_dir, world_size=2, rounds=3, enable_swapping=False, local_epochs=2, **LEARNS
+    )
     check_finished_run(result, run_id, 3)
     assert history(run_id, "trainer_0/slice") == {1: 0, 2: 0, 3: 0}
     assert history(run_id, "trainer_1/slice") == {1: 1, 2: 1, 3: 1}
@@ -188,8 +208,15 @@ def test_fedavg_trains_whole_models_and_learns(tmp_path, data_dir, store):
     # Round times of 15 s make it the suite's costliest learning test. That the same config and
     # seed give the same metrics is checked across processes by the resume tests (test_resume.py).
     rounds = 5
-    result, run_id, pids = run_experiment(tmp_path, data_dir, world_size=2, rounds=rounds, strategy="fedavg",
-                                          local_epochs=2, **dict(LEARNS, learning_rate=3e-4))
+    result, run_id, pids = run_experiment(
+        tmp_path,
+        data_dir,
+        world_size=2,
+        rounds=rounds,
+        strategy="fedavg",
+        local_epochs=2,
+        **dict(LEARNS, learning_rate=3e-4),
+    )
     run = check_finished_run(result, run_id, rounds)
     assert run.data.params["strategy"] == "fedavg" and run.data.params["enable_swapping"] == "false"
     for k in range(2):

@@ -14,7 +14,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
+from helpers import Launcher, assert_gone, experiment_args, fedshard, fedshard_processes
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def run_info(run_id):
@@ -28,8 +30,15 @@ ALL_UP = r"aggregator: trainer 1 joined"  # every process is up; round 1 is star
 
 def test_hung_trainer_times_out_the_round(tmp_path, data_dir, store):
     # short rounds (16 images per trainer) so that only the stopped trainer misses the deadline
-    exp = Launcher(tmp_path, data_dir, world_size=2, rounds=20, max_train_samples=32, round_timeout=12,
-                   launcher_args=["--progress-every", "1"])
+    exp = Launcher(
+        tmp_path,
+        data_dir,
+        world_size=2,
+        rounds=20,
+        max_train_samples=32,
+        round_timeout=12,
+        launcher_args=["--progress-every", "1"],
+    )
     exp.wait_for(r"round 0/")  # in a round: every process group member is connected
     os.kill(exp.trainers[0], signal.SIGSTOP)  # alive, but never answers
     # the progress lines say so while the run still waits (a third of round_timeout on, here 4 s)
@@ -77,9 +86,26 @@ def test_stray_trainer_with_the_wrong_secret_is_refused(tmp_path, data_dir, stor
     exp.wait_for(r"aggregator: trainer 0 joined")
     address = re.search(r"metaserver (\S+),", "".join(exp.output)).group(1)
     env = dict(os.environ, FEDSHARD_SECRET="not-the-secret")
-    stray = subprocess.run([sys.executable, "-m", "fedshard", "trainer", "--metaserver", address,
-                            "--run-id", exp.run_id, "--rank", "0", "--timeout", "20"],
-                           capture_output=True, text=True, env=env, timeout=60)
+    stray = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedshard",
+            "trainer",
+            "--metaserver",
+            address,
+            "--run-id",
+            exp.run_id,
+            "--rank",
+            "0",
+            "--timeout",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert stray.returncode == 1
     assert f"refused: the secret given does not match experiment {exp.run_id}" in stray.stderr
     exp.finish(timeout=300)
@@ -123,20 +149,41 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, data_dir, monkey
 def test_sigterm_to_mlflow_run_tears_everything_down_and_kills_the_run(tmp_path, data_dir, store):
     """`mlflow run` dies on SIGTERM without telling its command; the launcher notices its parent
     is gone (PR_SET_PDEATHSIG), tears the experiment down and marks the run KILLED."""
-    from conftest import REPO
+    from helpers import REPO
 
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    params = [f"data_dir={data_dir}", "world_size=2", "rounds=20", "max_train_samples=128", "max_test_samples=32",
-              "batch_size=16", "local_epochs=1"]
-    proc = subprocess.Popen([mlflow, "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlterm",
-                             *[a for p in params for a in ("-P", p)]], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    params = [
+        f"data_dir={data_dir}",
+        "world_size=2",
+        "rounds=20",
+        "max_train_samples=128",
+        "max_test_samples=32",
+        "batch_size=16",
+        "local_epochs=1",
+    ]
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "run",
+            str(REPO),
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mlterm",
+            *[a for p in params for a in ("-P", p)],
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = MlflowClient()
     deadline = time.monotonic() + 180
     run_id, trainers = None, []
-    while time.monotonic() < deadline and not (run_id and len(trainers) == 2 and
-                                               client.get_metric_history(run_id, "test_accuracy")):
+    while time.monotonic() < deadline and not (
+        run_id and len(trainers) == 2 and client.get_metric_history(run_id, "test_accuracy")
+    ):
         time.sleep(0.5)
         exp = client.get_experiment_by_name("mlterm")
         runs = client.search_runs([exp.experiment_id]) if exp else []
@@ -160,7 +207,7 @@ def test_a_launcher_killed_outright_leaves_its_directory_and_the_next_one_remove
 
     import psutil
 
-    from fedshard import launcher
+    from fedshard.runtime import launcher
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -170,8 +217,11 @@ def test_a_launcher_killed_outright_leaves_its_directory_and_the_next_one_remove
     for d in dirs.values():
         d.mkdir()
         (d / "start.pt").write_bytes(b"x" * 1000)
-    owners = {"killed": (gone.pid, started), "alive": (os.getpid(), psutil.Process().create_time()),
-              "reused": (os.getpid(), psutil.Process().create_time() - 3600)}  # this pid, an older process
+    owners = {
+        "killed": (gone.pid, started),
+        "alive": (os.getpid(), psutil.Process().create_time()),
+        "reused": (os.getpid(), psutil.Process().create_time() - 3600),
+    }  # this pid, an older process
     for name, (pid, when) in owners.items():
         (dirs[name] / "owner.json").write_text(json.dumps({"pid": pid, "started": when}))
     mine = launcher.make_workdir()

@@ -4,13 +4,13 @@ travels; and, at mu = 0, exactly FedAvg."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
-from fedshard import strategies, training, transport
-from fedshard.config import ExperimentConfig
-from fedshard.models.alexnet import AlexNet
+from fedshard.core import strategies, training
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.models.alexnet import AlexNet
+from fedshard.runtime import transport
 
 
 class Tiny(nn.Module):
@@ -64,8 +64,8 @@ def test_fedprox_combines_as_fedavg_and_at_mu_0_trains_exactly_as_it():
 def test_the_proximal_term_keeps_local_training_nearer_the_round_s_model(tmp_path):
     """A 1/16-width AlexNet trained for 2 steps from the same weights and data: with mu > 0 it ends
     nearer where it started."""
-    from fedshard import data, models
-    from fedshard.synthetic import write_synthetic_cifar100
+    from fedshard.core import data, models
+    from fedshard.core.synthetic import write_synthetic_cifar100
 
     write_synthetic_cifar100(tmp_path, n_train=16, n_test=8, n_classes=4)
     images = training.DeviceData.from_numpy(*data.load_split(tmp_path, "train"), torch.device("cpu"))
@@ -77,7 +77,14 @@ def test_the_proximal_term_keeps_local_training_nearer_the_round_s_model(tmp_pat
         start = {k: v.clone() for k, v in model.state_dict().items()}
         prox = strategies.build(ExperimentConfig(world_size=2, strategy="fedprox", proximal_mu=mu))
         term = prox.local_loss(prox.round_settings(1)[0], model.state_dict())
-        training.train_local(model, images, learning_rate=1e-3, epochs=1, batch_size=8,
-                             generator=torch.Generator().manual_seed(1), extra_loss=term)
+        training.train_local(
+            model,
+            images,
+            learning_rate=1e-3,
+            epochs=1,
+            batch_size=8,
+            generator=torch.Generator().manual_seed(1),
+            extra_loss=term,
+        )
         distances[mu] = sum(((p - start[n]) ** 2).sum().item() for n, p in model.named_parameters())
     assert distances[10.0] < distances[0.0]

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 sys.path.append(str(REPO / "benchmarks"))
 gpu_bundle = importlib.import_module("gpu_bundle")
@@ -60,9 +62,13 @@ def image(tmp_path_factory) -> Path:
 def install(python: Path, wheels: Path, *options: str) -> subprocess.CompletedProcess:
     """The install step exactly as gpu_check.sh runs it, here with this machine's pip settings in
     the environment (gpu_bundle drops them)."""
-    return subprocess.run([str(python), str(REPO / "benchmarks" / "gpu_bundle.py"), "install", "--wheels",
-                           str(wheels), *options], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=240)
+    return subprocess.run(
+        [str(python), str(REPO / "benchmarks" / "gpu_bundle.py"), "install", "--wheels", str(wheels), *options],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=240,
+    )
 
 
 def one_wheel_short(bundle: Path, where: Path) -> Path:
@@ -78,11 +84,14 @@ def test_the_bundle_alone_installs_fedshard_beside_the_image_without_any_index(b
     python = gpu_bundle.layered_env(tmp_path / "env", [image])
     done = install(python, bundle)
     assert done.returncode == 0, done.stdout
-    pinned = dict(line.split("==") for line in (REPO / ".ci" / "constraints.txt").read_text().split()
-                  if "==" in line)
+    pinned = dict(line.split("==") for line in (REPO / ".ci" / "constraints.txt").read_text().split() if "==" in line)
     assert f"mlflow=={pinned['mlflow']}" in done.stdout and "fedshard==" in done.stdout
-    where = subprocess.run([str(python), "-c", "import mlflow, fedshard; print(mlflow.__file__, fedshard.__file__)"],
-                           text=True, stdout=subprocess.PIPE, check=True).stdout.split()
+    where = subprocess.run(
+        [str(python), "-c", "import mlflow, fedshard; print(mlflow.__file__, fedshard.__file__)"],
+        text=True,
+        stdout=subprocess.PIPE,
+        check=True,
+    ).stdout.split()
     assert Path(where[0]).is_relative_to(tmp_path / "env") and Path(where[1]).is_relative_to(REPO / "src")
 
 

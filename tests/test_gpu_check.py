@@ -16,9 +16,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO
-from fedshard.models import get as model_entry
-from fedshard.models.alexnet import AlexNet
+from fedshard.core.models import get as model_entry
+from fedshard.core.models.alexnet import AlexNet
+from helpers import REPO
 
 slice_widths = model_entry("alexnet").slice_widths
 
@@ -77,8 +77,9 @@ def test_a_rounds_flops_are_those_pytorch_counts_for_each_trainers_slice_and_sha
 
 
 def test_grid_projection_uses_the_extended_grid_the_round_arithmetic_and_the_packing():
-    grid = gpu_check.project_grid(full_round_seconds=2.3, startup_seconds=10.0,
-                                  packing=packing(n1=100.0, n2=150.0, n4=300.0))
+    grid = gpu_check.project_grid(
+        full_round_seconds=2.3, startup_seconds=10.0, packing=packing(n1=100.0, n2=150.0, n4=300.0)
+    )
     assert (grid["runs"], grid["rounds"]) == (54, 1350)
     ratio = counted_training_flops(None, 50_000) / world_size_2_round()
     assert grid["round_seconds"] == {1: pytest.approx(2.3 * ratio), 2: pytest.approx(2.3)}
@@ -96,8 +97,10 @@ def test_the_harness_grid_is_projected_with_its_world_sizes_and_local_epochs():
     grid = gpu_check.project_grid(2.0, 10.0, packing(n1=100.0, n4=200.0), projection.harness_plan())
     assert (grid["runs"], grid["rounds"]) == (63, 630)
     measured = world_size_2_round()
-    per_round = {n: 2.0 * sum(counted_training_flops(slice_widths(n, k), 50_000 // n) for k in range(n)) / measured
-                 for n in (1, 2, 4, 8)}
+    per_round = {
+        n: 2.0 * sum(counted_training_flops(slice_widths(n, k), 50_000 // n) for k in range(n)) / measured
+        for n in (1, 2, 4, 8)
+    }
     assert grid["round_seconds"] == pytest.approx(per_round)
     serial = 63 * 10.0 + sum(runs * 10 * 3 * per_round[n] for n, runs in {1: 9, 2: 18, 4: 18, 8: 18}.items())
     assert grid["serial_minutes"] == pytest.approx(serial / 60)
@@ -113,13 +116,16 @@ def test_the_budget_gives_each_step_its_share_of_what_is_left():
     assert gpu_check.Budget(10.0, reserve=20.0).allot(1.0, 0.0) == 0.0  # spent: nothing, never less
 
 
+@pytest.mark.slow
 def test_a_stopped_step_leaves_no_process_behind():
     """common.stop, as the budget stops a step: SIGTERM, then SIGKILL after the grace period (here
     the command ignores SIGTERM), then whatever the command started."""
     common = importlib.import_module("common")
-    script = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-              "print(child.pid, flush=True); time.sleep(600)")
+    script = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "print(child.pid, flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     grandchild = psutil.Process(int(proc.stdout.readline()))
     common.stop(proc, grace=1.0)
@@ -146,8 +152,9 @@ def test_a_failed_single_sweep_leaves_the_projection_unpacked():
 def test_rounds_from_their_parts_add_training_evaluation_and_the_exchange_there_and_back():
     # 50,000 images at 10,000 img/s (world size 1) or 5,000 img/s (a slice); 10,000 test images at
     # 20,000 img/s; 2 x 220 MB at 1.1 GB/s.
-    per_round = projection.rounds_from_rates({1: 10_000.0, 2: 5_000.0}, eval_images_per_s=20_000.0,
-                                             exchange_gbytes_per_s=1.1, model_bytes=220_000_000)
+    per_round = projection.rounds_from_rates(
+        {1: 10_000.0, 2: 5_000.0}, eval_images_per_s=20_000.0, exchange_gbytes_per_s=1.1, model_bytes=220_000_000
+    )
     assert per_round == {1: pytest.approx(5 + 0.5 + 0.4), 2: pytest.approx(10 + 0.5 + 0.4)}
     grid = projection.project(per_round, startup_seconds=6.0, packing_speedup=2.0)
     serial = 54 * 6.0 + 3 * (450 * 5.9 + 900 * 10.9)  # rounds of 3 local epochs (the default)
@@ -165,8 +172,10 @@ def test_both_scripts_judge_the_grid_by_the_one_target():
 def test_targets_are_judged_only_when_measured():
     judged = gpu_check.verdicts({"grid_projected_minutes": 29.0, "eval_speedup": None})
     assert judged["grid_projected_minutes"]["met"] is True and judged["eval_speedup"]["met"] is None
-    assert gpu_check.verdicts({"grid_projected_minutes": 31.0, "eval_speedup": 20.0})["grid_projected_minutes"][
-        "met"] is False
+    assert (
+        gpu_check.verdicts({"grid_projected_minutes": 31.0, "eval_speedup": 20.0})["grid_projected_minutes"]["met"]
+        is False
+    )
     dry = gpu_check.verdicts({"grid_projected_minutes": 29.0, "eval_speedup": 25.0}, dry=True)
     assert [v["met"] for v in dry.values()] == [None, None]  # toy sizes on a CPU prove nothing
 
@@ -182,10 +191,11 @@ def packing_step(n: int, rate: float) -> dict:
 
 
 def test_the_results_hold_each_figure_once_and_project_both_grids_from_the_full_run():
-    steps = {"bench": {"ok": True, "figures": {"eval_speedup": 25.0, "startup_seconds": 5.0,
-                                               "train_images_per_s": 9000.0}},
-             "full_run": {"ok": True, "full_round_seconds": 2.0, "startup_seconds": 12.0},
-             "packing": {1: packing_step(1, 100.0), 2: packing_step(2, 150.0)}}
+    steps = {
+        "bench": {"ok": True, "figures": {"eval_speedup": 25.0, "startup_seconds": 5.0, "train_images_per_s": 9000.0}},
+        "full_run": {"ok": True, "full_round_seconds": 2.0, "startup_seconds": 12.0},
+        "packing": {1: packing_step(1, 100.0), 2: packing_step(2, 150.0)},
+    }
     figures, grids = gpu_check.summarise(steps)
     assert "figures" not in steps["bench"]  # moved to the top level, not copied
     assert figures["startup_seconds"] == 5.0 and figures["full_run_startup_seconds"] == 12.0
@@ -197,9 +207,12 @@ def test_the_results_hold_each_figure_once_and_project_both_grids_from_the_full_
 
 
 def test_a_check_cut_before_a_steady_round_projects_nothing_and_says_so(tmp_path):
-    steps = {"cuda_tests": {"ok": True}, "full_run": {"ok": False, "cut_at_budget": True, "startup_seconds": 9.0,
-                                                      "full_round_seconds": None},
-             "packing": {1: gpu_check.skipped(2.0)}, "bench": gpu_check.skipped(1.0)}
+    steps = {
+        "cuda_tests": {"ok": True},
+        "full_run": {"ok": False, "cut_at_budget": True, "startup_seconds": 9.0, "full_round_seconds": None},
+        "packing": {1: gpu_check.skipped(2.0)},
+        "bench": gpu_check.skipped(1.0),
+    }
     figures, grids = gpu_check.summarise(steps)
     assert grids == {} and "grid_projected_minutes" not in figures and figures["best_parallel"] is None
     lines = gpu_check.closing_lines(tmp_path / "r.json", grids)
@@ -209,26 +222,36 @@ def test_a_check_cut_before_a_steady_round_projects_nothing_and_says_so(tmp_path
 
 
 def test_only_a_step_that_failed_by_itself_fails_the_check():
-    steps = {"cuda_tests": {"ok": True, "cut_at_budget": False},
-             "full_run": {"ok": False, "cut_at_budget": True},
-             "packing": {1: {"ok": True, "cut_at_budget": False}, 2: gpu_check.skipped(3.0)},
-             "bench": {"ok": False, "cut_at_budget": False}}
+    steps = {
+        "cuda_tests": {"ok": True, "cut_at_budget": False},
+        "full_run": {"ok": False, "cut_at_budget": True},
+        "packing": {1: {"ok": True, "cut_at_budget": False}, 2: gpu_check.skipped(3.0)},
+        "bench": {"ok": False, "cut_at_budget": False},
+    }
     assert gpu_check.outcome(steps) == (["bench"], ["full_run", "packing 2"])
 
 
 def test_the_closing_lines_give_the_results_path_and_both_grids_minutes(tmp_path):
-    grids = {"default": {"runs": 54, "grid_projected_minutes": 21.04, "best_parallel": 4},
-             "harness": {"runs": 63, "grid_projected_minutes": 35.96, "best_parallel": 4}}
+    grids = {
+        "default": {"runs": 54, "grid_projected_minutes": 21.04, "best_parallel": 4},
+        "harness": {"runs": 63, "grid_projected_minutes": 35.96, "best_parallel": 4},
+    }
     assert gpu_check.closing_lines(tmp_path / "r.json", grids)[1:] == [
         "default grid: 54 runs, 21.0 min projected (best --parallel 4)",
-        "harness grid (grids/harness.yaml): 63 runs, 36.0 min projected (best --parallel 4)"]
+        "harness grid (grids/harness.yaml): 63 runs, 36.0 min projected (best --parallel 4)",
+    ]
 
 
 def test_both_scripts_record_verdicts_with_the_one_helper():
     figures = {"grid_projected_minutes": 29.0, "eval_speedup": 12.0, "startup_seconds": 5.0}
     assert gpu_check.verdicts(figures) == {n: report.judge(figures, on_gpu=True)[n] for n in gpu_check.JUDGED}
-    assert gpu_check.verdicts(figures)["eval_speedup"] == {"op": ">=", "bound": 20.0, "where": "H200",
-                                                           "value": 12.0, "met": False}
+    assert gpu_check.verdicts(figures)["eval_speedup"] == {
+        "op": ">=",
+        "bound": 20.0,
+        "where": "H200",
+        "value": 12.0,
+        "met": False,
+    }
     bench_report = report.Report({"load_average_1min_start": 0.0}, quick=True, sizes={}, on_gpu=False)
     bench_report.figures.update(figures)
     bench_report.finish()
@@ -241,12 +264,15 @@ def test_the_results_describe_the_machine_as_bench_does(tmp_path):
     results, output = gpu_check.start_results(gpu_check.parse_args(["--dry"]))
     described = common.machine(torch.device("cpu"))
     assert {k: v for k, v in results["machine"].items() if k not in ("date", "load_average_1min_start")} == {
-        k: v for k, v in described.items() if k not in ("date", "load_average_1min_start")}
+        k: v for k, v in described.items() if k not in ("date", "load_average_1min_start")
+    }
     assert output == gpu_check.RESULTS / gpu_check.file_name(described["cpu"], dry=True)
     assert gpu_check.start_results(gpu_check.parse_args(["--dry", "--output", str(tmp_path)]))[1] == (
-        tmp_path / gpu_check.file_name(described["cpu"], dry=True))
+        tmp_path / gpu_check.file_name(described["cpu"], dry=True)
+    )
 
 
+@pytest.mark.slow
 def test_the_full_run_step_runs_and_times_its_experiment_as_bench_does(data_dir, tmp_path, monkeypatch):
     """A real `fedshard run` at toy sizes: world size 2, 2 rounds, through common.run_experiment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -8,11 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, experiment_args, in_test_dir
+from helpers import REPO, experiment_args, in_test_dir
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TINY = dict(world_size=2, max_train_samples=32, max_test_samples=16, batch_size=8, enable_swapping=False)
 
@@ -22,9 +24,22 @@ def history(run_id: str, metric: str = "test_loss") -> dict[int, float]:
 
 
 def start_run(tmp_path, data_dir, **params) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedshard", "run", *experiment_args(data_dir, **params),
-                             "--experiment-name", "layerwise"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=in_test_dir(tmp_path))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedshard",
+            "run",
+            *experiment_args(data_dir, **params),
+            "--experiment-name",
+            "layerwise",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=in_test_dir(tmp_path),
+    )
 
 
 def finished_run_id(proc: subprocess.Popen) -> str:
@@ -64,9 +79,24 @@ params: {{enable_layerwise_swapping: true, data_dir: {data_dir}, max_train_sampl
 
 
 def sweep(tmp_path, grid_file, experiment: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "sweep.py"), "--grid-file", str(grid_file), "--no-progress",
-                             "--experiment-name", experiment, "--max-retries", "0"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=in_test_dir(tmp_path))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "sweep.py"),
+            "--grid-file",
+            str(grid_file),
+            "--no-progress",
+            "--experiment-name",
+            experiment,
+            "--max-retries",
+            "0",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=in_test_dir(tmp_path),
+    )
 
 
 def runs_by_name(experiment: str) -> dict[str, list]:
@@ -116,6 +146,9 @@ def test_a_pretrain_grid_runs_its_source_first_and_a_stopped_chain_continues(tmp
     output = broken.communicate(timeout=300)[0]
     assert broken.returncode == 1, output
     assert "Failed: 1" in output and "Not started (the run they start from is not FINISHED here): 1" in output
-    assert re.search(r"Not started: \(2, 0\.001, False, 1, 1\): the run it starts from, ws1-.*-init, did not "
-                     r"finish \(run [0-9a-f]{32}\)", output), output
+    assert re.search(
+        r"Not started: \(2, 0\.001, False, 1, 1\): the run it starts from, ws1-.*-init, did not "
+        r"finish \(run [0-9a-f]{32}\)",
+        output,
+    ), output
     assert list(runs_by_name("broken")) == ["ws1-lr0.001-swapfalse-r2-s77-ep1-bs8-train32-test16-init"]

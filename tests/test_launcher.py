@@ -16,9 +16,11 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_gone
-from fedshard import checkpoint, launcher, processes, tracking
-from fedshard.config import ExperimentConfig
+from fedshard import tracking
+from fedshard.core import checkpoint
+from fedshard.core.config import ExperimentConfig
+from fedshard.runtime import launcher, processes
+from helpers import assert_gone
 
 
 @pytest.fixture
@@ -51,8 +53,9 @@ def test_a_signal_during_the_teardown_ends_the_run_killed_and_cleans_up(data_dir
     assert code == 128 + signal.SIGTERM, lines
     run = MlflowClient().search_runs([tracking.experiment_id("teardown")])[0]
     assert run.info.status == "KILLED"
-    assert run.data.tags[tracking.FAILURE_TAG] == ("interrupted by SIGTERM (tearing down after: "
-                                                  "trainer 0 died (killed by SIGKILL))")
+    assert run.data.tags[tracking.FAILURE_TAG] == (
+        "interrupted by SIGTERM (tearing down after: trainer 0 died (killed by SIGKILL))"
+    )
     assert lines[-1].startswith(f"fedshard: run {run.info.run_id} KILLED: interrupted by SIGTERM")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
     assert children and workdirs() == []
@@ -96,20 +99,23 @@ def test_a_child_whose_parent_died_before_the_request_starts_nothing():
     gone.wait()  # a pid that is no parent of anything
     processes._prctl()  # looked up here, in the parent, as the preexec functions do
     for sig, unblock in ((signal.SIGTERM, True), (signal.SIGKILL, False)):
-        child = subprocess.Popen(["sleep", "30"], preexec_fn=functools.partial(processes._die_with, gone.pid, sig,
-                                                                                 unblock))
+        child = subprocess.Popen(
+            ["sleep", "30"], preexec_fn=functools.partial(processes._die_with, gone.pid, sig, unblock)
+        )
         assert child.wait(timeout=10) == 128 + sig
     alive = subprocess.Popen(["sleep", "0.1"], preexec_fn=processes.preexec_launcher())  # this process: alive
     assert alive.wait(timeout=10) == 0
 
 
+@pytest.mark.slow
 def test_a_run_ends_without_importing_pytorch(tmp_path, store):
     """The launcher deletes a FINISHED run's checkpoints by their names: importing PyTorch for that
     would add 1.5 s to every run."""
     script = """
 import sys
 from pathlib import Path
-from fedshard import launcher, tracking
+from fedshard import tracking
+from fedshard.runtime import launcher
 from mlflow.tracking import MlflowClient
 run_id = MlflowClient().create_run(tracking.experiment_id("notorch")).info.run_id
 for r in (1, 2):

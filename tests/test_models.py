@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedshard import models, sharding, strategies, training, transport
-from fedshard.config import ConfigError, ExperimentConfig, setting_value
+from fedshard.core import models, sharding, strategies, training
+from fedshard.core.config import ConfigError, ExperimentConfig, setting_value
+from fedshard.runtime import transport
 from fedshard.tracking.runs import RunRecord
 
 MODELS = list(models.REGISTRY)
@@ -49,8 +50,9 @@ def test_the_table_names_every_parameter_and_buffer_and_nothing_else(name):
 def test_a_tensor_the_table_does_not_name_is_an_error_never_silently_whole():
     state = RESNET34.shapes().state_dict()
     state["layer1.0.extra.weight"] = torch.zeros(3, device="meta")
-    with pytest.raises(KeyError, match="'layer1.0.extra.weight': the model's slicing table does not name "
-                                       "'layer1.0.extra'"):
+    with pytest.raises(
+        KeyError, match="'layer1.0.extra.weight': the model's slicing table does not name 'layer1.0.extra'"
+    ):
         sharding.slice_state(state, 2, RESNET34.table())
     with pytest.raises(KeyError, match="splits 'layer1.0.conv2' along dim 1, which says nothing of a 'running_mean'"):
         sharding.rule(RESNET34.table(), "layer1.0.conv2.running_mean")
@@ -59,15 +61,36 @@ def test_a_tensor_the_table_does_not_name_is_an_error_never_silently_whole():
 def test_resnet34_is_cut_as_the_harness_cut_it():
     rules = sharding.rules(RESNET34.table(), RESNET34.shapes().state_dict())
     block = {k.split(".", 2)[2]: v for k, v in rules.items() if k.startswith("layer2.0.")}
-    assert block == {"conv1.weight": 0, "bn1.weight": 0, "bn1.bias": 0, "bn1.running_mean": 0, "bn1.running_var": 0,
-                     "bn1.num_batches_tracked": sharding.MAX, "conv2.weight": 1,
-                     "bn2.weight": None, "bn2.bias": None, "bn2.running_mean": None, "bn2.running_var": None,
-                     "bn2.num_batches_tracked": sharding.MAX, "downsample.0.weight": None,
-                     "downsample.1.weight": None, "downsample.1.bias": None, "downsample.1.running_mean": None,
-                     "downsample.1.running_var": None, "downsample.1.num_batches_tracked": sharding.MAX}
+    assert block == {
+        "conv1.weight": 0,
+        "bn1.weight": 0,
+        "bn1.bias": 0,
+        "bn1.running_mean": 0,
+        "bn1.running_var": 0,
+        "bn1.num_batches_tracked": sharding.MAX,
+        "conv2.weight": 1,
+        "bn2.weight": None,
+        "bn2.bias": None,
+        "bn2.running_mean": None,
+        "bn2.running_var": None,
+        "bn2.num_batches_tracked": sharding.MAX,
+        "downsample.0.weight": None,
+        "downsample.1.weight": None,
+        "downsample.1.bias": None,
+        "downsample.1.running_mean": None,
+        "downsample.1.running_var": None,
+        "downsample.1.num_batches_tracked": sharding.MAX,
+    }
     assert {k: v for k, v in rules.items() if not k.startswith("layer")} == {
-        "conv1.weight": None, "bn1.weight": None, "bn1.bias": None, "bn1.running_mean": None, "bn1.running_var": None,
-        "bn1.num_batches_tracked": sharding.MAX, "fc.weight": None, "fc.bias": None}
+        "conv1.weight": None,
+        "bn1.weight": None,
+        "bn1.bias": None,
+        "bn1.running_mean": None,
+        "bn1.running_var": None,
+        "bn1.num_batches_tracked": sharding.MAX,
+        "fc.weight": None,
+        "fc.bias": None,
+    }
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -79,7 +102,8 @@ def test_slicing_then_assembling_gives_the_state_dict_back_bit_for_bit(name, n):
     slices = sharding.slice_state(state, n, table)
     for k, piece in enumerate(slices):  # each slice is exactly the state of the narrower network
         assert {key: (t.shape, t.dtype) for key, t in piece.items()} == {
-            key: (t.shape, t.dtype) for key, t in model.shapes(model.slice_widths(n, k)).state_dict().items()}
+            key: (t.shape, t.dtype) for key, t in model.shapes(model.slice_widths(n, k)).state_dict().items()
+        }
     back = sharding.assemble(slices, table, weights=list(range(1, n + 1)))
     assert list(back) == list(state)
     for key, tensor in state.items():
@@ -96,25 +120,37 @@ def test_batch_norm_statistics_are_concatenated_averaged_or_the_largest_count():
             elif key.endswith(("running_mean", "running_var")):
                 t.copy_(torch.rand_like(t))
     merged = sharding.assemble(parts, RESNET34.table(), weights=[30, 10])
-    np.testing.assert_array_equal(merged["layer3.1.bn1.running_var"].numpy(), np.concatenate(
-        [parts[0]["layer3.1.bn1.running_var"], parts[1]["layer3.1.bn1.running_var"]]))
-    np.testing.assert_allclose(merged["layer3.1.bn2.running_mean"].numpy(), 0.75 * parts[0]["layer3.1.bn2.running_mean"]
-                               .numpy() + 0.25 * parts[1]["layer3.1.bn2.running_mean"].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        merged["layer3.1.bn1.running_var"].numpy(),
+        np.concatenate([parts[0]["layer3.1.bn1.running_var"], parts[1]["layer3.1.bn1.running_var"]]),
+    )
+    np.testing.assert_allclose(
+        merged["layer3.1.bn2.running_mean"].numpy(),
+        0.75 * parts[0]["layer3.1.bn2.running_mean"].numpy() + 0.25 * parts[1]["layer3.1.bn2.running_mean"].numpy(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     assert merged["layer3.1.bn2.num_batches_tracked"].item() == 15
     assert merged["layer3.1.bn2.num_batches_tracked"].dtype == torch.int64
     fedavg = strategies.build(ExperimentConfig(model="resnet34", world_size=2, strategy="fedavg"))
     full = [state_with_buffers(RESNET34, seed) for seed in (1, 2)]
     averaged = fedavg.combine(full[0], fedavg.split(full[0], 1), full, [30, 10], 1)
     assert averaged["bn1.num_batches_tracked"].item() == 2**40 + 2  # the larger count, exactly
-    np.testing.assert_allclose(averaged["bn1.running_var"].numpy(), 0.75 * full[0]["bn1.running_var"].numpy()
-                               + 0.25 * full[1]["bn1.running_var"].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        averaged["bn1.running_var"].numpy(),
+        0.75 * full[0]["bn1.running_var"].numpy() + 0.25 * full[1]["bn1.running_var"].numpy(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_layerwise_swapping_exchanges_the_blocks_resnet_splits_by_input():
-    lw = strategies.build(ExperimentConfig(model="resnet34", world_size=2, enable_swapping=False,
-                                           enable_layerwise_swapping=True))
+    lw = strategies.build(
+        ExperimentConfig(model="resnet34", world_size=2, enable_swapping=False, enable_layerwise_swapping=True)
+    )
     assert sharding.input_split(RESNET34.shapes().state_dict(), RESNET34.table()) == [
-        f"layer{s}.{b}.conv2.weight" for s, count in enumerate((3, 4, 6, 3), 1) for b in range(count)]
+        f"layer{s}.{b}.conv2.weight" for s, count in enumerate((3, 4, 6, 3), 1) for b in range(count)
+    ]
     state = state_with_buffers(RESNET34)
     sent = lw.split(state, 1)  # round 1: slice s receives input block (s + 1) mod 2
     assert torch.equal(sent[0]["layer4.2.conv2.weight"], state["layer4.2.conv2.weight"][:, 256:])
@@ -161,9 +197,12 @@ def test_resnet34_has_its_size_and_records_it_for_the_full_model_and_a_slice():
     assert RESNET34.parameter_count() == 21_335_972
     assert RESNET34.forward_flops() == 7_326_601_216  # at its own 224 x 224
     sizes = strategies.model_sizes(ExperimentConfig(model="resnet34", world_size=2))
-    assert sizes == {"model.params_full": 21_335_972, "model.params_per_trainer": 10_789_092,
-                     "model.flops_per_image_full": 7_326_601_216,
-                     "model.flops_per_image_per_trainer": RESNET34.forward_flops(RESNET34.slice_widths(2, 0))}
+    assert sizes == {
+        "model.params_full": 21_335_972,
+        "model.params_per_trainer": 10_789_092,
+        "model.flops_per_image_full": 7_326_601_216,
+        "model.flops_per_image_per_trainer": RESNET34.forward_flops(RESNET34.slice_widths(2, 0)),
+    }
 
 
 def test_a_tensor_parallel_round_of_resnet34_at_world_size_2_moves_what_the_table_predicts():
@@ -204,7 +243,7 @@ def torch_home(tmp_path_factory):
 
 
 def load_initial(init_from: str, **settings):
-    from fedshard.aggregator import load_initial_weights
+    from fedshard.runtime.initial import weights as load_initial_weights
 
     return load_initial_weights(ExperimentConfig(model="resnet34", world_size=1, init_from=init_from, **settings))
 
@@ -221,8 +260,9 @@ def test_torchvision_weights_load_key_for_key_with_fc_left_at_its_seeded_init(to
     without = {k: v for k, v in file.items() if not k.endswith("num_batches_tracked")}
     torch.save(without, torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth")
     try:
-        assert torch.equal(load_initial("torchvision:IMAGENET1K_V1")["layer1.0.conv1.weight"],
-                           file["layer1.0.conv1.weight"])
+        assert torch.equal(
+            load_initial("torchvision:IMAGENET1K_V1")["layer1.0.conv1.weight"], file["layer1.0.conv1.weight"]
+        )
         # the harness's names: its projections were `shortcut.*`, which it skipped silently; refused here
         renamed = {k.replace("downsample", "shortcut"): v for k, v in file.items()}
         torch.save(renamed, torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth")
@@ -247,11 +287,14 @@ def test_torchvision_weights_without_internet_are_refused_saying_where_to_put_th
     message = str(refused.value)
     assert "cannot download https://download.pytorch.org/models/resnet34-b627a593.pth" in message
     assert f"place it at {tmp_path}/hub/checkpoints/resnet34-b627a593.pth" in message
-    with pytest.raises(ValueError, match="torchvision has no resnet34 weights 'BEST'; valid: "
-                                         "torchvision:IMAGENET1K_V1, torchvision:DEFAULT"):
+    with pytest.raises(
+        ValueError,
+        match="torchvision has no resnet34 weights 'BEST'; valid: torchvision:IMAGENET1K_V1, torchvision:DEFAULT",
+    ):
         load_initial("torchvision:BEST")
-    with pytest.raises(ConfigError, match="torchvision has no weights of fedshard's alexnet; models with them: "
-                                          ".*resnet34"):
+    with pytest.raises(
+        ConfigError, match="torchvision has no weights of fedshard's alexnet; models with them: .*resnet34"
+    ):
         ExperimentConfig(init_from="torchvision:DEFAULT")
 
 
@@ -261,14 +304,21 @@ def test_torchvision_weights_without_internet_are_refused_saying_where_to_put_th
 def test_a_models_recipe_is_the_default_of_its_settings_and_recorded_as_the_value():
     alexnet, resnet = ExperimentConfig(), ExperimentConfig(model="resnet34")
     assert {k: alexnet.params()[k] for k in ("model", "optimizer", "image_size", "local_epochs", "batch_size")} == {
-        "model": "alexnet", "optimizer": "adam", "image_size": "32", "local_epochs": "3", "batch_size": "32"}
+        "model": "alexnet",
+        "optimizer": "adam",
+        "image_size": "32",
+        "local_epochs": "3",
+        "batch_size": "32",
+    }
     assert (resnet.optimizer, resnet.image_size, resnet.local_epochs, resnet.batch_size) == ("sgd", 224, 1, 32)
     # the value a model's own stands for is the same configuration as the value given
     assert ExperimentConfig(model="resnet34", optimizer="sgd", image_size=224, local_epochs=1) == resnet
     assert ExperimentConfig(optimizer="", image_size=0, local_epochs=0, batch_size=0) == alexnet
     assert resnet.run_name() == "ws2-lr0.001-swaptrue-r30-s123-resnet34"
-    assert ExperimentConfig(model="resnet34", image_size=32, optimizer="adam").run_name() == \
-        "ws2-lr0.001-swaptrue-r30-s123-resnet34-adam-img32"
+    assert (
+        ExperimentConfig(model="resnet34", image_size=32, optimizer="adam").run_name()
+        == "ws2-lr0.001-swaptrue-r30-s123-resnet34-adam-img32"
+    )
     assert ExperimentConfig(optimizer="sgd", local_epochs=1).run_name() == "ws2-lr0.001-swaptrue-r30-s123-ep1-sgd"
     assert setting_value("init_from", "torchvision:DEFAULT") == "torchvision:DEFAULT"  # a value resnet34 allows
     with pytest.raises(ConfigError, match="local_epochs=0 stands for the model's own value.*alexnet 3, resnet34 1"):
@@ -322,13 +372,17 @@ def test_resnet_at_32_pixels_cannot_train_on_a_batch_of_one_and_says_so(tmp_path
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         net(torch.zeros(1, 3, 32, 32))
     net(torch.zeros(1, 3, 64, 64))  # a 2 x 2 map: four values per channel
-    from fedshard import launcher
+    from fedshard.runtime import launcher
 
-    cfg = ExperimentConfig(model="resnet34", world_size=1, image_size=32, batch_size=8, max_train_samples=33,
-                           data_dir=str(data_dir))
-    with pytest.raises(launcher.CheckFailed, match="trainer 0's 33 training images end each epoch on a batch of 1 "
-                                                   "at batch_size=8, and resnet34 at image_size=32 trains on batches "
-                                                   "of 2 images or more"):
+    cfg = ExperimentConfig(
+        model="resnet34", world_size=1, image_size=32, batch_size=8, max_train_samples=33, data_dir=str(data_dir)
+    )
+    with pytest.raises(
+        launcher.CheckFailed,
+        match="trainer 0's 33 training images end each epoch on a batch of 1 "
+        "at batch_size=8, and resnet34 at image_size=32 trains on batches "
+        "of 2 images or more",
+    ):
         launcher.check(cfg)
 
 
@@ -336,7 +390,7 @@ def test_final_models_logged_before_the_registry_still_unpickle(monkeypatch):
     """MLflow pickled them as fedshard.model.AlexNet: --extend and init_from=run:<name> load them."""
     import pickle
 
-    from fedshard.models.alexnet import AlexNet
+    from fedshard.core.models.alexnet import AlexNet
 
     net = AlexNet(models.get("alexnet").slice_widths(96, 0))
     with monkeypatch.context() as m:
@@ -348,18 +402,21 @@ def test_final_models_logged_before_the_registry_still_unpickle(monkeypatch):
 
 
 def test_the_model_is_an_axis_each_with_its_own_recipe_unless_a_setting_is_fixed():
-    from fedshard.grid import expand, make_grid
+    from fedshard.sweep.grid import expand, make_grid
 
     one = {"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": "1", "seeds": "1"}
     configs = expand(make_grid(one, axes=["model=alexnet,resnet34"]))
     assert [(c.model, c.optimizer, c.image_size, c.local_epochs, c.batch_size) for c in configs] == [
-        ("alexnet", "adam", 32, 3, 32), ("resnet34", "sgd", 224, 1, 32)]
+        ("alexnet", "adam", 32, 3, 32),
+        ("resnet34", "sgd", 224, 1, 32),
+    ]
     fixed = expand(make_grid(one, ["image_size=32"], axes=["model=alexnet,resnet34"]))
     assert [c.run_name() for c in fixed] == ["ws2-lr0.001-swaptrue-r1-s1", "ws2-lr0.001-swaptrue-r1-s1-resnet34-img32"]
 
 
-def test_fedshard_run_refuses_torchvision_weights_it_cannot_get_exit_2_and_no_run(tmp_path, monkeypatch, data_dir,
-                                                                                     shared_store):
+def test_fedshard_run_refuses_torchvision_weights_it_cannot_get_exit_2_and_no_run(
+    tmp_path, monkeypatch, data_dir, shared_store
+):
     import urllib.error
 
     from click.testing import CliRunner
@@ -372,9 +429,22 @@ def test_fedshard_run_refuses_torchvision_weights_it_cannot_get_exit_2_and_no_ru
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    result = CliRunner().invoke(cli.main, ["run", "--model", "resnet34", "--world-size", "1", "--init-from",
-                                           "torchvision:DEFAULT", "--data-dir", str(data_dir),
-                                           "--experiment-name", "torchvision-offline"])
+    result = CliRunner().invoke(
+        cli.main,
+        [
+            "run",
+            "--model",
+            "resnet34",
+            "--world-size",
+            "1",
+            "--init-from",
+            "torchvision:DEFAULT",
+            "--data-dir",
+            str(data_dir),
+            "--experiment-name",
+            "torchvision-offline",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert f"place it at {tmp_path}/hub/checkpoints/resnet34-b627a593.pth" in result.output
     assert MlflowClient().get_experiment_by_name("torchvision-offline") is None  # nothing was started

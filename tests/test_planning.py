@@ -8,9 +8,9 @@ import itertools
 import pytest
 
 from fedshard import tracking
-from fedshard.config import ExperimentConfig
-from fedshard.grid import SweepError, expand, make_grid
-from fedshard.planning import Task, plan
+from fedshard.core.config import ExperimentConfig
+from fedshard.sweep.grid import SweepError, expand, make_grid
+from fedshard.sweep.planning import Task, plan
 
 _ids = itertools.count()
 
@@ -39,8 +39,7 @@ def test_default_grid_trains_each_setting_once_up_to_50_rounds():
 
 
 def test_round_counts_chain_and_only_true_twins_extend():
-    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": "30,10,20",
-                      "seeds": "1"})
+    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": "30,10,20", "seeds": "1"})
     tasks = {t.cfg.rounds: t for t in plan(expand(grid), []).tasks}
     assert tasks[10].after is None and tasks[20].after.rounds == 10 and tasks[30].after.rounds == 20
     assert sum(t.rounds_to_train for t in tasks.values()) == 30
@@ -81,8 +80,7 @@ def test_only_failed_killed_or_stale_runs_with_a_checkpoint_resume():
 
 @pytest.mark.parametrize("rounds", ["2,4", "4,2"])
 def test_extension_plan_of_the_benchmark_grid(rounds):
-    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": rounds,
-                      "seeds": "1,2"})
+    grid = make_grid({"world_sizes": "2", "learning_rates": "1e-3", "swap": "true", "rounds": rounds, "seeds": "1,2"})
     work = plan(expand(grid), [])
     assert (work.rounds_to_train, work.rounds_from_scratch) == (8, 12)
     longer = [t for t in work.tasks if t.cfg.rounds == 4]
@@ -107,9 +105,11 @@ def test_runs_match_by_the_settings_of_a_result_not_where_their_data_sat():
 
 def test_a_grid_that_starts_from_one_of_its_runs_runs_that_one_first(tmp_path):
     grid_file = tmp_path / "chain.yaml"
-    grid_file.write_text("pretrain: {world_size: 1, learning_rate: 1e-4, rounds: 10, seed: 77}\n"
-                         "world_sizes: [2]\nlearning_rates: [1e-3]\nswap: [false, true]\nrounds: [10]\nseeds: [1]\n"
-                         "params: {enable_layerwise_swapping: true}\n")
+    grid_file.write_text(
+        "pretrain: {world_size: 1, learning_rate: 1e-4, rounds: 10, seed: 77}\n"
+        "world_sizes: [2]\nlearning_rates: [1e-3]\nswap: [false, true]\nrounds: [10]\nseeds: [1]\n"
+        "params: {enable_layerwise_swapping: true}\n"
+    )
     configs = expand(make_grid({}, ["max_train_samples=100"], grid_file))
     source, *grid = configs
     assert (source.world_size, source.rounds, source.seed, source.init_from) == (1, 10, 77, "")
@@ -128,18 +128,24 @@ def test_a_grid_that_starts_from_one_of_its_runs_runs_that_one_first(tmp_path):
 
 def test_a_run_to_start_from_that_is_nowhere_is_refused_before_anything_runs():
     lost = cfg(init_from="run:ws1-lr0.0001-swapfalse-r10-s77")
-    with pytest.raises(SweepError, match="no FINISHED run named 'ws1-lr0.0001-swapfalse-r10-s77' in the experiment, "
-                                         "and no configuration of this grid has that name"):
+    with pytest.raises(
+        SweepError,
+        match="no FINISHED run named 'ws1-lr0.0001-swapfalse-r10-s77' in the experiment, "
+        "and no configuration of this grid has that name",
+    ):
         plan([lost], [])
     finished_elsewhere = record(cfg(rounds=10), **{"mlflow.runName": "ws1-lr0.0001-swapfalse-r10-s77"})
     assert plan([lost], [finished_elsewhere]).tasks == [Task(lost)]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("pretrain: [1]\n", "pretrain must be a mapping such as {world_size: 1"),
-    ("pretrain: {wrold_size: 1}\n", "pretrain: unknown setting(s) wrold_size; valid: world_size"),
-    ("pretrain: {world_size: 1}\nparams: {init_from: w.pt}\n", "pretrain sets init_from of every configuration"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pretrain: [1]\n", "pretrain must be a mapping such as {world_size: 1"),
+        ("pretrain: {wrold_size: 1}\n", "pretrain: unknown setting(s) wrold_size; valid: world_size"),
+        ("pretrain: {world_size: 1}\nparams: {init_from: w.pt}\n", "pretrain sets init_from of every configuration"),
+    ],
+)
 def test_a_bad_pretrain_is_refused(tmp_path, text, message):
     grid_file = tmp_path / "bad.yaml"
     grid_file.write_text(text)

@@ -8,18 +8,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import experiment_args
-from fedshard import cli, models, precision, training
-from fedshard.config import ConfigError, ExperimentConfig
-from fedshard.grid import SweepError, make_grid
-from fedshard.models.alexnet import AlexNet
-from fedshard.synthetic import write_synthetic_cifar100
+from fedshard import cli
+from fedshard.core import models, precision, training
+from fedshard.core.config import ConfigError, ExperimentConfig
+from fedshard.core.models.alexnet import AlexNet
+from fedshard.core.synthetic import write_synthetic_cifar100
+from fedshard.sweep.grid import SweepError, make_grid
+from helpers import experiment_args
 
 slice_widths = models.get("alexnet").slice_widths
 
 NATIVE = precision.cpu_has_native_bf16()
-NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): PyTorch emulates it "
-                  "here, many times slower (benchmarks/RESULTS.md); the reduced-width bf16 test runs instead")
+NO_NATIVE_BF16 = (
+    "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): PyTorch emulates it "
+    "here, many times slower (benchmarks/RESULTS.md); the reduced-width bf16 test runs instead"
+)
 FLAGS = "flags\t\t: fpu sse2 avx2 avx512f {}\n"
 
 
@@ -48,8 +51,9 @@ def test_bf16_on_a_cpu_without_it_is_refused_with_what_to_do(tmp_path, data_dir,
     monkeypatch.setenv(precision.OVERRIDE, "0")
     with pytest.raises(precision.PrecisionError, match="precision=bf16: this CPU does not compute bf16 natively"):
         precision.resolve("bf16", "cpu")
-    result = CliRunner().invoke(cli.main, ["run", *experiment_args(data_dir, precision="bf16", device="cpu"),
-                                           "--experiment-name", "bf16"])
+    result = CliRunner().invoke(
+        cli.main, ["run", *experiment_args(data_dir, precision="bf16", device="cpu"), "--experiment-name", "bf16"]
+    )
     assert result.exit_code == 2, result.output
     assert "use precision=fp32 or auto" in result.stderr and "aggregator pid" not in result.output
 
@@ -65,15 +69,18 @@ def test_amp_is_gone_with_a_clear_message(data_dir, shared_store):
         ExperimentConfig(precision="fp16")
 
 
-@pytest.mark.parametrize("params, tags, expected", [
-    ({"precision": "bf16"}, {}, "bf16"),
-    ({"precision": "auto"}, {precision.TAG: "fp32"}, "fp32"),  # `mlflow run` logged auto; the tag says
-    ({"amp": "true", "device": "cpu"}, {}, "fp32"),  # before precision: a CPU computed fp32 whatever amp said
-    ({"amp": "true", "device": "cuda"}, {}, "bf16"),
-    ({"amp": "false", "device": "cuda"}, {}, "fp32"),
-    ({"amp": "true", "device": "auto"}, {}, "auto"),  # cannot be known: matches no planned (resolved) run
-    ({"amp": "true"}, {}, "auto"),
-])
+@pytest.mark.parametrize(
+    "params, tags, expected",
+    [
+        ({"precision": "bf16"}, {}, "bf16"),
+        ({"precision": "auto"}, {precision.TAG: "fp32"}, "fp32"),  # `mlflow run` logged auto; the tag says
+        ({"amp": "true", "device": "cpu"}, {}, "fp32"),  # before precision: a CPU computed fp32 whatever amp said
+        ({"amp": "true", "device": "cuda"}, {}, "bf16"),
+        ({"amp": "false", "device": "cuda"}, {}, "fp32"),
+        ({"amp": "true", "device": "auto"}, {}, "auto"),  # cannot be known: matches no planned (resolved) run
+        ({"amp": "true"}, {}, "auto"),
+    ],
+)
 def test_a_recorded_run_is_read_as_what_it_computed(params, tags, expected):
     assert precision.recorded(params, tags) == expected
 
@@ -114,20 +121,30 @@ def one_round(model_widths, bf16: bool, data, test, steps_seed=1):
     torch.manual_seed(0)
     model = AlexNet(model_widths)
     torch.manual_seed(steps_seed)
-    result = training.train_local(model, data, learning_rate=1e-4, epochs=1, batch_size=8,
-                                  generator=torch.Generator().manual_seed(steps_seed), bf16=bf16)
+    result = training.train_local(
+        model,
+        data,
+        learning_rate=1e-4,
+        epochs=1,
+        batch_size=8,
+        generator=torch.Generator().manual_seed(steps_seed),
+        bf16=bf16,
+    )
     return result.mean_loss, training.evaluate(model, test)[0]
 
 
 def data_pair(tmp_path, n_train, n_test):
-    from fedshard import data
+    from fedshard.core import data
 
     write_synthetic_cifar100(tmp_path, n_train=n_train, n_test=n_test, n_classes=4)
     cpu = torch.device("cpu")
-    return (training.DeviceData.from_numpy(*data.load_split(tmp_path, "train"), cpu),
-            training.DeviceData.from_numpy(*data.load_split(tmp_path, "test"), cpu))
+    return (
+        training.DeviceData.from_numpy(*data.load_split(tmp_path, "train"), cpu),
+        training.DeviceData.from_numpy(*data.load_split(tmp_path, "test"), cpu),
+    )
 
 
+@pytest.mark.slow
 def test_a_bf16_round_agrees_with_fp32_at_reduced_width_on_any_cpu(tmp_path):
     """The bf16 path (autocast in training and evaluation) on a 1/16-width slice, which even an
     emulating CPU runs in seconds: the tolerances of the CUDA test."""
@@ -138,6 +155,7 @@ def test_a_bf16_round_agrees_with_fp32_at_reduced_width_on_any_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not NATIVE, reason=NO_NATIVE_BF16)
+@pytest.mark.slow
 def test_a_bf16_round_of_the_full_model_agrees_with_fp32(tmp_path):
     """One local round of the full AlexNet in bf16 against fp32 from the same weights, data and
     seeds: the round's training loss within 2 %, the trained model's fp32 test loss within 5 %. Eight

@@ -11,15 +11,21 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from fedshard import progress
+from fedshard.runtime import progress
 
 NOW = 1_000_000.0
 
 
 def state(**trainers) -> dict:
     """Round 2 of 5 of two trainers, started 10 s ago."""
-    return {"round": 2, "rounds": 5, "world_size": 2, "round_started": NOW - 10, "silent_after": 30.0,
-            "trainers": {k[1:]: t for k, t in trainers.items()}}
+    return {
+        "round": 2,
+        "rounds": 5,
+        "world_size": 2,
+        "round_started": NOW - 10,
+        "silent_after": 30.0,
+        "trainers": {k[1:]: t for k, t in trainers.items()},
+    }
 
 
 def report(round_=2, done=4, total=10, images=32, seconds=8.0, heard=NOW - 1):
@@ -27,8 +33,10 @@ def report(round_=2, done=4, total=10, images=32, seconds=8.0, heard=NOW - 1):
 
 
 def test_figures_are_the_steps_of_all_trainers_their_speed_and_the_slowest_eta():
-    f = progress.figures(state(t0=report(done=4, total=10, images=32, seconds=8.0),
-                               t1=report(done=6, total=10, images=48, seconds=8.0)), now=NOW)
+    f = progress.figures(
+        state(t0=report(done=4, total=10, images=32, seconds=8.0), t1=report(done=6, total=10, images=48, seconds=8.0)),
+        now=NOW,
+    )
     assert (f.round, f.rounds, f.done, f.total) == (2, 5, 10, 20)
     assert f.images_per_s == pytest.approx(32 / 8 + 48 / 8)
     assert f.eta_round == pytest.approx(6 * 8 / 4)  # trainer 0: 6 steps left at 2 s a step
@@ -45,12 +53,22 @@ def test_no_line_until_every_trainer_has_stepped_in_the_round():
 
 
 def test_a_trainer_not_heard_from_is_silent_and_one_that_waits_is_not():
-    late = progress.figures(state(t0=report(done=10, total=10, heard=NOW + 20),  # done, waiting, still beating
-                                  t1=report(round_=1, done=10, total=10, heard=NOW - 100)), now=NOW + 25)
+    late = progress.figures(
+        state(
+            t0=report(done=10, total=10, heard=NOW + 20),  # done, waiting, still beating
+            t1=report(round_=1, done=10, total=10, heard=NOW - 100),
+        ),
+        now=NOW + 25,
+    )
     assert late.silent == ((1, 35.0),)  # since round 2 began, not since it last spoke in round 1
     assert late.line().endswith("; trainer 1 silent for 35s") and late.eta_round is None
-    stopped = progress.figures(state(t0=report(done=10, total=10, heard=NOW - 5),  # finished its steps, then
-                                     t1=report()), now=NOW + 30)  # stopped before its result arrived
+    stopped = progress.figures(
+        state(
+            t0=report(done=10, total=10, heard=NOW - 5),  # finished its steps, then
+            t1=report(),
+        ),
+        now=NOW + 30,
+    )  # stopped before its result arrived
     assert [k for k, _ in stopped.silent] == [0, 1]
     nobody = progress.figures(state(), now=NOW + 25)
     assert nobody.line() == "round 2/5: no steps reported yet; trainer 0 silent for 35s; trainer 1 silent for 35s"
@@ -59,6 +77,7 @@ def test_a_trainer_not_heard_from_is_silent_and_one_that_waits_is_not():
     assert progress.figures({**state(), "closed": True}, now=NOW + 25) is None  # the rounds are over
 
 
+@pytest.mark.slow
 def test_the_display_prints_a_line_every_so_often_when_not_on_a_terminal(tmp_path):
     path = tmp_path / "progress.json"
     path.write_text(json.dumps({**state(t0=report(), t1=report()), "round_started": time.time() - 10}))
@@ -82,6 +101,7 @@ def relayed(path, ready, timeout=10.0) -> dict:
     return got
 
 
+@pytest.mark.slow
 def test_trainer_reports_and_beats_reach_the_relays_file_through_a_real_store(tmp_path):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
     path = tmp_path / "progress.json"
@@ -94,7 +114,14 @@ def test_trainer_reports_and_beats_reach_the_relays_file_through_a_real_store(tm
             reporter(done, 3)
         got = relayed(path, lambda s: s["trainers"] and s["trainers"]["0"]["done"] == 3)
         (t,) = got["trainers"].values()
-        assert (got["round"], got["silent_after"], t["round"], t["done"], t["total"], t["images"]) == (1, 4.0, 1, 3, 3, 20)
+        assert (got["round"], got["silent_after"], t["round"], t["done"], t["total"], t["images"]) == (
+            1,
+            4.0,
+            1,
+            3,
+            3,
+            20,
+        )
         # no step for a while (waiting for the next round): the beat goes on, so it is heard
         later = relayed(path, lambda s: s["trainers"]["0"]["beat"] >= t["beat"] + 2)
         assert later["trainers"]["0"]["heard"] > t["heard"] and later["trainers"]["0"]["done"] == 3
@@ -113,8 +140,9 @@ def test_the_sweep_says_each_experiments_steps_and_bases_its_eta_on_them(tmp_pat
 
     path = tmp_path / "progress.json"
     path.write_text(json.dumps({**state(t0=report(), t1=report()), "round_started": time.time() - 10}))
-    job = SimpleNamespace(index=1, run_id="abcdef0123456789", progress_file=path, cfg=SimpleNamespace(rounds=5),
-                          last_round=1)
+    job = SimpleNamespace(
+        index=1, run_id="abcdef0123456789", progress_file=path, cfg=SimpleNamespace(rounds=5), last_round=1
+    )
     pending = SimpleNamespace(task=SimpleNamespace(rounds_to_train=4))
     sweep = SimpleNamespace(grid=None, configs=[1, 2, 3], running=[job], pending=[pending], parallel=2, failed=[])
     lines = []

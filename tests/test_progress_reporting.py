@@ -10,9 +10,10 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import torch.distributed as dist
 
-from fedshard import progress
+from fedshard.runtime import progress
 
 
 def tcp_store() -> dist.TCPStore:
@@ -42,6 +43,7 @@ def published(store, key, ready, timeout=10.0) -> dict:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_store_error_fails_no_step_and_the_trainer_goes_on_being_heard():
     server = tcp_store()
     flaky = FlakyStore(server)
@@ -95,8 +97,18 @@ def test_with_a_bar_the_lines_still_go_to_their_own_stream(tmp_path):
     """`fedshard run > log` on a terminal: the bar is on stderr, the round lines in the log."""
     path = tmp_path / "progress.json"
     trainer = {"round": 2, "done": 4, "total": 10, "images": 32, "seconds": 8.0, "heard": time.time()}
-    path.write_text(json.dumps({"round": 2, "rounds": 5, "world_size": 1, "round_started": time.time() - 10,
-                                "silent_after": 30.0, "trainers": {"0": trainer}}))
+    path.write_text(
+        json.dumps(
+            {
+                "round": 2,
+                "rounds": 5,
+                "world_size": 1,
+                "round_started": time.time() - 10,
+                "silent_after": 30.0,
+                "trainers": {"0": trainer},
+            }
+        )
+    )
     stderr, lines = Terminal(), []
     display = progress.Display(path, every=1.0, echo=lines.append, stream=stderr)
     display.tick()

@@ -17,11 +17,22 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, Launcher, assert_gone, fedshard
-from fedshard import data, models, sharding, tracking, training, transport
+from fedshard import tracking
+from fedshard.core import data, models, sharding, training
+from fedshard.runtime import transport
+from helpers import REPO, Launcher, assert_gone, fedshard
 
-SETTINGS = dict(model="resnet34", image_size=32, batch_size=8, local_epochs=1, max_train_samples=32,
-                max_test_samples=16, precision="fp32")
+pytestmark = pytest.mark.slow  # every test here starts processes
+
+SETTINGS = dict(
+    model="resnet34",
+    image_size=32,
+    batch_size=8,
+    local_epochs=1,
+    max_train_samples=32,
+    max_test_samples=16,
+    precision="fp32",
+)
 ROUNDS = 3
 METRICS = ("test_loss", "test_accuracy", "train_loss")
 
@@ -37,22 +48,52 @@ def resnet_sweep(data_dir, _empty_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("resnet-sweep")
     shutil.copyfile(_empty_store, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri,
-           "TMPDIR": str(root)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        "MLFLOW_TRACKING_URI": uri,
+        "TMPDIR": str(root),
+    }
     params = [a for k, v in {**SETTINGS, "data_dir": data_dir}.items() for a in ("-P", f"{k}={v}")]
-    result = subprocess.run([sys.executable, str(REPO / "sweep.py"), "--world-sizes", "1,2", "--swap", "false,true",
-                             "--learning-rates", "1e-2", "--rounds", str(ROUNDS), "--seeds", "123", "--parallel", "3",
-                             *params, "--experiment-name", "resnet", "--no-progress"],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "sweep.py"),
+            "--world-sizes",
+            "1,2",
+            "--swap",
+            "false,true",
+            "--learning-rates",
+            "1e-2",
+            "--rounds",
+            str(ROUNDS),
+            "--seeds",
+            "123",
+            "--parallel",
+            "3",
+            *params,
+            "--experiment-name",
+            "resnet",
+            "--no-progress",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     client = MlflowClient(uri)
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("resnet").experiment_id])
-            if r.data.tags.get("fedshard.sweep") != "true"]
+    runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("resnet").experiment_id])
+        if r.data.tags.get("fedshard.sweep") != "true"
+    ]
     return uri, {(int(r.data.params["world_size"]), r.data.params["enable_swapping"] == "true"): r for r in runs}
 
 
-def test_tiny_resnet34_runs_finish_at_world_sizes_1_and_2_with_and_without_swapping(resnet_sweep, data_dir,
-                                                                                     monkeypatch):
+def test_tiny_resnet34_runs_finish_at_world_sizes_1_and_2_with_and_without_swapping(
+    resnet_sweep, data_dir, monkeypatch
+):
     uri, runs = resnet_sweep
     client = MlflowClient(uri)
     assert set(runs) == {(1, False), (2, False), (2, True)}
@@ -61,7 +102,11 @@ def test_tiny_resnet34_runs_finish_at_world_sizes_1_and_2_with_and_without_swapp
         assert run.info.status == "FINISHED"
         assert run.info.run_name.startswith(f"ws{world_size}-lr0.01-swap{str(swapping).lower()}-r3-s123-resnet34-")
         assert {k: run.data.params[k] for k in ("model", "optimizer", "image_size", "local_epochs")} == {
-            "model": "resnet34", "optimizer": "sgd", "image_size": "32", "local_epochs": "1"}
+            "model": "resnet34",
+            "optimizer": "sgd",
+            "image_size": "32",
+            "local_epochs": "1",
+        }
         found = histories(client, run.info.run_id)
         assert sorted(found["test_loss"]) == [0, 1, 2, 3] and sorted(found["train_loss"]) == [1, 2, 3]
         assert run.data.params["model.params_full"] == "21335972"
@@ -78,8 +123,7 @@ def test_tiny_resnet34_runs_finish_at_world_sizes_1_and_2_with_and_without_swapp
     # What a tensor-parallel round moves against the whole model (the table's 50.6 %: test_models.py).
     state = resnet.shapes().state_dict()
     full_words = sum(transport.word_count(t) for t in state.values())
-    split = sum(transport.word_count(t) for k, t in state.items()
-                if isinstance(sharding.rule(resnet.table(), k), int))
+    split = sum(transport.word_count(t) for k, t in state.items() if isinstance(sharding.rule(resnet.table(), k), int))
     assert runs[2, True].data.metrics["comm/bytes_down"] == 4 * (split + 2 * (full_words - split)) + 2 * 24
 
     # The final model is a ResNet that gives the last round's accuracy, from images as it evaluates them.
@@ -94,12 +138,20 @@ def test_tiny_resnet34_runs_finish_at_world_sizes_1_and_2_with_and_without_swapp
     assert accuracy == pytest.approx(runs[2, True].data.metrics["test_accuracy"])
 
 
-def test_a_killed_resnet34_run_resumes_to_the_history_of_an_uninterrupted_one(tmp_path, data_dir, store,
-                                                                              resnet_sweep):
+def test_a_killed_resnet34_run_resumes_to_the_history_of_an_uninterrupted_one(tmp_path, data_dir, store, resnet_sweep):
     uri, runs = resnet_sweep
     reference = histories(MlflowClient(uri), runs[2, True].info.run_id)
-    exp = Launcher(tmp_path, data_dir, "resume", world_size=2, enable_swapping=True, rounds=ROUNDS, seed=123,
-                   learning_rate=1e-2, **SETTINGS)
+    exp = Launcher(
+        tmp_path,
+        data_dir,
+        "resume",
+        world_size=2,
+        enable_swapping=True,
+        rounds=ROUNDS,
+        seed=123,
+        learning_rate=1e-2,
+        **SETTINGS,
+    )
     deadline = time.monotonic() + 180
     # Round 1 is stored: kill a trainer. Rounds here take a second or two, so by the time it dies round 2
     # may be stored too; either way the run stops before round 3.

@@ -15,12 +15,17 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIG, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes, history
-from fedshard import cli, precision, tracking
-from fedshard.config import ExperimentConfig
+from fedshard import cli, tracking
+from fedshard.core import precision
+from fedshard.core.config import ExperimentConfig
+from helpers import CONFIG, Launcher, assert_gone, experiment_args, fedshard, fedshard_processes, history
 
-NO_NATIVE_BF16 = ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "
-                  "precision=bf16 here, as PyTorch would emulate it over ten times slower")
+pytestmark = pytest.mark.slow  # every test here starts processes
+
+NO_NATIVE_BF16 = (
+    "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): fedshard refuses "
+    "precision=bf16 here, as PyTorch would emulate it over ten times slower"
+)
 
 
 def wait_for_checkpoint(run_id: str, round_: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -47,7 +52,8 @@ def assert_continued_exactly(run_id: str, reference, resumed_from: int):
 
 
 def test_a_killed_trainer_then_a_sigkilled_launcher_each_leave_a_run_that_resumes_exactly(
-        tmp_path, data_dir, store, reference):
+    tmp_path, data_dir, store, reference
+):
     # A trainer dies after round 1 is stored: the run FAILS, and keeps the checkpoint of round 1 only.
     exp = Launcher(tmp_path, data_dir, "resume", **CONFIG)
     wait_for_checkpoint(exp.run_id, 1, exp.proc)
@@ -85,8 +91,10 @@ def test_a_killed_trainer_then_a_sigkilled_launcher_each_leave_a_run_that_resume
 def small_disk(tmp_path):
     """A 300 MiB tmpfs: room for one 220 MB checkpoint of AlexNet, not for the next beside it."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root); run: sudo .venv/bin/python -m pytest "
-                    "tests/test_resume.py -k disk")
+        pytest.skip(
+            "mounting a tmpfs needs root (CI runs as root); run: sudo .venv/bin/python -m pytest "
+            "tests/test_resume.py -k disk"
+        )
     mount = tmp_path / "small-disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], check=True)
@@ -97,7 +105,8 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_fails_the_run_with_that_reason_and_the_previous_checkpoint_resumes(
-        tmp_path, data_dir, store, reference, small_disk):
+    tmp_path, data_dir, store, reference, small_disk
+):
     MlflowClient().create_experiment("full", artifact_location=str(small_disk))
     exp = Launcher(tmp_path, data_dir, "full", **CONFIG)
     exp.finish(timeout=180)
@@ -140,14 +149,17 @@ def snapshot(run_id: str):
     return run.info.status, run.info.end_time, dict(run.data.tags), dict(run.data.metrics)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("finished", "the run is FINISHED, every round is in; nothing to resume"),
-    ("foreign", "not a fedshard experiment run"),
-    ("no_checkpoint", "the run has no checkpoint"),
-    ("missing", "no such run"),
-    ("options", "continues the run with its own configuration and experiment; drop --rounds"),
-    ("legacy_auto", "recorded on device=auto before fedshard recorded the precision"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("finished", "the run is FINISHED, every round is in; nothing to resume"),
+        ("foreign", "not a fedshard experiment run"),
+        ("no_checkpoint", "the run has no checkpoint"),
+        ("missing", "no such run"),
+        ("options", "continues the run with its own configuration and experiment; drop --rounds"),
+        ("legacy_auto", "recorded on device=auto before fedshard recorded the precision"),
+    ],
+)
 def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(data_dir, store, case, message):
     params = ExperimentConfig(world_size=1, rounds=2, data_dir=str(data_dir), precision="fp32").params()
     run_id = {
@@ -157,8 +169,12 @@ def test_a_run_that_cannot_be_resumed_is_refused_and_left_as_it_was(data_dir, st
         "missing": lambda: "0123456789abcdef0123456789abcdef",
         "options": lambda: make_run("refuse", "FAILED", params, checkpoint=1),
         # recorded before `precision` existed, on device=auto: bf16 or fp32 cannot be known
-        "legacy_auto": lambda: make_run("refuse", "FAILED", {**{k: v for k, v in params.items() if k != "precision"},
-                                                             "device": "auto", "amp": "true"}, checkpoint=1),
+        "legacy_auto": lambda: make_run(
+            "refuse",
+            "FAILED",
+            {**{k: v for k, v in params.items() if k != "precision"}, "device": "auto", "amp": "true"},
+            checkpoint=1,
+        ),
     }[case]()
     before = snapshot(run_id) if case != "missing" else None
     extra = ["--rounds", "5"] if case == "options" else []
@@ -188,26 +204,37 @@ def test_extending_needs_a_finished_shorter_run_of_the_same_configuration(data_d
 
 def test_a_reopened_run_that_cannot_be_prepared_ends_failed_with_the_reason(store):
     """The run is RUNNING again once reopened: logging its checkpoint's metrics failing must end it."""
-    from fedshard import lifecycle
-    from fedshard.checkpoint import Checkpoint
-    from fedshard.resume import Start
+    from fedshard.core.checkpoint import Checkpoint
+    from fedshard.runtime import lifecycle
+    from fedshard.runtime.resume import Start
 
     cfg = ExperimentConfig(world_size=1, rounds=2, precision="fp32")
     run_id = make_run("reopen", "KILLED", cfg.params(), checkpoint=1)
     unloggable = Start(Checkpoint(1, {}, {"bad name!": 0.5}))  # a metric name MLflow refuses
-    with pytest.raises(lifecycle.Refused, match="could not prepare run .*MlflowException: Invalid value") as refused:
+    with pytest.raises(
+        lifecycle.StartRefused, match="could not prepare run .*MlflowException: Invalid value"
+    ) as refused:
         lifecycle.open_run(cfg, [], resume_id=run_id, start=unloggable)
-    assert refused.value.code == 1
+    assert refused.value.exit_code == 1
     record = tracking.run_record(run_id)
     assert record.status == "FAILED" and record.tags[tracking.FAILURE_TAG] == str(refused.value)
 
 
-@pytest.mark.parametrize("faster", [
-    pytest.param(dict(device="cuda", deterministic=True, precision="bf16"), id="cuda-deterministic-bf16",
-                 marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")),
-    pytest.param(dict(device="cpu", precision="bf16"), id="cpu-bf16",
-                 marks=pytest.mark.skipif(not precision.cpu_has_native_bf16(), reason=NO_NATIVE_BF16)),
-])
+@pytest.mark.parametrize(
+    "faster",
+    [
+        pytest.param(
+            dict(device="cuda", deterministic=True, precision="bf16"),
+            id="cuda-deterministic-bf16",
+            marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device"),
+        ),
+        pytest.param(
+            dict(device="cpu", precision="bf16"),
+            id="cpu-bf16",
+            marks=pytest.mark.skipif(not precision.cpu_has_native_bf16(), reason=NO_NATIVE_BF16),
+        ),
+    ],
+)
 def test_a_bf16_run_reproduces_itself_and_resumes_exactly(tmp_path, data_dir, store, faster):
     """In bf16 (on CUDA with --deterministic, or on a CPU with native bf16, for a fixed number of
     threads): an uninterrupted run, and a run whose trainer is killed after round 1 and which is

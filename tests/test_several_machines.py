@@ -25,8 +25,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIG, REPO, claim_race, fedshard, fedshard_processes, history
 from fedshard import tracking
+from helpers import CONFIG, REPO, claim_race, fedshard, fedshard_processes, history
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 SWEEP = str(REPO / "sweep.py")
 
@@ -38,19 +40,34 @@ def free_port() -> int:
 
 
 def tiny(data_dir) -> list[str]:
-    return ["-P", f"data_dir={data_dir}", "-P", "max_train_samples=16", "-P", "max_test_samples=16",
-            "-P", "batch_size=16", "-P", "local_epochs=1"]
+    return [
+        "-P",
+        f"data_dir={data_dir}",
+        "-P",
+        "max_train_samples=16",
+        "-P",
+        "max_test_samples=16",
+        "-P",
+        "batch_size=16",
+        "-P",
+        "local_epochs=1",
+    ]
 
 
 # --------------------------------------------------------------------------- options (no processes)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sweep", "--ray-address", "10.0.0.1:6379"], "--ray-address, --cpus-per-experiment and --gpus-per-experiment "
-                                                  "apply to --executor ray"),
-    (["sweep", "--executor", "ray", "--gpus-per-experiment", "1.5"], "a share of one GPU (<= 1) or whole GPUs"),
-    (["run", "--remote-trainers"], "--remote-trainers needs --metaserver-host ADDRESS"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["sweep", "--ray-address", "10.0.0.1:6379"],
+            "--ray-address, --cpus-per-experiment and --gpus-per-experiment apply to --executor ray",
+        ),
+        (["sweep", "--executor", "ray", "--gpus-per-experiment", "1.5"], "a share of one GPU (<= 1) or whole GPUs"),
+        (["run", "--remote-trainers"], "--remote-trainers needs --metaserver-host ADDRESS"),
+    ],
+)
 def test_bad_placement_options_exit_2_before_anything_starts(shared_store, args, message):
     from click.testing import CliRunner
 
@@ -68,8 +85,8 @@ def test_gloo_uses_the_interface_towards_the_metaserver_unless_gloo_socket_ifnam
     import torch
     import torch.distributed as dist
 
-    from fedshard import transport
-    from fedshard.transport import interface_towards
+    from fedshard.runtime import transport
+    from fedshard.runtime.transport import interface_towards
 
     assert interface_towards("127.0.0.1") == "lo"
 
@@ -100,8 +117,10 @@ def tracking_server():
     both on loopback; stopped (and deleted) after the module's tests."""
     initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not initdbs:
-        pytest.fail("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
-                    "apt-get install postgresql (.ci/run does)")
+        pytest.fail(
+            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
+            "apt-get install postgresql (.ci/run does)"
+        )
     bin_dir = Path(initdbs[-1]).parent
     # PostgreSQL refuses to run as root: as root, run it as the postgres user, in a directory it owns.
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -112,22 +131,64 @@ def tracking_server():
     pg_ctl = [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(root / "data")]
     server = None
     try:
-        subprocess.run([*as_pg, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "fedshard", "--auth=trust",
-                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-        subprocess.run([*pg_ctl, "-l", str(root / "postgres.log"), "-w", "start", "-o",
-                        f"-p {pg_port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"],
-                       check=True, capture_output=True)
-        subprocess.run([*as_pg, str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "fedshard",
-                        "mlflow"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *as_pg,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(root / "data"),
+                "-U",
+                "fedshard",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *pg_ctl,
+                "-l",
+                str(root / "postgres.log"),
+                "-w",
+                "start",
+                "-o",
+                f"-p {pg_port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [*as_pg, str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "fedshard", "mlflow"],
+            check=True,
+            capture_output=True,
+        )
         dsn = f"postgresql://fedshard@127.0.0.1:{pg_port}/mlflow"
         mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
         log = (root / "mlflow-server.log").open("wb")
         # No job runner: it serves GenAI features, and its processes would only slow the test down.
         server = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", dsn.replace("postgresql://", "postgresql+psycopg://"),
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(http_port),
-             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+            [
+                mlflow,
+                "server",
+                "--backend-store-uri",
+                dsn.replace("postgresql://", "postgresql+psycopg://"),
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(http_port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        )
         uri = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 150
         while True:
@@ -166,7 +227,8 @@ def ray_worker_of(run_id: str) -> psutil.Process | None:
 
 
 def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_worker(
-        tmp_path, data_dir, tracking_server, monkeypatch):
+    tmp_path, data_dir, tracking_server, monkeypatch
+):
     import psycopg
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server["uri"])
@@ -176,12 +238,30 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     env = dict(os.environ, TMPDIR=str(tmp_path), RAY_TMPDIR="/tmp")
     # World size 2 on this 2-core machine, with no resource flags: each experiment asks Ray for 1 CPU
     # (world_size + 1 capped at the cluster's CPUs / --parallel), so both run at once.
-    grid = ["--world-sizes", "2", "--learning-rates", "1e-4,1e-3", "--swap", "false", "--rounds", "1", "--seeds", "7",
-            *tiny(data_dir), "--experiment-name", "ray-pg"]
+    grid = [
+        "--world-sizes",
+        "2",
+        "--learning-rates",
+        "1e-4,1e-3",
+        "--swap",
+        "false",
+        "--rounds",
+        "1",
+        "--seeds",
+        "7",
+        *tiny(data_dir),
+        "--experiment-name",
+        "ray-pg",
+    ]
     log = tmp_path / "sweep.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--executor", "ray", "--parallel", "2"],
-                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, SWEEP, *grid, "--executor", "ray", "--parallel", "2"],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     client = MlflowClient()
     try:
         # As soon as one experiment runs, kill the Ray worker that runs it: what a lost node does.
@@ -206,8 +286,9 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
     assert "Executor: a local Ray instance: 1 node(s)" in out
     assert "Each experiment asks for 1 CPUs" in out
     assert "Total experiments to run: 2 (0 already finished)" in out
-    assert re.search(r"Experiment failed: \(2, 0\.00?01, False, 1, 7\): Ray task failed: \w+Error: .*will retry",
-                     out), out
+    assert re.search(
+        r"Experiment failed: \(2, 0\.00?01, False, 1, 7\): Ray task failed: \w+Error: .*will retry", out
+    ), out
     assert "View run" not in out  # MLflow's links to runs do not interleave with the sweep's output
     assert "=== Retrying experiment" in out and "Finished: 2\nFailed: 0\n" in out
     assert fedshard_processes(str(tmp_path)) == []
@@ -228,8 +309,7 @@ def test_ray_sweep_reports_to_mlflow_server_on_postgres_and_survives_a_lost_work
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "logs"}
         assert len(run.outputs.model_outputs) == 1  # the final model, uploaded through the server
     with psycopg.connect(tracking_server["dsn"]) as db:  # and the server keeps it all in PostgreSQL
-        statuses = db.execute("SELECT status FROM runs WHERE experiment_id = %s",
-                              (int(exp.experiment_id),)).fetchall()
+        statuses = db.execute("SELECT status FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),)).fetchall()
     assert sorted(s for (s,) in statuses) == sorted(r.info.status for r in runs)
 
     exported = fedshard("export", "--experiment-name", "ray-pg", "--output", "results.pkl", cwd=tmp_path)
@@ -250,7 +330,10 @@ def test_sweeps_released_at_the_same_instant_claim_each_configuration_once_throu
     for r in range(5):
         (winner,) = [run for rnd, kind, run in outcomes if rnd == r and kind == "Claimed"]
         assert sorted((kind, run) for rnd, kind, run in outcomes if rnd == r) == [
-            ("Claimed", winner), ("Held", winner), ("Held", winner)]
+            ("Claimed", winner),
+            ("Held", winner),
+            ("Held", winner),
+        ]
     client = MlflowClient(tracking_server["uri"])
     exp_id = client.get_experiment_by_name("race-pg").experiment_id
     kept = [r for r in client.search_runs([exp_id]) if r.data.tags.get("fedshard.sweep") != "true"]
@@ -301,8 +384,11 @@ def owning_sweep(run_id: str, sweeps: dict, timeout: float = 240) -> tuple[str, 
             launcher = psutil.Process(int(tags.get(tracking.PID_TAG, 0)))
             owners = [name for name, p in sweeps.items() if launcher.ppid() == p.pid]
             roles = [p for p in fedshard_processes(f"--run-id {run_id}") if p.ppid() == launcher.pid]
-            if owners and tags.get(tracking.HOST_TAG) == tracking.host() and any(
-                    " aggregator " in " ".join(p.cmdline()) for p in roles):
+            if (
+                owners
+                and tags.get(tracking.HOST_TAG) == tracking.host()
+                and any(" aggregator " in " ".join(p.cmdline()) for p in roles)
+            ):
                 return owners[0], launcher.pid
         assert all(p.poll() is None for p in sweeps.values()), {n: p.poll() for n, p in sweeps.items()}
         time.sleep(0.1)
@@ -310,7 +396,8 @@ def owning_sweep(run_id: str, sweeps: dict, timeout: float = 240) -> tuple[str, 
 
 
 def test_a_lost_sweep_leaves_a_claim_taken_over_after_the_timeout_and_a_paused_owner_stops(
-        tmp_path, data_dir, tracking_server, reference, monkeypatch):
+    tmp_path, data_dir, tracking_server, reference, monkeypatch
+):
     """Rounds 1 and 3 of one configuration: the 3-round run starts from the 1-round run's final model.
     Once it stored round 2, its sweep and launcher are SIGKILLed together, as when their machine is
     lost (it called itself node-a: its claim is judged by its heartbeat alone). Two sweeps with --wait
@@ -324,25 +411,60 @@ def test_a_lost_sweep_leaves_a_claim_taken_over_after_the_timeout_and_a_paused_o
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     link = tmp_path / "data"
     link.symlink_to(data_dir, target_is_directory=True)
-    params = {k: v for k, v in CONFIG.items() if k not in ("world_size", "rounds", "learning_rate",
-                                                           "enable_swapping")}
-    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "true", "--rounds", "1,3", "--seeds", "123",
-            "-P", f"data_dir={link}", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")],
-            "--experiment-name", "ext", "--no-progress", "--claim-timeout", TIMEOUT]
+    params = {k: v for k, v in CONFIG.items() if k not in ("world_size", "rounds", "learning_rate", "enable_swapping")}
+    grid = [
+        "--world-sizes",
+        "2",
+        "--learning-rates",
+        "1e-3",
+        "--swap",
+        "true",
+        "--rounds",
+        "1,3",
+        "--seeds",
+        "123",
+        "-P",
+        f"data_dir={link}",
+        *[a for k, v in params.items() for a in ("-P", f"{k}={v}")],
+        "--experiment-name",
+        "ext",
+        "--no-progress",
+        "--claim-timeout",
+        TIMEOUT,
+    ]
     env = dict(os.environ, TMPDIR=str(tmp_path))
     # A run whose owner vanished without a trace: RUNNING, owned by a pid of node-a that is gone.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    ghost = MlflowClient().create_run(tracking.experiment_id("ext"), tags={
-        **tracking.owner_tags(), tracking.HOST_TAG: "node-a", tracking.PID_TAG: str(dead.pid),
-        "fedshard.sweep": "true"}).info.run_id
-    lost = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid], cwd=tmp_path,
-                            env={**env, "FEDSHARD_HOST": "node-a"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    ghost = (
+        MlflowClient()
+        .create_run(
+            tracking.experiment_id("ext"),
+            tags={
+                **tracking.owner_tags(),
+                tracking.HOST_TAG: "node-a",
+                tracking.PID_TAG: str(dead.pid),
+                "fedshard.sweep": "true",
+            },
+        )
+        .info.run_id
+    )
+    lost = subprocess.Popen(
+        [sys.executable, str(REPO / "sweep.py"), *grid],
+        cwd=tmp_path,
+        env={**env, "FEDSHARD_HOST": "node-a"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 240
-    while not (longer := [r for r in experiment_runs("ext")
-                          if r.data.params.get("rounds") == "3"
-                          and tracking.run_record(r.info.run_id).checkpoint_round >= 2]):
+    while not (
+        longer := [
+            r
+            for r in experiment_runs("ext")
+            if r.data.params.get("rounds") == "3" and tracking.run_record(r.info.run_id).checkpoint_round >= 2
+        ]
+    ):
         assert lost.poll() is None and time.monotonic() < deadline, lost.communicate()[0]
         time.sleep(0.1)
     run_id = longer[0].info.run_id
@@ -354,9 +476,16 @@ def test_a_lost_sweep_leaves_a_claim_taken_over_after_the_timeout_and_a_paused_o
     left = tracking.run_record(run_id)
     assert left.status == "RUNNING" and left.tags[tracking.HOST_TAG] == "node-a"  # a claim nobody renews
 
-    sweeps = {name: subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *grid, "--wait"], cwd=tmp_path, env=env,
-                                     stdout=(tmp_path / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
-              for name in ("B", "C")}
+    sweeps = {
+        name: subprocess.Popen(
+            [sys.executable, str(REPO / "sweep.py"), *grid, "--wait"],
+            cwd=tmp_path,
+            env=env,
+            stdout=(tmp_path / f"{name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for name in ("B", "C")
+    }
     try:
         paused, stale_launcher = owning_sweep(run_id, sweeps)
         signal_all(family(sweeps[paused].pid), signal.SIGSTOP)
@@ -380,7 +509,9 @@ def test_a_lost_sweep_leaves_a_claim_taken_over_after_the_timeout_and_a_paused_o
     assert_gone(str(tmp_path))
     assert_taken_over_in_turn(run_id, out, paused, other, stopped_at, stale_launcher)
 
-    short, long_ = sorted(experiment_runs("ext"), key=lambda r: int(r.data.params["rounds"]))  # withdrawn claims: deleted
+    short, long_ = sorted(
+        experiment_runs("ext"), key=lambda r: int(r.data.params["rounds"])
+    )  # withdrawn claims: deleted
     assert short.info.status == long_.info.status == "FINISHED" and long_.info.run_id == run_id
     assert short.data.tags[tracking.ROUNDS_TRAINED_TAG] == "1"
     assert long_.data.tags[tracking.EXTENDS_TAG] == short.info.run_id
@@ -397,16 +528,21 @@ def assert_taken_over_in_turn(run_id: str, out: dict, paused: str, other: str, s
     key = "(2, 0.001, True, 3, 123)"
     assert f"Experiment running elsewhere: {key} (run {run_id}, pid " in out[other], out[other]
     assert f"Experiment no longer held elsewhere: {key} (run {run_id} went silent); claiming it here" in out[other]
-    assert f"Resuming experiment: world_size=2, lr=0.001, swap=True, rounds=3, seed=123 from round 2 (run {run_id})" \
-        in out[other], out[other]
+    assert (
+        f"Resuming experiment: world_size=2, lr=0.001, swap=True, rounds=3, seed=123 from round 2 (run {run_id})"
+        in out[other]
+    ), out[other]
     assert f"Experiment completed successfully: {key}" in out[other]
     assert f"Experiment taken over elsewhere: {key}: its launcher here was silent past the claim timeout" in out[paused]
     assert f"Experiment completed elsewhere: {key} (run {run_id})" in out[paused]
     assert "Finished: 1\nFailed: 0\n" in out[paused] and "Finished: 1\nFailed: 0\n" in out[other]
     # The hands the run changed by: node-a's claim taken (reaped, then resumed, or resumed at once), the
     # paused owner's likewise, then finished by the last owner; the paused launcher ended nothing.
-    hands = {int(k.rsplit(".", 1)[1]): v for k, v in MlflowClient().get_run(run_id).data.params.items()
-             if k.startswith("fedshard.claim.")}
+    hands = {
+        int(k.rsplit(".", 1)[1]): v
+        for k, v in MlflowClient().get_run(run_id).data.params.items()
+        if k.startswith("fedshard.claim.")
+    }
     words = [hands[n].split(";")[0].split(":")[0].split(" by ")[0] for n in sorted(hands)]
     assert sorted(hands) == list(range(1, len(hands) + 1)) and words[-1] == "finished", hands
     assert words.count("resumed") == 2 and set(words[:-1]) <= {"reaped", "resumed"}, hands
@@ -436,8 +572,10 @@ def namespaces():
         ip("netns", "add", agg)
     except subprocess.CalledProcessError as exc:
         if "permission" in exc.stderr.lower() or "not permitted" in exc.stderr.lower():
-            pytest.skip(f"network namespaces not permitted here: {exc.stderr.strip()}; run as root, "
-                        f"see docs/several-machines.md")
+            pytest.skip(
+                f"network namespaces not permitted here: {exc.stderr.strip()}; run as root, "
+                f"see docs/several-machines.md"
+            )
         raise
     created = [agg]
     try:
@@ -461,8 +599,15 @@ def namespaces():
 
 def interface_bytes(ns: str, interface: str) -> tuple[int, int]:
     """(received, sent) bytes of an interface, as its own namespace counts them."""
-    stats = [subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{interface}/statistics/{name}"],
-                            check=True, capture_output=True, text=True).stdout for name in ("rx_bytes", "tx_bytes")]
+    stats = [
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{interface}/statistics/{name}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        for name in ("rx_bytes", "tx_bytes")
+    ]
     return int(stats[0]), int(stats[1])
 
 
@@ -470,8 +615,8 @@ def slice_bytes(world_size: int) -> int:
     """float32 bytes of the smallest slice a trainer of this experiment receives and sends back."""
     import torch
 
-    from fedshard import models, strategies
-    from fedshard.config import ExperimentConfig
+    from fedshard.core import models, strategies
+    from fedshard.core.config import ExperimentConfig
 
     cfg = ExperimentConfig(world_size=world_size)
     with torch.device("meta"):
@@ -485,11 +630,43 @@ def test_trainers_in_their_own_network_namespaces_exchange_tensors_over_veth(tmp
     env = dict(os.environ, TMPDIR=str(tmp_path))
     env.pop("GLOO_SOCKET_IFNAME", None)  # each role finds the interface towards the metaserver itself
     launcher = subprocess.Popen(
-        ["ip", "netns", "exec", agg, sys.executable, "-m", "fedshard", "run", "--remote-trainers",
-         "--metaserver-host", address, "--join-timeout", "120", "--world-size", "2", "--enable-swapping", "true",
-         "--rounds", "1", "--data-dir", str(data_dir), "--max-train-samples", "32", "--max-test-samples", "16",
-         "--batch-size", "16", "--experiment-name", "netns"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            "ip",
+            "netns",
+            "exec",
+            agg,
+            sys.executable,
+            "-m",
+            "fedshard",
+            "run",
+            "--remote-trainers",
+            "--metaserver-host",
+            address,
+            "--join-timeout",
+            "120",
+            "--world-size",
+            "2",
+            "--enable-swapping",
+            "true",
+            "--rounds",
+            "1",
+            "--data-dir",
+            str(data_dir),
+            "--max-train-samples",
+            "32",
+            "--max-test-samples",
+            "16",
+            "--batch-size",
+            "16",
+            "--experiment-name",
+            "netns",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     trainers: list[subprocess.Popen] = []
     lines, commands = [], []
     try:
@@ -504,9 +681,16 @@ def test_trainers_in_their_own_network_namespaces_exchange_tensors_over_veth(tmp
         before = [interface_bytes(ns, f"t{k}") for k, ns in enumerate(trainer_ns)]
         for k, (ns, command) in enumerate(zip(trainer_ns, commands)):
             assert command[command.index("--rank") + 1] == str(k)
-            trainers.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "fedshard",
-                                              *command[1:]], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, text=True))
+            trainers.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", ns, sys.executable, "-m", "fedshard", *command[1:]],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         rest, _ = launcher.communicate(timeout=240)
         lines.append(rest)
         outputs = [t.communicate(timeout=30)[0] for t in trainers]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedshard import models, sharding, strategies
-from fedshard.config import ExperimentConfig
-from fedshard.models.alexnet import FULL_WIDTHS, SPLIT_DIM, AlexNet
+from fedshard.core import models, sharding, strategies
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.models.alexnet import FULL_WIDTHS, SPLIT_DIM, AlexNet
 
 ALEXNET = models.get("alexnet")
 TABLE = ALEXNET.table()
@@ -22,7 +22,9 @@ def full_state():
 
 
 def test_full_model_matches_the_reference_size():
-    assert sum(p.numel() for p in AlexNet().parameters()) == 55_063_268  # ~55.1M (docs/experiments.md; layer by layer: 4,309,632 conv + 50,753,636 fc)
+    assert (
+        sum(p.numel() for p in AlexNet().parameters()) == 55_063_268
+    )  # ~55.1M (docs/experiments.md; layer by layer: 4,309,632 conv + 50,753,636 fc)
     out = AlexNet()(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 100)
     assert torch.allclose(out.exp().sum(1), torch.ones(2))  # log-softmax
@@ -119,7 +121,7 @@ def test_fedavg_is_the_sample_weighted_mean():
 
 
 def test_unknown_strategy_is_named_and_the_registry_is_what_config_accepts():
-    from fedshard.config import STRATEGIES, ConfigError
+    from fedshard.core.config import STRATEGIES, ConfigError
 
     with pytest.raises(ConfigError, match="'ring'.*tensor_parallel, fedavg"):
         ExperimentConfig(strategy="ring")
@@ -155,9 +157,12 @@ def test_model_size_and_forward_flops_match_pytorch_own_counts(n, index):
 def _tiny_model() -> dict[str, torch.Tensor]:  # AlexNet's conv1 and conv2 (the table's names) in miniature
     """conv1 (output-split) and conv2 (input-split) with 4 channels between them: two blocks of 2
     for two trainers. Weights are small integers, so every sum below is exact in float32."""
-    return {"conv1.weight": torch.arange(4.0).view(4, 1), "conv1.bias": torch.zeros(4),
-            "conv2.weight": torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]),
-            "conv2.bias": torch.tensor([1.0, -1.0])}
+    return {
+        "conv1.weight": torch.arange(4.0).view(4, 1),
+        "conv1.bias": torch.zeros(4),
+        "conv2.weight": torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]),
+        "conv2.bias": torch.tensor([1.0, -1.0]),
+    }
 
 
 def _round(strategy, model, round_, change):

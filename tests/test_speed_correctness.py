@@ -20,9 +20,9 @@ import torchvision.transforms.functional as TF
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedshard import models, training
-from fedshard.models.alexnet import AlexNet
-from fedshard.training import MEAN, PAD, SIZE, STD, DeviceData
+from fedshard.core import models, training
+from fedshard.core.models.alexnet import AlexNet
+from fedshard.core.training import MEAN, PAD, SIZE, STD, DeviceData
 
 slice_widths = models.get("alexnet").slice_widths
 
@@ -171,8 +171,10 @@ def test_normalised_constant_colour_is_exact_per_channel():
 
 def small_data(n: int = 200, seed: int = 0) -> DeviceData:
     gen = torch.Generator().manual_seed(seed)
-    return DeviceData(torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen),
-                      torch.randint(0, 100, (n,), generator=gen))
+    return DeviceData(
+        torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen),
+        torch.randint(0, 100, (n,), generator=gen),
+    )
 
 
 def test_input_batches_reproducible_by_seed_and_cover_the_data_once():
@@ -201,9 +203,18 @@ def tiny_model(seed: int = 0) -> nn.Module:
     """A small stand-in with what matters here (convolutions, pooling, dropout, log-softmax
     over 100 classes) that runs in milliseconds on a CPU; AlexNet itself is checked below."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(4),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Dropout(0.5), nn.Linear(16 * 4 * 4, 100), nn.LogSoftmax(1))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(16 * 4 * 4, 100),
+        nn.LogSoftmax(1),
+    )
 
 
 def tiny_alexnet(seed: int = 0) -> AlexNet:
@@ -217,8 +228,9 @@ def test_train_local_is_bit_for_bit_reproducible_with_the_same_seeds():
     def run(seed):
         model = tiny_model()
         torch.manual_seed(seed)  # dropout, as the trainer does
-        result = training.train_local(model, data, learning_rate=1e-3, epochs=1, batch_size=16,
-                                      generator=torch.Generator().manual_seed(seed))
+        result = training.train_local(
+            model, data, learning_rate=1e-3, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(seed)
+        )
         return result.mean_loss, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     (loss_a, w_a), (loss_b, w_b), (_, w_c) = run(3), run(3), run(4)
@@ -265,7 +277,8 @@ def test_channels_last_computes_the_same_and_hands_back_contiguous_weights(eval_
     model, data, _ = eval_case
     params = list(model.parameters())
     assert training.evaluate(model, data, 32, channels_last=True) == pytest.approx(
-        training.evaluate(model, data, 32, channels_last=False), rel=1e-5)
+        training.evaluate(model, data, 32, channels_last=False), rel=1e-5
+    )
     assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
     assert all(a is b for a, b in zip(params, model.parameters()))  # same Parameter objects
 
@@ -274,8 +287,15 @@ def test_channels_last_computes_the_same_and_hands_back_contiguous_weights(eval_
     def train(channels_last):
         m = tiny_model(2)
         torch.manual_seed(0)
-        r = training.train_local(m, few, learning_rate=1e-3, epochs=1, batch_size=8,
-                                 generator=torch.Generator().manual_seed(0), channels_last=channels_last)
+        r = training.train_local(
+            m,
+            few,
+            learning_rate=1e-3,
+            epochs=1,
+            batch_size=8,
+            generator=torch.Generator().manual_seed(0),
+            channels_last=channels_last,
+        )
         return r.mean_loss, m
 
     loss_plain, _ = train(False)
@@ -314,8 +334,11 @@ def test_channels_last_follows_bf16_on_cuda_only():
 @pytest.fixture
 def restore_backends(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     yield
     torch.use_deterministic_algorithms(saved[0])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
@@ -357,8 +380,15 @@ def test_cuda_deterministic_training_is_bit_for_bit(restore_backends):
     def run():
         model = tiny_model().cuda()
         torch.manual_seed(0)
-        r = training.train_local(model, data, learning_rate=1e-3, epochs=1, batch_size=32,
-                                 generator=torch.Generator("cuda").manual_seed(0), bf16=True)
+        r = training.train_local(
+            model,
+            data,
+            learning_rate=1e-3,
+            epochs=1,
+            batch_size=32,
+            generator=torch.Generator("cuda").manual_seed(0),
+            bf16=True,
+        )
         return r.mean_loss, torch.nn.utils.parameters_to_vector(model.parameters())
 
     (la, wa), (lb, wb) = run(), run()
@@ -392,8 +422,15 @@ def test_cuda_bf16_round_agrees_with_fp32(restore_backends):
         model = AlexNet().cuda()
         model.load_state_dict(start)
         torch.manual_seed(1)
-        result = training.train_local(model, train, learning_rate=1e-4, epochs=1, batch_size=64,
-                                      generator=torch.Generator("cuda").manual_seed(1), bf16=bf16)
+        result = training.train_local(
+            model,
+            train,
+            learning_rate=1e-4,
+            epochs=1,
+            batch_size=64,
+            generator=torch.Generator("cuda").manual_seed(1),
+            bf16=bf16,
+        )
         return result.mean_loss, training.evaluate(model, test, bf16=False, channels_last=False)[0]
 
     (train16, test16), (train32, test32) = one_round(True), one_round(False)

@@ -21,12 +21,13 @@ from click.testing import CliRunner
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, claim_race, fedshard, fedshard_processes
-from fedshard import cli, executors, precision, tracking
-from fedshard.config import ExperimentConfig, field_names
-from fedshard.grid import NAMED_AXES, expand, make_grid
-from fedshard.planning import plan
-from fedshard.sweep import Job, Sweep, child_command, cpus_per_experiment, pick_gpu, visible_gpus
+from fedshard import cli, tracking
+from fedshard.core import precision
+from fedshard.core.config import ExperimentConfig, field_names
+from fedshard.sweep import Job, Sweep, child_command, cpus_per_experiment, executors, pick_gpu, visible_gpus
+from fedshard.sweep.grid import NAMED_AXES, expand, make_grid
+from fedshard.sweep.planning import plan
+from helpers import REPO, claim_race, fedshard, fedshard_processes
 
 SWEEP = str(REPO / "sweep.py")
 
@@ -35,8 +36,17 @@ SWEEP = str(REPO / "sweep.py")
 
 
 def test_child_command_forwards_every_parameter_to_fedshard_run():
-    cfg = ExperimentConfig(world_size=3, learning_rate=1e-5, rounds=4, seed=9, init_from="", precision="fp32",
-                           data_dir="/some where/data", partition="dirichlet", dirichlet_alpha=0.25)
+    cfg = ExperimentConfig(
+        world_size=3,
+        learning_rate=1e-5,
+        rounds=4,
+        seed=9,
+        init_from="",
+        precision="fp32",
+        data_dir="/some where/data",
+        partition="dirichlet",
+        dirichlet_alpha=0.25,
+    )
     argv = child_command(cfg)
     assert argv[:4] == [sys.executable, "-m", "fedshard", "run"]
     ctx = cli.run.make_context("run", argv[4:])
@@ -74,8 +84,9 @@ def record(status="FINISHED", tags=None, **params):
 
 
 def test_only_finished_runs_are_skipped_comparing_canonical_values():
-    configs = expand(make_grid({"world_sizes": "1,2", "learning_rates": "1e-5,1e-3", "swap": "true",
-                                "rounds": "3", "seeds": "1"}))
+    configs = expand(
+        make_grid({"world_sizes": "1,2", "learning_rates": "1e-5,1e-3", "swap": "true", "rounds": "3", "seeds": "1"})
+    )
     assert len(configs) == 4
     base = {"rounds": "3", "seed": "1"}
     runs = [
@@ -92,7 +103,9 @@ def test_only_finished_runs_are_skipped_comparing_canonical_values():
     assert [t.cfg.key() for t in work.tasks] == [(1, 1e-3, False, 3, 1), (2, 1e-5, True, 3, 1)]
     assert all(t.start == 0 for t in work.tasks)  # no checkpoint, no shorter twin: from round 0
     assert [(c.key(), run_id) for c, run_id in work.skipped] == [
-        ((1, 1e-5, False, 3, 1), runs[0].run_id), ((2, 1e-3, True, 3, 1), runs[1].run_id)]
+        ((1, 1e-5, False, 3, 1), runs[0].run_id),
+        ((2, 1e-3, True, 3, 1), runs[1].run_id),
+    ]
 
 
 # --------------------------------------------------------------------------- CLI without processes
@@ -125,20 +138,25 @@ def test_dry_run_prints_what_would_run_and_what_is_skipped_and_runs_nothing(tmp_
     assert result.exit_code == 0, result.output
     assert "Total experiments to run: 52 (2 already finished)" in result.output
     assert "Would run 1/52: world_size=1, lr=1e-05, swap=False, rounds=30, seed=789" in result.output
-    assert ("Would run 2/52: world_size=1, lr=1e-05, swap=False, rounds=50, seed=123 (extend FINISHED run "
-            f"{done} from round 30: 20 rounds to train)") in result.output
+    assert (
+        "Would run 2/52: world_size=1, lr=1e-05, swap=False, rounds=50, seed=123 (extend FINISHED run "
+        f"{done} from round 30: 20 rounds to train)"
+    ) in result.output
     assert "Would run 52/52: world_size=2, lr=0.001, swap=True, rounds=50, seed=789" in result.output
     assert f"Skip (FINISHED run {done}): world_size=1, lr=1e-05, swap=False, rounds=30, seed=123" in result.output
     assert f"Skip (FINISHED run {legacy_cpu}): world_size=1, lr=1e-05, swap=False, rounds=30, seed=456" in result.output
     assert len(all_runs("dry")) == 3  # a dry run creates nothing
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-P", "dataset=/data"], "unknown experiment parameter 'dataset'; valid:"),
-    (["--seeds", "1,-2"], "seed=-2: must be an integer >= 0"),
-    (["--swap", "maybe"], "enable_swapping='maybe': must be true or false"),
-    (["--parallel", "0"], "0 is not in the range x>=1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-P", "dataset=/data"], "unknown experiment parameter 'dataset'; valid:"),
+        (["--seeds", "1,-2"], "seed=-2: must be an integer >= 0"),
+        (["--swap", "maybe"], "enable_swapping='maybe': must be true or false"),
+        (["--parallel", "0"], "0 is not in the range x>=1"),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message_and_creates_no_run(tmp_path, store, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli.main, ["sweep", *args, "--experiment-name", "bad-input"])
@@ -151,10 +169,34 @@ def test_bad_input_exits_2_with_a_clear_message_and_creates_no_run(tmp_path, sto
 def test_bf16_where_this_cpu_cannot_is_refused_before_any_run(tmp_path, data_dir, store, monkeypatch):
     """Not one refused launcher per configuration (each retried): the sweep refuses, and creates nothing."""
     monkeypatch.setenv(precision.OVERRIDE, "0")  # this CPU computes no bf16 natively
-    result = CliRunner().invoke(cli.main, [
-        "sweep", "--world-sizes", "1", "--learning-rates", "1e-4", "--swap", "false", "--rounds", "1", "--seeds", "1",
-        "--axis", "precision=fp32,bf16", "-P", "device=cpu", "-P", f"data_dir={data_dir}",
-        "-P", "max_train_samples=16", "-P", "max_test_samples=16", "--experiment-name", "bf16"])
+    result = CliRunner().invoke(
+        cli.main,
+        [
+            "sweep",
+            "--world-sizes",
+            "1",
+            "--learning-rates",
+            "1e-4",
+            "--swap",
+            "false",
+            "--rounds",
+            "1",
+            "--seeds",
+            "1",
+            "--axis",
+            "precision=fp32,bf16",
+            "-P",
+            "device=cpu",
+            "-P",
+            f"data_dir={data_dir}",
+            "-P",
+            "max_train_samples=16",
+            "-P",
+            "max_test_samples=16",
+            "--experiment-name",
+            "bf16",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "precision=bf16: this CPU does not compute bf16 natively" in result.output
     assert "Traceback" not in result.output
@@ -176,29 +218,62 @@ def test_mlproject_entry_points_forward_their_parameters():
         assert argv[:2] == ["fedshard", name]
         return getattr(cli, name).make_context(name, argv[2:]).params
 
-    sweep = parse("sweep", {"params": "data_dir=/d max_train_samples=5", "rounds": "2", "parallel": 2,
-                            "axes": "strategy=tensor_parallel,fedavg partition=iid,dirichlet"})
-    grid = make_grid({a: sweep[a] for a in NAMED_AXES}, shlex.split(sweep["params_text"]), sweep["grid_file"] or None,
-                     shlex.split(sweep["axes_text"]), empty_is_default=sweep["empty_is_default"])
+    sweep = parse(
+        "sweep",
+        {
+            "params": "data_dir=/d max_train_samples=5",
+            "rounds": "2",
+            "parallel": 2,
+            "axes": "strategy=tensor_parallel,fedavg partition=iid,dirichlet",
+        },
+    )
+    grid = make_grid(
+        {a: sweep[a] for a in NAMED_AXES},
+        shlex.split(sweep["params_text"]),
+        sweep["grid_file"] or None,
+        shlex.split(sweep["axes_text"]),
+        empty_is_default=sweep["empty_is_default"],
+    )
     assert grid.axes["rounds"] == ["2"] and grid.axes["world_size"] == ["1", "2"]
     assert grid.axes["strategy"] == ["tensor_parallel", "fedavg"] and grid.axes["partition"] == ["iid", "dirichlet"]
     assert grid.fixed == {"data_dir": "/d", "max_train_samples": "5"} and sweep["parallel"] == 2
     assert parse("export", {"format": "csv", "where": "strategy=fedavg"}) == {
-        "experiment_name": "", "output": "experiment_results.pkl", "fmt": "csv", "key_format": "5",
-        "where": ("strategy=fedavg",)}
+        "experiment_name": "",
+        "output": "experiment_results.pkl",
+        "fmt": "csv",
+        "key_format": "5",
+        "where": ("strategy=fedavg",),
+    }
     assert parse("export", {"key_format": "6"})["key_format"] == "6"
     analyze = parse("analyze", {"no_plots": "true", "top": 3, "target": "0.3,0.5"})
-    assert analyze == {"results_files": ("experiment_results.pkl",), "labels": (), "no_plots": True,
-                       "output_dir": "plots", "top": 3, "target": ("0.3,0.5",)}
+    assert analyze == {
+        "results_files": ("experiment_results.pkl",),
+        "labels": (),
+        "no_plots": True,
+        "output_dir": "plots",
+        "top": 3,
+        "target": ("0.3,0.5",),
+    }
 
 
 # --------------------------------------------------------------------------- real sweeps
 
 
 def tiny(data_dir, train=16) -> list[str]:
-    return ["-P", f"data_dir={data_dir}", "-P", "precision=fp32", "-P", f"max_train_samples={train}",
-            "-P", "max_test_samples=16",
-            "-P", "batch_size=16", "-P", "local_epochs=1"]
+    return [
+        "-P",
+        f"data_dir={data_dir}",
+        "-P",
+        "precision=fp32",
+        "-P",
+        f"max_train_samples={train}",
+        "-P",
+        "max_test_samples=16",
+        "-P",
+        "batch_size=16",
+        "-P",
+        "local_epochs=1",
+    ]
 
 
 def sweep_env(tmp_path) -> dict:
@@ -208,8 +283,14 @@ def sweep_env(tmp_path) -> dict:
 
 
 def run_sweep(tmp_path, *args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SWEEP, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=timeout, env=sweep_env(tmp_path))
+    return subprocess.run(
+        [sys.executable, SWEEP, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=sweep_env(tmp_path),
+    )
 
 
 def split_runs(experiment: str):
@@ -225,15 +306,32 @@ def linked_data(tmp_path, data_dir):
     return link
 
 
+@pytest.mark.slow
 def test_small_grid_runs_in_parallel_nested_then_skips_then_exports(tmp_path, data_dir, store):
     """A sweep of two configurations, run two at a time; the same sweep started 3 s later with --wait
     trains nothing (each configuration is claimed by the first), says where each runs and waits for
     their results; run again, nothing is left to run; the export has each configuration once."""
-    grid = ["--world-sizes", "1", "--swap", "false,true", "--rounds", "1", "--seeds", "123",
-            *tiny(linked_data(tmp_path, data_dir)), "--experiment-name", "grid"]
+    grid = [
+        "--world-sizes",
+        "1",
+        "--swap",
+        "false,true",
+        "--rounds",
+        "1",
+        "--seeds",
+        "123",
+        *tiny(linked_data(tmp_path, data_dir)),
+        "--experiment-name",
+        "grid",
+    ]
     with (tmp_path / "first.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--learning-rates", "1e-4,1e-3", "--parallel", "2"],
-                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=sweep_env(tmp_path))
+        proc = subprocess.Popen(
+            [sys.executable, SWEEP, *grid, "--learning-rates", "1e-4,1e-3", "--parallel", "2"],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=sweep_env(tmp_path),
+        )
     try:
         time.sleep(3)
         wait_for_claims("grid", 2, proc, (tmp_path / "first.log"))  # the first sweep holds both configurations
@@ -297,11 +395,16 @@ def assert_the_waiting_sweep_reported_the_first_ones_results(waiting, first_out)
     run, host and launcher or sweep pid), it waits, and counts their results as its own."""
     out = waiting.stdout
     assert waiting.returncode == 0, out + waiting.stderr
-    assert "Note: 2 of them are running elsewhere now (claimed by another sweep or machine); this sweep waits " \
-           "for them (--wait)" in out
+    assert (
+        "Note: 2 of them are running elsewhere now (claimed by another sweep or machine); this sweep waits "
+        "for them (--wait)" in out
+    )
     for lr in ("0.0001", "0.001"):
-        held = re.search(rf"Experiment running elsewhere: \(1, {lr}, False, 1, 123\) \(run ([0-9a-f]{{32}}), pid \d+ "
-                         rf"on {re.escape(tracking.host())}, heartbeat \d+s ago\); waiting for it", out)
+        held = re.search(
+            rf"Experiment running elsewhere: \(1, {lr}, False, 1, 123\) \(run ([0-9a-f]{{32}}), pid \d+ "
+            rf"on {re.escape(tracking.host())}, heartbeat \d+s ago\); waiting for it",
+            out,
+        )
         assert held, out
         assert f"MLflow run {held.group(1)}" in first_out  # the first sweep's experiment
         assert f"Experiment completed elsewhere: (1, {lr}, False, 1, 123) (run {held.group(1)})" in out
@@ -325,8 +428,12 @@ def assert_sweep_run_worth_opening(parent, out):
     assert client.get_metric_history(run_id, "sweep/rounds_done")[-1].value == 2
     artifacts = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run_id, "analysis")}
     assert {"summary.json", "ranking.txt", "report.md", "comparisons.csv", "targets.csv"} <= artifacts
-    assert {"learning_curves.png", "accuracy_vs_lr.png", "best_accuracy_vs_rounds.png", "accuracy_vs_bytes.png"} \
-        <= artifacts  # the plots, beside the report that names them
+    assert {
+        "learning_curves.png",
+        "accuracy_vs_lr.png",
+        "best_accuracy_vs_rounds.png",
+        "accuracy_vs_bytes.png",
+    } <= artifacts  # the plots, beside the report that names them
     table = client.load_table(parent.info.experiment_id, "analysis/summary.json", run_ids=[run_id])
     assert sorted(table["learning_rate"]) == [1e-4, 1e-3] and list(table["n"]) == [1, 1]
     ranking = client.download_artifacts(run_id, "analysis/ranking.txt")
@@ -337,20 +444,46 @@ def assert_sweep_run_worth_opening(parent, out):
     assert re.search(r"  \[[12]/2\] round 1/1: test_accuracy=0\.\d{4} \(run [0-9a-f]{8}\)", out), out
 
 
+@pytest.mark.slow
 def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, data_dir, store):
     data = linked_data(tmp_path, data_dir)
-    grid = ["--world-sizes", "1", "--learning-rates", "1e-4", "--rounds", "1", "--seeds", "1,2,3", *tiny(data),
-            "--experiment-name", "sig"]
+    grid = [
+        "--world-sizes",
+        "1",
+        "--learning-rates",
+        "1e-4",
+        "--rounds",
+        "1",
+        "--seeds",
+        "1,2,3",
+        *tiny(data),
+        "--experiment-name",
+        "sig",
+    ]
     # Seed 1 finished earlier (logged as `mlflow run -P learning_rate=0.00010` would): skipped, never touched.
-    earlier = ExperimentConfig(world_size=1, learning_rate=1e-4, rounds=1, seed=1, data_dir=str(data),
-                               max_train_samples=16, max_test_samples=16, batch_size=16, local_epochs=1,
-                               precision="fp32")
+    earlier = ExperimentConfig(
+        world_size=1,
+        learning_rate=1e-4,
+        rounds=1,
+        seed=1,
+        data_dir=str(data),
+        max_train_samples=16,
+        max_test_samples=16,
+        batch_size=16,
+        local_epochs=1,
+        precision="fp32",
+    )
     done = fake_finished_run("sig", **{**earlier.params(), "learning_rate": "0.00010"})
     before = MlflowClient().get_run(done).info
 
     log = (tmp_path / "sweep.log").open("w")
-    proc = subprocess.Popen([sys.executable, SWEEP, *grid, "--parallel", "1"], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, env=sweep_env(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, SWEEP, *grid, "--parallel", "1"],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=sweep_env(tmp_path),
+    )
     try:
         # Wait until the first experiment's processes (metaserver, aggregator, trainer) are up.
         deadline = time.monotonic() + 120
@@ -394,12 +527,28 @@ def test_sigint_stops_everything_and_the_next_sweep_finishes_the_rest(tmp_path, 
     assert (after.status, after.end_time) == ("FINISHED", before.end_time)  # a finished run is never touched
 
 
+@pytest.mark.slow
 def test_a_refused_configuration_is_reported_with_reason_and_run_id_and_not_retried(tmp_path, data_dir, store):
     # Four trainers cannot share three training images: the launcher refuses the input (exit 2), and
     # another attempt would be refused the same way. (Retrying: test_a_refused_experiment_is_not_retried...)
-    result = run_sweep(tmp_path, "--world-sizes", "4", "--learning-rates", "1e-4", "--swap", "false",
-                       "--rounds", "1", "--seeds", "123", *tiny(data_dir, train=3), "--max-retries", "1",
-                       "--experiment-name", "failing")
+    result = run_sweep(
+        tmp_path,
+        "--world-sizes",
+        "4",
+        "--learning-rates",
+        "1e-4",
+        "--swap",
+        "false",
+        "--rounds",
+        "1",
+        "--seeds",
+        "123",
+        *tiny(data_dir, train=3),
+        "--max-retries",
+        "1",
+        "--experiment-name",
+        "failing",
+    )
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
     (parent,), children = split_runs("failing")
@@ -450,8 +599,10 @@ def test_a_refused_experiment_is_not_retried_a_failed_one_is(tmp_path, store):
     assert [(o.run_id, o.reason) for o in sweep.failed] == [(refused.run_id, "exited with code 2")]
     assert [(j.index, j.attempt) for j in sweep.pending] == [(2, 2)]  # the crashed one, a second time
     assert tracking.run_status(refused.run_id) == tracking.run_status(crashed.run_id) == "FAILED"
-    assert f"Experiment failed: (1, 0.001, False, 3, 1): exited with code 1: trainer 0 died (run {crashed.run_id}); " \
-           "will retry, from round 0 (1/2 attempts used)" in lines
+    assert (
+        f"Experiment failed: (1, 0.001, False, 3, 1): exited with code 1: trainer 0 died (run {crashed.run_id}); "
+        "will retry, from round 0 (1/2 attempts used)" in lines
+    )
 
 
 def test_an_experiment_that_ended_while_the_sweep_stopped_counts_as_it_ended(tmp_path, store):
@@ -473,7 +624,8 @@ def test_an_experiment_that_ended_while_the_sweep_stopped_counts_as_it_ended(tmp
     assert tracking.run_record(busy.run_id).tags[tracking.FAILURE_TAG] == "sweep interrupted by SIGINT"
     assert "Sweep interrupted by SIGINT: stopping 3 running experiment(s)..." in lines
     assert [line for line in lines if line.startswith("Experiment stopped")] == [
-        f"Experiment stopped: (1, 0.001, False, 3, 2) (run {busy.run_id} KILLED)"]
+        f"Experiment stopped: (1, 0.001, False, 3, 2) (run {busy.run_id} KILLED)"
+    ]
     assert "Experiment completed successfully: (1, 0.001, False, 3, 0)" in " ".join(lines)
 
 
@@ -485,8 +637,10 @@ def test_an_error_that_coincides_with_a_signal_is_what_the_sweep_says(tmp_path, 
     error = OSError(28, "No space left on device")
     sweep._stop_all(error)
     assert "Sweep failed: OSError: [Errno 28] No space left on device: stopping 1 running experiment(s)..." in lines
-    assert tracking.run_record(busy.run_id).tags[tracking.FAILURE_TAG] == \
-        "sweep failed: OSError: [Errno 28] No space left on device"
+    assert (
+        tracking.run_record(busy.run_id).tags[tracking.FAILURE_TAG]
+        == "sweep failed: OSError: [Errno 28] No space left on device"
+    )
     assert sweep._end_reason(error) == "OSError: [Errno 28] No space left on device"  # the parent run's reason
 
 
@@ -504,9 +658,18 @@ def test_a_sweep_that_cannot_start_leaves_no_log_directory(tmp_path, store, monk
 
 # The layer table of docs/experiments.md, written out here independently of fedshard.model: (out, in, kernel) and the
 # dimension a layer is split along (0: its outputs and bias; 1: its inputs, the bias kept whole).
-LAYERS = {"conv1": (96, 3, 5, 0), "conv2": (256, 96, 5, 1), "conv3": (384, 256, 3, 0), "conv4": (384, 384, 3, 1),
-          "conv5": (256, 384, 3, 0), "conv6": (256, 256, 3, 1), "fc1": (4096, 4096, 1, 0),
-          "fc2": (4096, 4096, 1, 1), "fc3": (4096, 4096, 1, 0), "fc4": (100, 4096, 1, 1)}
+LAYERS = {
+    "conv1": (96, 3, 5, 0),
+    "conv2": (256, 96, 5, 1),
+    "conv3": (384, 256, 3, 0),
+    "conv4": (384, 384, 3, 1),
+    "conv5": (256, 384, 3, 0),
+    "conv6": (256, 256, 3, 1),
+    "fc1": (4096, 4096, 1, 0),
+    "fc2": (4096, 4096, 1, 1),
+    "fc3": (4096, 4096, 1, 0),
+    "fc4": (100, 4096, 1, 1),
+}
 
 
 def slice_numel(n: int) -> int:
@@ -518,30 +681,48 @@ def slice_numel(n: int) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path, data_dir, store):
-    """The baselines next to the method in one sweep: all run, the pickle refuses to mix them (its key has
+    """A baseline next to the method in one sweep: both run, the pickle refuses to mix them (its key has
     no strategy), --where selects, the CSV keeps them all; each round's bytes are those of the tensors
-    sent (FedProx's trainers are told their proximal_mu too, one float64 a round)."""
-    grid = ["--world-sizes", "2", "--learning-rates", "1e-3", "--swap", "false", "--rounds", "1", "--seeds", "123",
-            "--axis", "strategy=tensor_parallel,fedavg,fedprox", *tiny(linked_data(tmp_path, data_dir)),
-            "--experiment-name", "mix"]
+    sent (FedProx's trainers are told their proximal_mu too, one float64 a round). FedProx is FedAvg
+    plus that record (tests/test_fedprox.py); FedAvg's own real runs are in tests/test_experiment.py."""
+    grid = [
+        "--world-sizes",
+        "2",
+        "--learning-rates",
+        "1e-3",
+        "--swap",
+        "false",
+        "--rounds",
+        "1",
+        "--seeds",
+        "123",
+        "--axis",
+        "strategy=tensor_parallel,fedprox",
+        *tiny(linked_data(tmp_path, data_dir)),
+        "--experiment-name",
+        "mix",
+    ]
     first = run_sweep(tmp_path, *grid, "--parallel", "2")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "Starting experiment: world_size=2, lr=0.001, swap=False, rounds=1, seed=123, strategy=fedavg" in first.stdout
-    assert "Experiment completed successfully: (2, 0.001, False, 1, 123) strategy=fedavg" in first.stdout
+    assert (
+        "Starting experiment: world_size=2, lr=0.001, swap=False, rounds=1, seed=123, strategy=fedprox" in first.stdout
+    )
+    assert "Experiment completed successfully: (2, 0.001, False, 1, 123) strategy=fedprox" in first.stdout
     (parent,), children = split_runs("mix")
     runs = {r.data.params["strategy"]: r for r in children}
-    assert set(runs) == {"tensor_parallel", "fedavg", "fedprox"} and {r.info.status for r in children} == {"FINISHED"}
-    assert runs["fedprox"].data.params["proximal_mu"] == "0.01" and runs["fedavg"].data.params["proximal_mu"] == "0.01"
-    assert runs["fedavg"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-fedavg-train16-test16"
+    assert set(runs) == {"tensor_parallel", "fedprox"} and {r.info.status for r in children} == {"FINISHED"}
+    assert runs["fedprox"].data.params["proximal_mu"] == "0.01" == runs["tensor_parallel"].data.params["proximal_mu"]
+    assert runs["fedprox"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-fedprox-train16-test16"
     assert runs["tensor_parallel"].info.run_name == "ws2-lr0.001-swapfalse-r1-s123-ep1-bs16-train16-test16"
-    assert parent.data.params["grid.strategy"] == "tensor_parallel,fedavg,fedprox"
+    assert parent.data.params["grid.strategy"] == "tensor_parallel,fedprox"
 
     # Bytes: what the aggregator sent and received, against the tensors' sizes from the layer table
     # (float32 weights, plus a 3 x int64 header down and 4 x float64 numbers up per trainer).
     client = MlflowClient()
     sent = {}
-    for strategy, n, settings in (("tensor_parallel", 2, 0), ("fedavg", 1, 0), ("fedprox", 1, 8)):
+    for strategy, n, settings in (("tensor_parallel", 2, 0), ("fedprox", 1, 8)):
         run = client.get_run(runs[strategy].info.run_id)
         weights = 4 * slice_numel(n)
         for k in range(2):
@@ -553,34 +734,39 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
         assert sent[strategy] == 4 * weights + 112 + 2 * settings
         assert run.data.params["model.params_per_trainer"] == str(slice_numel(n))
         assert run.data.params["model.params_full"] == str(slice_numel(1))
-    assert 0.5 < sent["tensor_parallel"] / sent["fedavg"] < 0.51  # half, and the biases kept whole on each slice
+    assert 0.5 < sent["tensor_parallel"] / sent["fedprox"] < 0.51  # half, and the biases kept whole on each slice
 
     # The pickle's key cannot tell the two apart: refused, naming the setting, nothing written.
     refused = fedshard("export", "--experiment-name", "mix", "--output", "r.pkl", cwd=tmp_path)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "differ in strategy (fedavg, fedprox, tensor_parallel)" in refused.stderr
-    assert "--where strategy=fedavg" in refused.stderr and "--format csv" in refused.stderr
+    assert "differ in strategy (fedprox, tensor_parallel)" in refused.stderr
+    assert "--where strategy=fedprox" in refused.stderr and "--format csv" in refused.stderr
     assert not (tmp_path / "r.pkl").exists()
-    only = fedshard("export", "--experiment-name", "mix", "--output", "r.pkl", "--where", "strategy=fedavg",
-                    cwd=tmp_path)
+    only = fedshard(
+        "export", "--experiment-name", "mix", "--output", "r.pkl", "--where", "strategy=fedprox", cwd=tmp_path
+    )
     assert only.returncode == 0, only.stderr
     results = pickle.loads((tmp_path / "r.pkl").read_bytes())
     assert list(results) == [(2, 0.001, False, 1, 123)]
-    assert results[(2, 0.001, False, 1, 123)][-1][2] == runs["fedavg"].data.metrics["test_accuracy"]
+    assert results[(2, 0.001, False, 1, 123)][-1][2] == runs["fedprox"].data.metrics["test_accuracy"]
     both = fedshard("export", "--experiment-name", "mix", "--format", "csv", "--output", "r.csv", cwd=tmp_path)
     assert both.returncode == 0, both.stderr
     table = pd.read_csv(tmp_path / "r.csv")
-    assert sorted(set(table["strategy"])) == ["fedavg", "fedprox", "tensor_parallel"] and len(table) == 6
+    assert sorted(set(table["strategy"])) == ["fedprox", "tensor_parallel"] and len(table) == 4
     at_1 = table[table["round"] == 1].set_index("strategy")["bytes_total"]
     assert at_1.to_dict() == sent
 
-    # The sweep's run compares them: one row per metric, strategy fedavg -> tensor_parallel, one seed.
+    # The sweep's run compares them: one row per metric, strategy fedprox -> tensor_parallel, one seed.
     comparisons = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/comparisons.csv"))
-    row = comparisons[(comparisons["setting"] == "strategy") & (comparisons["metric"] == "final_accuracy")
-                      & (comparisons["value_b"] == "tensor_parallel") & (comparisons["value_a"] == "fedavg")]
-    assert (row["value_a"].item(), row["value_b"].item(), row["n"].item()) == ("fedavg", "tensor_parallel", 1)
+    row = comparisons[
+        (comparisons["setting"] == "strategy")
+        & (comparisons["metric"] == "final_accuracy")
+        & (comparisons["value_b"] == "tensor_parallel")
+        & (comparisons["value_a"] == "fedprox")
+    ]
+    assert (row["value_a"].item(), row["value_b"].item(), row["n"].item()) == ("fedprox", "tensor_parallel", 1)
     accs = {s: r.data.metrics["test_accuracy"] for s, r in runs.items()}
-    assert row["mean_difference"].item() == pytest.approx(accs["tensor_parallel"] - accs["fedavg"])
+    assert row["mean_difference"].item() == pytest.approx(accs["tensor_parallel"] - accs["fedprox"])
     assert pd.isna(row["ci_low"].item())  # one seed: no interval
 
     again = run_sweep(tmp_path, *grid)
@@ -590,6 +776,7 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
 # --------------------------------------------------------------------------- two sweeps at once (claims)
 
 
+@pytest.mark.slow
 def test_sweeps_released_at_the_same_instant_claim_each_configuration_once(store):
     """Three processes claim one configuration at the same instant, with the sweep's own code, five times
     over: exactly one wins each time, the others are told who holds it, and every losing claim is
@@ -598,7 +785,10 @@ def test_sweeps_released_at_the_same_instant_claim_each_configuration_once(store
     for r in range(5):
         (winner,) = [run for rnd, kind, run in outcomes if rnd == r and kind == "Claimed"]
         assert sorted((kind, run) for rnd, kind, run in outcomes if rnd == r) == [
-            ("Claimed", winner), ("Held", winner), ("Held", winner)]
+            ("Claimed", winner),
+            ("Held", winner),
+            ("Held", winner),
+        ]
     exp_id = tracking.experiment_id("race")
     runs = MlflowClient().search_runs([exp_id], run_view_type=ViewType.ALL)
     experiments = [r for r in runs if r.data.tags.get("fedshard.sweep") != "true"]
@@ -610,4 +800,3 @@ def test_sweeps_released_at_the_same_instant_claim_each_configuration_once(store
     assert len(withdrawn) >= 10  # each loser's claim (a contested one tries again: one more)
     assert {(r.info.status, r.data.tags["fedshard.claim.state"]) for r in withdrawn} == {("KILLED", "withdrawn")}
     assert len(tracking.list_runs("race")) == 5 + 3  # what export and sweeps read: the winners and the racers' runs
-

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedshard import tracking
-from fedshard.data import DatasetInput
+from fedshard.core.data import DatasetInput
 from fedshard.tracking.owners import PID_STARTED_TAG, runs_fedshard
 
 
@@ -44,6 +44,7 @@ def test_experiments_starting_together_record_the_same_datasets(store):
     assert [[d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] for r in runs] == [["cifar100-test"]] * 6
 
 
+@pytest.mark.slow
 def test_a_new_store_keeps_its_artifacts_beside_it_wherever_it_is_opened_from(tmp_path):
     """A store fedshard creates (here from another directory) puts even its Default experiment's
     artifacts beside the database, not into ./mlruns of the current directory."""
@@ -72,7 +73,7 @@ def test_a_sweep_run_that_mlflow_run_made_is_renamed_for_the_sweep(store, monkey
 
 def test_a_run_goes_to_the_experiment_that_mlflow_experiment_id_names(store, monkeypatch):
     """What `mlflow run --experiment-id` and MLflow's own tools set: the run lands there, not in Default."""
-    from fedshard.config import ExperimentConfig
+    from fedshard.core.config import ExperimentConfig
 
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", tracking.experiment_id("by-id"))
@@ -84,11 +85,18 @@ class NotTensors:
     """A pickled object of a class: what torch.save(model) writes, and weights_only=True refuses."""
 
 
-@pytest.mark.parametrize("content, what", [
-    (lambda path: path.write_text("not a state dict\n"), "it is no file of torch.save holding tensors only"),
-    (lambda path: torch.save(torch.nn.Linear(2, 2), path), "it holds a pickled torch.nn.modules.linear.Linear object"),
-    (lambda path: torch.save({"w": NotTensors()}, path), "it holds a pickled test_tracking.NotTensors object"),
-], ids=["text", "a whole model", "an object"])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (lambda path: path.write_text("not a state dict\n"), "it is no file of torch.save holding tensors only"),
+        (
+            lambda path: torch.save(torch.nn.Linear(2, 2), path),
+            "it holds a pickled torch.nn.modules.linear.Linear object",
+        ),
+        (lambda path: torch.save({"w": NotTensors()}, path), "it holds a pickled test_tracking.NotTensors object"),
+    ],
+    ids=["text", "a whole model", "an object"],
+)
 def test_a_file_that_is_no_state_dict_says_what_is_accepted_never_an_unsafe_load(tmp_path, content, what):
     """torch's own error suggests weights_only=False, which would run whatever the file holds."""
     bad = tmp_path / "bad.pt"
@@ -96,16 +104,19 @@ def test_a_file_that_is_no_state_dict_says_what_is_accepted_never_an_unsafe_load
     with pytest.raises(ValueError) as refused:
         tracking.load_weights(str(bad))
     message = str(refused.value)
-    assert message.startswith(f"init_from={str(bad)!r}: {bad} is not a state dict: {what}. init_from takes a file of "
-                              "torch.save(model.state_dict(), PATH)")
+    assert message.startswith(
+        f"init_from={str(bad)!r}: {bad} is not a state dict: {what}. init_from takes a file of "
+        "torch.save(model.state_dict(), PATH)"
+    )
     assert "runs:/<run id>/model, models:/<name>/<version> or run:<run name>" in message
     assert "weights_only=False" not in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_weights_with_the_wrong_keys_name_them_and_count_them(tmp_path):
-    from fedshard.aggregator import load_initial_weights
-    from fedshard.config import ExperimentConfig
-    from fedshard.models.alexnet import AlexNet
+    from fedshard.core.config import ExperimentConfig
+    from fedshard.core.models.alexnet import AlexNet
+    from fedshard.runtime.initial import weights as load_initial_weights
 
     state = AlexNet().state_dict()
     state = {("module." + k if i < 7 else k): v for i, (k, v) in enumerate(state.items())}  # as DataParallel saves
@@ -117,7 +128,8 @@ def test_weights_with_the_wrong_keys_name_them_and_count_them(tmp_path):
         f"init_from={str(tmp_path / 'w.pt')!r} is not a fedshard alexnet state dict: 7 missing keys (conv1.weight, "
         "conv1.bias, conv2.weight, conv2.bias, conv3.weight, ...); 7 unexpected keys (module.conv1.weight, "
         "module.conv1.bias, module.conv2.weight, module.conv2.bias, module.conv3.weight, ...); 1 tensor of the wrong "
-        "shape (fc4.weight (10, 4096) (expected (100, 4096)))")
+        "shape (fc4.weight (10, 4096) (expected (100, 4096)))"
+    )
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="it holds a list, not a state dict"):
         load_initial_weights(ExperimentConfig(init_from=str(tmp_path / "list.pt")))
@@ -140,14 +152,17 @@ def test_a_run_to_start_from_is_the_newest_finished_run_of_that_name_in_the_expe
     run("study", "FINISHED", run_name=name + "-fedavg")
     assert tracking.source_run(f"run:{name}", "study") == newest
     assert tracking.source_run("runs:/x/model", "study") is None  # not a run named
-    with pytest.raises(FileNotFoundError, match=f"init_from='run:{name}-bs8': experiment 'study' has no FINISHED run "
-                                                f"named '{name}-bs8'"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"init_from='run:{name}-bs8': experiment 'study' has no FINISHED run named '{name}-bs8'",
+    ):
         tracking.source_run(f"run:{name}-bs8", "study")
     monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(tracking.experiment_id("elsewhere")).info.run_id)
     assert tracking.source_run(f"run:{name}") != newest  # under `mlflow run` or a sweep: the run's experiment
 
 
 # --- who owns a run ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def spawn():
@@ -244,11 +259,12 @@ def test_what_runs_fedshard_is_told_by_program_and_script_not_by_words():
     assert not runs_fedshard([])
 
 
+@pytest.mark.slow
 def test_loading_a_logged_model_leaves_no_download_behind(store, tmp_path, monkeypatch):
     """Every extension and init_from loads a final model; its 220 MB download must not stay in /tmp."""
     import tempfile
 
-    from fedshard.models.alexnet import AlexNet
+    from fedshard.core.models.alexnet import AlexNet
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fedshard import transport
+from fedshard.runtime import transport
 
 
 def test_a_payload_sent_to_several_trainers_is_flattened_once():

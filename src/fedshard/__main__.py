@@ -1,3 +1,3 @@
-from .cli import main
+from fedshard.cli import main
 
 main(prog_name="fedshard")

@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..planning import Task
+from fedshard.sweep.planning import Task
 
 if TYPE_CHECKING:
-    from ..tracking import RunRecord
-    from .scheduling import Job
+    from fedshard.sweep.scheduling import Job
+    from fedshard.tracking import RunRecord
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,31 @@ class Away:
     run: RunRecord
 
 
-def claim(task: Task, experiment_id: str, parent_run_id: str, attempt: int,
-          resume: bool = True) -> Claimed | Held | Done | Busy:
+def claim(
+    task: Task, experiment_id: str, parent_run_id: str, attempt: int, resume: bool = True
+) -> Claimed | Held | Done | Busy:
     """Claim `task`'s configuration: a new child run of the sweep (created pending, then judged), or,
     to resume a run, that run's next hand (then judged like a new one). With `resume`, a run of the
     configuration that stopped (or whose claim died) since the plan was made, with a checkpoint
     beyond the task's start, is resumed instead. Whatever does not win leaves nothing behind: a new
     run is withdrawn, a resumed one goes back to how it ended."""
-    from .. import tracking
+    from fedshard import tracking
 
     claims = tracking.claims
     if resume and not task.resume:
         task = _resumable(task, experiment_id)
     if task.resume:
         return _claim_run(task, experiment_id, parent_run_id)
-    run_id = tracking.create_child_run(task.cfg, experiment_id, parent_run_id, tags={
-        "fedshard.sweep.attempt": str(attempt), **tracking.owner_tags(), **claims.claim_tags(task.cfg, claims.PENDING)})
+    run_id = tracking.create_child_run(
+        task.cfg,
+        experiment_id,
+        parent_run_id,
+        tags={
+            "fedshard.sweep.attempt": str(attempt),
+            **tracking.owner_tags(),
+            **claims.claim_tags(task.cfg, claims.PENDING),
+        },
+    )
     got = _judged(run_id, 0, experiment_id, task)
     if not isinstance(got, Claimed):
         claims.withdraw(run_id)
@@ -84,8 +93,8 @@ def claim(task: Task, experiment_id: str, parent_run_id: str, attempt: int,
 def _resumable(task: Task, experiment_id: str) -> Task:
     """The task, or the resume of the configuration's run with the newest checkpoint beyond its start
     among those that ended without finishing or whose claim is dead (planning.resumable)."""
-    from .. import tracking
-    from ..planning import resumable
+    from fedshard import tracking
+    from fedshard.sweep.planning import resumable
 
     runs = tracking.claims.claims_of(experiment_id, tracking.claims.key(task.cfg))
     best = resumable(runs, stale={r.run_id for r in runs if tracking.claims.dead(r)}).get(task.cfg.identity())
@@ -94,7 +103,7 @@ def _resumable(task: Task, experiment_id: str) -> Task:
 
 def _claim_run(task: Task, experiment_id: str, parent_run_id: str) -> Claimed | Held | Done | Busy:
     """Claim the run `task` resumes: held while its own claim is live, else its next hand."""
-    from .. import tracking
+    from fedshard import tracking
 
     claims = tracking.claims
     record = tracking.run_record(task.resume)
@@ -108,21 +117,26 @@ def _claim_run(task: Task, experiment_id: str, parent_run_id: str) -> Claimed | 
     got = _judged(task.resume, hand, experiment_id, task)
     if not isinstance(got, Claimed) and claims.taken(task.resume, hand) is None:  # still ours to give back
         status = record.status if record.status in ("FAILED", "KILLED") else "KILLED"
-        claims.release(task.resume, status, record.tags.get(tracking.FAILURE_TAG)
-                       or "its sweep's claim to resume it lost to another claim of the configuration")
+        claims.release(
+            task.resume,
+            status,
+            record.tags.get(tracking.FAILURE_TAG)
+            or "its sweep's claim to resume it lost to another claim of the configuration",
+        )
     return got
 
 
 def _judged(run_id: str, hand: int, experiment_id: str, task: Task) -> Claimed | Held | Done | Busy:
-    from .. import tracking
+    from fedshard import tracking
 
     claims = tracking.claims
     verdict = claims.acquire(run_id, hand, experiment_id, claims.key(task.cfg))
     if verdict.kind == claims.WON:
         return Claimed(run_id, hand, task)
-    if verdict.kind == claims.FINISHED:
+    # A FINISHED or ELSEWHERE verdict names the run it is about (`other`).
+    if verdict.kind == claims.FINISHED and verdict.other is not None:
         return Done(verdict.other)
-    if verdict.kind == claims.ELSEWHERE:
+    if verdict.kind == claims.ELSEWHERE and verdict.other is not None:
         return Held(verdict.other)
     return Busy()
 
@@ -130,7 +144,7 @@ def _judged(run_id: str, hand: int, experiment_id: str, task: Task) -> Claimed |
 def keep_alive(jobs: list[Job]) -> None:
     """Renew the heartbeat of every claim this sweep still owns itself: its launcher has not started
     (or its Ray task waits for a node); once the launcher owns the run, it renews it itself."""
-    from .. import tracking
+    from fedshard import tracking
 
     me = {tracking.HOST_TAG: tracking.host(), tracking.PID_TAG: str(os.getpid())}
     for job in jobs:
@@ -146,17 +160,18 @@ def look_elsewhere(away: list[Away], take: bool) -> list[tuple[Away, RunRecord, 
     with `take`, (away, its run, the task that continues it here) for one whose holder ended without
     finishing or went silent (a dead claim is reaped first, fencing its owner off). The others are
     left out, their records brought up to date."""
-    from .. import tracking
+    from fedshard import tracking
 
     claims = tracking.claims
-    news = []
+    news: list[tuple[Away, RunRecord, Task | None]] = []
     for a in away:
         a.run = run = tracking.run_record(a.run.run_id)
         if run.status == "FINISHED":
             news.append((a, run, None))
         elif take and (run.status != "RUNNING" or claims.dead(run)):
-            if run.status == "RUNNING" and not claims.reap(run, "KILLED", f"stale: its owner ({claims.owner_text(run)}) "
-                                                                      f"is gone or silent past its claim timeout"):
+            if run.status == "RUNNING" and not claims.reap(
+                run, "KILLED", f"stale: its owner ({claims.owner_text(run)}) is gone or silent past its claim timeout"
+            ):
                 continue  # someone took it first: look again later
             # Planned again at its claim: the resume of this run from its checkpoint, where it has one.
             news.append((a, run, a.job.task if not a.job.task.resume else Task(a.job.cfg)))

@@ -14,22 +14,29 @@ none of the sweep's lists.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import suppress
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Never
 
-from ..errors import described
-from ..grid import describe, label, named
-from ..planning import config_of
-from ..progress import clock
+from fedshard.core.errors import described
+from fedshard.runtime.progress import clock
+from fedshard.sweep.grid import describe, label, named
+from fedshard.sweep.planning import config_of
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from ..grid import Grid
-    from ..planning import Task
-    from .scheduling import Job, Outcome, Sweep
+    from tqdm import tqdm
+
+    from fedshard.core.config import ExperimentConfig
+    from fedshard.sweep.grid import Grid
+    from fedshard.sweep.planning import Task
+    from fedshard.sweep.scheduling import Job, Outcome, Sweep
+    from fedshard.tracking import RunRecord
 
 # How often the sweep looks at its running experiments' latest round (console, parent run counters).
 PROGRESS_SECONDS = 5.0
@@ -45,10 +52,10 @@ def axes_text(grid: Grid) -> str:
 class Report:
     """The sweep as its user and its parent run see it."""
 
-    def __init__(self, sweep: Sweep, echo=print, show_progress: bool = True):
+    def __init__(self, sweep: Sweep, echo: Callable[[str], None] = print, show_progress: bool = True):
         self.sweep, self.echo, self.show_progress = sweep, echo, show_progress
         self.extra = sweep.grid.extra_axes if sweep.grid is not None else []  # further axes, named in console lines
-        self.bar = None  # the tqdm progress bar, on stderr
+        self.bar: tqdm[Never] | None = None  # the progress bar (of no iterable), on stderr
         self.t0 = time.monotonic()
         self.rounds_done = 0  # rounds this sweep's experiments trained, as seen in their runs
         self.busy = 0.0  # experiment-seconds: the seconds each running experiment has run, summed
@@ -72,29 +79,33 @@ class Report:
     def start_parent_run(self) -> tuple[str, str]:
         """Create the sweep's run, described by its size, its grid (the axes, and what every
         experiment shares) as params and a note in words; return its id and its experiment's."""
-        from .. import tracking
+        from fedshard import tracking
 
         s = self.sweep
-        tags = {"fedshard.sweep.experiments": str(len(s.configs)),
-                "fedshard.sweep.skipped": str(len(s.skipped))}
-        params = {"sweep.parallel": str(s.parallel), "sweep.max_retries": str(s.max_retries),
-                  "sweep.executor": type(s.executor).__name__.removesuffix("Executor").lower(),
-                  "sweep.experiments": str(len(s.configs) + len(s.skipped)),
-                  "sweep.rounds_to_train": str(s.plan.rounds_to_train),
-                  "sweep.rounds_from_scratch": str(s.plan.rounds_from_scratch)}
+        tags = {"fedshard.sweep.experiments": str(len(s.configs)), "fedshard.sweep.skipped": str(len(s.skipped))}
+        params = {
+            "sweep.parallel": str(s.parallel),
+            "sweep.max_retries": str(s.max_retries),
+            "sweep.executor": type(s.executor).__name__.removesuffix("Executor").lower(),
+            "sweep.experiments": str(len(s.configs) + len(s.skipped)),
+            "sweep.rounds_to_train": str(s.plan.rounds_to_train),
+            "sweep.rounds_from_scratch": str(s.plan.rounds_from_scratch),
+        }
         grid_words = ""
         if s.grid is not None:  # the grid as params: its axes, and what every experiment shares
             params.update({f"grid.{label(k)}": ",".join(v) for k, v in s.grid.axes.items()})
             params.update({f"fixed.{k}": v for k, v in s.grid.fixed.items()})
             grid_words = axes_text(s.grid) + "".join(f"; {k}={v}" for k, v in s.grid.fixed.items())
-        self.note = (f"fedshard sweep over {grid_words or 'a grid'}: {len(s.configs)} experiments to run, "
-                     f"{len(s.skipped)} already FINISHED. {s.plan.rounds_line()}.")
+        self.note = (
+            f"fedshard sweep over {grid_words or 'a grid'}: {len(s.configs)} experiments to run, "
+            f"{len(s.skipped)} already FINISHED. {s.plan.rounds_line()}."
+        )
         tags[tracking.NOTE_TAG] = self.note
         return tracking.start_sweep_run(s.experiment_name, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags, params)
 
     def begin(self) -> None:
         """Once the parent run exists: its first counters, the progress bar, the line naming the run."""
-        from .. import tracking
+        from fedshard import tracking
 
         self.log_counters()
         if self.show_progress:
@@ -103,56 +114,81 @@ class Report:
             tqdm.monitor_interval = 0  # no monitor thread: children are started with a preexec_fn
             # On a terminal a live bar; redirected to a file, a line per completed experiment
             # instead (see _advance).
-            self.bar = tqdm(total=len(self.sweep.configs), unit="exp", desc="sweep", file=sys.stderr, disable=None,
-                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-                            "[{elapsed}{postfix}]")
+            self.bar = tqdm(
+                total=len(self.sweep.configs),
+                unit="exp",
+                desc="sweep",
+                file=sys.stderr,
+                disable=None,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
             self.bar.set_postfix_str("0 failed")
         self.t0 = self.tallied = time.monotonic()
         s = self.sweep
-        self.say(f"Sweep run {s.parent_run_id} in experiment {s.experiment_name!r} "
-                 f"({tracking.tracking_uri()}); logs in {s.logs}")
+        self.say(
+            f"Sweep run {s.parent_run_id} in experiment {s.experiment_name!r} "
+            f"({tracking.tracking_uri()}); logs in {s.logs}"
+        )
 
     def log_counters(self) -> None:
         """The sweep's run shows where it stands, as metrics that grow while it runs."""
-        from .. import tracking
+        from fedshard import tracking
 
         s = self.sweep
         self.counter_step += 1
-        tracking.log_round(s.parent_run_id, self.counter_step, {
-            "sweep/finished": len(s.finished), "sweep/failed": len(s.failed),
-            "sweep/killed": len(s.killed), "sweep/running": len(s.running), "sweep/elsewhere": len(s.elsewhere),
-            "sweep/skipped": len(s.skipped), "sweep/rounds_done": self.rounds_done})
+        tracking.log_round(
+            s.parent_run_id,
+            self.counter_step,
+            {
+                "sweep/finished": len(s.finished),
+                "sweep/failed": len(s.failed),
+                "sweep/killed": len(s.killed),
+                "sweep/running": len(s.running),
+                "sweep/elsewhere": len(s.elsewhere),
+                "sweep/skipped": len(s.skipped),
+                "sweep/rounds_done": self.rounds_done,
+            },
+        )
 
     def close(self, status: str, reason: str | None, analyse: bool) -> None:
         """The bar goes; the parent run gets its last counters, the analysis (not after an
         interruption: the sweep ends promptly, the next one analyses) and its status and why."""
-        from .. import tracking
+        from fedshard import tracking
 
         if self.bar is not None:
             self.bar.close()
         if not self.sweep.parent_run_id:
             return
-        with suppress(Exception):
+        try:
             self.log_counters()
+        except Exception as exc:  # counters are never worth the sweep's end
+            log.debug(f"the sweep's counters were not logged: {described(exc)}")
         try:
             if analyse:
                 self.log_analysis()
         except Exception as exc:  # the sweep's own results are safe in its experiments' runs
             self.say(f"Note: could not log the analysis to the sweep's run: {described(exc)}")
-        with suppress(Exception):
+        try:
             tracking.end_run(self.sweep.parent_run_id, status, reason)
+        except Exception as exc:  # a broken store: the next sweep marks the run KILLED (stale)
+            log.debug(f"the sweep's run was not ended {status}: {described(exc)}")
 
     def log_analysis(self) -> None:
         """`fedshard analyze` of the sweep's FINISHED experiments (these and those skipped), into its
         run: the summary table, the ranking, the comparison report (report.md, comparisons.csv,
         targets.csv) and the plots; the best configuration in its description."""
-        from .. import analysis, export, report, tracking
+        from fedshard import tracking
+        from fedshard.results import analysis, export, report
 
         s = self.sweep
         mine = {c.identity() for c in s.configs} | {c.identity() for c, _ in s.skipped}
-        runs = [r for r in tracking.list_runs(s.experiment_name, status="FINISHED")
-                if (cfg := config_of(r)) is not None and cfg.identity() in mine]
-        exported = export.collect(runs, tracking.metric_history, warn=None)
+        runs = [
+            r
+            for r in tracking.list_runs(s.experiment_name, status="FINISHED")
+            if (cfg := config_of(r)) is not None and cfg.identity() in mine
+        ]
+        exported = export.collect(runs, tracking.metric_history, quiet=True)
         if not exported:
             return
         results = export.frame(exported)
@@ -175,64 +211,84 @@ class Report:
         if job.attempt == 1:
             self.say(f"=== Running experiment {job.index}/{total} ===")
         else:
-            self.say(f"=== Retrying experiment {job.index}/{total} "
-                     f"(attempt {job.attempt}/{self.sweep.max_retries + 1}) ===")
+            self.say(
+                f"=== Retrying experiment {job.index}/{total} (attempt {job.attempt}/{self.sweep.max_retries + 1}) ==="
+            )
         if task.resume:
-            self.say(f"Resuming experiment: {describe(job.cfg, self.extra)} from round {task.start} (run {task.resume})")
+            self.say(
+                f"Resuming experiment: {describe(job.cfg, self.extra)} from round {task.start} (run {task.resume})"
+            )
         else:
-            self.say(f"Starting experiment: {describe(job.cfg, self.extra)}"
-                     + (f", extending run {task.extends} from round {task.start}" if task.extends else ""))
+            self.say(
+                f"Starting experiment: {describe(job.cfg, self.extra)}"
+                + (f", extending run {task.extends} from round {task.start}" if task.extends else "")
+            )
 
     def started(self, job: Job) -> None:
         """Where the experiment runs and logs, and its run."""
-        self.say(f"  MLflow run {job.run_id}" + (f" on GPU {job.gpu}" if job.gpu is not None else "")
-                 + f", {job.handle.where}, log {job.log}")
+        self.say(
+            f"  MLflow run {job.run_id}"
+            + (f" on GPU {job.gpu}" if job.gpu is not None else "")
+            + f", {job.launcher.where}, log {job.log}"
+        )
 
-    def twin_failed(self, job: Job, after) -> None:
-        self.say(f"Note: {describe(job.cfg, self.extra)} was to extend the {after.rounds}-round run, which failed; "
-                 f"it trains from round 0 instead")
+    def twin_failed(self, job: Job, after: ExperimentConfig) -> None:
+        self.say(
+            f"Note: {describe(job.cfg, self.extra)} was to extend the {after.rounds}-round run, which failed; "
+            f"it trains from round 0 instead"
+        )
 
     def not_started(self, outcome: Outcome) -> None:
-        self.say(f"Not started: {named(outcome.cfg, self.extra)}: {outcome.reason}; run the sweep again once it "
-                 f"has finished")
+        self.say(
+            f"Not started: {named(outcome.cfg, self.extra)}: {outcome.reason}; run the sweep again once it has finished"
+        )
         self._advance()
 
     def completed(self, job: Job) -> None:
-        self.say(f"Experiment completed successfully: {named(job.cfg, self.extra)} "
-                 f"({time.monotonic() - job.started:.0f}s)")
+        self.say(
+            f"Experiment completed successfully: {named(job.cfg, self.extra)} ({time.monotonic() - job.started:.0f}s)"
+        )
         self._advance()
 
     def failed(self, job: Job, outcome: Outcome, retry: Task | None = None) -> None:
         """A failed attempt: the reason and the run, and how it is retried when it is."""
         if retry is not None:
-            self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id}); "
-                     f"will retry, {retry.describe()} ({job.attempt}/{self.sweep.max_retries + 1} attempts used)")
+            self.say(
+                f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id}); "
+                f"will retry, {retry.describe()} ({job.attempt}/{self.sweep.max_retries + 1} attempts used)"
+            )
             return
         self.say(f"Experiment failed: {named(job.cfg, self.extra)}: {outcome.reason} (run {job.run_id})")
         self._advance()
 
     # -- configurations another owner holds (claims: tracking/claims.py) ------------------------
-    def elsewhere(self, job: Job, run) -> None:
+    def elsewhere(self, job: Job, run: RunRecord) -> None:
         """A configuration that another live owner holds: where (host, pid) and its run."""
-        from .. import tracking
+        from fedshard import tracking
 
-        self.say(f"Experiment running elsewhere: {named(job.cfg, self.extra)} (run {run.run_id}, "
-                 f"{tracking.claims.owner_text(run)}); " + ("waiting for it" if self.sweep.wait else "not run here"))
+        self.say(
+            f"Experiment running elsewhere: {named(job.cfg, self.extra)} (run {run.run_id}, "
+            f"{tracking.claims.owner_text(run)}); " + ("waiting for it" if self.sweep.wait else "not run here")
+        )
 
-    def taken_over(self, job: Job, who: str | None, run) -> None:
-        self.say(f"Experiment taken over elsewhere: {named(job.cfg, self.extra)}: its launcher here was silent past "
-                 f"the claim timeout and stopped without ending run {job.run_id}, which changed hands ({who})")
+    def taken_over(self, job: Job, who: str | None, run: RunRecord) -> None:
+        self.say(
+            f"Experiment taken over elsewhere: {named(job.cfg, self.extra)}: its launcher here was silent past "
+            f"the claim timeout and stopped without ending run {job.run_id}, which changed hands ({who})"
+        )
 
-    def finished_elsewhere(self, job: Job, run) -> None:
+    def finished_elsewhere(self, job: Job, run: RunRecord) -> None:
         self.say(f"Experiment finished elsewhere: {named(job.cfg, self.extra)} (run {run.run_id}); skipped")
 
-    def completed_elsewhere(self, job: Job, run) -> None:
+    def completed_elsewhere(self, job: Job, run: RunRecord) -> None:
         self.say(f"Experiment completed elsewhere: {named(job.cfg, self.extra)} (run {run.run_id})")
         self._advance()
 
-    def free_again(self, job: Job, run) -> None:
-        self.say(f"Experiment no longer held elsewhere: {named(job.cfg, self.extra)} (run {run.run_id} "
-                 f"{'ended ' + run.status if run.status != 'RUNNING' else 'went silent'}); claiming it here")
+    def free_again(self, job: Job, run: RunRecord) -> None:
+        self.say(
+            f"Experiment no longer held elsewhere: {named(job.cfg, self.extra)} (run {run.run_id} "
+            f"{'ended ' + run.status if run.status != 'RUNNING' else 'went silent'}); claiming it here"
+        )
 
     def stopping(self, why: str, jobs: list[Job]) -> None:
         self.say(f"Sweep {why}: stopping {len(jobs)} running experiment(s)...")
@@ -245,27 +301,31 @@ class Report:
         """Whether it is time to look at the running experiments' rounds again."""
         return time.monotonic() - self.looked >= PROGRESS_SECONDS
 
-    def look_at_rounds(self, jobs) -> bool:
+    def look_at_rounds(self, jobs: Iterable[Job]) -> bool:
         """Say each experiment's newest round and accuracy, and count the rounds trained; True when
         there was news."""
-        from .. import tracking
+        from fedshard import tracking
 
         self.looked = time.monotonic()
         total, changed = len(self.sweep.configs), False
         for job in jobs:
-            with suppress(Exception):  # a progress report is never worth failing the sweep for
+            try:
                 seen = tracking.latest(job.run_id)
                 if seen and seen[0] > job.last_round:
                     self.rounds_done += seen[0] - job.last_round
                     job.last_round, changed = seen[0], True
-                    self.say(f"  [{job.index}/{total}] round {seen[0]}/{job.cfg.rounds}: "
-                             f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})")
+                    self.say(
+                        f"  [{job.index}/{total}] round {seen[0]}/{job.cfg.rounds}: "
+                        f"test_accuracy={seen[1]:.4f} (run {job.run_id[:8]})"
+                    )
+            except Exception as exc:  # a progress report is never worth failing the sweep for
+                log.debug(f"the rounds of run {job.run_id} were not looked at: {described(exc)}")
         return changed
 
-    def look_at_steps(self, jobs) -> None:
+    def look_at_steps(self, jobs: Iterable[Job]) -> None:
         """Every STEPS_SECONDS, each running experiment's progress inside its round, from the figures
         its launcher shows (progress.py): a round of many minutes is not silence."""
-        from .. import progress
+        from fedshard.runtime import progress
 
         if not self.show_progress or time.monotonic() - self.stepped < STEPS_SECONDS:
             return
@@ -285,17 +345,18 @@ class Report:
         and the pending ones' rounds at the pace rounds go at here, over the experiments at once.
         The pace of a round: the median of the running experiments' own, else the experiment-seconds
         spent per round trained so far."""
-        from .. import progress
+        from fedshard.runtime import progress
 
         s = self.sweep
         figures = [progress.figures(progress.read(j.progress_file)) if j.progress_file else None for j in s.running]
         paces = [f.pace for f in figures if f is not None and f.pace is not None]
-        per_round = (statistics.median(paces) if paces else
-                     self.busy / self.rounds_done if self.rounds_done else None)
+        per_round = statistics.median(paces) if paces else self.busy / self.rounds_done if self.rounds_done else None
         if per_round is None:
             return None
-        left = sum(f.eta_run if f is not None and f.eta_run is not None
-                   else per_round * (j.cfg.rounds - j.last_round) for j, f in zip(s.running, figures))
+        left = sum(
+            f.eta_run if f is not None and f.eta_run is not None else per_round * (j.cfg.rounds - j.last_round)
+            for j, f in zip(s.running, figures)
+        )
         left += per_round * sum(j.task.rounds_to_train for j in s.pending)
         return left / max(1, min(s.parallel, len(s.running) + len(s.pending)))
 
@@ -305,8 +366,10 @@ class Report:
         self.look_at_steps(self.sweep.running)
         if self.bar is not None and not self.bar.disable and time.monotonic() - self.looked_eta >= 1:
             self.looked_eta = time.monotonic()
-            with suppress(Exception):  # an estimate is never worth failing the sweep for
+            try:
                 self.bar.set_postfix_str(f"{len(self.sweep.failed)} failed, ETA {clock(self.eta())}")
+            except Exception as exc:  # an estimate is never worth failing the sweep for
+                log.debug(f"no ETA: {described(exc)}")
 
     def _advance(self) -> None:
         """One more experiment done (finished, or failed for good): the bar, or a Progress line."""
@@ -318,8 +381,10 @@ class Report:
         elif self.show_progress:
             elapsed = time.monotonic() - self.t0
             eta = self.eta()
-            self.say(f"Progress: {done}/{total} done ({len(s.failed)} failed), elapsed {clock(elapsed)}, "
-                     f"ETA {clock(eta if eta is not None else elapsed / done * (total - done))}")
+            self.say(
+                f"Progress: {done}/{total} done ({len(s.failed)} failed), elapsed {clock(elapsed)}, "
+                f"ETA {clock(eta if eta is not None else elapsed / done * (total - done))}"
+            )
 
     # -- the end ---------------------------------------------------------------------------------
     def summary(self) -> None:
@@ -333,10 +398,12 @@ class Report:
             say(f"  {named(o.cfg, self.extra)}: {o.reason} (run {o.run_id}, {o.attempts} attempt(s))")
         say(f"Skipped (already finished): {len(s.skipped)}")
         if s.elsewhere:
-            from .. import tracking
+            from fedshard import tracking
 
-            say(f"Running elsewhere: {len(s.elsewhere)} (not run here; this sweep's results lack them until they "
-                f"finish: run it again, or with --wait)")
+            say(
+                f"Running elsewhere: {len(s.elsewhere)} (not run here; this sweep's results lack them until they "
+                f"finish: run it again, or with --wait)"
+            )
             for a in s.elsewhere:
                 dead = "; its claim is dead: the next sweep takes it over" if tracking.claims.dead(a.run) else ""
                 say(f"  {named(a.job.cfg, self.extra)} (run {a.run.run_id}, {tracking.claims.owner_text(a.run)}){dead}")

@@ -8,12 +8,16 @@ oversubscribe one device or one core.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-from ..config import ExperimentConfig
-from ..planning import Task
-from ..processes import cpu_budget
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import described
+from fedshard.runtime.processes import cpu_budget
+from fedshard.sweep.planning import Task
+
+log = logging.getLogger(__name__)
 
 
 def child_command(cfg: ExperimentConfig) -> list[str]:
@@ -41,7 +45,8 @@ def visible_gpus() -> list[str]:
         import torch
 
         return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no torch build with CUDA, no driver: CPU only
+    except Exception as exc:  # no torch build with CUDA, no driver: CPU only
+        log.debug(f"no GPU is used: {described(exc)}")
         return []
 
 

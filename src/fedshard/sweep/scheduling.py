@@ -20,26 +20,30 @@ it should its owner stop without finishing it).
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import signal
 import tempfile
 import time
 from collections import deque
-from contextlib import suppress
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 
-from .. import executors
-from ..config import ExperimentConfig
-from ..errors import described, one_line
-from ..files import tail
-from ..grid import Grid, SweepError
-from ..planning import Plan, Task
-from ..processes import CLAIM_HAND_ENV, describe_exit, interrupted
-from . import claiming
-from .reporting import Report
-from .resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import described, one_line
+from fedshard.core.files import tail
+from fedshard.runtime.processes import describe_exit, interrupted
+from fedshard.sweep import claiming, executors
+from fedshard.sweep.grid import Grid, SweepError
+from fedshard.sweep.planning import Plan, Task
+from fedshard.sweep.reporting import Report
+from fedshard.sweep.resources import cpus_per_experiment, pick_gpu, task_command, visible_gpus
+from fedshard.tracking.claims import HAND_ENV
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 # How long a launcher gets to tear its experiment down after SIGTERM before the
@@ -59,7 +63,7 @@ class Job:
     index: int  # 1-based position among the configurations to run
     attempt: int = 1
     run_id: str = ""
-    handle: executors.LocalProcess | executors.RayTask | None = None
+    handle: executors.Handle | None = None
     log: Path | None = None
     gpu: str | None = None
     started: float = 0.0
@@ -73,6 +77,13 @@ class Job:
     def cfg(self) -> ExperimentConfig:
         return self.task.cfg
 
+    @property
+    def launcher(self) -> executors.Handle:
+        """The handle of its launcher, which every started job (in Sweep.running) has."""
+        if self.handle is None:
+            raise RuntimeError(f"experiment {self.index} has not started")
+        return self.handle
+
 
 @dataclass
 class Outcome:
@@ -85,9 +96,19 @@ class Outcome:
 class Sweep:
     """Runs configurations `parallel` at a time, each as its own cancellable `fedshard run`."""
 
-    def __init__(self, work: Plan, experiment_name: str, parallel: int = 1, max_retries: int = 1,
-                 grid: Grid | None = None, echo=print, show_progress: bool = True, executor=None,
-                 resume: bool = True, wait: bool = False):
+    def __init__(
+        self,
+        work: Plan,
+        experiment_name: str,
+        parallel: int = 1,
+        max_retries: int = 1,
+        grid: Grid | None = None,
+        echo: Callable[[str], None] = print,
+        show_progress: bool = True,
+        executor: executors.Executor | None = None,
+        resume: bool = True,
+        wait: bool = False,
+    ):
         self.plan, self.configs, self.experiment_name = work, [t.cfg for t in work.tasks], experiment_name
         self.parallel, self.max_retries, self.resume, self.wait = parallel, max_retries, resume, wait
         self.skipped, self.grid = list(work.skipped), grid
@@ -143,7 +164,7 @@ class Sweep:
     def _prepare(self) -> None:
         """The launchers' environment (the store, their share of the cores) and GPUs, and the
         sweep's parent run."""
-        from .. import tracking
+        from fedshard import tracking
 
         per_cpu = cpus_per_experiment(self.parallel)
         self.env = executors.child_env({"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "FEDSHARD_CPUS": str(per_cpu)})
@@ -160,7 +181,7 @@ class Sweep:
             return interrupted(self.stop_signal)
         return f"{len(self.failed)} experiment(s) failed" if self.failed else None
 
-    def _on_signal(self, signum, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
         # A second Ctrl-C while stopping changes nothing: the teardown always completes.
@@ -174,13 +195,15 @@ class Sweep:
             changed |= self._look_after_claims()
             if self.report.due():
                 changed |= self.report.look_at_rounds(self.running)
-            for job in [j for j in self.running if j.handle.done()]:
+            for job in [j for j in self.running if j.launcher.done()]:
                 self.running.remove(job)
                 self._finish(job)
                 changed = True
             if changed:
-                with suppress(Exception):  # counters are never worth failing the sweep for
+                try:
                     self.report.log_counters()
+                except Exception as exc:  # counters are never worth failing the sweep for
+                    log.debug(f"the sweep's counters were not logged: {described(exc)}")
             self.report.tick()
             time.sleep(POLL_SECONDS)
 
@@ -208,7 +231,8 @@ class Sweep:
                 if after in finished:
                     job.task = replace(job.task, extends=finished[after], after=None)
                 elif any(o.cfg == after for o in self.failed) or (
-                        not self.wait and any(a.job.cfg == after for a in self.elsewhere)):
+                    not self.wait and any(a.job.cfg == after for a in self.elsewhere)
+                ):
                     self.report.twin_failed(job, after)
                     job.task = Task(job.cfg)
                 else:
@@ -231,13 +255,14 @@ class Sweep:
     def _start(self, job: Job) -> None:
         """Its claim (its run: a new child run, or the failed one it resumes), its GPU and log, its
         launcher; or, when the claim does not win, nothing."""
-        from .. import tracking
+        from fedshard import tracking
 
+        assert self.logs is not None, "run() makes the logs' directory before the loop starts"
         if not self._claim(job):
             return
         task = job.task
         self.report.starting(job)
-        env = {**self.env, CLAIM_HAND_ENV: str(job.hand)}
+        env = {**self.env, HAND_ENV: str(job.hand)}
         if task.resume:
             env.pop("MLFLOW_RUN_ID", None)  # `fedshard run --resume` reopens the run itself
         else:
@@ -281,19 +306,24 @@ class Sweep:
         one whose holder stopped without finishing it (or went silent) is claimed to run here. The
         `last` look, when the sweep's own work is done, counts those FINISHED meanwhile. True when
         there was news."""
-        from .. import tracking
+        from fedshard import tracking
 
         if not last and time.monotonic() - self.claims_looked < min(
-                CLAIMS_SECONDS, tracking.claims.beat_seconds(tracking.claims.timeout())):
+            CLAIMS_SECONDS, tracking.claims.beat_seconds(tracking.claims.timeout())
+        ):
             return False
         self.claims_looked = time.monotonic()
-        with suppress(Exception):  # a store hiccup: the next look tries again
+        try:
             claiming.keep_alive(self.running)
+        except Exception as exc:  # a store hiccup: the next look tries again
+            log.debug(f"the claims were not renewed this time: {described(exc)}")
         if not (self.wait or last):
             return False
         news = []
-        with suppress(Exception):  # likewise
+        try:
             news = claiming.look_elsewhere(self.elsewhere, take=self.wait)
+        except Exception as exc:  # likewise
+            log.debug(f"the configurations held elsewhere were not looked at this time: {described(exc)}")
         for away, run, task in news:
             self.elsewhere.remove(away)
             if task is None:
@@ -308,11 +338,11 @@ class Sweep:
         """A job whose launcher ended: FINISHED, or failed, with the reason its run recorded (else
         its log's last lines), and retried while attempts are left (`retry`), unless its launcher
         refused the input (exit 2): that refusal would only come again."""
-        from .. import tracking
+        from fedshard import tracking
 
         record = tracking.run_record(job.run_id)
-        reason = record.tags.get(tracking.FAILURE_TAG) or tail(job.log, 3)
-        reason = f"{job.handle.outcome()}: {reason}" if reason else job.handle.outcome()
+        reason = record.tags.get(tracking.FAILURE_TAG) or (tail(job.log, 3) if job.log is not None else "")
+        reason = f"{job.launcher.outcome()}: {reason}" if reason else job.launcher.outcome()
         if record.status == "RUNNING" and tracking.claims.end(job.run_id, job.hand, "FAILED", reason):
             record = replace(record, status="FAILED")  # the launcher died (or its node was lost) before it ended it
         if (who := tracking.claims.lost(job.run_id, job.hand)) is not None:  # taken over while its launcher was silent
@@ -326,25 +356,30 @@ class Sweep:
             self.finished.append(replace(outcome, reason=""))
             self.report.completed(job)
             return
-        if retry and job.attempt <= self.max_retries and job.handle.outcome() != REFUSED:
+        if retry and job.attempt <= self.max_retries and job.launcher.outcome() != REFUSED:
             # The retry continues from the failed run's checkpoint if it stored one: no round twice.
-            retry = job.task
+            again = job.task
             if self.resume and record.checkpoint_round:
-                retry = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
-            self.report.failed(job, outcome, retry)
-            self.pending.append(Job(retry, job.index, job.attempt + 1))
+                again = Task(job.cfg, start=record.checkpoint_round, resume=job.run_id)
+            self.report.failed(job, outcome, again)
+            self.pending.append(Job(again, job.index, job.attempt + 1))
             return
         self.failed.append(outcome)
         self.report.failed(job, outcome)
 
     @staticmethod
     def _upload_log(job: Job) -> None:
-        from .. import tracking
+        from fedshard import tracking
 
-        with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
-            copy.write_bytes(job.log.read_bytes())
-            tracking.log_artifact(job.run_id, copy, "logs")
+        if job.log is None:  # it never started
+            return
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / LAUNCHER_LOG.format(job.attempt)
+                copy.write_bytes(job.log.read_bytes())
+                tracking.log_artifact(job.run_id, copy, "logs")
+        except Exception as exc:  # the launcher's log stays in the sweep's folder
+            log.debug(f"the launcher's log was not stored in run {job.run_id}: {described(exc)}")
 
     # -- stopping -------------------------------------------------------------------------
     def _stop_all(self, error: BaseException | None) -> None:
@@ -352,30 +387,38 @@ class Sweep:
         and marks its run KILLED), kill whatever is left after the grace period, and make sure no
         run stays RUNNING. An experiment that ended on its own meanwhile (FINISHED, or FAILED) counts
         as such, not as stopped. Why they stop: the sweep's `error`, else the signal."""
-        from .. import tracking
+        from fedshard import tracking
 
         jobs, self.running = self.running, []
         if not jobs:
             return
-        why = f"failed: {described(error)}" if error else interrupted(self.stop_signal)
+        if error is not None:
+            why = f"failed: {described(error)}"
+        else:
+            assert self.stop_signal is not None, "running experiments stop early on an error or a signal only"
+            why = interrupted(self.stop_signal)
         self.report.stopping(why, jobs)
         for job in jobs:
-            job.handle.stop()
+            job.launcher.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for job in jobs:
-            job.handle.wait(max(0.0, deadline - time.monotonic()))
-            if not job.handle.done():
-                job.handle.kill()
+            job.launcher.wait(max(0.0, deadline - time.monotonic()))
+            if not job.launcher.done():
+                job.launcher.kill()
             status = None
-            with suppress(Exception):  # a broken store: the run is counted stopped
+            try:
                 status = tracking.run_status(job.run_id)
+            except Exception as exc:  # a broken store: the run is counted stopped
+                log.debug(f"the status of run {job.run_id} is unknown: {described(exc)}")
             if status in ("FINISHED", "FAILED"):
                 self._finish(job, retry=False)
                 continue
             reason = f"sweep {why}"
-            with suppress(Exception):
+            try:
                 if status == "RUNNING":
                     tracking.claims.end(job.run_id, job.hand, "KILLED", reason)
+            except Exception as exc:  # a broken store: the next sweep marks the run KILLED (stale)
+                log.debug(f"run {job.run_id} was not ended KILLED: {described(exc)}")
             self._upload_log(job)
             self.killed.append(Outcome(job.cfg, job.run_id, job.attempt, reason))
             self.report.stopped(job)

@@ -28,33 +28,111 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # Nor progress bars for every artifact a run downloads (a checkpoint, a model to start from).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from . import claims
-from .artifacts import log_artifact, log_artifacts, log_table, log_text
-from .checkpoints import (
-    CHECKPOINT_TAG, EXTENDS_TAG, RESUMED_TAG, ROUNDS_TRAINED_TAG, CheckpointWriteError, checkpoint_rounds,
-    commit_round, delete_checkpoints, load_checkpoint)
-from .datasets import log_datasets
-from .logged_model import INIT_FROM_RUN_TAG, load_final_weights, load_weights, log_model, source_run
-from .metrics import (
-    copy_round_metrics, latest, log_missing, log_round, logged_steps, metric_history, monitor_system)
-from .owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
-from .runs import (
-    FAILURE_TAG, RunRecord, create_child_run, end_run, list_runs, log_extra_params, record_precision, reopen_run,
-    run_record, run_status, set_tags, start_run, start_sweep_run)
-from .store import (
-    NOTE_TAG, TrackingError, default_experiment_name, ensure_store, experiment_id, experiment_name_of_run,
-    experiment_names, tracking_uri)
+from fedshard.tracking import claims
+from fedshard.tracking.artifacts import log_artifact, log_artifacts, log_table, log_text
+from fedshard.tracking.checkpoints import (
+    CHECKPOINT_TAG,
+    EXTENDS_TAG,
+    RESUMED_TAG,
+    ROUNDS_TRAINED_TAG,
+    CheckpointWriteError,
+    checkpoint_rounds,
+    commit_round,
+    delete_checkpoints,
+    load_checkpoint,
+)
+from fedshard.tracking.datasets import log_datasets
+from fedshard.tracking.logged_model import INIT_FROM_RUN_TAG, load_final_weights, load_weights, log_model, source_run
+from fedshard.tracking.metrics import (
+    copy_round_metrics,
+    latest,
+    log_missing,
+    log_round,
+    logged_steps,
+    metric_history,
+    monitor_system,
+)
+from fedshard.tracking.owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
+from fedshard.tracking.runs import (
+    FAILURE_TAG,
+    RunRecord,
+    create_child_run,
+    end_run,
+    list_runs,
+    log_extra_params,
+    record_precision,
+    reopen_run,
+    run_record,
+    run_status,
+    set_tags,
+    start_run,
+    start_sweep_run,
+)
+from fedshard.tracking.store import (
+    NOTE_TAG,
+    TrackingError,
+    default_experiment_name,
+    ensure_store,
+    experiment_id,
+    experiment_name_of_run,
+    experiment_names,
+    tracking_uri,
+)
 
 # What fedshard's other modules, its tests and benchmarks use, and the errors the package raises;
 # anything else is reached through its module (tracking.runs.SWEEP_TAG).
 __all__ = [
-    "CHECKPOINT_TAG", "claims", "CheckpointWriteError", "EXTENDS_TAG", "FAILURE_TAG", "HOST_TAG",
-    "INIT_FROM_RUN_TAG", "NOTE_TAG", "PID_TAG",
-    "RESUMED_TAG", "ROUNDS_TRAINED_TAG", "RunRecord", "TrackingError", "checkpoint_rounds", "commit_round",
-    "copy_round_metrics", "create_child_run", "default_experiment_name", "delete_checkpoints", "end_run",
-    "ensure_store", "experiment_id", "experiment_name_of_run", "experiment_names", "host", "latest", "list_runs",
-    "load_checkpoint", "load_final_weights", "load_weights", "log_artifact", "log_artifacts", "log_datasets",
-    "log_extra_params", "log_missing", "log_model", "log_round", "log_table", "log_text", "logged_steps",
-    "metric_history", "monitor_system", "owner_alive", "owner_tags", "record_precision", "reopen_run", "run_record",
-    "run_status", "set_tags", "source_run", "start_run", "start_sweep_run", "tracking_uri",
+    "CHECKPOINT_TAG",
+    "claims",
+    "CheckpointWriteError",
+    "EXTENDS_TAG",
+    "FAILURE_TAG",
+    "HOST_TAG",
+    "INIT_FROM_RUN_TAG",
+    "NOTE_TAG",
+    "PID_TAG",
+    "RESUMED_TAG",
+    "ROUNDS_TRAINED_TAG",
+    "RunRecord",
+    "TrackingError",
+    "checkpoint_rounds",
+    "commit_round",
+    "copy_round_metrics",
+    "create_child_run",
+    "default_experiment_name",
+    "delete_checkpoints",
+    "end_run",
+    "ensure_store",
+    "experiment_id",
+    "experiment_name_of_run",
+    "experiment_names",
+    "host",
+    "latest",
+    "list_runs",
+    "load_checkpoint",
+    "load_final_weights",
+    "load_weights",
+    "log_artifact",
+    "log_artifacts",
+    "log_datasets",
+    "log_extra_params",
+    "log_missing",
+    "log_model",
+    "log_round",
+    "log_table",
+    "log_text",
+    "logged_steps",
+    "metric_history",
+    "monitor_system",
+    "owner_alive",
+    "owner_tags",
+    "record_precision",
+    "reopen_run",
+    "run_record",
+    "run_status",
+    "set_tags",
+    "source_run",
+    "start_run",
+    "start_sweep_run",
+    "tracking_uri",
 ]

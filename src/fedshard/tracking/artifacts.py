@@ -5,8 +5,12 @@ modules (checkpoints, logged_model)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .store import client
+from fedshard.tracking.store import client
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -21,6 +25,6 @@ def log_text(run_id: str, text: str, artifact_file: str) -> None:
     client().log_text(run_id, text, artifact_file)
 
 
-def log_table(run_id: str, frame, artifact_file: str) -> None:
+def log_table(run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
     """A pandas DataFrame as an MLflow table (shown in the UI's artifact view and evaluation tab)."""
     client().log_table(run_id, frame, artifact_file)

@@ -2,22 +2,29 @@
 latest round (`fedshard run --resume`).
 
 A run keeps the model of its latest round as the artifact checkpoint/round-<r>.pt (the file
-format is fedshard.checkpoint's), its round in the tag fedshard.checkpoint_round. The tags of
+format is fedshard.core.checkpoint's), its round in the tag fedshard.checkpoint_round. The tags of
 resume and extension live here too: a longer run of the same configuration starts from a
 shorter one's final model, with its rounds' metrics copied in.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
-from contextlib import suppress
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .. import checkpoint
-from ..errors import described
-from .metrics import log_round
-from .store import client
+from fedshard.core import checkpoint
+from fedshard.core.errors import FedshardError, described
+from fedshard.tracking.metrics import log_round
+from fedshard.tracking.store import client
+
+if TYPE_CHECKING:
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_TAG = "fedshard.checkpoint_round"
@@ -26,18 +33,23 @@ EXTENDS_TAG = "fedshard.extends"
 ROUNDS_TRAINED_TAG = "fedshard.rounds_trained"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(FedshardError, OSError):
     """A round's checkpoint could not be stored; the run cannot promise to continue from it."""
 
 
-def _artifacts(run_id: str):
+def _artifacts(run_id: str) -> ArtifactRepository:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     return get_artifact_repository(client().get_run(run_id).info.artifact_uri)
 
 
-def commit_round(run_id: str, round_: int, metrics: dict[str, float], weights: dict | None = None,
-                 still_ours=None) -> None:
+def commit_round(
+    run_id: str,
+    round_: int,
+    metrics: dict[str, float],
+    weights: dict | None = None,
+    still_ours: Callable[[], None] | None = None,
+) -> None:
     """Make round `round_` durable: its checkpoint first (when `weights` are given), then its
     metrics, then the older checkpoints go. A run whose metrics show round r therefore always
     has a checkpoint of round r or later, and a crash at any point leaves one that loads: the
@@ -67,11 +79,15 @@ def _store_checkpoint(run_id: str, round_: int, metrics: dict[str, float], weigh
             path = checkpoint.save(checkpoint.Checkpoint(round_, weights, metrics), Path(tmp) / name)
             client().log_artifact(run_id, str(path), CHECKPOINT_DIR)
         except Exception as exc:
-            with suppress(Exception):  # no torn file left for a later resume to trip over
+            try:  # no torn file left for a later resume to trip over
                 _artifacts(run_id).delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
-            raise CheckpointWriteError(f"round {round_}: cannot store the checkpoint in the run's artifacts "
-                                       f"({client().get_run(run_id).info.artifact_uri}): "
-                                       f"{described(exc)}") from exc
+            except Exception as cleanup_exc:  # the error that matters is raised below; a resume passes torn files over
+                log.debug(f"a torn {name} may remain in run {run_id}: {described(cleanup_exc)}")
+            raise CheckpointWriteError(
+                f"round {round_}: cannot store the checkpoint in the run's artifacts "
+                f"({client().get_run(run_id).info.artifact_uri}): "
+                f"{described(exc)}"
+            ) from exc
 
 
 def checkpoint_rounds(run_id: str) -> list[int]:
@@ -80,7 +96,7 @@ def checkpoint_rounds(run_id: str) -> list[int]:
     return sorted((r for r in rounds if r is not None), reverse=True)
 
 
-def load_checkpoint(run_id: str, model: str, warn=None):
+def load_checkpoint(run_id: str, model: str) -> checkpoint.Checkpoint | None:
     """The run's newest checkpoint that loads completely and holds `model`'s weights (a torn newer
     file is passed over, with a warning), or None when it has none."""
     for round_ in checkpoint_rounds(run_id):
@@ -88,9 +104,11 @@ def load_checkpoint(run_id: str, model: str, warn=None):
             try:
                 path = client().download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint.file_name(round_)}", tmp)
                 return checkpoint.load(path, model)
-            except Exception as exc:
-                if warn:
-                    warn(f"run {run_id}: checkpoint of round {round_} is unusable ({exc}); trying an older one")
+            except Exception as exc:  # a torn or foreign file, an artifact gone: an older one may do
+                log.warning(
+                    f"fedshard: warning: run {run_id}: checkpoint of round {round_} is unusable ({exc}); "
+                    f"trying an older one"
+                )
     return None
 
 
@@ -100,8 +118,10 @@ def delete_checkpoints(run_id: str, below: int | None = None) -> None:
     repo = _artifacts(run_id)
     if below is None:
         repo.delete_artifacts(CHECKPOINT_DIR)
-        with suppress(Exception):
+        try:
             client().delete_tag(run_id, CHECKPOINT_TAG)
+        except Exception as exc:  # a run without the tag: nothing to delete
+            log.debug(f"run {run_id} had no checkpoint tag to delete: {described(exc)}")
         return
     for round_ in checkpoint_rounds(run_id):
         if round_ < below:

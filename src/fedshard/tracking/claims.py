@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,10 +37,14 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from ..config import ExperimentConfig
-from .owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
-from .runs import CLAIM_STATE_TAG as STATE_TAG, WITHDRAWN, RunRecord, end_run, set_tags
-from .store import client
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import FedshardError, described
+from fedshard.tracking.owners import HOST_TAG, PID_TAG, host, owner_alive, owner_tags
+from fedshard.tracking.runs import CLAIM_STATE_TAG as STATE_TAG
+from fedshard.tracking.runs import WITHDRAWN, RunRecord, end_run, set_tags
+from fedshard.tracking.store import client
+
+log = logging.getLogger(__name__)
 
 CLAIM_TAG = "fedshard.claim"  # the configuration's identity, digested: what every claim of it shares
 HEARTBEAT_TAG = "fedshard.claim.heartbeat"  # seconds since the epoch, on the owner's clock
@@ -50,6 +55,9 @@ _HAND = re.compile(r"fedshard\.claim\.(\d+)$")
 _ENDS = ("finished", "failed", "killed")  # the hands an owner ends its run with (`end`)
 # The setting: seconds without a heartbeat after which a claim is dead. A sweep's --claim-timeout sets it.
 TIMEOUT_ENV = "FEDSHARD_CLAIM_TIMEOUT"
+# The hand at which a launcher holds its run, as a sweep hands it to the launcher it starts ("0": a run
+# the sweep created) and the launcher to its aggregator.
+HAND_ENV = "FEDSHARD_CLAIM_HAND"
 DEFAULT_TIMEOUT = 60.0
 CONTENTION_WAIT = 5.0  # how long the earliest of several pending claimants waits for the others
 LOOK_SECONDS = 0.25
@@ -57,12 +65,16 @@ LOOK_SECONDS = 0.25
 WON, WAIT, CONTENDED, ELSEWHERE, FINISHED, LOST = "won", "wait", "contended", "elsewhere", "finished", "lost"
 
 
-class ClaimError(ValueError):
+class ClaimError(FedshardError, ValueError):
     """A bad claim timeout setting; the message names the value and what is valid."""
 
+    exit_code = 2
 
-class ClaimLost(Exception):
+
+class ClaimLost(FedshardError):
     """The run changed hands: another process resumed, reaped or ended it."""
+
+    exit_code = 3  # runtime.lifecycle.CLAIM_LOST: the launcher of a run that changed hands exits so
 
 
 def timeout() -> float:
@@ -75,8 +87,9 @@ def timeout() -> float:
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ClaimError(f"{TIMEOUT_ENV}={text!r}: the claim timeout must be a number of seconds > 0 "
-                         f"(default {DEFAULT_TIMEOUT:g})")
+        raise ClaimError(
+            f"{TIMEOUT_ENV}={text!r}: the claim timeout must be a number of seconds > 0 (default {DEFAULT_TIMEOUT:g})"
+        )
     return value
 
 
@@ -88,7 +101,7 @@ def beat_seconds(timeout_s: float) -> float:
 def key(cfg: ExperimentConfig) -> str:
     """The configuration as the claim tag holds it: a digest of its identity, in the precision it
     computes in here (what its run records), so that `auto` and what it resolves to are one."""
-    from ..precision import resolved
+    from fedshard.core.precision import resolved
 
     return hashlib.sha256(json.dumps(resolved(cfg).identity()).encode()).hexdigest()[:32]
 
@@ -157,8 +170,12 @@ def owner_text(run: RunRecord) -> str:
 
 def claims_of(experiment_id: str, claim_key: str) -> list[RunRecord]:
     """Every run (not deleted) of the experiment that claims the configuration `claim_key`."""
-    runs = client().search_runs([experiment_id], filter_string=f"tags.`{CLAIM_TAG}` = '{claim_key}'",
-                                max_results=1000, order_by=["attributes.start_time ASC"])
+    runs = client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CLAIM_TAG}` = '{claim_key}'",
+        max_results=1000,
+        order_by=["attributes.start_time ASC"],
+    )
     return [RunRecord.of(r) for r in runs]
 
 
@@ -172,8 +189,12 @@ class Verdict:
 def judge(run_id: str, hand: int, claims: list[RunRecord], now: float | None = None) -> Verdict:
     """What claim `run_id` (held at `hand`) may do, given every claim of its configuration: pure."""
     mine = next((c for c in claims if c.run_id == run_id), None)
-    if mine is None or mine.status != "RUNNING" or mine.tags.get(STATE_TAG) not in (PENDING, HELD) \
-            or hands(mine) != hand:
+    if (
+        mine is None
+        or mine.status != "RUNNING"
+        or mine.tags.get(STATE_TAG) not in (PENDING, HELD)
+        or hands(mine) != hand
+    ):
         return Verdict(LOST, mine)  # reaped or taken meanwhile (its owner was paused past the timeout)
     others = [c for c in claims if c.run_id != run_id]
     done = [c for c in others if c.status == "FINISHED"]
@@ -184,6 +205,7 @@ def judge(run_id: str, hand: int, claims: list[RunRecord], now: float | None = N
     if held:
         return Verdict(ELSEWHERE, held[0])
     if alive:
+
         def order(c):
             return c.start_time, c.run_id
 
@@ -209,8 +231,10 @@ def acquire(run_id: str, hand: int, experiment_id: str, claim_key: str) -> Verdi
         return verdict
     for other in verdict.dead:
         age = heartbeat_age(other)
-        why = (f"stale: its owner ({owner_text(other)}) is gone or silent for over its claim timeout of "
-               f"{claim_timeout(other):g}s" + (f" ({age:.0f}s)" if age is not None else ""))
+        why = (
+            f"stale: its owner ({owner_text(other)}) is gone or silent for over its claim timeout of "
+            f"{claim_timeout(other):g}s" + (f" ({age:.0f}s)" if age is not None else "")
+        )
         if not reap(other, "KILLED", why) and _finished(other.run_id):
             return Verdict(FINISHED, other)  # its owner came back and finished it just now
     client().set_tag(run_id, STATE_TAG, HELD)
@@ -230,8 +254,10 @@ def take(run_id: str, n: int, what: str) -> bool:
     process got it, False when another process has it. Raises when the store cannot be used."""
     name = HAND_PARAM.format(n)
     value = f"{what}; pid {os.getpid()} on {host()} at {time.strftime('%Y-%m-%d %H:%M:%S')} ({secrets.token_hex(4)})"
-    with suppress(Exception):  # refused when another value is there; the store says below which
+    try:
         client().log_param(run_id, name, value[:5000])
+    except Exception as exc:  # refused when another value is there; the store says below which
+        log.debug(f"{name} of run {run_id} was not set here: {described(exc)}")
     return client().get_run(run_id).data.params.get(name) == value[:5000]
 
 
@@ -275,9 +301,10 @@ def reap(run: RunRecord, status: str, reason: str) -> bool:
         return False
     try:
         end_run(run.run_id, status, reason)
-    except Exception:
+    except Exception as exc:
         if client().get_run(run.run_id).info.lifecycle_stage != "deleted":
-            raise  # else its owner came back and withdrew it meanwhile: it is gone all the same
+            raise
+        log.debug(f"run {run.run_id} was withdrawn by its owner meanwhile: gone all the same ({described(exc)})")
     return True
 
 
@@ -327,11 +354,13 @@ class Keeper:
 
     def _run(self) -> None:
         while True:
-            with suppress(Exception):  # a store hiccup: the next beat tries again
+            try:
                 self.taken = taken(self.run_id, self.hand)
                 if self.taken is not None:
                     return
                 beat(self.run_id)
+            except Exception as exc:  # a store hiccup: the next beat tries again
+                log.debug(f"no heartbeat of run {self.run_id} this time: {described(exc)}")
             if self._stop.wait(self.every):
                 return
 

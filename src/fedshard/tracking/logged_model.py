@@ -3,14 +3,20 @@ such a model or a state-dict file, for an experiment to start from (`init_from`)
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from ..config import RUN_PREFIX
-from ..errors import first_line
-from .store import client, experiment_id, experiment_meant, tracking_uri
+from fedshard.core.config import RUN_PREFIX
+from fedshard.core.errors import described, first_line
+from fedshard.tracking.store import client, experiment_id, experiment_meant, tracking_uri
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the final model: runs:/<run id>/model
 # The run an experiment started from, when init_from named it (run:<name>): a name, recorded as an id too.
@@ -19,7 +25,7 @@ INIT_FROM_RUN_TAG = "fedshard.init_from_run_id"
 _FEDSHARD_PACKAGE = Path(__file__).resolve().parents[1]
 
 
-def log_model(run_id: str, weights: dict, model_name: str, example=None) -> None:
+def log_model(run_id: str, weights: dict, model_name: str, example: np.ndarray | None = None) -> None:
     """The final model as an MLflow model: `mlflow.pytorch.load_model("runs:/<id>/model")` gives
     fedshard's network of `model_name` (models.REGISTRY: AlexNet, ResNet), registrable with
     `mlflow.register_model`. Its signature: a float32 batch (N, 3, S, S) of CIFAR images as the
@@ -33,7 +39,7 @@ def log_model(run_id: str, weights: dict, model_name: str, example=None) -> None
     import torch
     from mlflow.models import infer_signature
 
-    from .. import models
+    from fedshard.core import models
 
     model = models.get(model_name).shapes()
     model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
@@ -47,16 +53,25 @@ def log_model(run_id: str, weights: dict, model_name: str, example=None) -> None
     # warns about pickle on every save, which is no news to whoever runs fedshard's own model.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     run = client().get_run(run_id)
-    logged = client().create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
-                                          params=dict(run.data.params))
+    logged = client().create_logged_model(
+        run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(run.data.params)
+    )
     mlflow.pytorch.log_model(
-        model, name=MODEL_NAME, model_id=logged.model_id, run_id=run_id, signature=infer_signature(x, y),
-        serialization_format="pickle", code_paths=[str(_FEDSHARD_PACKAGE)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
+        model,
+        name=MODEL_NAME,
+        model_id=logged.model_id,
+        run_id=run_id,
+        signature=infer_signature(x, y),
+        serialization_format="pickle",
+        code_paths=[str(_FEDSHARD_PACKAGE)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    )
 
 
-ACCEPTED = ("init_from takes a file of torch.save(model.state_dict(), PATH) (tensors only: it is loaded with "
-            "weights_only=True, which unpickles no object), runs:/<run id>/model, models:/<name>/<version> or run:<run name>")
+ACCEPTED = (
+    "init_from takes a file of torch.save(model.state_dict(), PATH) (tensors only: it is loaded with "
+    "weights_only=True, which unpickles no object), runs:/<run id>/model, models:/<name>/<version> or run:<run name>"
+)
 
 
 def _not_a_state_dict(exc: Exception) -> str:
@@ -76,14 +91,23 @@ def source_run(uri: str, experiment_name: str | None = None) -> str | None:
     any other init_from. FileNotFoundError when there is no such run."""
     if not uri.startswith(RUN_PREFIX):
         return None
-    name, experiment = uri[len(RUN_PREFIX):], experiment_meant(experiment_name)
+    name, experiment = uri[len(RUN_PREFIX) :], experiment_meant(experiment_name)
     exp_id = experiment_id(experiment, create=False)
-    runs = [] if exp_id is None or "'" in name else client().search_runs(
-        [exp_id], filter_string=f"tags.`mlflow.runName` = '{name}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    runs = (
+        []
+        if exp_id is None or "'" in name
+        else client().search_runs(
+            [exp_id],
+            filter_string=f"tags.`mlflow.runName` = '{name}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    )
     if not runs:
-        raise FileNotFoundError(f"init_from={uri!r}: experiment {experiment!r} has no FINISHED run named {name!r} "
-                                f"(run names are the configurations, e.g. ws1-lr0.0001-swapfalse-r10-s77)")
+        raise FileNotFoundError(
+            f"init_from={uri!r}: experiment {experiment!r} has no FINISHED run named {name!r} "
+            f"(run names are the configurations, e.g. ws1-lr0.0001-swapfalse-r10-s77)"
+        )
     return runs[0].info.run_id
 
 
@@ -116,10 +140,14 @@ def load_weights(uri: str, experiment_name: str | None = None) -> dict:
             return mlflow.pytorch.load_model(uri, dst_path=tmp, map_location="cpu").state_dict()
     except Exception as exc:
         if uri.startswith("runs:/"):  # a run from before final models were MLflow models: model/weights.pt
-            with suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-                legacy = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/weights.pt", dst_path=tmp,
-                                                             tracking_uri=tracking_uri())
-                return torch.load(legacy, map_location="cpu", weights_only=True)
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    legacy = mlflow.artifacts.download_artifacts(
+                        f"{uri.rstrip('/')}/weights.pt", dst_path=tmp, tracking_uri=tracking_uri()
+                    )
+                    return torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as legacy_exc:  # no legacy weights either: the model's own error is said below
+                log.debug(f"{uri} holds no legacy model/weights.pt: {described(legacy_exc)}")
         raise FileNotFoundError(f"init_from={uri!r}: cannot load it as an MLflow model: {first_line(exc)}") from exc
 
 

@@ -4,10 +4,14 @@ extension read back, and the system/ metrics of the machine the run ran on."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric
 
-from .store import client, tracking_uri
+from fedshard.tracking.store import client, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 # What only the machine says, not the experiment: never copied from one run into another.
 SYSTEM_PREFIX = "system/"
@@ -48,10 +52,10 @@ def copy_round_metrics(source_id: str, run_id: str, up_to: int) -> None:
     keys = [k for k in c.get_run(source_id).data.metrics if not k.startswith(SYSTEM_PREFIX)]
     batch = [m for k in keys for m in c.get_metric_history(source_id, k) if m.step <= up_to]
     for i in range(0, len(batch), _BATCH):
-        c.log_batch(run_id, metrics=batch[i:i + _BATCH])
+        c.log_batch(run_id, metrics=batch[i : i + _BATCH])
 
 
-def monitor_system(run_id: str):
+def monitor_system(run_id: str) -> SystemMetricsMonitor:
     """Sample this machine's CPU, memory, disk and network (and GPUs, with `fedshard[gpu]`) into the
     run's system/ metrics with MLflow's own monitor, until .finish(); a resumed run continues its
     steps. The launcher runs it, so it covers all of an experiment's local processes."""
@@ -60,7 +64,8 @@ def monitor_system(run_id: str):
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=True,
-                                   tracking_uri=tracking_uri())
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=True, tracking_uri=tracking_uri()
+    )
     monitor.start()
     return monitor

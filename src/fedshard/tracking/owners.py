@@ -9,10 +9,10 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..processes import process_alive, started_at
+from fedshard.core.identity import process_alive, started_at
 
 if TYPE_CHECKING:
-    from .runs import RunRecord
+    from fedshard.tracking.runs import RunRecord
 
 HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
 # The name this machine records as an owner's host: the hostname, unless FEDSHARD_HOST names it (where
@@ -20,7 +20,7 @@ HOST_TAG, PID_TAG = "fedshard.host", "fedshard.pid"
 # pid would be judged in the wrong namespace).
 HOST_ENV = "FEDSHARD_HOST"
 # The owner's start time (seconds since the epoch, psutil's create_time): a pid is reused by later
-# processes, a (pid, start time) pair names one process (processes.process_alive).
+# processes, a (pid, start time) pair names one process (core/identity.py).
 PID_STARTED_TAG = "fedshard.pid_started"
 # Python's options that take a value as the next argument (`python -W error -m fedshard`).
 _PYTHON_OPTIONS_WITH_VALUE = {"-W", "-X", "--check-hash-based-pycs"}

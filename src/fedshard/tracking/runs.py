@@ -7,18 +7,27 @@ the sweep and then taken over by `fedshard run` through MLFLOW_RUN_ID.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Param
 
-from ..config import ExperimentConfig
-from .checkpoints import CHECKPOINT_TAG
-from .owners import owner_tags
-from .store import NOTE_TAG, TrackingError, client, default_experiment_name, experiment_id
+from fedshard.core.config import ExperimentConfig
+from fedshard.core.errors import described
+from fedshard.tracking.checkpoints import CHECKPOINT_TAG
+from fedshard.tracking.owners import owner_tags
+from fedshard.tracking.store import NOTE_TAG, TrackingError, client, default_experiment_name, experiment_id
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
 
 FAILURE_TAG = "fedshard.failure_reason"
 RUN_NAME_TAG = "mlflow.runName"  # setting it renames the run
@@ -41,10 +50,16 @@ class RunRecord:
     tags: dict
 
     @classmethod
-    def of(cls, run) -> RunRecord:
+    def of(cls, run: Run) -> RunRecord:
         """The record of an MLflow Run (as get_run and search_runs return it)."""
-        return cls(run.info.run_id, run.info.experiment_id, run.info.status, run.info.start_time or 0,
-                   dict(run.data.params), dict(run.data.tags))
+        return cls(
+            run.info.run_id,
+            run.info.experiment_id,
+            run.info.status,
+            run.info.start_time or 0,
+            dict(run.data.params),
+            dict(run.data.tags),
+        )
 
     @property
     def checkpoint_round(self) -> int:
@@ -57,16 +72,19 @@ class RunRecord:
     def is_experiment(self) -> bool:
         """An experiment run (not a sweep's parent run, a withdrawn claim, nor any other run without a
         world_size)."""
-        return ("world_size" in self.params and self.tags.get(SWEEP_TAG) != "true"
-                and self.tags.get(CLAIM_STATE_TAG) != WITHDRAWN)
+        return (
+            "world_size" in self.params
+            and self.tags.get(SWEEP_TAG) != "true"
+            and self.tags.get(CLAIM_STATE_TAG) != WITHDRAWN
+        )
 
-    def config(self, only=None) -> ExperimentConfig:
+    def config(self, only: Iterable[str] | None = None) -> ExperimentConfig:
         """The run's configuration, parsed from its params whatever their spelling ('0.00001' and
         '1e-05' are one learning rate); `only` restricts it to those params (others default).
         Its precision is the one it really computed in (precision.recorded): runs from before
         fedshard recorded it, and `mlflow run` runs that logged `auto`, are read from their other
         params and tags. Raises ConfigError for params no config can have."""
-        from ..precision import recorded
+        from fedshard.core.precision import recorded
 
         known = set(only or ExperimentConfig.__dataclass_fields__)
         values = {k: _unquote(v) for k, v in self.params.items() if k in known}
@@ -93,8 +111,9 @@ def list_runs(experiment_name: str, status: str | None = None) -> list[RunRecord
     query = f"attributes.status = '{status}'" if status else ""
     records, token = [], None
     while True:
-        page = c.search_runs([exp_id], filter_string=query, max_results=_PAGE, page_token=token,
-                             order_by=["attributes.start_time ASC"])
+        page = c.search_runs(
+            [exp_id], filter_string=query, max_results=_PAGE, page_token=token, order_by=["attributes.start_time ASC"]
+        )
         records += [RunRecord.of(r) for r in page]
         token = page.token
         if not token:
@@ -125,14 +144,16 @@ def start_run(cfg: ExperimentConfig, experiment_name: str | None = None, tags: d
     existing = c.get_run(run_id).data.tags  # what `mlflow run` or a sweep recorded stays
     source = {k: v for k, v in source_tags().items() if k not in existing}
     # `mlflow run` names its run like languid-bear-729: in the UI's run table it is named by what it is.
-    set_tags(run_id, {**(tags or {}), **owner_tags(), **source, NOTE_TAG: cfg.description(),
-                      RUN_NAME_TAG: cfg.run_name()})
+    set_tags(
+        run_id, {**(tags or {}), **owner_tags(), **source, NOTE_TAG: cfg.description(), RUN_NAME_TAG: cfg.run_name()}
+    )
     log_params(run_id, cfg)
     return run_id
 
 
-def start_sweep_run(experiment_name: str, run_name: str, tags: dict[str, str],
-                    params: dict[str, str] | None = None) -> tuple[str, str]:
+def start_sweep_run(
+    experiment_name: str, run_name: str, tags: dict[str, str], params: dict[str, str] | None = None
+) -> tuple[str, str]:
     """The sweep's parent run and its experiment id: the run `mlflow run -e sweep` made
     (MLFLOW_RUN_ID, which must be RUNNING), or a new one; `params` are logged on it."""
     tags = {SWEEP_TAG: "true", **tags, **owner_tags(), **source_tags()}
@@ -148,12 +169,20 @@ def start_sweep_run(experiment_name: str, run_name: str, tags: dict[str, str],
     return run_id, exp_id
 
 
-def create_child_run(cfg: ExperimentConfig, experiment_id: str, parent_run_id: str,
-                     tags: dict[str, str] | None = None) -> str:
+def create_child_run(
+    cfg: ExperimentConfig, experiment_id: str, parent_run_id: str, tags: dict[str, str] | None = None
+) -> str:
     """A RUNNING run for one experiment of a sweep, nested under the sweep's run, with every
     parameter already logged (so even an attempt that dies at once shows its configuration)."""
-    run_id = client().create_run(experiment_id, run_name=cfg.run_name(), tags={
-        PARENT_TAG: parent_run_id, NOTE_TAG: cfg.description(), **source_tags(), **(tags or {})}).info.run_id
+    run_id = (
+        client()
+        .create_run(
+            experiment_id,
+            run_name=cfg.run_name(),
+            tags={PARENT_TAG: parent_run_id, NOTE_TAG: cfg.description(), **source_tags(), **(tags or {})},
+        )
+        .info.run_id
+    )
     log_extra_params(run_id, cfg.params())
     return run_id
 
@@ -195,15 +224,16 @@ def log_params(run_id: str, cfg: ExperimentConfig) -> None:
     mismatched = [f"{k}: logged {existing[k]!r}, running with {ours[k]!r}" for k in logged if theirs[k] != ours[k]]
     if mismatched:
         raise TrackingError(f"run {run_id} already has different params: " + "; ".join(mismatched))
-    log_extra_params(run_id, {k: v for k, v in ours.items()
-                              if k not in existing and not (k == "precision" and v == "auto")})
+    log_extra_params(
+        run_id, {k: v for k, v in ours.items() if k not in existing and not (k == "precision" and v == "auto")}
+    )
 
 
 def record_precision(run_id: str, cfg: ExperimentConfig) -> None:
     """What the run really computes in (cfg.precision, resolved: bf16 or fp32), as its param
     `precision` where none is logged yet, else (after `mlflow run` logged `auto`) as the tag
     precision.TAG; the run's name follows, as bf16 is part of it."""
-    from ..precision import TAG
+    from fedshard.core.precision import TAG
 
     if "precision" not in client().get_run(run_id).data.params:
         log_extra_params(run_id, {"precision": cfg.precision})
@@ -240,7 +270,9 @@ def end_run(run_id: str, status: str, reason: str | None = None, tags: dict[str,
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
     """Set a FAILED, KILLED or stale run RUNNING again, owned by this process."""
     c = client()
-    with suppress(Exception):
+    try:
         c.delete_tag(run_id, FAILURE_TAG)
+    except Exception as exc:  # a run that failed without a reason has no such tag
+        log.debug(f"run {run_id} had no failure reason to delete: {described(exc)}")
     set_tags(run_id, {**tags, **owner_tags()})
     c.update_run(run_id, status="RUNNING")

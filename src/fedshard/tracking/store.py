@@ -4,15 +4,22 @@ experiments in it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, overload
 from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from ..errors import first_line
+from fedshard.core.errors import FedshardError, described, first_line
+
+if TYPE_CHECKING:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "Default"
 NOTE_TAG = "mlflow.note.content"  # a run's or an experiment's description in the UI
@@ -22,12 +29,13 @@ EXPERIMENT_DESCRIPTION = (
     "fedshard experiments: AlexNet or ResNet-34 on CIFAR-100, trained federated by N trainers (tensor-parallel slices, "
     "optionally swapped, or FedAvg), evaluated by the aggregator every round. Each run is one experiment "
     "(metrics test_loss / test_accuracy per round, step = round); a sweep is a parent run with its "
-    "experiments as children.")
+    "experiments as children."
+)
 # Fail within seconds, before any run exists, instead of MLflow's minutes of retries.
 _QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FedshardError, RuntimeError):
     """The MLflow store cannot be used; the message names the URI."""
 
 
@@ -48,13 +56,15 @@ def sqlite_artifact_root(uri: str | None = None) -> Path | None:
     return Path(unquote(urlparse(uri).path)).resolve().parent / ARTIFACTS_DIR
 
 
-def _store_with_artifacts_beside_it(uri: str):
+def _store_with_artifacts_beside_it(uri: str) -> SqlAlchemyStore:
     """The SQLite store, opened so that an experiment it creates gets `<root>/<experiment id>`
     as its artifact location rather than `./mlruns/<id>` of whatever directory this process is
     in (which makes two stores share, and collide in, one `mlruns/`)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     root = sqlite_artifact_root(uri)
+    if root is None:
+        raise ValueError(f"{uri} is no SQLite store")
     return SqlAlchemyStore(uri, root.as_uri())
 
 
@@ -89,6 +99,10 @@ def ensure_store() -> str:
     return uri
 
 
+@overload
+def experiment_id(name: str, create: Literal[True] = ...) -> str: ...
+@overload
+def experiment_id(name: str, create: bool) -> str | None: ...
 def experiment_id(name: str, create: bool = True) -> str | None:
     """The id of experiment `name`, created (with a description, and for a local SQLite store
     with its artifacts beside the database) when it does not exist yet and `create` is set."""
@@ -105,11 +119,13 @@ def experiment_id(name: str, create: bool = True) -> str | None:
         from mlflow.entities import ExperimentTag
 
         return _store_with_artifacts_beside_it(tracking_uri()).create_experiment(
-            name, tags=[ExperimentTag(k, v) for k, v in tags.items()])
-    except Exception:  # another process created it at the same moment: use that one
+            name, tags=[ExperimentTag(k, v) for k, v in tags.items()]
+        )
+    except Exception as exc:
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
+        log.debug(f"experiment {name!r} was created by another process at the same moment: {described(exc)}")
         return exp.experiment_id
 
 
