@@ -770,7 +770,7 @@ def test_any_setting_is_an_axis_results_never_mix_and_bytes_are_counted(tmp_path
     assert pd.isna(row["ci_low"].item())  # one seed: no interval
 
     again = run_sweep(tmp_path, *grid)
-    assert again.returncode == 0 and "Total experiments to run: 0 (3 already finished)" in again.stdout
+    assert again.returncode == 0 and "Total experiments to run: 0 (2 already finished)" in again.stdout
 
 
 # --------------------------------------------------------------------------- two sweeps at once (claims)
